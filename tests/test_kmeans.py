@@ -1,0 +1,148 @@
+"""kmeans1d against a brute-force O(k n^2) dynamic program on the distinct values."""
+
+import numpy as np
+import pytest
+import torch
+
+import weightshare as ws
+from weightshare.kmeans import kmeans1d_rows
+
+
+def brute_force_sse(x, k, w=None):
+    """Optimal weighted SSE by the plain O(k n^2) DP over sorted distinct values."""
+    x = np.asarray(x, np.float64).ravel()
+    w = np.ones_like(x) if w is None else np.asarray(w, np.float64).ravel()
+    keep = w > 0
+    u, inv = np.unique(x[keep], return_inverse=True)
+    uw = np.bincount(inv, weights=w[keep])
+    n = u.size
+    k = min(k, n)
+
+    def cost(j, i):  # SSE of u[j:i], computed directly (no prefix-sum cancellation)
+        seg, sw = u[j:i], uw[j:i]
+        mu = (seg * sw).sum() / sw.sum()
+        return float((sw * (seg - mu) ** 2).sum())
+
+    D = np.array([cost(0, i) if i else 0.0 for i in range(n + 1)])
+    for m in range(2, k + 1):
+        E = np.full(n + 1, np.inf)
+        for i in range(m, n + 1):
+            E[i] = min(D[j] + cost(j, i) for j in range(m - 1, i))
+        D = E
+    return D[n], k
+
+
+def sse_of(x, w, centroids, labels):
+    x = np.asarray(x, np.float64).ravel()
+    w = np.ones_like(x) if w is None else np.asarray(w, np.float64).ravel()
+    return float((w * (x - centroids[labels]) ** 2).sum())
+
+
+def random_case(rng):
+    n = int(rng.integers(1, 60))
+    kind = rng.integers(0, 4)
+    if kind == 0:
+        x = rng.normal(size=n)
+    elif kind == 1:  # many duplicates
+        x = rng.integers(-5, 6, size=n).astype(np.float64)
+    elif kind == 2:  # clumps at very different scales
+        x = np.concatenate([rng.normal(0, 1e-3, n // 2 + 1), rng.normal(50, 5, n // 2)])
+    else:
+        x = np.full(n, rng.normal())  # a single value
+    w = None if rng.random() < 0.4 else rng.random(x.size) * (rng.random(x.size) > 0.2)
+    if w is not None and not (w > 0).any():
+        w[0] = 1.0
+    k = int(rng.integers(1, 12))
+    return x, w, k
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    x, w, k = random_case(rng)
+    centroids, labels = ws.kmeans1d(x, k, weights=w)
+    best, k_eff = brute_force_sse(x, k, w)
+    assert centroids.dtype == np.float64 and labels.size == x.size
+    assert centroids.size == k_eff
+    assert np.all(np.diff(centroids) > 0)
+    assert sse_of(x, w, centroids, labels) == pytest.approx(best, rel=1e-9, abs=1e-12)
+    # every label is the nearest centroid
+    dist = np.abs(x[:, None] - centroids[None, :])
+    assert np.allclose(dist[np.arange(x.size), labels], dist.min(axis=1))
+
+
+def test_k_at_least_distinct_is_lossless():
+    x = np.array([3.0, 1.0, 3.0, 2.0, 1.0])
+    centroids, labels = ws.kmeans1d(x, 10)
+    assert centroids.tolist() == [1.0, 2.0, 3.0]
+    assert np.array_equal(centroids[labels], x)
+
+
+def test_k1_is_weighted_mean():
+    x = np.array([0.0, 1.0, 4.0])
+    w = np.array([1.0, 2.0, 1.0])
+    centroids, labels = ws.kmeans1d(x, 1, weights=w)
+    assert centroids.tolist() == [1.5] and labels.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_histogram_matches_float_path(dtype):
+    t = (torch.randn(20_000, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+    c_half, l_half = ws.kmeans1d(t, 16)
+    c_full, l_full = ws.kmeans1d(t.to(torch.float64).numpy(), 16)
+    assert np.allclose(c_half, c_full, rtol=1e-12, atol=0)
+    x = t.to(torch.float64).numpy()
+    assert sse_of(x, None, c_half, l_half) == pytest.approx(sse_of(x, None, c_full, l_full), rel=1e-12)
+
+
+def test_half_histogram_weighted_against_brute_force():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=50).astype(np.float16)
+    w = rng.random(50)
+    centroids, labels = ws.kmeans1d(x, 5, weights=w)
+    best, _ = brute_force_sse(x.astype(np.float64), 5, w)
+    assert sse_of(x.astype(np.float64), w, centroids, labels) == pytest.approx(best, rel=1e-9)
+
+
+def test_shape_and_determinism():
+    x = torch.randn(7, 11, 3, generator=torch.Generator().manual_seed(1))
+    a = ws.kmeans1d(x, 4)
+    b = ws.kmeans1d(x, 4)
+    assert a[1].shape == (231,)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_rejects_non_finite_values(bad):
+    for x in (np.array([1.0, bad]), torch.tensor([1.0, bad], dtype=torch.float16)):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            ws.kmeans1d(x, 2)
+
+
+@pytest.mark.parametrize("w", [[1.0, -1.0], [1.0, np.nan], [0.0, 0.0], [1.0]])
+def test_rejects_bad_weights(w):
+    with pytest.raises(ValueError, match="weights"):
+        ws.kmeans1d(np.array([1.0, 2.0]), 2, weights=np.array(w))
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True])
+def test_rejects_bad_k(k):
+    with pytest.raises(ValueError, match="k must be"):
+        ws.kmeans1d(np.array([1.0, 2.0]), k)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rows_match_single_problems(seed):
+    rng = np.random.default_rng(100 + seed)
+    x = rng.normal(size=(13, 40))
+    x[3] = 1.0  # one row with a single value
+    x[5, :20] = x[5, 20:]  # a row with duplicates
+    w = rng.random(x.shape) if seed % 2 else None
+    k = int(rng.integers(1, 9))
+    centroids, labels = kmeans1d_rows(x, k, weights=w)
+    assert centroids.shape == (13, k) and labels.shape == x.shape
+    assert np.all(np.diff(centroids, axis=1) >= 0)
+    for r in range(13):
+        wr = None if w is None else w[r]
+        best, _ = brute_force_sse(x[r], k, wr)
+        assert sse_of(x[r], wr, centroids[r], labels[r]) == pytest.approx(best, rel=1e-9, abs=1e-12)

@@ -1,0 +1,246 @@
+"""Exact weighted 1-D k-means, the performance core of codebook sharing.
+
+``kmeans1d`` finds the globally optimal clustering (minimum weighted sum of
+squared errors) by dynamic programming over the sorted distinct values; it is
+not Lloyd's algorithm and has no random start.  Two things keep it fast:
+
+* 16-bit floats have at most 65,536 distinct bit patterns, so fp16/bf16 input
+  is reduced to a histogram first: cost and memory barely grow with size.
+* many small problems (one table per row or per group) are solved in one call
+  into the C core (``_kmeans.c``), split over threads that run without the GIL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+__all__ = ["kmeans1d", "kmeans1d_rows"]
+
+_CHUNK = 1 << 22  # elements per pass in histogram/gather loops: bounds temporaries to ~32 MB
+
+
+def _load_core() -> ctypes.CDLL:
+    from weightshare import _kmeans_core  # built by setup.py from _kmeans.c
+
+    lib = ctypes.CDLL(_kmeans_core.__file__)
+    f64 = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
+    i64 = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
+    i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
+    c64 = ctypes.c_int64
+    lib.ws_kmeans1d_batch.restype = ctypes.c_int
+    lib.ws_kmeans1d_batch.argtypes = [f64, ctypes.c_void_p, i64, c64, c64, c64, f64, i64, f64]
+    lib.ws_assign_batch.restype = None
+    lib.ws_assign_batch.argtypes = [f64, c64, f64, i64, c64, c64, c64, i32]
+    return lib
+
+
+_core = _load_core()
+
+
+def _n_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+
+
+def _split(n_rows: int, n_parts: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n_rows, n_parts + 1).astype(np.int64)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int):
+    """Run the C solver on rows given by ``offsets`` (values sorted within each row)."""
+    n_rows = offsets.size - 1
+    centroids = np.full((n_rows, k), np.nan)
+    nclusters = np.zeros(n_rows, dtype=np.int64)
+    sse = np.zeros(n_rows)
+    wptr = ws.ctypes.data if ws is not None else None
+
+    def run(span):
+        if _core.ws_kmeans1d_batch(xs, wptr, offsets, span[0], span[1], k, centroids, nclusters, sse):
+            raise MemoryError("kmeans1d: could not allocate the dynamic-programming table")
+
+    # several spans per thread: rows differ in cost, so finer spans balance load
+    spans = _split(n_rows, 4 * _n_threads()) if n_rows > 1 else [(0, n_rows)]
+    if len(spans) == 1:
+        run(spans[0])
+    else:
+        with ThreadPoolExecutor(_n_threads()) as pool:
+            list(pool.map(run, spans))
+    return centroids, nclusters, sse
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"kmeans1d: k must be an integer >= 1\n  expected: k >= 1\n  got: {k!r}")
+    return int(k)
+
+
+def _label_dtype(k: int):
+    return np.int16 if k <= np.iinfo(np.int16).max else np.int32
+
+
+def _as_weights(weights, size: int) -> np.ndarray | None:
+    if weights is None:
+        return None
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().to(torch.float64).numpy()
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size != size:
+        raise ValueError(
+            f"kmeans1d: weights must have one entry per value\n  expected: {size} weights\n  got: {w.size}"
+        )
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(
+            "kmeans1d: weights must be finite and non-negative\n"
+            "  got: negative, NaN or inf weights; clip or drop them first"
+        )
+    if size and not (w > 0).any():
+        raise ValueError("kmeans1d: weights sum to zero; at least one value needs a positive weight")
+    return w
+
+
+def _half_codes(x) -> tuple[np.ndarray, str] | None:
+    """The raw 16-bit patterns of fp16/bf16 input, or None for other dtypes."""
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.float16, torch.bfloat16):
+        kind = "float16" if x.dtype == torch.float16 else "bfloat16"
+        codes = x.detach().cpu().contiguous().reshape(-1).view(torch.int16).numpy().view(np.uint16)
+        return codes, kind
+    if isinstance(x, np.ndarray) and x.dtype == np.float16:
+        return np.ascontiguousarray(x).reshape(-1).view(np.uint16), "float16"
+    return None
+
+
+def _code_values(kind: str) -> np.ndarray:
+    """float64 value of each of the 65,536 bit patterns of a 16-bit float type."""
+    codes = np.arange(1 << 16, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):  # the NaN bit patterns are meant to be there
+        if kind == "float16":
+            return codes.astype(np.uint16).view(np.float16).astype(np.float64)
+        return (codes << 16).view(np.float32).astype(np.float64)  # bf16 is the top half of fp32
+
+
+def _histogram(codes: np.ndarray, w: np.ndarray | None) -> np.ndarray:
+    total = np.zeros(1 << 16)
+    for s in range(0, codes.size, _CHUNK):
+        part = w[s : s + _CHUNK] if w is not None else None
+        total += np.bincount(codes[s : s + _CHUNK], weights=part, minlength=1 << 16)
+    return total
+
+
+def _gather(lut: np.ndarray, index: np.ndarray) -> np.ndarray:
+    out = np.empty(index.size, dtype=lut.dtype)
+    for s in range(0, index.size, _CHUNK):
+        out[s : s + _CHUNK] = lut[index[s : s + _CHUNK]]
+    return out
+
+
+def _nearest(values: np.ndarray, centroids: np.ndarray, dtype) -> np.ndarray:
+    # the optimal partition is the nearest-centroid one; ties go to the lower centroid
+    mid = 0.5 * (centroids[:-1] + centroids[1:])
+    return np.searchsorted(mid, values, side="left").astype(dtype)
+
+
+def kmeans1d(x, k: int, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Globally optimal weighted 1-D k-means.
+
+    Args:
+        x: numpy array or torch tensor of any float dtype and shape (flattened).
+        k: number of clusters, >= 1.
+        weights: optional non-negative weight per value (same size as ``x``).
+
+    Returns:
+        ``(centroids, labels)``: ``centroids`` is a sorted float64 array of
+        ``min(k, number of distinct values with positive weight)`` entries, the
+        weighted means of an optimal partition; ``labels`` (int16, or int32 for
+        k > 32767) has one entry per value: the index of its nearest centroid.
+
+    Raises:
+        ValueError: NaN/inf in ``x``, negative or non-finite weights, ``k < 1``.
+    """
+    k = _check_k(k)
+    half = _half_codes(x)
+    if half is not None:
+        codes, kind = half
+        w = _as_weights(weights, codes.size)
+        if codes.size == 0:
+            return np.zeros(0), np.zeros(0, dtype=_label_dtype(k))
+        values = _code_values(kind)
+        mass = _histogram(codes, w)
+        present = _histogram(codes, None) > 0 if w is not None else mass > 0
+        if not np.isfinite(values[present]).all():
+            raise ValueError("kmeans1d: x contains NaN or inf\n  expected: finite values\n  got: non-finite entries")
+        order = np.flatnonzero(present)[np.argsort(values[present], kind="stable")]
+        u, uw = values[order], mass[order]
+        index_of = None
+    else:
+        xa = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if not np.issubdtype(xa.dtype, np.floating):
+            raise ValueError(f"kmeans1d: x must be a float array\n  expected: a float dtype\n  got: {xa.dtype}")
+        xa = xa.reshape(-1).astype(np.float64, copy=False)
+        if not np.isfinite(xa).all():
+            raise ValueError("kmeans1d: x contains NaN or inf\n  expected: finite values\n  got: non-finite entries")
+        w = _as_weights(weights, xa.size)
+        if xa.size == 0:
+            return np.zeros(0), np.zeros(0, dtype=_label_dtype(k))
+        u, index_of = np.unique(xa, return_inverse=True)
+        uw = np.bincount(index_of, weights=w, minlength=u.size) if w is not None else np.bincount(index_of).astype(np.float64)
+    u = np.ascontiguousarray(u)
+    centroids, nclusters, _ = _solve(u, np.ascontiguousarray(uw), np.array([0, u.size], dtype=np.int64), k)
+    centroids = centroids[0, : nclusters[0]]
+    dtype = _label_dtype(k)
+    if index_of is None:  # histogram path: a label per bit pattern, then gather
+        lut = _nearest(_code_values(kind), centroids, dtype)
+        labels = _gather(lut, codes)
+    else:
+        labels = _gather(_nearest(u, centroids, dtype), index_of)
+    return centroids, labels
+
+
+def kmeans1d_rows(x, k: int, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact weighted 1-D k-means on every row of a 2-D array, in one batched call.
+
+    Args:
+        x: (R, n) float array or tensor; each row is its own problem.
+        k: clusters per row.
+        weights: optional (R, n) non-negative weights.
+
+    Returns:
+        ``(centroids, labels)``: centroids (R, k) float64, each row sorted; a row
+        with fewer than k distinct values repeats its largest centroid in the
+        unused slots.  labels (R, n) int32, index of the nearest centroid.
+    """
+    k = _check_k(k)
+    xa = x.detach().cpu().to(torch.float64).numpy() if isinstance(x, torch.Tensor) else np.asarray(x, np.float64)
+    if xa.ndim != 2:
+        raise ValueError(f"kmeans1d_rows: x must be 2-D (rows, values)\n  got shape: {xa.shape}")
+    if not np.isfinite(xa).all():
+        raise ValueError("kmeans1d_rows: x contains NaN or inf\n  expected: finite values")
+    n_rows, n = xa.shape
+    w = _as_weights(weights, xa.size) if weights is not None else None
+    if w is not None:
+        order = np.argsort(xa, axis=1, kind="stable")
+        xs = np.take_along_axis(xa, order, axis=1)
+        ws = np.ascontiguousarray(np.take_along_axis(w.reshape(n_rows, n), order, axis=1))
+    else:
+        xs, ws = np.sort(xa, axis=1), None
+    offsets = np.arange(n_rows + 1, dtype=np.int64) * n
+    centroids, nclusters, _ = _solve(np.ascontiguousarray(xs), ws, offsets, k)
+    if (nclusters == 0).any():
+        raise ValueError("kmeans1d_rows: a row has all weights zero; each row needs a positive weight")
+    # fill the unused slots with the largest centroid so every table stays sorted
+    last = centroids[np.arange(n_rows), nclusters - 1]
+    unused = np.arange(k)[None, :] >= nclusters[:, None]
+    centroids = np.where(unused, last[:, None], centroids)
+    labels = np.empty((n_rows, n), dtype=np.int32)
+    xa = np.ascontiguousarray(xa)
+
+    def assign(span):
+        _core.ws_assign_batch(xa, n, centroids, nclusters, k, span[0], span[1], labels)
+
+    with ThreadPoolExecutor(_n_threads()) as pool:
+        list(pool.map(assign, _split(n_rows, _n_threads())))
+    return centroids, labels

@@ -1,0 +1,133 @@
+"""Counting shared models: virtual vs stored parameters, sharing ratio, bytes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = ["Report", "LayerReport", "report"]
+
+
+@dataclass
+class LayerReport:
+    name: str  # tensor name as in the dense state_dict
+    shape: tuple
+    map: str  # dense | tie | codebook
+    detail: str  # e.g. "4-bit per_channel"
+    params_virtual: int  # weights the model computes with (each use of a tied tensor counts)
+    params_stored: int  # floats actually stored (a tied tensor once; a codebook its tables)
+    bytes_dense: int
+    bytes_packed: int
+
+
+@dataclass
+class Report:
+    params_virtual: int
+    params_stored: int
+    sharing_ratio: float  # params_virtual / params_stored
+    bytes_dense: int  # every virtual parameter and persistent buffer at its dense dtype
+    bytes_packed: int  # the same model in the packed format (indices at `bits` bits, tables, untouched tensors)
+    bits_per_weight: float  # packed bits per virtual weight of the codebook tensors (dense bits if none)
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def to_dict(self, layers: bool = True) -> dict:
+        d = asdict(self)
+        if not layers:
+            d.pop("layers")
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def __str__(self) -> str:
+        mb = 1e6
+        lines = [
+            f"params virtual   {self.params_virtual:>14,}",
+            f"params stored    {self.params_stored:>14,}",
+            f"sharing ratio    {self.sharing_ratio:>14.2f}x",
+            f"bytes dense      {self.bytes_dense / mb:>11.2f} MB",
+            f"bytes packed     {self.bytes_packed / mb:>11.2f} MB  ({self.bytes_dense / max(self.bytes_packed, 1):.2f}x smaller)",
+            f"bits per weight  {self.bits_per_weight:>14.3f}",
+        ]
+        if self.layers:
+            w = max(len(layer.name) for layer in self.layers)
+            lines.append("")
+            lines.append(f"{'tensor':<{w}}  {'shape':<14} {'map':<9} {'detail':<20} {'virtual':>11} {'stored':>11} {'packed KB':>10}")
+            for r in self.layers:
+                shape = "x".join(map(str, r.shape))
+                lines.append(
+                    f"{r.name:<{w}}  {shape:<14} {r.map:<9} {r.detail:<20} {r.params_virtual:>11,} "
+                    f"{r.params_stored:>11,} {r.bytes_packed / 1e3:>10.1f}"
+                )
+        return "\n".join(lines)
+
+
+def report(model: nn.Module) -> Report:
+    """Count a model as it computes (virtual) and as it is stored, with a per-tensor table."""
+    from weightshare.hub import inner_model
+    from weightshare.pack import table_storage_dtype
+    from weightshare.sharing.codebook import _Codebook
+
+    model = inner_model(model)
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    seen: set[int] = set()
+    layers: list[LayerReport] = []
+    cb_weights = cb_bytes = 0
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        if "parametrizations" in mod_name.split("."):
+            continue
+        prefix = mod_name + "." if mod_name else ""
+        if parametrize.is_parametrized(module):
+            for tname, plist in module.parametrizations.items():
+                cb = plist[0]
+                if not isinstance(cb, _Codebook):
+                    continue
+                tables = plist.original
+                numel = _prod(cb.shape)
+                first = id(tables) not in seen
+                seen.add(id(tables))
+                esize = table_storage_dtype(tables.detach(), cb.config).itemsize
+                packed = ((numel * cb.config.bits + 7) // 8 + tables.numel() * esize) if first else 0
+                cb_weights += numel
+                cb_bytes += packed
+                layers.append(LayerReport(prefix + tname, cb.shape, "codebook",
+                                          f"{cb.config.bits}-bit {cb.config.granularity}"
+                                          + (f"({cb.config.group_size})" if cb.config.group_size else ""),
+                                          numel, tables.numel() if first else 0, numel * tables.element_size(), packed))
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
+            first = id(p) not in seen
+            seen.add(id(p))
+            tied = uses.get(id(p), 1) > 1
+            layers.append(LayerReport(prefix + pname, tuple(p.shape), "tie" if tied else "dense",
+                                      f"shared x{uses[id(p)]}" if tied else "", p.numel(), p.numel() if first else 0,
+                                      p.numel() * p.element_size(), p.numel() * p.element_size() if first else 0))
+    buffer_bytes = sum(
+        b.numel() * b.element_size()
+        for m_name, m in model.named_modules()
+        if "parametrizations" not in m_name.split(".")
+        for n, b in m._buffers.items()
+        if b is not None and n not in m._non_persistent_buffers_set
+    )
+    virtual = sum(r.params_virtual for r in layers)
+    stored = sum(r.params_stored for r in layers)
+    bytes_dense = sum(r.bytes_dense for r in layers) + buffer_bytes
+    bytes_packed = sum(r.bytes_packed for r in layers) + buffer_bytes
+    if cb_weights:
+        bpw = 8 * cb_bytes / cb_weights
+    else:
+        bpw = 8 * sum(r.bytes_dense for r in layers) / max(virtual, 1)
+    return Report(virtual, stored, virtual / max(stored, 1), bytes_dense, bytes_packed, bpw, layers)
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
