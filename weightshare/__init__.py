@@ -8,6 +8,7 @@ from weightshare._progress import set_progress
 from weightshare.kmeans import kmeans1d
 from weightshare.pack import PackError, export, load, save
 from weightshare.report import Report, report
+from weightshare import compress
 from weightshare.sharing import CodebookConfig, TieConfig
 from weightshare.space import materialize_, share_
 

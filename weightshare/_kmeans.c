@@ -54,6 +54,19 @@ static inline int64_t best_split(const prefix_t *p, const double *Dp, int64_t i,
 static void layer_dc(const prefix_t *p, const double *Dp, double *Dc, int32_t *T, const int32_t *Tp,
                      int64_t tphi, int64_t lo, int64_t hi, int64_t optlo, int64_t opthi) {
     while (lo <= hi) {
+        if (hi - lo < 4) {
+            /* short runs: sweep i upwards with opt[c][i-1] <= opt[c][i]; cheaper than recursing */
+            int64_t jl = optlo;
+            for (int64_t i = lo; i <= hi; i++) {
+                int64_t jlo = jl;
+                if (Tp) { int32_t t = Tp[i < tphi ? i : tphi]; if (t > jlo) jlo = t; }
+                int64_t jhi = opthi < i - 1 ? opthi : i - 1;
+                double best;
+                int64_t bj = best_split(p, Dp, i, jlo, jhi, &best);
+                Dc[i] = best; T[i] = (int32_t)bj; jl = bj;
+            }
+            return;
+        }
         int64_t mid = lo + (hi - lo) / 2;
         int64_t jhi = opthi < mid - 1 ? opthi : mid - 1;
         int64_t jlo = optlo;

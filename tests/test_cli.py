@@ -1,0 +1,118 @@
+"""End to end on the real all-MiniLM-L6-v2: compress, inspect, export, load, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import weightshare as ws
+from weightshare.cli import main
+from weightshare.pack import FILENAME
+
+
+@pytest.fixture(scope="module")
+def packed(minilm_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "mini4"
+    assert main(["--quiet", "compress", minilm_path, "--bits", "4", "--granularity", "per_channel", "--out", str(out)]) == 0
+    return out
+
+
+def test_inspect_json(packed, capsys):
+    capsys.readouterr()
+    assert main(["--quiet", "inspect", str(packed), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["params_virtual"] == 22_713_216
+    assert r["sharing_ratio"] == pytest.approx(r["params_virtual"] / r["params_stored"])
+    assert 4.0 < r["bits_per_weight"] < 4.7  # 4-bit indices plus fp16 tables
+    assert r["bytes_packed"] < r["bytes_dense"] / 6
+    size = (packed / FILENAME).stat().st_size
+    assert r["bytes_packed"] <= size <= 1.02 * r["bytes_packed"]
+    assert {layer["map"] for layer in r["layers"]} == {"codebook", "dense"}
+
+
+def test_load_export_and_fidelity(packed, minilm_path, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from weightshare.corpus import evaluation_sentences
+
+    loaded = ws.load(packed)
+    assert isinstance(loaded, SentenceTransformer)
+    assert main(["--quiet", "export", str(packed), "--out", str(tmp_path / "dense")]) == 0
+    dense = SentenceTransformer(str(tmp_path / "dense"), device="cpu")
+    original = SentenceTransformer(minilm_path, device="cpu")
+    sentences = evaluation_sentences(100)
+    e_loaded = loaded.encode(sentences, convert_to_tensor=True)
+    e_dense = dense.encode(sentences, convert_to_tensor=True)
+    e_orig = original.encode(sentences, convert_to_tensor=True)
+    assert torch.allclose(e_loaded, e_dense, atol=1e-5)  # export is the packed model, unchanged
+    cos = torch.nn.functional.cosine_similarity(e_orig, e_dense)
+    assert cos.mean() >= 0.965  # data-free 4-bit per-channel quality floor
+    assert cos.min() >= 0.85
+
+
+def test_transformers_directory_round_trip(minilm_path, tmp_path):
+    from transformers import AutoModel
+
+    src = tmp_path / "bert"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copy(f"{minilm_path}/{name}", src / name)
+    from weightshare import hub
+
+    model, _, _ = hub.load_pretrained(src)
+    ws.share_(model, ws.CodebookConfig(bits=3, granularity="per_tensor"), filter_fn=ws.compress.is_compressible)
+    ws.save(model, tmp_path / "p")
+    loaded = ws.load(tmp_path / "p")
+    assert type(loaded).__name__ == "BertModel"
+    assert torch.equal(loaded.encoder.layer[3].output.dense.weight, model.encoder.layer[3].output.dense.weight)
+    ws.export(tmp_path / "p", tmp_path / "d")
+    plain = AutoModel.from_pretrained(str(tmp_path / "d"))
+    assert torch.equal(plain.encoder.layer[3].output.dense.weight, model.encoder.layer[3].output.dense.weight)
+    assert plain.encoder.layer[3].output.dense.weight.unique().numel() <= 8
+
+
+def _bad_model_dir(tmp_path, minilm_path):
+    d = tmp_path / "weird"
+    d.mkdir()
+    cfg = json.loads(open(f"{minilm_path}/config.json").read())
+    cfg["model_type"] = "no-such-model"
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize(
+    "make_args,match",
+    [
+        (lambda t, m: ["compress", str(t / "missing"), "--bits", "4", "--out", str(t / "o")], "model directory not found"),
+        (lambda t, m: ["compress", str(t), "--bits", "4", "--out", str(t / "o")], "not a model directory"),
+        (lambda t, m: ["compress", str(_bad_model_dir(t, m)), "--bits", "4", "--out", str(t / "o")], "unknown model type"),
+        (lambda t, m: ["compress", m, "--bits", "9", "--out", str(t / "o")], "bits must be an integer in 1..8"),
+        (lambda t, m: ["compress", m, "--bits", "4", "--granularity", "per_group", "--group-size", "5",
+                       "--out", str(t / "o")], "group_size must divide"),
+        (lambda t, m: ["compress", m, "--bits", "4", "--granularity", "per_group", "--out", str(t / "o")],
+         "group_size must be a positive integer"),
+        (lambda t, m: ["inspect", str(t)], "no weightshare.safetensors"),
+        (lambda t, m: ["bench", "nosuch"], "unknown benchmark"),
+    ],
+)
+def test_bad_input_one_clear_error(minilm_path, tmp_path, capsys, make_args, match):
+    args = make_args(tmp_path, minilm_path)
+    assert main(["--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_tampered_file_exit_code_in_a_real_process(packed, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(packed, bad)
+    data = bytearray((bad / FILENAME).read_bytes())
+    data[-10] ^= 0xFF
+    (bad / FILENAME).write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "weightshare.cli", "--quiet", "inspect", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "checksum mismatch" in proc.stderr and "Traceback" not in proc.stderr

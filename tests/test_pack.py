@@ -1,0 +1,160 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+import weightshare as ws
+from weightshare.pack import FILENAME, pack_bits, unpack_bits
+from tests.conftest import TinyNet
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 1001])
+def test_bit_packing_round_trip_and_size(bits, count):
+    values = np.random.default_rng(bits * 100 + count).integers(0, 2**bits, count).astype(np.uint8)
+    packed = pack_bits(values, bits)
+    assert packed.size == (count * bits + 7) // 8  # exactly `bits` bits per value
+    assert np.array_equal(unpack_bits(packed, bits, count), values)
+
+
+def test_bit_packing_layout_is_little_endian():
+    # 3-bit values 1, 2, 7 -> bit stream (LSB first) 100 010 111 -> bytes 0b11010001, 0b00000001
+    assert pack_bits(np.array([1, 2, 7], np.uint8), 3).tolist() == [0b11010001, 0b1]
+
+
+@pytest.fixture
+def packed_tiny(tiny, tmp_path):
+    ws.share_(tiny, ws.CodebookConfig(bits=3, granularity="per_channel"))
+    path = ws.save(tiny, tmp_path / "tiny")
+    return tiny, path
+
+
+def test_round_trip_is_bit_exact(packed_tiny):
+    tiny, path = packed_tiny
+    loaded = ws.load(path, model=TinyNet())
+    for name in ("emb", "fc1", "conv", "fc2"):
+        assert torch.equal(getattr(tiny, name).weight, getattr(loaded, name).weight)
+        assert torch.equal(getattr(tiny, name).bias if name != "emb" else tiny.emb.weight,
+                           getattr(loaded, name).bias if name != "emb" else loaded.emb.weight)
+    x = torch.randint(0, 50, (2, 5))
+    assert torch.equal(tiny(x), loaded(x))
+    assert ws.report(loaded).to_dict(layers=False) == ws.report(tiny).to_dict(layers=False)
+
+
+def test_file_size_is_within_2_percent_of_theory(packed_tiny):
+    tiny, path = packed_tiny
+    r = ws.report(tiny)
+    size = os.path.getsize(path / FILENAME)
+    # report.bytes_packed is the theoretical size: indices at 3 bits, fp16 tables, untouched tensors;
+    # the tiny model's JSON header is large relative to it, so compare the tensor payload here
+    with open(path / FILENAME, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    assert size - 8 - header == r.bytes_packed
+
+
+def test_trained_tables_are_kept_exactly(tiny, tmp_path):
+    ws.share_(tiny, ws.CodebookConfig(bits=2))
+    with torch.no_grad():
+        tiny.fc1.parametrizations.weight.original.add_(1e-4)  # off the fp16 grid, as after fine-tuning
+    path = ws.save(tiny, tmp_path / "t")
+    loaded = ws.load(path, model=TinyNet())
+    assert torch.equal(tiny.fc1.weight, loaded.fc1.weight)
+
+
+def test_tied_weights_round_trip(tmp_path):
+    m = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
+    ws.share_(m, ws.TieConfig(params=["*.weight"]))
+    path = ws.save(m, tmp_path / "tied")
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
+    loaded = ws.load(path, model=fresh)
+    assert loaded[2].weight is loaded[0].weight and torch.equal(loaded[0].weight, m[0].weight)
+
+
+def _rewrite(path, mutate_tensors=None, mutate_meta=None):
+    file = path / FILENAME
+    with safe_open(str(file), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    if mutate_meta:
+        mutate_meta(meta)
+    file.write_bytes(st_save(tensors, metadata=meta))
+
+
+def _spec_edit(fn):
+    def mutate(meta):
+        spec = json.loads(meta["spec"])
+        fn(spec)
+        meta["spec"] = json.dumps(spec)
+
+    return mutate
+
+
+def _flip_index_byte(t):
+    t["fc1.weight.__indices"][0] ^= 0xFF
+
+
+def _shrink_table(t):
+    t["fc1.weight.__tables"] = t["fc1.weight.__tables"][:, :4].contiguous()
+
+
+@pytest.mark.parametrize(
+    "tamper,match",
+    [
+        (dict(mutate_meta=lambda m: m.update(format_version="99")), "unknown format version"),
+        (dict(mutate_meta=lambda m: m.update(format="other")), "not a weightshare file"),
+        (dict(mutate_meta=lambda m: m.update(spec="{")), "spec in the metadata is unreadable"),
+        (dict(mutate_tensors=_flip_index_byte), "checksum mismatch for tensor 'fc1.weight.__indices'"),
+        (dict(mutate_tensors=_shrink_table), r"fc1.weight.__tables'?: wrong shape"),
+        (dict(mutate_tensors=lambda t: t.update(extra=torch.zeros(1))), "not described by the spec"),
+        (dict(mutate_tensors=lambda t: t.pop("fc2.bias")), "'fc2.bias' is missing"),
+        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"]["config"].update(bits=12))), "bad codebook config"),
+        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(map="magic"))), "unknown map"),
+    ],
+)
+def test_tampered_files_are_refused(packed_tiny, tamper, match):
+    _, path = packed_tiny
+    _rewrite(path, **tamper)
+    with pytest.raises(ws.PackError, match=match):
+        ws.load(path, model=TinyNet())
+
+
+def test_truncated_file_is_refused(packed_tiny):
+    _, path = packed_tiny
+    file = path / FILENAME
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(ws.PackError, match="truncated"):
+        ws.load(path, model=TinyNet())
+
+
+def test_missing_dir_and_file(tmp_path):
+    with pytest.raises(ws.PackError, match="not found"):
+        ws.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ws.PackError, match="no weightshare.safetensors"):
+        ws.load(tmp_path / "empty")
+
+
+def test_failed_write_leaves_old_file(packed_tiny, monkeypatch):
+    tiny, path = packed_tiny
+    before = (path / FILENAME).read_bytes()
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        ws.save(tiny, path)
+    assert (path / FILENAME).read_bytes() == before
+    assert sorted(p.name for p in path.iterdir()) == [FILENAME]  # no temp file left behind
+
+
+def test_refuses_non_empty_foreign_directory(tiny, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and not a packed model"):
+        ws.save(tiny, tmp_path)
