@@ -94,6 +94,8 @@ def _bad_model_dir(tmp_path, minilm_path):
                        "--out", str(t / "o")], "group_size must divide"),
         (lambda t, m: ["compress", m, "--bits", "4", "--granularity", "per_group", "--out", str(t / "o")],
          "group_size must be a positive integer"),
+        (lambda t, m: ["compress", m, "--bits", "4", "--calibration", str(t / "none.txt"), "--out", str(t / "o")],
+         "calibration file not found"),
         (lambda t, m: ["inspect", str(t)], "no weightshare.safetensors"),
         (lambda t, m: ["bench", "nosuch"], "unknown benchmark"),
     ],

@@ -18,7 +18,7 @@ def _compress(args) -> None:
     from weightshare.sharing.codebook import CodebookConfig
 
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
-    _, rep, seconds = compress(args.src, args.out, config)
+    _, rep, seconds = compress(args.src, args.out, config, calibration=args.calibration)
     print(rep if args.verbose else _summary(rep))
     print(f"clustered in {seconds:.2f} s; packed model written to {args.out}")
 
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=int, required=True, help="index bits per weight, 1..8 (tables of 2**bits)")
     c.add_argument("--granularity", default="per_channel", choices=["per_tensor", "per_channel", "per_group"])
     c.add_argument("--group-size", type=int, default=None, help="per_group: input weights per table")
+    c.add_argument("--calibration", default=None, metavar="TEXTFILE",
+                   help="text file, one text per line: cluster with the importance of each input feature")
     c.add_argument("--out", required=True, help="output directory (new, empty, or a packed model to replace)")
     c.add_argument("--verbose", action="store_true", help="print the per-tensor table")
     c.set_defaults(func=_compress)

@@ -120,6 +120,19 @@ def inner_model(model: nn.Module) -> nn.Module:
     return model[0].auto_model if isinstance(model, SentenceTransformer) else model
 
 
+def tokenizer_of(model: nn.Module):
+    """The tokenizer that belongs to a SentenceTransformer or a model loaded with ``load_pretrained``."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        return tok
+    source: Source | None = getattr(model, "_weightshare_source", None)
+    if source is None:
+        raise ValueError("calibration needs the model's tokenizer: load the model with weightshare.hub.load_pretrained")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(source.path) / source.weights_subdir))
+
+
 def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Copy config, tokenizer and module files (everything but weight files), each atomically."""
     src, dest = Path(src), Path(dest)

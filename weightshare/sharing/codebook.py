@@ -20,7 +20,7 @@ from weightshare._progress import progress
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
 from weightshare.space import register_sharing
 
-__all__ = ["CodebookConfig", "codebook", "SUPPORTED_MODULES"]
+__all__ = ["CodebookConfig", "codebook", "codebook_model_", "SUPPORTED_MODULES"]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -162,20 +162,36 @@ def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
-@register_sharing(CodebookConfig)
-def _apply(model: nn.Module, config: CodebookConfig, filter_fn) -> None:
+def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
+                    importance: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Codebooks for every selected Linear/Embedding/Conv weight of ``model``, in place.
+
+    ``importance`` maps a weight's name (``"encoder.layer.0.output.dense.weight"``)
+    to non-negative per-element weights for data-aware clustering; weights not in
+    it are clustered data-free.  Every tensor is checked before any is clustered,
+    so a bad tensor leaves the model untouched.
+    """
+    importance = importance or {}
     chosen = select(model, filter_fn)
-    counts: dict[int, list[str]] = {}
+    owners: dict[int, list[str]] = {}
     for fqn, module in chosen:
-        counts.setdefault(id(module.weight), []).append(fqn)
-    # validate everything before clustering anything: a bad tensor leaves the model untouched
-    for fqn, module in chosen:
+        owners.setdefault(id(module.weight), []).append(fqn)
         _check_weight(f"{fqn}.weight", module.weight, config)
-    tied = [names for names in counts.values() if len(names) > 1]
+    tied = [names for names in owners.values() if len(names) > 1]
     if tied:
         raise ValueError(
             f"codebook: weights tied across modules {tied[0]} would be clustered twice\n"
             "  exclude all but one with filter_fn"
         )
     for fqn, module in progress(chosen, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
-        codebook(module, "weight", config, fqn=f"{fqn}.weight")
+        name = f"{fqn}.weight"
+        imp = importance.get(name)
+        if imp is not None and tuple(imp.shape) != tuple(module.weight.shape):
+            raise ValueError(f"{name}: importance shape\n  expected: {tuple(module.weight.shape)}\n  got: {tuple(imp.shape)}")
+        codebook(module, "weight", config, importance=imp, fqn=name)
+    return model
+
+
+@register_sharing(CodebookConfig)
+def _apply(model: nn.Module, config: CodebookConfig, filter_fn) -> None:
+    codebook_model_(model, config, filter_fn)
