@@ -146,3 +146,12 @@ def test_rows_match_single_problems(seed):
         wr = None if w is None else w[r]
         best, _ = brute_force_sse(x[r], k, wr)
         assert sse_of(x[r], wr, centroids[r], labels[r]) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_refuses_a_problem_whose_tables_do_not_fit(monkeypatch):
+    import weightshare.kmeans as km
+
+    monkeypatch.setattr(km, "_MAX_TABLE_BYTES", 50_000)
+    with pytest.raises(ValueError, match="GiB of tables"):
+        ws.kmeans1d(np.arange(1000.0), 16)
+    assert ws.kmeans1d(np.arange(100.0), 16)[0].size == 16  # fewer distinct values fit

@@ -21,6 +21,7 @@ import torch
 
 __all__ = ["kmeans1d", "kmeans1d_rows"]
 
+_MAX_TABLE_BYTES = 4 << 30  # dynamic-programming memory a single call may use
 _CHUNK = 1 << 22  # elements per pass in histogram/gather loops: bounds temporaries to ~32 MB
 
 
@@ -54,6 +55,17 @@ def _split(n_rows: int, n_parts: int) -> list[tuple[int, int]]:
 def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, threads: int | None = None):
     """Run the C solver on rows given by ``offsets`` (values sorted within each row)."""
     n_rows = offsets.size - 1
+    threads = threads or _n_threads()
+    longest = int(np.diff(offsets).max()) if n_rows else 0
+    # the split table is k x n int32 per thread; refuse rather than let the OS kill us
+    need = (4 * k + 56) * (longest + 1) * min(threads, n_rows)
+    if need > _MAX_TABLE_BYTES:
+        raise ValueError(
+            f"kmeans1d: {longest:,} distinct values with k={k} needs {need / 2**30:.1f} GiB of tables\n"
+            f"  expected: at most {_MAX_TABLE_BYTES / 2**30:.0f} GiB\n"
+            "  cast the values to float16/bfloat16 (a histogram of at most 65,536 values), "
+            "use fewer clusters, or cluster per channel"
+        )
     centroids = np.full((n_rows, k), np.nan)
     nclusters = np.zeros(n_rows, dtype=np.int64)
     sse = np.zeros(n_rows)
@@ -64,7 +76,6 @@ def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, t
             raise MemoryError("kmeans1d: could not allocate the dynamic-programming table")
 
     # several spans per thread: rows differ in cost, so finer spans balance load
-    threads = threads or _n_threads()
     spans = _split(n_rows, 4 * threads) if n_rows > 1 and threads > 1 else [(0, n_rows)]
     if len(spans) == 1:
         run(spans[0])
