@@ -155,3 +155,49 @@ def test_refuses_a_problem_whose_tables_do_not_fit(monkeypatch):
     with pytest.raises(ValueError, match="GiB of tables"):
         ws.kmeans1d(np.arange(1000.0), 16)
     assert ws.kmeans1d(np.arange(100.0), 16)[0].size == 16  # fewer distinct values fit
+
+
+def dense_dp_sse(x, k, w=None):
+    """Optimal weighted SSE by the full O(k n^2) DP, vectorised over the split point.
+
+    Slow in theory but every (layer, i, j) cell is evaluated, so no bound or
+    search order of the fast solver can hide a mistake from it.
+    """
+    x = np.asarray(x, np.float64)
+    w = np.ones_like(x) if w is None else np.asarray(w, np.float64)
+    order = np.argsort(x, kind="stable")
+    x, w = x[order], w[order]
+    d = x - np.average(x, weights=w)  # centred, as in the solver, to keep cancellation small
+    P0 = np.concatenate([[0.0], np.cumsum(w)])
+    P1 = np.concatenate([[0.0], np.cumsum(w * d)])
+    P2 = np.concatenate([[0.0], np.cumsum(w * d * d)])
+    n = x.size
+    j = np.arange(n + 1)[:, None]
+    i = np.arange(n + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        seg = (P2[i] - P2[j]) - (P1[i] - P1[j]) ** 2 / (P0[i] - P0[j])  # seg[j, i] = SSE of points j..i-1
+    seg = np.where(j < i, np.maximum(seg, 0.0), np.inf)
+    D = seg[0].copy()
+    for _ in range(2, min(k, np.unique(x).size) + 1):
+        D = (D[:, None] + seg).min(axis=0)
+    return D[n]
+
+
+@pytest.mark.parametrize("n", [384, 1536])
+@pytest.mark.parametrize("kind", ["normal", "duplicates", "weighted"])
+def test_rows_of_model_width_match_full_dp(n, kind):
+    # 384 and 1536 are MiniLM's row lengths: both the divide-and-conquer layers and
+    # the Knuth sweep of the later layers run, as they do on real weights
+    rng = np.random.default_rng(n)
+    x = rng.standard_t(4, size=(3, n)) * 0.02  # heavy tails, like trained weights
+    if kind == "duplicates":
+        x = np.round(x, 3)  # whole counts per distinct value
+    w = rng.random(x.shape) + 0.01 if kind == "weighted" else None
+    centroids, labels = kmeans1d_rows(x, 16, weights=w)
+    for r in range(3):
+        wr = None if w is None else w[r]
+        best = dense_dp_sse(x[r], 16, wr)
+        assert sse_of(x[r], wr, centroids[r], labels[r]) == pytest.approx(best, rel=1e-9)
+        dist = np.abs(x[r][:, None] - centroids[r][None, :])
+        assert np.allclose(dist[np.arange(n), labels[r]], dist.min(axis=1), rtol=0, atol=1e-15)
+        assert labels[r].max() < np.unique(x[r]).size

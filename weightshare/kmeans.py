@@ -35,7 +35,7 @@ def _load_core() -> ctypes.CDLL:
     c64 = ctypes.c_int64
     lib.ws_kmeans1d_batch.restype = ctypes.c_int
     lib.ws_kmeans1d_batch.argtypes = [f64, ctypes.c_void_p, i64, c64, c64, c64, f64, i64, f64]
-    lib.ws_assign_batch.restype = None
+    lib.ws_assign_batch.restype = ctypes.c_int
     lib.ws_assign_batch.argtypes = [f64, c64, f64, i64, c64, c64, c64, i32]
     return lib
 
@@ -257,7 +257,8 @@ def kmeans1d_rows(x, k: int, weights=None) -> tuple[np.ndarray, np.ndarray]:
         last = c[np.arange(b - a), nc - 1]
         c = np.where(np.arange(k)[None, :] >= nc[:, None], last[:, None], c)
         centroids[a:b], nclusters[a:b] = c, nc
-        _core.ws_assign_batch(xa[a:b], n, np.ascontiguousarray(c), nc, k, 0, b - a, labels[a:b])
+        if _core.ws_assign_batch(xa[a:b], n, np.ascontiguousarray(c), nc, k, 0, b - a, labels[a:b]):
+            raise MemoryError("kmeans1d_rows: could not allocate the assignment table")
 
     spans = _split(n_rows, 4 * _n_threads())
     with ThreadPoolExecutor(_n_threads()) as pool:
