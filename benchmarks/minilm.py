@@ -7,6 +7,10 @@ measured on 256 calibration sentences (a part of the corpus disjoint from the
 evaluation part).  Fidelity is measured on held-out sentences of the stdlib-docstring corpus:
 cosine between original and compressed sentence embeddings (mean and 1st
 percentile) and the overlap of each sentence's 10 nearest neighbours.
+
+coremltools per_channel runs at 4, 3 and 2 bits only: it solves one DP per row
+from a Python loop, and at 8 bits (256 centroids, 52 k rows) it had not
+finished after 30 minutes on this 2-core machine.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ def fidelity(reference: torch.Tensor, emb: torch.Tensor, k: int = 10) -> dict:
     return {"cos_mean": float(cos.mean()), "cos_p1": float(np.percentile(cos, 1)), "top10_overlap": float(overlap)}
 
 
+def weight_error(original: torch.nn.Module, model: torch.nn.Module) -> float:
+    """Relative weight-space error sum (W - W_hat)^2 / sum W^2 over every Linear/Embedding weight.
+
+    This is the objective data-free clustering minimises (before tables are rounded),
+    so it shows which solver found the better clustering, apart from how the
+    embeddings react to it.
+    """
+    ref = {n: m.weight.detach() for n, m in original.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    num = den = 0.0
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name in ref:
+                w = m.weight.detach().double()
+                num += float(((w - ref[name].double()) ** 2).sum())
+                den += float((ref[name].double() ** 2).sum())
+    return num / den
+
+
 def _rtn_bytes(model, bits: int) -> int:
     """Packed size of per-channel RTN: bits per weight plus an fp16 (scale, offset) per row."""
     from weightshare.report import report
@@ -46,6 +68,23 @@ def _rtn_bytes(model, bits: int) -> int:
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
             w = m.weight
             total += -w.numel() * w.element_size() + (w.numel() * bits + 7) // 8 + w.shape[0] * 4
+    return total
+
+
+def _palettized_bytes(model, bits: int, granularity: str, lut_itemsize: int) -> int:
+    """Packed size of a palettized model: ``bits`` per clustered weight plus one LUT per table.
+
+    coremltools keeps its LUTs in the weight's dtype (``lut_dtype=None``: fp32 here),
+    weightshare in fp16; everything else is counted dense, as in ``ws.report``.
+    """
+    from weightshare.report import report
+
+    total = report(model).bytes_dense
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            w = m.weight
+            tables = 1 if granularity == "per_tensor" else w.shape[0]
+            total += -w.numel() * w.element_size() + (w.numel() * bits + 7) // 8 + tables * (1 << bits) * lut_itemsize
     return total
 
 
@@ -67,7 +106,7 @@ def main(quick: bool = False) -> dict:
     dense_mb = ws.report(original).bytes_dense / 1e6
     bit_list = (4,) if quick else (8, 6, 4, 3, 2)
     rows = [{"method": "dense fp32", "bits": 32, "granularity": "-", "size_mb": dense_mb, "seconds": 0.0,
-             **fidelity(reference, reference)}]
+             **fidelity(reference, reference), "weight_rel_err": 0.0}]
     ws.set_progress(False)
     for bits in bit_list:
         for gran in ("per_tensor", "per_channel"):
@@ -76,7 +115,7 @@ def main(quick: bool = False) -> dict:
             ws.share_(inner_model(model), ws.CodebookConfig(bits=bits, granularity=gran), filter_fn=is_compressible)
             sec = time.perf_counter() - t0
             ours = {"method": "weightshare", "bits": bits, "granularity": gran,
-                    "size_mb": ws.report(model).bytes_packed / 1e6, "seconds": sec, **fidelity(reference, encode(model))}
+                    "size_mb": ws.report(model).bytes_packed / 1e6, "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)}
             rows.append(ours)
             if bits <= 4 and not (quick and gran == "per_tensor"):  # data-aware: weighted by calibration statistics
                 model = copy.deepcopy(original)
@@ -84,14 +123,19 @@ def main(quick: bool = False) -> dict:
                 compress_model_(model, ws.CodebookConfig(bits=bits, granularity=gran), calibration)
                 rows.append({"method": "weightshare+calib", "bits": bits, "granularity": gran,
                              "size_mb": ws.report(model).bytes_packed / 1e6, "seconds": time.perf_counter() - t0,
-                             **fidelity(reference, encode(model))})
+                             **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
             log.info("%s", rows[-1])
-            if quick and gran == "per_channel":
-                continue  # coremltools per-channel takes ~90 s at 4 bits: full runs only
+            if gran == "per_channel" and (quick or bits > 4):
+                # coremltools runs one DP per row in a Python loop: ~90 s at 4 bits, and at
+                # 8 bits (256 centroids) it had not finished after 30 min on this machine
+                why = "full runs only" if quick else "not run: 8 bits did not finish in 30 min"
+                rows.append({"method": f"coremltools ({why})", "bits": bits, "granularity": gran})
+                continue
             try:
                 cm, cm_sec = coremltools_palettize(original, bits, gran)
-                rows.append({"method": "coremltools", "bits": bits, "granularity": gran, "size_mb": None,
-                             "seconds": cm_sec, **fidelity(reference, encode(cm))})
+                rows.append({"method": "coremltools", "bits": bits, "granularity": gran,
+                             "size_mb": _palettized_bytes(original, bits, gran, lut_itemsize=4) / 1e6,
+                             "seconds": cm_sec, **fidelity(reference, encode(cm)), "weight_rel_err": weight_error(original, cm)})
                 ours["speedup_vs_coremltools"] = cm_sec / sec
             except ReferenceMissing as exc:
                 rows.append({"method": f"coremltools missing ({exc})", "bits": bits, "granularity": gran})
@@ -103,8 +147,8 @@ def main(quick: bool = False) -> dict:
                     m.weight.copy_(rtn_per_channel(m.weight, bits))
         sec = time.perf_counter() - t0
         rows.append({"method": "round-to-nearest", "bits": bits, "granularity": "per_channel",
-                     "size_mb": _rtn_bytes(model, bits) / 1e6, "seconds": sec, **fidelity(reference, encode(model))})
-    keys = ["method", "bits", "granularity", "size_mb", "seconds", "cos_mean", "cos_p1", "top10_overlap",
+                     "size_mb": _rtn_bytes(model, bits) / 1e6, "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
+    keys = ["method", "bits", "granularity", "size_mb", "seconds", "weight_rel_err", "cos_mean", "cos_p1", "top10_overlap",
             "speedup_vs_coremltools"]
     rows = [{k: r.get(k) for k in keys} for r in rows]
     print()
