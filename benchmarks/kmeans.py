@@ -4,8 +4,10 @@ and scikit-learn KMeans, on the same data in the same run.
 Cases:
   big      one fp16 tensor of 100 M values (quick: 20 M), k = 16: seconds and peak
            memory, measured in a fresh process so the peak is this call's alone
-  same     the first 2 M values (quick: 0.5 M) of that tensor: throughput ratio
+  same     2 M fp16 values (quick: 0.5 M) drawn like that tensor: throughput ratio
            against kmeans1d at identical SSE, and scikit-learn's SSE (a local optimum)
+  fp32     the same against 2 M (quick: 0.5 M) distinct fp32 values: no histogram
+           applies, the dynamic program runs over every value
   rows     per-channel 4-bit tables for every Linear/Embedding weight of MiniLM:
            seconds for all ~52 k rows; kmeans1d on a sample of rows, extrapolated
 """
@@ -69,16 +71,19 @@ def sse(x, centroids, labels) -> float:
     return float(((x - centroids[labels]) ** 2).sum())
 
 
-def same_case(n: int) -> list[dict]:
+def same_case(n: int, dtype=np.float16) -> list[dict]:
     import weightshare as ws
 
-    x16 = fp16_data(n, seed=1)
-    x = x16.astype(np.float64)
+    if dtype == np.float16:
+        xin = fp16_data(n, seed=1)
+    else:  # distinct fp32 values: the solver cannot fall back on a histogram
+        xin = (np.random.default_rng(1).standard_normal(n, dtype=np.float32) * 0.02)
+    x = xin.astype(np.float64)
     t0 = time.perf_counter()
-    c, lab = ws.kmeans1d(x16, K)
+    c, lab = ws.kmeans1d(xin, K)
     t_ours = time.perf_counter() - t0
     best = sse(x, c, lab)
-    rows = [{"solver": "weightshare", "n": n, "seconds": t_ours, "Mvalues_per_s": n / t_ours / 1e6,
+    rows = [{"solver": f"weightshare ({np.dtype(dtype).name})", "n": n, "seconds": t_ours, "Mvalues_per_s": n / t_ours / 1e6,
              "sse_rel_diff": 0.0, "speedup_vs_kmeans1d": None}]
     try:
         t0 = time.perf_counter()
@@ -141,8 +146,11 @@ def main(quick: bool = False) -> dict:
     print(table([big], "one large fp16 tensor (histogram path)"), flush=True)
     same = same_case(500_000 if quick else 2_000_000)
     print()
-    print(table(same, "same data, three solvers"), flush=True)
+    print(table(same, "same fp16 data, three solvers"), flush=True)
+    fp32 = same_case(500_000 if quick else 2_000_000, dtype=np.float32)
+    print()
+    print(table(fp32, "distinct fp32 values (no histogram), three solvers"), flush=True)
     rows = rows_case(300 if quick else 2000)
     print()
     print(table([rows], "batched per-channel tables"), flush=True)
-    return {"big": big, "same": same, "rows": rows, "quick": quick}
+    return {"big": big, "same": same, "fp32": fp32, "rows": rows, "quick": quick}
