@@ -53,16 +53,20 @@ def test_load_export_and_fidelity(packed, minilm_path, tmp_path):
     assert cos.min() >= 0.85
 
 
-def test_transformers_directory_round_trip(minilm_path, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_directory_round_trip(minilm_path, tmp_path, dtype):
     from transformers import AutoModel
 
     src = tmp_path / "bert"
     src.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         shutil.copy(f"{minilm_path}/{name}", src / name)
+    # a checkpoint saved in bf16 loads, clusters and exports in bf16
+    AutoModel.from_pretrained(minilm_path).to(dtype).save_pretrained(src)
     from weightshare import hub
 
     model, _, _ = hub.load_pretrained(src)
+    assert model.dtype == dtype
     ws.share_(model, ws.CodebookConfig(bits=3, granularity="per_tensor"), filter_fn=ws.compress.is_compressible)
     ws.save(model, tmp_path / "p")
     loaded = ws.load(tmp_path / "p")
@@ -70,6 +74,7 @@ def test_transformers_directory_round_trip(minilm_path, tmp_path):
     assert torch.equal(loaded.encoder.layer[3].output.dense.weight, model.encoder.layer[3].output.dense.weight)
     ws.export(tmp_path / "p", tmp_path / "d")
     plain = AutoModel.from_pretrained(str(tmp_path / "d"))
+    assert plain.dtype == dtype
     assert torch.equal(plain.encoder.layer[3].output.dense.weight, model.encoder.layer[3].output.dense.weight)
     assert plain.encoder.layer[3].output.dense.weight.unique().numel() <= 8
 

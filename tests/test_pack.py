@@ -158,3 +158,33 @@ def test_refuses_non_empty_foreign_directory(tiny, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and not a packed model"):
         ws.save(tiny, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_half_precision_model_stays_half_and_round_trips(tmp_path, dtype, granularity):
+    torch.manual_seed(0)
+    model = TinyNet().to(dtype)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ws.share_(model, ws.CodebookConfig(bits=3, granularity=granularity))
+    assert model.fc1.weight.dtype == dtype  # computes in its own precision, like its biases
+    tokens = torch.randint(0, 50, (2, 5))
+    assert model(tokens).dtype == dtype
+    # the tables are still the optimum of the weights (as float32), rounded to fp16 and then to dtype
+    w = dense["fc1.weight"].float()
+    rows = w.reshape(1, -1) if granularity == "per_tensor" else w
+    for r, row in enumerate(rows):
+        x = row.half() if granularity == "per_tensor" else row
+        centroids, _ = ws.kmeans1d(x, 8)
+        table = model.fc1.parametrizations.weight.original[r].float()
+        assert torch.equal(table[: centroids.size], torch.from_numpy(centroids).half().to(dtype).float())
+    path = ws.save(model, tmp_path / "half")
+    loaded = ws.load(path, model=TinyNet().to(dtype))
+    for name in ("emb", "fc1", "conv", "fc2"):
+        assert torch.equal(getattr(model, name).weight, getattr(loaded, name).weight)
+    assert torch.equal(model(tokens), loaded(tokens))
+    from weightshare.pack import dense_state_dict, read_spec
+
+    spec, tensors = read_spec(path)
+    assert spec["tensors"]["fc1.weight"]["dtype"] == str(dtype).removeprefix("torch.")
+    assert dense_state_dict(spec, tensors)["fc1.weight"].dtype == dtype  # export keeps the dtype

@@ -3,7 +3,7 @@
 A packed model is a directory: the source model's config, tokenizer and module
 files as they were, plus ``weightshare.safetensors`` holding
 
-* ``<name>.__tables``  (groups, 2**bits) fp16 (fp32 when fp16 would round them)
+* ``<name>.__tables``  (groups, 2**bits) fp16 (the weight's dtype when fp16 would round them)
 * ``<name>.__indices`` uint8, the indices bit-packed at exactly ``bits`` bits each
 * ``<name>``           every tensor no map touches, as it was
 
@@ -88,10 +88,14 @@ def _owned_modules(model: nn.Module):
 
 
 def table_storage_dtype(tables: torch.Tensor, config: CodebookConfig) -> torch.dtype:
-    """The config's table dtype when it holds the tables exactly, else float32 (after fine-tuning)."""
+    """The config's table dtype when it holds the tables exactly, else the tables' own dtype.
+
+    Tables leave the config's grid when they are trained, or when the weight's own
+    dtype is coarser (bf16 tables of a bf16 model need not be fp16 values).
+    """
     dtype = TABLE_DTYPES[config.table_dtype]
-    if dtype != torch.float32 and not torch.equal(tables.to(dtype).to(tables.dtype), tables):
-        return torch.float32
+    if not torch.equal(tables.to(dtype).to(tables.dtype), tables):
+        return tables.dtype
     return dtype
 
 
@@ -113,11 +117,11 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                 tables = original.detach()
                 store = table_storage_dtype(tables, cb.config)
                 if store != TABLE_DTYPES[cb.config.table_dtype]:
-                    log.warning("%s: tables moved off the %s grid (trained?): stored as float32 to stay exact",
-                                full, cb.config.table_dtype)
+                    log.warning("%s: tables moved off the %s grid (trained?): stored as %s to stay exact",
+                                full, cb.config.table_dtype, _dtype_name(store))
                 tensors[full + ".__tables"] = tables.to(store).contiguous()
                 tensors[full + ".__indices"] = torch.from_numpy(pack_bits(cb.labels.numpy(), cb.config.bits))
-                spec[full] = {"map": "codebook", "shape": list(cb.shape), "dtype": "float32",
+                spec[full] = {"map": "codebook", "shape": list(cb.shape), "dtype": _dtype_name(tables.dtype),
                               "config": config_to_dict(cb.config)}
         items = list(module._parameters.items())
         items += [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]

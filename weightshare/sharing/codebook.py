@@ -98,11 +98,13 @@ class _Codebook(nn.Module):
 
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        # the tables are a parameter of the weight's own dtype: parametrize requires it,
+        # and a half-precision model must keep computing in half precision
         if self._init is not None:
             tables, labels = self._init
             self._init = None
             self.labels.copy_(labels)
-            return tables.to(torch.float32)
+            return tables.to(weight.dtype)
         k = 1 << self.config.bits
         w = weight.detach().float().reshape(self.n_groups, self.group_len)
         imp = None if self._importance is None else self._importance.reshape(self.n_groups, self.group_len)
@@ -115,7 +117,7 @@ class _Codebook(nn.Module):
             labels = labels.reshape(1, -1)
         else:
             centroids, labels = kmeans1d_rows(w, k, weights=imp)
-        tables = torch.from_numpy(centroids).to(table_dtype).to(torch.float32)
+        tables = torch.from_numpy(centroids).to(table_dtype).to(weight.dtype)
         self.labels.copy_(torch.from_numpy(labels.astype(np.uint8)).view(self.shape))
         return tables
 
