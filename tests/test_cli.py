@@ -123,3 +123,23 @@ def test_tampered_file_exit_code_in_a_real_process(packed, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "checksum mismatch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_language_model_with_tied_head_compresses(tmp_path):
+    # most causal LMs tie lm_head to the input embedding; the CLI has no filter_fn to
+    # untangle that, so the tie must be kept: one codebook, written once, tied on load
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    src = tmp_path / "lm"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=500, n_positions=64,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(src)
+    assert main(["--quiet", "compress", str(src), "--bits", "3", "--out", str(tmp_path / "p")]) == 0
+    packed = ws.load(tmp_path / "p")
+    assert packed.lm_head.parametrizations.weight.original is packed.transformer.wte.parametrizations.weight.original
+    assert main(["--quiet", "export", str(tmp_path / "p"), "--out", str(tmp_path / "d")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "d"))
+    assert dense.lm_head.weight is dense.transformer.wte.weight
+    ids = torch.randint(0, 500, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(packed(ids).logits, dense(ids).logits, atol=1e-5)

@@ -188,3 +188,51 @@ def test_half_precision_model_stays_half_and_round_trips(tmp_path, dtype, granul
     spec, tensors = read_spec(path)
     assert spec["tensors"]["fc1.weight"]["dtype"] == str(dtype).removeprefix("torch.")
     assert dense_state_dict(spec, tensors)["fc1.weight"].dtype == dtype  # export keeps the dtype
+
+
+class TiedLM(torch.nn.Module):
+    """Embedding -> Linear -> head whose weight is the embedding (as in most language models)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 12)
+        self.mix = torch.nn.Linear(12, 12)
+        self.head = torch.nn.Linear(12, 30, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):  # (B, T) -> (B, T, 30)
+        return self.head(torch.tanh(self.mix(self.emb(tokens))))
+
+
+def test_tied_weight_gets_one_codebook_through_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    model = TiedLM()
+    # cluster the tied pair only, so that mix stays dense and the counts below are plain
+    ws.share_(model, ws.CodebookConfig(bits=2, granularity="per_channel"), filter_fn=lambda m, name: name != "mix")
+    tables = model.emb.parametrizations.weight.original
+    assert model.head.parametrizations.weight.original is tables  # one table parameter for both uses
+    assert torch.equal(model.head.weight, model.emb.weight)
+    assert sum(p.numel() for p in model.parameters()) == tables.numel() + 12 * 12 + 12
+    assert ws.report(model).params_stored == tables.numel() + 12 * 12 + 12
+    # gradients of both uses add up in the shared tables, as in the tied dense weight
+    tokens = torch.randint(0, 30, (3, 5))
+    model(tokens).square().sum().backward()
+    labels = model.emb.parametrizations.weight[0].labels.long()
+    dense = TiedLM()
+    with torch.no_grad():
+        dense.emb.weight.copy_(model.emb.weight)
+        dense.mix.load_state_dict(model.mix.state_dict())
+    dense(tokens).square().sum().backward()
+    expect = torch.zeros_like(tables).scatter_add_(1, labels, dense.emb.weight.grad)
+    assert torch.allclose(tables.grad, expect, atol=1e-5)
+    path = ws.save(model, tmp_path / "tied")
+    from weightshare.pack import dense_state_dict, read_spec
+
+    spec, stored = read_spec(path)
+    assert spec["tensors"]["head.weight"] == {"map": "alias", "of": "emb.weight"}
+    assert not any(name.startswith("head.") for name in stored)  # nothing of the head is written twice
+    loaded = ws.load(path, model=TiedLM())
+    assert loaded.head.parametrizations.weight.original is loaded.emb.parametrizations.weight.original
+    assert torch.equal(loaded(tokens), model(tokens))
+    plain = dense_state_dict(spec, stored)
+    assert torch.equal(plain["head.weight"], plain["emb.weight"])

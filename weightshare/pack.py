@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub
-from weightshare.sharing.codebook import TABLE_DTYPES, CodebookConfig, _Codebook, codebook, group_layout
+from weightshare.sharing.codebook import TABLE_DTYPES, CodebookConfig, _Codebook, codebook, group_layout, tie_codebook
 from weightshare.space import config_from_dict, config_to_dict
 
 __all__ = ["save", "load", "export", "read_spec", "PackError", "FILENAME", "FORMAT_VERSION"]
@@ -111,8 +111,9 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                 if len(plist) != 1 or not isinstance(plist[0], _Codebook):
                     raise ValueError(f"save: {full} has a parametrization the packed format does not know ({plist})")
                 cb, original = plist[0], plist.original
-                if id(original) in seen:
-                    raise ValueError(f"save: {full} shares its codebook with {seen[id(original)]}; not supported yet")
+                if id(original) in seen:  # a codebook tied to another module's (LM head and embedding)
+                    spec[full] = {"map": "alias", "of": seen[id(original)]}
+                    continue
                 seen[id(original)] = full
                 tables = original.detach()
                 store = table_storage_dtype(tables, cb.config)
@@ -270,8 +271,8 @@ def _validate_entry(name: str, entry: dict, entries: dict, tensors: dict) -> set
         return {name}
     if kind == "alias":
         target = entries.get(entry.get("of"))
-        if not isinstance(target, dict) or target.get("map") != "dense":
-            raise PackError(f"tensor {name!r}: alias of {entry.get('of')!r}, which is not a stored dense tensor")
+        if not isinstance(target, dict) or target.get("map") not in ("dense", "codebook"):
+            raise PackError(f"tensor {name!r}: alias of {entry.get('of')!r}, which is not a stored tensor")
         return set()
     if kind == "codebook":
         shape = _shape(name, entry)
@@ -381,15 +382,27 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     with torch.no_grad():
         for name, t in dense.items():
             own[name].copy_(t)
-    for name, entry in spec["tensors"].items():
-        if entry["map"] == "alias":  # restore the tie itself, not only the value
+    entries = spec["tensors"]
+
+    def is_alias_of(kind):
+        return lambda e: e["map"] == "alias" and entries[e["of"]]["map"] == kind
+
+    for name, entry in entries.items():
+        if is_alias_of("dense")(entry):  # restore the tie itself, not only the value
             owner_name, _, attr = name.rpartition(".")
             target_owner, _, target_attr = entry["of"].rpartition(".")
             setattr(inner.get_submodule(owner_name), attr, getattr(inner.get_submodule(target_owner), target_attr))
-    for name, entry in spec["tensors"].items():
+    for name, entry in entries.items():
         if entry["map"] == "codebook":
             config, tables, labels = _codebook_parts(name, entry, tensors)
             owner_name, _, attr = name.rpartition(".")
             codebook(inner.get_submodule(owner_name), attr, config, init=(tables, labels), fqn=name)
+    for name, entry in entries.items():
+        if is_alias_of("codebook")(entry):
+            owner_name, _, attr = name.rpartition(".")
+            target_owner, _, target_attr = entry["of"].rpartition(".")
+            if target_attr != attr:
+                raise PackError(f"tensor {name!r}: a codebook alias must name the same attribute as {entry['of']!r}")
+            tie_codebook(inner.get_submodule(target_owner), inner.get_submodule(owner_name), attr)
     return model
 

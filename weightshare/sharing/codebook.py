@@ -20,7 +20,7 @@ from weightshare._progress import progress
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
 from weightshare.space import register_sharing
 
-__all__ = ["CodebookConfig", "codebook", "codebook_model_", "SUPPORTED_MODULES"]
+__all__ = ["CodebookConfig", "codebook", "codebook_model_", "tie_codebook", "SUPPORTED_MODULES"]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -152,6 +152,21 @@ def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | N
     return module
 
 
+def tie_codebook(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
+    """Make ``target.<name>`` use the codebook of ``source.<name>``: one table, one set of labels.
+
+    For weights that were one tensor before clustering (an LM head tied to its
+    embedding): the tables stay a single parameter, so they are stored once and
+    both uses' gradients add up in them, as they did in the tied dense weight.
+    """
+    plist = source.parametrizations[name]
+    cb = plist[0]
+    cb._init = (plist.original.detach(), cb.labels.clone())  # install as is: no second clustering
+    parametrize.register_parametrization(target, name, cb, unsafe=True)
+    target.parametrizations[name].original = plist.original
+    return target
+
+
 def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
     """Modules whose ``weight`` a codebook applies to: Linear, Embedding, Conv, not yet shared."""
     chosen = []
@@ -171,26 +186,28 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     ``importance`` maps a weight's name (``"encoder.layer.0.output.dense.weight"``)
     to non-negative per-element weights for data-aware clustering; weights not in
     it are clustered data-free.  Every tensor is checked before any is clustered,
-    so a bad tensor leaves the model untouched.
+    so a bad tensor leaves the model untouched.  A weight tied across modules
+    (an LM head and its embedding) is clustered once, with the first owner's
+    importance, and the other owners share that codebook.
     """
     importance = importance or {}
     chosen = select(model, filter_fn)
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[nn.Module]] = {}
+    first: list[tuple[str, nn.Module]] = []
     for fqn, module in chosen:
-        owners.setdefault(id(module.weight), []).append(fqn)
         _check_weight(f"{fqn}.weight", module.weight, config)
-    tied = [names for names in owners.values() if len(names) > 1]
-    if tied:
-        raise ValueError(
-            f"codebook: weights tied across modules {tied[0]} would be clustered twice\n"
-            "  exclude all but one with filter_fn"
-        )
-    for fqn, module in progress(chosen, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
-        name = f"{fqn}.weight"
-        imp = importance.get(name)
+        imp = importance.get(f"{fqn}.weight")
         if imp is not None and tuple(imp.shape) != tuple(module.weight.shape):
-            raise ValueError(f"{name}: importance shape\n  expected: {tuple(module.weight.shape)}\n  got: {tuple(imp.shape)}")
-        codebook(module, "weight", config, importance=imp, fqn=name)
+            raise ValueError(f"{fqn}.weight: importance shape\n  expected: {tuple(module.weight.shape)}\n  got: {tuple(imp.shape)}")
+        group = owners.setdefault(id(module.weight), [])
+        if not group:
+            first.append((fqn, module))
+        group.append(module)
+    for fqn, module in progress(first, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
+        tied = owners[id(module.weight)][1:]
+        codebook(module, "weight", config, importance=importance.get(f"{fqn}.weight"), fqn=f"{fqn}.weight")
+        for other in tied:
+            tie_codebook(module, other)
     return model
 
 
