@@ -125,7 +125,7 @@ def test_tampered_file_exit_code_in_a_real_process(packed, tmp_path):
     assert "checksum mismatch" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_language_model_with_tied_head_compresses(tmp_path):
+def test_gpt2_with_tied_head_and_conv1d_compresses(tmp_path):
     # most causal LMs tie lm_head to the input embedding; the CLI has no filter_fn to
     # untangle that, so the tie must be kept: one codebook, written once, tied on load
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -137,6 +137,9 @@ def test_language_model_with_tied_head_compresses(tmp_path):
     assert main(["--quiet", "compress", str(src), "--bits", "3", "--out", str(tmp_path / "p")]) == 0
     packed = ws.load(tmp_path / "p")
     assert packed.lm_head.parametrizations.weight.original is packed.transformer.wte.parametrizations.weight.original
+    attn = packed.transformer.h[0].attn.c_attn  # transformers' Conv1D, weight (in, out): tables per output column
+    assert hasattr(attn, "parametrizations") and attn.weight.shape == (32, 96)
+    assert all(col.unique().numel() <= 8 for col in attn.weight.detach().t())
     assert main(["--quiet", "export", str(tmp_path / "p"), "--out", str(tmp_path / "d")]) == 0
     dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "d"))
     assert dense.lm_head.weight is dense.transformer.wte.weight

@@ -129,3 +129,24 @@ def test_nan_weight_is_named(tiny):
     with pytest.raises(ValueError, match=r"conv.weight: weight contains NaN"):
         ws.share_(tiny, ws.CodebookConfig(bits=2))
     assert not any(hasattr(m, "parametrizations") for m in tiny.modules())
+
+
+@pytest.mark.parametrize("granularity,group_size", [("per_channel", None), ("per_group", 8)])
+def test_transformers_conv1d_gets_tables_per_output_channel(granularity, group_size):
+    # GPT-2's Conv1D stores its weight (in, out): an output channel is a column
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(nf=6, nx=16)  # in 16, out 6
+    dense = layer.weight.detach().clone()
+    ws.share_(layer, ws.CodebookConfig(bits=2, granularity=granularity, group_size=group_size))
+    w = layer.weight.detach()
+    assert w.shape == (16, 6)
+    columns = dense.t().reshape(-1, group_size or 16)  # (groups, values): consecutive inputs of one output
+    centroids, _ = kmeans1d_rows(columns, 4)
+    assert np.allclose(layer.parametrizations.weight.original.detach().double().numpy(),
+                       centroids.astype(np.float16), rtol=1e-3, atol=1e-6)
+    for g, group in enumerate(w.t().reshape(-1, group_size or 16)):
+        assert group.unique().numel() <= 4
+    x = torch.randn(3, 16)
+    assert torch.allclose(layer(x), x @ w + layer.bias, atol=1e-6)

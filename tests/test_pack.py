@@ -115,6 +115,8 @@ def _shrink_table(t):
         (dict(mutate_tensors=lambda t: t.pop("fc2.bias")), "'fc2.bias' is missing"),
         (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"]["config"].update(bits=12))), "bad codebook config"),
         (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(map="magic"))), "unknown map"),
+        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(transposed="yes"))), "bad 'transposed'"),
+        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["conv.weight"].update(transposed=True))), "bad 'transposed'"),
     ],
 )
 def test_tampered_files_are_refused(packed_tiny, tamper, match):
@@ -236,3 +238,38 @@ def test_tied_weight_gets_one_codebook_through_save_and_load(tmp_path):
     assert torch.equal(loaded(tokens), model(tokens))
     plain = dense_state_dict(spec, stored)
     assert torch.equal(plain["head.weight"], plain["emb.weight"])
+
+
+class WithConv1D(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.proj = Conv1D(nf=24, nx=8)  # weight (8, 24)
+        self.out = torch.nn.Linear(24, 8)
+
+
+def test_transposed_codebook_round_trip_and_version(tmp_path):
+    torch.manual_seed(0)
+    model = ws.share_(WithConv1D(), ws.CodebookConfig(bits=3))
+    path = ws.save(model, tmp_path / "t")
+    from weightshare.pack import dense_state_dict, read_spec
+
+    with safe_open(str(path / FILENAME), framework="pt") as f:
+        assert f.metadata()["format_version"] == "2"  # a version-1 reader must not misread W^T tables
+    spec, stored = read_spec(path)
+    assert spec["tensors"]["proj.weight"]["transposed"] is True and "transposed" not in spec["tensors"]["out.weight"]
+    loaded = ws.load(path, model=WithConv1D())
+    assert torch.equal(loaded.proj.weight, model.proj.weight) and torch.equal(loaded.out.weight, model.out.weight)
+    assert torch.equal(dense_state_dict(spec, stored)["proj.weight"], model.proj.weight)
+    # a model whose layer is not a Conv1D cannot take these tables
+    wrong = WithConv1D()
+    wrong.proj = torch.nn.Linear(8, 24)  # computes the same map, but its weight is (24, 8), laid out over W
+    before = {n: t.clone() for n, t in wrong.state_dict().items()}
+    with pytest.raises(ValueError, match="over W\\^T, which does not fit the model's Linear") as err:
+        ws.load(path, model=wrong)
+    assert "proj.weight: file (8, 24), model (24, 8)" in str(err.value)
+    assert all(torch.equal(before[n], t) for n, t in wrong.state_dict().items())  # refused before any write
+    plain = ws.save(ws.share_(TinyNet(), ws.CodebookConfig(bits=3)), tmp_path / "plain")
+    with safe_open(str(plain / FILENAME), framework="pt") as f:
+        assert f.metadata()["format_version"] == "1"  # files without W^T tables stay readable by version-1 readers

@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub
-from weightshare.sharing.codebook import TABLE_DTYPES, CodebookConfig, _Codebook, codebook, group_layout, tie_codebook
+from weightshare.sharing.codebook import (TABLE_DTYPES, CodebookConfig, _Codebook, codebook, group_layout,
+                                          is_transposed_linear, tie_codebook)
 from weightshare.space import config_from_dict, config_to_dict
 
 __all__ = ["save", "load", "export", "read_spec", "PackError", "FILENAME", "FORMAT_VERSION"]
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 FILENAME = "weightshare.safetensors"
 FORMAT = "weightshare"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds codebooks laid out over W^T ("transposed"); files without one are written as 1
+READABLE_VERSIONS = ("1", "2")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
            "int8": torch.int8, "int16": torch.int16, "bool": torch.bool}
@@ -124,6 +126,8 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                 tensors[full + ".__indices"] = torch.from_numpy(pack_bits(cb.labels.numpy(), cb.config.bits))
                 spec[full] = {"map": "codebook", "shape": list(cb.shape), "dtype": _dtype_name(tables.dtype),
                               "config": config_to_dict(cb.config)}
+                if cb.transposed:  # labels and tables over W^T (transformers' Conv1D)
+                    spec[full]["transposed"] = True
         items = list(module._parameters.items())
         items += [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
         for pname, t in items:
@@ -185,7 +189,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         source_meta = {"kind": hub.TRANSFORMERS, "weights_subdir": ""}
     else:
         source_meta = {"kind": "module", "weights_subdir": ""}
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
+    # a reader of version 1 would lay a transposed codebook out wrongly: only such files say 2
+    version = FORMAT_VERSION if any(e.get("transposed") for e in spec.values()) else 1
+    meta = {"format": FORMAT, "format_version": str(version),
             "spec": json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})}
     path.mkdir(parents=True, exist_ok=True)
     if source is not None:
@@ -215,9 +221,10 @@ def read_spec(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise PackError(f"{file}: truncated or not a safetensors file ({exc})") from None
     if meta.get("format") != FORMAT:
         raise PackError(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n  got: {meta.get('format')!r}")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise PackError(
-            f"{file}: unknown format version\n  expected: {FORMAT_VERSION}\n  got: {meta.get('format_version')!r}\n"
+            f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
+            f"  got: {meta.get('format_version')!r}\n"
             "  upgrade weightshare to read it"
         )
     try:
@@ -275,7 +282,7 @@ def _validate_entry(name: str, entry: dict, entries: dict, tensors: dict) -> set
             raise PackError(f"tensor {name!r}: alias of {entry.get('of')!r}, which is not a stored tensor")
         return set()
     if kind == "codebook":
-        shape = _shape(name, entry)
+        shape = _layout(name, entry)
         if entry.get("dtype") not in ("float16", "bfloat16", "float32"):
             raise PackError(f"tensor {name!r}: bad codebook dtype {entry.get('dtype')!r}")
         try:
@@ -293,9 +300,19 @@ def _validate_entry(name: str, entry: dict, entries: dict, tensors: dict) -> set
     raise PackError(f"tensor {name!r}: unknown map {kind!r}")
 
 
+def _layout(name: str, entry: dict) -> tuple[int, ...]:
+    """The shape tables and labels are laid out in: the weight's, or W^T's for a transposed codebook."""
+    shape = _shape(name, entry)
+    transposed = entry.get("transposed", False)
+    if transposed not in (True, False) or (transposed and len(shape) != 2):
+        raise PackError(f"tensor {name!r}: bad 'transposed' in spec: {transposed!r} for shape {shape}")
+    return tuple(reversed(shape)) if transposed else shape
+
+
 def _codebook_parts(name: str, entry: dict, tensors: dict):
+    """(config, tables, labels): labels shaped as the layout (see ``_layout``)."""
     config = config_from_dict(entry["config"])
-    shape = tuple(entry["shape"])
+    shape = _layout(name, entry)
     numel = int(np.prod(shape))
     labels = unpack_bits(tensors[f"{name}.__indices"].numpy(), config.bits, numel)
     tables = tensors[f"{name}.__tables"].to(torch.float32)
@@ -315,6 +332,8 @@ def dense_state_dict(spec: dict, tensors: dict) -> dict[str, torch.Tensor]:
             config, tables, labels = _codebook_parts(name, entry, tensors)
             groups, glen = group_layout(labels.shape, config.granularity, config.group_size)
             w = torch.gather(tables, 1, labels.view(groups, glen).long()).view(labels.shape)
+            if entry.get("transposed"):
+                w = w.t().contiguous()
             out[name] = w.to(_DTYPES[entry["dtype"]])
     for name, entry in entries.items():
         if entry["map"] == "alias":
@@ -364,7 +383,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         model._weightshare_source = hub.Source(kind, str(Path(path)), spec["source"]["weights_subdir"])
     inner = hub.inner_model(model)
     dense = {n: tensors[n] for n, e in spec["tensors"].items() if e["map"] == "dense"}
-    missing, unexpected = [], []
+    missing, unexpected, mismatched = [], [], []
     own = dict(inner.state_dict())
     for name, entry in spec["tensors"].items():
         if entry["map"] == "codebook":
@@ -374,10 +393,33 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     for name in own:
         if name not in spec["tensors"]:
             missing.append(name)
-    if missing or unexpected:
+    # shapes too, before anything is written into the model: a mismatch is one error, not a half-loaded model
+    for name, entry in spec["tensors"].items():
+        if entry["map"] not in ("dense", "codebook"):
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        if entry["map"] == "dense":
+            if name not in own:
+                continue  # already listed as not in model
+            have = tuple(own[name].shape)
+        else:
+            try:
+                owner = inner.get_submodule(owner_name)
+                have = tuple(getattr(owner, attr).shape)
+            except AttributeError:
+                unexpected.append(name)
+                continue
+            if bool(entry.get("transposed")) != (attr == "weight" and is_transposed_linear(owner)):
+                layout = "over W^T" if entry.get("transposed") else "over W"
+                mismatched.append(f"{name}: the file lays its codebook out {layout}, "
+                                  f"which does not fit the model's {type(owner).__name__}")
+        if have != tuple(entry["shape"]):
+            mismatched.append(f"{name}: file {tuple(entry['shape'])}, model {have}")
+    if missing or unexpected or mismatched:
         raise ValueError(
             "load: the model does not match the packed file\n"
-            f"  missing in file: {missing[:5]}\n  not in model: {unexpected[:5]}"
+            f"  missing in file: {missing[:5]}\n  not in model: {unexpected[:5]}\n  does not fit: {mismatched[:5]}\n"
+            "  pass a skeleton of the architecture that was saved"
         )
     with torch.no_grad():
         for name, t in dense.items():

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from weightshare._progress import progress
+from weightshare.sharing.codebook import is_transposed_linear
 
 __all__ = ["read_texts", "importance_from_texts"]
 
@@ -72,7 +73,7 @@ def importance_from_texts(model: nn.Module, tokenizer, texts: list[str], batch_s
     for fqn, module in model.named_modules():
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_transposed_linear(module):
             hooks.append(module.register_forward_pre_hook(linear_hook(f"{fqn}.weight")))
         elif isinstance(module, nn.Embedding):
             hooks.append(module.register_forward_pre_hook(embedding_hook(f"{fqn}.weight")))
@@ -94,11 +95,12 @@ def importance_from_texts(model: nn.Module, tokenizer, texts: list[str], batch_s
         name = f"{fqn}.weight"
         if name not in sums:
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_transposed_linear(module):
             second = sums[name] / max(state["tokens"], 1)  # E[x_c^2], (in,)
             # a floor keeps features the calibration never drove from being ignored entirely
             second = second + 1e-3 * second.mean() + 1e-12
-            out[name] = second.expand_as(module.weight).contiguous()
+            per_input = second[:, None] if is_transposed_linear(module) else second  # Conv1D weight is (in, out)
+            out[name] = per_input.expand_as(module.weight).contiguous()
         else:
             out[name] = (1.0 + sums[name])[:, None].expand_as(module.weight).contiguous()
     log.info("calibrated on %d texts (%d tokens)", len(texts), state["tokens"])

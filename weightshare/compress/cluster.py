@@ -16,7 +16,7 @@ from torch import nn
 from weightshare import hub, pack
 from weightshare.report import Report, report
 from weightshare.compress.calibrate import importance_from_texts, read_texts
-from weightshare.sharing.codebook import CodebookConfig, codebook_model_
+from weightshare.sharing.codebook import CodebookConfig, codebook_model_, is_transposed_linear
 from weightshare.space import share_
 
 __all__ = ["compress", "compress_model_", "is_compressible"]
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def is_compressible(module: nn.Module, name: str) -> bool:
-    """The modules post-training compression clusters: Linear and Embedding."""
-    return isinstance(module, (nn.Linear, nn.Embedding))
+    """The modules post-training compression clusters: Linear (and transformers' Conv1D) and Embedding."""
+    return isinstance(module, (nn.Linear, nn.Embedding)) or is_transposed_linear(module)
 
 
 def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[str] | None = None) -> nn.Module:

@@ -27,6 +27,15 @@ TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 SUPPORTED_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and kin): a linear layer whose weight is stored (in, out).
+
+    Recognised by name, so that ``import weightshare`` does not import transformers.
+    """
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
 @dataclass
 class CodebookConfig:
     """Cluster weights into small per-group tables (palettization)."""
@@ -81,20 +90,27 @@ class _Codebook(nn.Module):
 
     ``right_inverse`` (run by ``register_parametrization``) clusters the dense
     weight, so the stored original is the (groups, 2**bits) table alone.
+    With ``transposed`` (a weight stored (in, out)) tables and labels are laid
+    out over W^T, so that rows are output channels as for ``nn.Linear``, and the
+    module is handed a transposed view.
     """
 
-    def __init__(self, shape, config: CodebookConfig, importance: torch.Tensor | None = None, init=None):
+    def __init__(self, shape, config: CodebookConfig, importance: torch.Tensor | None = None, init=None,
+                 transposed: bool = False):
         super().__init__()
-        self.shape = tuple(shape)
+        self.shape = tuple(shape)  # as the module sees the weight
+        self.transposed = bool(transposed)
+        self.layout = tuple(reversed(self.shape)) if self.transposed else self.shape  # rows = output channels
         self.config = config
-        self.n_groups, self.group_len = group_layout(self.shape, config.granularity, config.group_size)
-        self.register_buffer("labels", torch.zeros(self.shape, dtype=torch.uint8))
+        self.n_groups, self.group_len = group_layout(self.layout, config.granularity, config.group_size)
+        self.register_buffer("labels", torch.zeros(self.layout, dtype=torch.uint8))
         self._importance = importance
         self._init = init  # (tables, labels) from a packed file: skip clustering
 
     def forward(self, tables: torch.Tensor) -> torch.Tensor:
         index = self.labels.view(self.n_groups, self.group_len).long()
-        return torch.gather(tables, 1, index).view(self.shape)
+        w = torch.gather(tables, 1, index).view(self.layout)
+        return w.t() if self.transposed else w
 
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
@@ -106,8 +122,11 @@ class _Codebook(nn.Module):
             self.labels.copy_(labels)
             return tables.to(weight.dtype)
         k = 1 << self.config.bits
-        w = weight.detach().float().reshape(self.n_groups, self.group_len)
-        imp = None if self._importance is None else self._importance.reshape(self.n_groups, self.group_len)
+        w, imp = weight.detach().float(), self._importance
+        if self.transposed:
+            w, imp = w.t(), None if imp is None else imp.t()
+        w = w.reshape(self.n_groups, self.group_len)
+        imp = None if imp is None else imp.reshape(self.n_groups, self.group_len)
         table_dtype = TABLE_DTYPES[self.config.table_dtype]
         if self.n_groups == 1 and table_dtype != torch.float32:
             # one big table: cluster the weights as the table dtype rounds them, which turns
@@ -118,7 +137,7 @@ class _Codebook(nn.Module):
         else:
             centroids, labels = kmeans1d_rows(w, k, weights=imp)
         tables = torch.from_numpy(centroids).to(table_dtype).to(weight.dtype)
-        self.labels.copy_(torch.from_numpy(labels.astype(np.uint8)).view(self.shape))
+        self.labels.copy_(torch.from_numpy(labels.astype(np.uint8)).view(self.layout))
         return tables
 
 
@@ -128,10 +147,10 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(np.isfinite((t.float() if t.dtype == torch.bfloat16 else t).numpy()).all())
 
 
-def _check_weight(name: str, weight: torch.Tensor, config: CodebookConfig) -> None:
+def _check_weight(name: str, weight: torch.Tensor, config: CodebookConfig, transposed: bool = False) -> None:
     if not _all_finite(weight):
         raise ValueError(f"{name}: weight contains NaN or inf\n  expected: finite values\n  fix the checkpoint first")
-    group_layout(weight.shape, config.granularity, config.group_size, name)
+    group_layout(tuple(reversed(weight.shape)) if transposed else weight.shape, config.granularity, config.group_size, name)
 
 
 def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | None = None,
@@ -146,8 +165,9 @@ def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | N
     """
     config = config or CodebookConfig()
     weight = getattr(module, name)
-    _check_weight(fqn or name, weight, config)
-    param = _Codebook(weight.shape, config, importance=importance, init=init)
+    transposed = name == "weight" and is_transposed_linear(module)
+    _check_weight(fqn or name, weight, config, transposed)
+    param = _Codebook(weight.shape, config, importance=importance, init=init, transposed=transposed)
     parametrize.register_parametrization(module, name, param, unsafe=True)
     return module
 
@@ -168,10 +188,11 @@ def tie_codebook(source: nn.Module, target: nn.Module, name: str = "weight") -> 
 
 
 def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
-    """Modules whose ``weight`` a codebook applies to: Linear, Embedding, Conv, not yet shared."""
+    """Modules whose ``weight`` a codebook applies to: Linear (and transformers' Conv1D), Embedding, Conv, not yet shared."""
     chosen = []
     for fqn, module in model.named_modules():
-        if not isinstance(module, SUPPORTED_MODULES) or parametrize.is_parametrized(module, "weight"):
+        supported = isinstance(module, SUPPORTED_MODULES) or is_transposed_linear(module)
+        if not supported or parametrize.is_parametrized(module, "weight"):
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
@@ -195,7 +216,7 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     owners: dict[int, list[nn.Module]] = {}
     first: list[tuple[str, nn.Module]] = []
     for fqn, module in chosen:
-        _check_weight(f"{fqn}.weight", module.weight, config)
+        _check_weight(f"{fqn}.weight", module.weight, config, is_transposed_linear(module))
         imp = importance.get(f"{fqn}.weight")
         if imp is not None and tuple(imp.shape) != tuple(module.weight.shape):
             raise ValueError(f"{fqn}.weight: importance shape\n  expected: {tuple(module.weight.shape)}\n  got: {tuple(imp.shape)}")
