@@ -29,8 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub
-from weightshare.sharing.codebook import (TABLE_DTYPES, CodebookConfig, _Codebook, codebook, group_layout,
-                                          is_transposed_linear, tie_codebook)
+from weightshare.sharing.codebook import (TABLE_DTYPES, CodebookConfig, _Codebook, channel_layout, codebook,
+                                          group_layout, is_transposed_linear, tie_codebook)
 from weightshare.space import config_from_dict, config_to_dict
 
 __all__ = ["save", "load", "export", "read_spec", "PackError", "FILENAME", "FORMAT_VERSION"]
@@ -306,7 +306,7 @@ def _layout(name: str, entry: dict) -> tuple[int, ...]:
     transposed = entry.get("transposed", False)
     if transposed not in (True, False) or (transposed and len(shape) != 2):
         raise PackError(f"tensor {name!r}: bad 'transposed' in spec: {transposed!r} for shape {shape}")
-    return tuple(reversed(shape)) if transposed else shape
+    return channel_layout(shape, transposed)
 
 
 def _codebook_parts(name: str, entry: dict, tensors: dict):
@@ -425,12 +425,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         for name, t in dense.items():
             own[name].copy_(t)
     entries = spec["tensors"]
-
-    def is_alias_of(kind):
-        return lambda e: e["map"] == "alias" and entries[e["of"]]["map"] == kind
-
+    alias_of_kind = {n: entries[e["of"]]["map"] for n, e in entries.items() if e["map"] == "alias"}
     for name, entry in entries.items():
-        if is_alias_of("dense")(entry):  # restore the tie itself, not only the value
+        if alias_of_kind.get(name) == "dense":  # restore the tie itself, not only the value
             owner_name, _, attr = name.rpartition(".")
             target_owner, _, target_attr = entry["of"].rpartition(".")
             setattr(inner.get_submodule(owner_name), attr, getattr(inner.get_submodule(target_owner), target_attr))
@@ -440,7 +437,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             owner_name, _, attr = name.rpartition(".")
             codebook(inner.get_submodule(owner_name), attr, config, init=(tables, labels), fqn=name)
     for name, entry in entries.items():
-        if is_alias_of("codebook")(entry):
+        if alias_of_kind.get(name) == "codebook":  # after the codebooks exist: tie to one of them
             owner_name, _, attr = name.rpartition(".")
             target_owner, _, target_attr = entry["of"].rpartition(".")
             if target_attr != attr:

@@ -36,6 +36,11 @@ def is_transposed_linear(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
+def channel_layout(shape, transposed: bool) -> tuple[int, ...]:
+    """The shape tables and labels are laid out in: rows are output channels (W^T for a transposed weight)."""
+    return tuple(reversed(tuple(shape))) if transposed else tuple(shape)
+
+
 @dataclass
 class CodebookConfig:
     """Cluster weights into small per-group tables (palettization)."""
@@ -100,7 +105,7 @@ class _Codebook(nn.Module):
         super().__init__()
         self.shape = tuple(shape)  # as the module sees the weight
         self.transposed = bool(transposed)
-        self.layout = tuple(reversed(self.shape)) if self.transposed else self.shape  # rows = output channels
+        self.layout = channel_layout(self.shape, self.transposed)
         self.config = config
         self.n_groups, self.group_len = group_layout(self.layout, config.granularity, config.group_size)
         self.register_buffer("labels", torch.zeros(self.layout, dtype=torch.uint8))
@@ -150,7 +155,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 def _check_weight(name: str, weight: torch.Tensor, config: CodebookConfig, transposed: bool = False) -> None:
     if not _all_finite(weight):
         raise ValueError(f"{name}: weight contains NaN or inf\n  expected: finite values\n  fix the checkpoint first")
-    group_layout(tuple(reversed(weight.shape)) if transposed else weight.shape, config.granularity, config.group_size, name)
+    group_layout(channel_layout(weight.shape, transposed), config.granularity, config.group_size, name)
 
 
 def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | None = None,
