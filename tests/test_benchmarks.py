@@ -1,14 +1,15 @@
 """Benchmarks stay runnable and their figures mean what their tables say."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
 import torch
 
 import weightshare as ws
-from benchmarks.kmeans import same_case
-from benchmarks.minilm import _palettized_bytes, weight_error
+from weightshare.bench.kmeans import same_case
+from weightshare.bench.minilm import _palettized_bytes, weight_error
 from weightshare.compress import is_compressible
 
 
@@ -51,3 +52,69 @@ def test_weight_error_is_relative_sse_of_clustered_weights():
         den = sum(float((getattr(dense, n).weight ** 2).sum()) for n in ("emb", "fc"))
     assert weight_error(dense, model) == pytest.approx(num / den, rel=1e-6)
     assert 0 < weight_error(dense, model) < 0.5
+
+
+def test_every_benchmark_is_registered_and_importable():
+    import importlib
+
+    from weightshare.bench import NAMES
+
+    assert {"kmeans", "minilm", "load"} <= set(NAMES)
+    for name in NAMES:
+        assert callable(importlib.import_module(f"weightshare.bench.{name}").main)
+
+
+def test_omp_wait_policy_line():
+    from weightshare.bench import _startup_environ, omp_wait_policy_line
+
+    assert omp_wait_policy_line("PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}).startswith("OMP_WAIT_POLICY=PASSIVE is set")
+    assert "subprocesses" in omp_wait_policy_line("PASSIVE", {})  # set after start-up
+    assert "subprocesses" not in omp_wait_policy_line("PASSIVE", None)  # unknown: no claim
+    assert "not PASSIVE" in omp_wait_policy_line("ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"})
+    env = _startup_environ()
+    assert env is None or env.get("PATH")
+
+
+def test_parse_proc_status():
+    from weightshare.bench.load import parse_status
+
+    text = "Name:\tpython3\nUmask:\t0022\nVmHWM:\t  412345 kB\nVmRSS:\t  200001 kB\nThreads:\t3\nRssFile:\t     7 kB\n"
+    assert parse_status(text) == {"VmHWM": 412345, "VmRSS": 200001, "RssFile": 7}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
+def test_peak_rss_reset_forgets_an_earlier_peak():
+    from weightshare.bench.load import memory_kb, reset_peak_rss
+
+    block = np.ones(64 << 20, dtype=np.uint8)  # 64 MB touched, then freed: the peak stays up
+    del block
+    assert memory_kb()["VmHWM"] >= memory_kb()["VmRSS"] + 32 * 1024
+    reset_peak_rss()
+    m = memory_kb()
+    assert m["VmHWM"] <= m["VmRSS"] + 1024
+
+
+def test_load_summary_medians_and_ratios():
+    from weightshare.bench.load import summarize
+
+    def run(system, seconds, peak):
+        return {"system": system, "load_seconds": seconds, "encode_seconds": 1.0, "peak_rss_load_mb": peak / 2,
+                "peak_rss_total_mb": peak, "rss_file_mb": 0.0}
+
+    runs = [run("dense", 1.0, 100.0), run("packed", 3.0, 50.0), run("dense", 2.0, 300.0), run("packed", 1.0, 70.0),
+            run("dense", 9.0, 200.0), run("packed", 2.0, 60.0)]
+    s = summarize(runs)
+    assert (s["load_seconds_dense"], s["load_seconds_packed"]) == (2.0, 2.0)
+    assert (s["peak_rss_mb_dense"], s["peak_rss_mb_packed"]) == (200.0, 60.0)
+    assert s["load_time_ratio"] == 1.0 and s["peak_rss_ratio"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="expected: runs of dense and packed"):
+        summarize(runs[:1])
+
+
+def test_dir_bytes(tmp_path):
+    from weightshare.bench.load import dir_bytes
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "b").write_bytes(b"y" * 5)
+    assert dir_bytes(tmp_path) == 15

@@ -146,3 +146,75 @@ def test_gpt2_with_tied_head_and_conv1d_compresses(tmp_path):
     ids = torch.randint(0, 500, (2, 8))
     with torch.no_grad():
         assert torch.allclose(packed(ids).logits, dense(ids).logits, atol=1e-5)
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"weightshare {version('weightshare')}\n"
+    assert ws.__version__ == version("weightshare")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_before_or_after_the_subcommand_in_a_real_process(packed, where):
+    args = ["inspect", str(packed), "--json"]
+    args = ["--quiet", *args] if where == "before" else [*args, "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "weightshare.cli", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and isinstance(json.loads(lines[0]), dict)
+
+
+@pytest.mark.parametrize("argv,quiet,verbose", [
+    (["--quiet", "inspect", "d"], True, False),
+    (["inspect", "d", "--quiet"], True, False),
+    (["--verbose", "export", "d", "--out", "o"], False, True),
+    (["export", "d", "--out", "o", "--verbose"], False, True),
+    (["inspect", "d"], False, False),
+])
+def test_global_options_parse_before_or_after(argv, quiet, verbose):
+    from weightshare.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (getattr(args, "quiet", False), getattr(args, "verbose", False)) == (quiet, verbose)
+
+
+def test_quiet_and_verbose_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--quiet", "inspect", "d", "--verbose"])
+    assert exc.value.code == 2
+    assert "--quiet and --verbose" in capsys.readouterr().err
+
+
+def test_bench_help_lists_the_benchmarks(capsys):
+    from weightshare.bench import NAMES
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "load" in NAMES and all(name in out for name in NAMES)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_compress_verbose_prints_the_per_tensor_table(tmp_path, capsys, where):
+    import logging
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=500, n_positions=64,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "lm")
+    args = ["compress", str(tmp_path / "lm"), "--bits", "3"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert "attn.c_attn.weight" not in capsys.readouterr().out
+    level = logging.getLogger("weightshare").level
+    try:
+        verbose = ["--verbose", *args] if where == "before" else [*args, "--verbose"]
+        assert main([*verbose, "--out", str(tmp_path / "verbose")]) == 0
+    finally:
+        logging.getLogger("weightshare").setLevel(level)  # main() configures logging for a whole process
+    assert "attn.c_attn.weight" in capsys.readouterr().out

@@ -2,28 +2,61 @@
 
 One idea: a small shared space θ is mapped to the weights a model uses
 (tie, codebook, ...); see DESIGN.md.
+
+Names are imported on first use (PEP 562), so ``import weightshare.cli`` does
+not import torch: the CLI sets OpenMP's environment before torch loads.
 """
 
-from weightshare._progress import set_progress
-from weightshare.kmeans import kmeans1d
-from weightshare.pack import PackError, export, load, save
-from weightshare.report import Report, report
-from weightshare import compress
-from weightshare.sharing import CodebookConfig, TieConfig
-from weightshare.space import materialize_, share_
+import sys
+import types
+from importlib import import_module
+from importlib.metadata import version as _version
 
-__all__ = [
-    "CodebookConfig",
-    "PackError",
-    "Report",
-    "TieConfig",
-    "export",
-    "kmeans1d",
-    "load",
-    "materialize_",
-    "report",
-    "save",
-    "set_progress",
-    "share_",
-]
-__version__ = "0.1.0"
+__version__ = _version("weightshare")  # the installed metadata, as `weightshare --version` prints
+
+_EXPORTS = {
+    "CodebookConfig": "weightshare.sharing",
+    "PackError": "weightshare.pack",
+    "Report": "weightshare.report",
+    "TieConfig": "weightshare.sharing",
+    "export": "weightshare.pack",
+    "kmeans1d": "weightshare.kmeans",
+    "load": "weightshare.pack",
+    "materialize_": "weightshare.space",
+    "report": "weightshare.report",
+    "save": "weightshare.pack",
+    "set_progress": "weightshare._progress",
+    "share_": "weightshare.space",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import_module("weightshare.sharing")  # importing the maps registers them
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in ("compress", "bench", "multitask", "merge"):
+        return import_module(f"weightshare.{name}")
+    raise AttributeError(f"module 'weightshare' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``ws.report`` the function when the submodule ``weightshare.report`` is imported.
+
+    Importing a submodule sets it as an attribute of its package; where a public
+    name is also a module's name, the package keeps the module's namesake instead.
+    """
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -2,6 +2,7 @@
 
 Each subcommand parses and validates its arguments, calls one library
 function, and turns a ValueError into one line on stderr and exit code 2.
+Global options (``--quiet``, ``--verbose``) work before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from importlib.metadata import version
 
 
 def _compress(args) -> None:
@@ -19,7 +21,7 @@ def _compress(args) -> None:
 
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
     _, rep, seconds = compress(args.src, args.out, config, calibration=args.calibration)
-    print(rep if args.verbose else _summary(rep))
+    print(rep if getattr(args, "verbose", False) else _summary(rep))
     print(f"clustered in {seconds:.2f} s; packed model written to {args.out}")
 
 
@@ -46,17 +48,35 @@ def _export(args) -> None:
 
 
 def _bench(args) -> None:
-    from benchmarks import run
+    from weightshare.bench import run
 
     run(args.name, quick=args.quick, as_json=args.json)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="weightshare", description="Weight sharing for neural networks.")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or log messages")
-    sub = p.add_subparsers(dest="command", required=True)
+def _global_options(default) -> argparse.ArgumentParser:
+    """``--quiet`` and ``--verbose``, for the main parser and (default SUPPRESS) every subparser.
 
-    c = sub.add_parser("compress", help="cluster a model's weights into codebooks and write a packed directory")
+    With SUPPRESS a subparser sets an option only when it is given after the
+    subcommand, so it does not overwrite one given before it.
+    """
+    g = argparse.ArgumentParser(add_help=False)
+    g.add_argument("--quiet", action="store_true", default=default, help="no progress bars or log messages")
+    g.add_argument("--verbose", action="store_true", default=default,
+                   help="info log messages; compress prints the per-tensor table")
+    return g
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from weightshare.bench import NAMES  # the package is already imported: weightshare.cli lives in it
+
+    p = argparse.ArgumentParser(prog="weightshare", description="Weight sharing for neural networks.",
+                                parents=[_global_options(False)])
+    p.add_argument("--version", action="version", version=f"weightshare {version('weightshare')}")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = [_global_options(argparse.SUPPRESS)]
+
+    c = sub.add_parser("compress", parents=common,
+                       help="cluster a model's weights into codebooks and write a packed directory")
     c.add_argument("src", help="local transformers or sentence-transformers model directory")
     c.add_argument("--bits", type=int, required=True, help="index bits per weight, 1..8 (tables of 2**bits)")
     c.add_argument("--granularity", default="per_channel", choices=["per_tensor", "per_channel", "per_group"])
@@ -64,21 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", default=None, metavar="TEXTFILE",
                    help="text file, one text per line: cluster with the importance of each input feature")
     c.add_argument("--out", required=True, help="output directory (new, empty, or a packed model to replace)")
-    c.add_argument("--verbose", action="store_true", help="print the per-tensor table")
     c.set_defaults(func=_compress)
 
-    i = sub.add_parser("inspect", help="report of a packed model")
+    i = sub.add_parser("inspect", parents=common, help="report of a packed model")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="one JSON object")
     i.set_defaults(func=_inspect)
 
-    e = sub.add_parser("export", help="write a packed model as a plain dense model directory")
+    e = sub.add_parser("export", parents=common, help="write a packed model as a plain dense model directory")
     e.add_argument("dir")
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
 
-    b = sub.add_parser("bench", help="run a benchmark from benchmarks/ side by side with its references")
-    b.add_argument("name", help="kmeans | minilm")
+    b = sub.add_parser("bench", parents=common,
+                       help=f"run a benchmark ({', '.join(NAMES)}) side by side with its references")
+    b.add_argument("name", metavar="NAME", help="one of: " + ", ".join(NAMES))
     b.add_argument("--quick", action="store_true", help="a run of under a minute")
     b.add_argument("--json", action="store_true", help="last line of output: one JSON object of the figures")
     b.set_defaults(func=_bench)
@@ -86,13 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+    if quiet and verbose:
+        parser.error("expected at most one of --quiet and --verbose, got both")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.command == "bench":
+        # a shared machine: OpenMP threads that spin-wait between parallel regions distort timings;
+        # OpenMP reads this when torch loads, which is below (weightshare imports torch lazily)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s: %(message)s")
+    if verbose:  # our own info messages, not every library's
+        logging.getLogger("weightshare").setLevel(logging.INFO)
     import weightshare as ws
 
-    ws.set_progress(not args.quiet)
-    if args.quiet:
+    ws.set_progress(not quiet)
+    if quiet:
         import transformers
 
         transformers.logging.set_verbosity_error()

@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from benchmarks import table
-from benchmarks._references import ReferenceMissing, kmeans1d_reference, sklearn_kmeans_reference
+from weightshare.bench import table
+from weightshare.bench._references import ReferenceMissing, kmeans1d_reference, sklearn_kmeans_reference
 
 K = 16
 
@@ -41,7 +41,7 @@ _CHILD = """
 import json, sys, time
 import numpy as np
 sys.path.insert(0, {root!r})
-from benchmarks.kmeans import fp16_data
+from weightshare.bench.kmeans import fp16_data
 import weightshare as ws
 x = fp16_data({n})
 ws.kmeans1d(x[:100000], {k})  # warm up: loads the core and its thread pool
@@ -59,7 +59,7 @@ print(json.dumps({{"seconds": sec, "peak_rss_mb": hwm / 1024, "rss_before_mb": r
 def big_case(n: int) -> dict:
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds weightshare/
     out = subprocess.run([sys.executable, "-c", _CHILD.format(root=root, n=n, k=K)],
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])

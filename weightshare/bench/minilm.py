@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import table
-from benchmarks._references import ReferenceMissing, coremltools_palettize, rtn_per_channel
+from weightshare.bench import table
+from weightshare.bench._references import ReferenceMissing, coremltools_palettize, rtn_per_channel
 
 log = logging.getLogger(__name__)
 

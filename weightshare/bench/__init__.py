@@ -1,0 +1,68 @@
+"""Benchmarks, run side by side with their references: ``weightshare bench NAME``.
+
+Each benchmark module has ``main(quick: bool) -> dict`` that prints its tables
+and returns its figures; ``run`` adds the JSON line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+NAMES = ("kmeans", "minilm", "load")
+
+
+def run(name: str, quick: bool = False, as_json: bool = False) -> dict:
+    if name not in NAMES:
+        raise ValueError(f"unknown benchmark\n  expected one of: {', '.join(NAMES)}\n  got: {name!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the benchmarks' subprocesses
+    print(omp_wait_policy_line(os.environ["OMP_WAIT_POLICY"], _startup_environ()), flush=True)
+    figures = importlib.import_module(f"weightshare.bench.{name}").main(quick=quick)
+    if as_json:
+        print(json.dumps(figures))
+    return figures
+
+
+def omp_wait_policy_line(policy: str, startup: dict[str, str] | None) -> str:
+    """The line every benchmark prints about OMP_WAIT_POLICY (``startup``: the environment at exec, if known).
+
+    On a shared machine OpenMP's default spin-wait burns a core between parallel
+    regions and distorts timings; OpenMP reads the variable when torch first loads it.
+    """
+    if policy.upper() != "PASSIVE":
+        return f"OMP_WAIT_POLICY={policy} is set, not PASSIVE: spin-waiting OpenMP threads may distort timings"
+    line = f"OMP_WAIT_POLICY={policy} is set: idle OpenMP threads sleep instead of spin-waiting"
+    if startup is not None and startup.get("OMP_WAIT_POLICY") != policy:
+        line += " (set after start-up: it holds in subprocesses, and here only if torch was imported after it)"
+    return line
+
+
+def _startup_environ() -> dict[str, str] | None:
+    """This process's environment as it was at exec (Linux), or None where /proc is missing."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return None
+    return dict(i.decode(errors="replace").partition("=")[::2] for i in items if b"=" in i)
+
+
+def table(rows: list[dict], title: str = "") -> str:
+    """Plain-text table of dicts sharing keys (floats to 4 significant digits)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = [title] if title else []
+    lines.append("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
