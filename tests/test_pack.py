@@ -8,7 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 import weightshare as ws
-from weightshare.pack import FILENAME, pack_bits, unpack_bits
+from weightshare.bitpack import pack_bits, unpack_bits
+from weightshare.pack import FILENAME
 from tests.conftest import TinyNet
 
 
@@ -113,7 +114,7 @@ def _shrink_table(t):
         (dict(mutate_tensors=_shrink_table), r"fc1.weight.__tables'?: wrong shape"),
         (dict(mutate_tensors=lambda t: t.update(extra=torch.zeros(1))), "not described by the spec"),
         (dict(mutate_tensors=lambda t: t.pop("fc2.bias")), "'fc2.bias' is missing"),
-        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"]["config"].update(bits=12))), "bad codebook config"),
+        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"]["config"].update(bits=12))), "bad codebook entry.*bits must be an integer in 1..8"),
         (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(map="magic"))), "unknown map"),
         (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(transposed="yes"))), "bad 'transposed'"),
         (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["conv.weight"].update(transposed=True))), "bad 'transposed'"),

@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+# a shard index names weight files: copied beside other weights it would point at files that are not there
+INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
+MAX_CONFIG_BYTES = 16 << 20  # config.json / modules.json of real models are a few KB
+# config fields that decide how many modules the architecture builds: bounded by the tensors a file holds
+_COUNT_FIELD = re.compile(r"(layers?|experts?|blocks?)$")
 TRANSFORMERS = "transformers"
 SENTENCE_TRANSFORMERS = "sentence-transformers"
 
@@ -51,10 +58,13 @@ def detect(path: str | os.PathLike) -> Source:
             sub = next(e["path"] for e in entries if e["type"].endswith("models.Transformer"))
         except (ValueError, KeyError, StopIteration, TypeError) as exc:
             raise ValueError(f"{modules}: not a sentence-transformers modules.json with a Transformer module ({exc})") from None
+        check_relpath(sub, f"{modules}: path of the Transformer module")
         if not (p / sub / "config.json").is_file():
             raise ValueError(f"sentence-transformers model without {Path(sub) / 'config.json'} in {str(path)!r}")
+        check_shards(p / sub)
         return Source(SENTENCE_TRANSFORMERS, str(p), sub)
     if (p / "config.json").is_file():
+        check_shards(p)
         return Source(TRANSFORMERS, str(p))
     raise ValueError(
         f"not a model directory\n  expected: config.json (transformers) or modules.json (sentence-transformers)\n"
@@ -78,12 +88,22 @@ def _check_model_type(config_dir: Path) -> None:
         )
 
 
-def model_class(config_dir: str | os.PathLike):
-    """The transformers class named by config.json ``architectures`` (AutoModel if none)."""
+def model_class(config):
+    """The transformers model class named by config.json ``architectures`` (None: use AutoModel).
+
+    ``config`` is the parsed config.json or the folder holding it.  Only classes
+    transformers itself defines are returned, whatever the file names.
+    """
     import transformers
 
-    arch = (json.loads((Path(config_dir) / "config.json").read_text()).get("architectures") or [None])[0]
-    return getattr(transformers, arch, None) if arch else None
+    if not isinstance(config, dict):
+        config = read_json(Path(config) / "config.json", "config.json")
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return None
 
 
 def load_pretrained(src: str | os.PathLike) -> tuple[nn.Module, nn.Module, Source]:
@@ -133,28 +153,183 @@ def tokenizer_of(model: nn.Module):
     return AutoTokenizer.from_pretrained(str(Path(source.path) / source.weights_subdir))
 
 
-def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy config, tokenizer and module files (everything but weight files), each atomically."""
+def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike, confine: bool = False) -> None:
+    """Copy config, tokenizer and module files (everything but weights and shard indices) into ``dest``.
+
+    ``dest`` is a fresh staging folder (see ``pack.staged_dir``), so files are
+    written in place and get the mode the umask gives.  With ``confine`` (the
+    source is an untrusted packed model) a symlink that leads out of ``src`` is
+    refused: exporting must not copy a file from elsewhere on the machine.
+    """
     src, dest = Path(src), Path(dest)
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if path.is_dir() or path.suffix in WEIGHT_SUFFIXES or rel.parts[0].startswith("."):
-            continue
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        os.close(fd)
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+    root = src.resolve()
+    for folder, dirs, files in os.walk(src, followlinks=False):
+        rel_dir = Path(folder).relative_to(src)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in list(dirs):
+            if (Path(folder) / d).is_symlink():
+                if confine:
+                    raise ValueError(f"{Path(folder) / d}: a symlinked folder in a packed model\n  expected: plain folders")
+        for name in sorted(files):
+            path = Path(folder) / name
+            if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name.endswith(INDEX_SUFFIXES):
+                continue
+            if confine and path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise ValueError(f"{path}: a symlink that leads out of the packed model\n"
+                                 f"  expected: files inside {str(src)!r}\n  got: a link to {str(path.resolve())!r}")
+            target = dest / rel_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
-def load_dense_dir(path: str | os.PathLike, kind: str):
-    """Load a plain (exported) model directory of the given kind."""
-    if kind == SENTENCE_TRANSFORMERS:
-        from sentence_transformers import SentenceTransformer
+def check_relpath(value, field: str) -> str:
+    """A path from a file we read, checked before it is joined to anything: relative, inside, plain.
 
-        return SentenceTransformer(str(path), device="cpu")
-    from transformers import AutoModel
+    Refuses absolute paths, drives, ``..``, backslashes, NUL and over-long names,
+    whatever the platform, and returns the normalised POSIX form ("" for the folder itself).
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"{field}\n  expected: a relative path (string)\n  got: {value!r}"[:300])
+    bad = (len(value) > 255 or "\0" in value or "\\" in value or PurePosixPath(value).is_absolute()
+           or PureWindowsPath(value).drive or PureWindowsPath(value).root or ".." in PurePosixPath(value).parts)
+    if bad:
+        raise ValueError(f"{field}: path escapes its folder\n"
+                         f"  expected: a relative path inside the model folder, without '..'\n  got: {value!r}"[:400])
+    parts = [p for p in PurePosixPath(value).parts if p != "."]
+    return str(PurePosixPath(*parts)) if parts else ""
 
-    cls = model_class(path) or AutoModel
-    return cls.from_pretrained(str(path))
+
+def inside(root: Path, rel: str, field: str) -> Path:
+    """``root / rel``, checked to stay inside ``root`` once symlinks are resolved."""
+    path = root / rel
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{field}: {rel!r} leads out of {str(root)!r} through a symlink")
+    return path
+
+
+def check_shards(weights_dir: Path) -> None:
+    """A sharded checkpoint's index must name shard files that exist, before anything is loaded."""
+    for index in sorted(weights_dir.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise ValueError(f"{index}: not a shard index with a weight_map ({exc})") from None
+        missing = [f for f in shards if not isinstance(f, str) or not (weights_dir / f).is_file()]
+        if missing:
+            raise ValueError(f"{index} names shard files that are not there\n"
+                             f"  expected: {len(shards)} files beside it\n  missing: {missing[:5]}")
+
+
+def read_json(path: Path, what: str):
+    """A JSON file we did not write: bounded in size, one clear error."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path}: {size} bytes\n  expected: a {what} of at most {MAX_CONFIG_BYTES} bytes")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})"[:400]) from None
+
+
+def _count_fields(raw, prefix=""):
+    """(key, value) of integer fields that decide how many modules get built, also in nested configs."""
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            if isinstance(v, int) and not isinstance(v, bool) and _COUNT_FIELD.search(str(k)):
+                yield prefix + str(k), v
+            elif isinstance(v, dict):
+                yield from _count_fields(v, prefix + str(k) + ".")
+
+
+def skeleton(config_dir: Path, n_tensors: int, buffer_budget: int) -> nn.Module:
+    """The transformers architecture named by ``config_dir/config.json``, built without weight memory.
+
+    Parameters live on the meta device, to be filled by ``ws.load``; buffers
+    that are not saved (position ids, rotary tables) are real, computed by the
+    architecture's own constructor.  The config is untrusted: layer counts are
+    bounded by the number of tensors in the file, and the unsaved buffers are
+    sized on the meta device first and refused beyond ``buffer_budget`` bytes.
+    No code is executed from the folder (``trust_remote_code`` stays off).
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, CONFIG_MAPPING, PreTrainedModel
+
+    raw = read_json(config_dir / "config.json", "config.json")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_dir / 'config.json'}\n  expected: a JSON object\n  got: {type(raw).__name__}")
+    if raw.get("model_type") not in CONFIG_MAPPING:
+        raise ValueError(f"{config_dir / 'config.json'}: unknown model_type\n  got: {raw.get('model_type')!r}"[:300])
+    for key, value in _count_fields(raw):
+        if not 0 <= value <= n_tensors:
+            raise ValueError(f"{config_dir / 'config.json'}: {key} = {value}\n"
+                             f"  expected: 0..{n_tensors} (the file holds {n_tensors} tensors)")
+    cls = model_class(raw)
+    config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
+    build = cls._from_config if cls is not None else AutoModel.from_config
+    with torch.device("meta"):
+        probe = build(config)
+    unsaved = sum(math.prod(b.shape) * b.element_size() for _, b in _non_persistent_buffers(probe))
+    if unsaved > buffer_budget:
+        raise ValueError(f"{config_dir / 'config.json'} builds {unsaved:,} bytes of unsaved buffers\n"
+                         f"  expected: at most {buffer_budget:,}")
+    with init_empty_weights(include_buffers=False):
+        model = build(config)
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"{config_dir / 'config.json'} does not name a transformers model")
+    model.eval()  # as from_pretrained leaves it
+    gen = config_dir / "generation_config.json"
+    if gen.is_file() and model.can_generate():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(config_dir))
+    return model
+
+
+def _non_persistent_buffers(model: nn.Module):
+    for mod_name, m in model.named_modules():
+        for n, b in m._buffers.items():
+            if b is not None and n in m._non_persistent_buffers_set:
+                yield f"{mod_name}.{n}" if mod_name else n, b
+
+
+def packed_sentence_transformer(root: Path, transformer_dir: str, inner: nn.Module):
+    """A SentenceTransformer read from ``root`` as ``SentenceTransformer(root)`` would, around ``inner``.
+
+    sentence-transformers reads modules.json, the tokenizer, pooling and prompts
+    itself; only its Transformer module is handed the model ``ws.load`` built
+    instead of loading weights (there are none in a packed folder).  Module types
+    outside the ``sentence_transformers`` package are refused: they would import code.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Transformer
+
+    modules = read_json(root / "modules.json", "modules.json")
+    if not isinstance(modules, list) or not all(isinstance(e, dict) for e in modules):
+        raise ValueError(f"{root / 'modules.json'}\n  expected: a list of module entries")
+    transformer_types = set()
+    for e in modules:
+        kind, path = e.get("type"), e.get("path")
+        if not isinstance(kind, str) or not kind.startswith("sentence_transformers."):
+            raise ValueError(f"{root / 'modules.json'}: module type\n"
+                             f"  expected: a sentence_transformers class\n  got: {kind!r}"[:300])
+        check_relpath(path, f"{root / 'modules.json'}: module path")
+        if kind.rsplit(".", 1)[-1] == "Transformer":
+            transformer_types.add(kind)
+            if check_relpath(path, "path") != transformer_dir:
+                raise ValueError(f"{root / 'modules.json'}: the Transformer module's path {path!r} is not "
+                                 f"the packed weights' folder {transformer_dir!r}")
+    if len(transformer_types) != 1 or sum(e["type"] in transformer_types for e in modules) != 1:
+        raise ValueError(f"{root / 'modules.json'}\n  expected: exactly one Transformer module")
+
+    class _Packed(Transformer):
+        def _load_model(self, *args, **kwargs):  # the one step that would read weight files
+            return inner
+
+    model = SentenceTransformer._load_with_module_classes(
+        str(root), {transformer_types.pop(): _Packed}, device="cpu", trust_remote_code=False)
+    for module in model:
+        if type(module) is _Packed:
+            module.__class__ = Transformer  # a plain Transformer from here on (saving, isinstance, repr)
+    model.eval()
+    return model

@@ -1,27 +1,39 @@
-"""The packed file format: ``ws.save`` / ``ws.load`` / ``export``.
+"""The packed container: ``ws.save`` / ``ws.load`` / ``export``.
 
 A packed model is a directory: the source model's config, tokenizer and module
-files as they were, plus ``weightshare.safetensors`` holding
+files as they were, plus ``weightshare.safetensors`` holding every tensor the
+sharing maps store and every tensor no map touches, and in its metadata the
+format version and a JSON spec::
 
-* ``<name>.__tables``  (groups, 2**bits) fp16 (the weight's dtype when fp16 would round them)
-* ``<name>.__indices`` uint8, the indices bit-packed at exactly ``bits`` bits each
-* ``<name>``           every tensor no map touches, as it was
+    {"source": {"kind": "transformers" | "sentence-transformers" | "module", "weights_subdir": ""},
+     "tensors": {name: {"map": "dense", "shape", "dtype"}
+                     | {"map": "alias", "of": name}          # tied: one tensor, several names
+                     | {"map": <a registered map>, "shape", "dtype", ...its own fields}},
+     "checksums": {stored tensor: sha256}}
 
-and, in its metadata, the format version and a JSON spec: per tensor its map
-(dense / codebook / alias) with shape, dtype and config, and a sha256 per
-stored tensor.  No pickle anywhere; the loader checks every field it reads.
+This module is the container only: safetensors, metadata, checksums, aliases,
+atomic folder writes, versions.  Each sharing map (``weightshare/sharing/``)
+packs, checks, installs and decodes its own entries through the registry in
+``space.py``; nothing here knows a map by name.
+
+A packed model is untrusted input.  Reading one executes no code and writes
+nothing; every field is checked before it becomes a path, an allocation or a
+loop bound (sizes against the safetensors header, before any tensor is read);
+every problem is one ``PackError`` naming the tensor or field.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import logging
+import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
@@ -29,56 +41,41 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub
-from weightshare.sharing.codebook import (TABLE_DTYPES, CodebookConfig, _Codebook, channel_layout, codebook,
-                                          group_layout, is_transposed_linear, tie_codebook)
-from weightshare.space import config_from_dict, config_to_dict
+from weightshare.space import get_map, map_of, share_parametrization
 
-__all__ = ["save", "load", "export", "read_spec", "PackError", "FILENAME", "FORMAT_VERSION"]
-
-log = logging.getLogger(__name__)
+__all__ = ["save", "load", "export", "read_spec", "dense_state_dict", "PackError", "FILENAME", "FORMAT_VERSION"]
 
 FILENAME = "weightshare.safetensors"
 FORMAT = "weightshare"
 FORMAT_VERSION = 2  # 2 adds codebooks laid out over W^T ("transposed"); files without one are written as 1
 READABLE_VERSIONS = ("1", "2")
+KINDS = (hub.TRANSFORMERS, hub.SENTENCE_TRANSFORMERS, "module")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
            "int8": torch.int8, "int16": torch.int16, "bool": torch.bool}
-_BITS_CHUNK = 1 << 23  # values per bit-packing pass: a multiple of 8, bounds temporaries to ~64 MB
+_HEADER_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
+                  "I32": "int32", "U8": "uint8", "I8": "int8", "I16": "int16", "BOOL": "bool"}
+_NAME = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MAX_NAME = 512
+_MAX_DIMS = 8
+_BUFFER_BUDGET = 64 << 20  # unsaved buffers (position ids, rotary tables) a config.json may make us build
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # as transformers' save_pretrained
 
 
 class PackError(ValueError):
-    """A packed model that cannot be read: names the tensor and the problem."""
+    """A packed model that cannot be read: names the tensor or field and the problem."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned integers < 2**bits into a little-endian bit stream of exactly ``bits`` bits each."""
-    v = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
-    parts = []
-    for s in range(0, v.size, _BITS_CHUNK):
-        chunk = np.unpackbits(v[s : s + _BITS_CHUNK, None], axis=1, bitorder="little")[:, :bits]
-        parts.append(chunk.reshape(-1))
-    return np.packbits(np.concatenate(parts) if parts else np.zeros(0, np.uint8), bitorder="little")
-
-
-def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of ``pack_bits``: ``count`` uint8 values of ``bits`` bits each."""
-    out = np.empty(count, dtype=np.uint8)
-    step = _BITS_CHUNK  # values per pass; a multiple of 8 so each pass starts on a byte
-    for s in range(0, count, step):
-        n = min(step, count - s)
-        first = s * bits // 8
-        raw = np.unpackbits(data[first : first + (n * bits + 7) // 8], bitorder="little", count=n * bits)
-        out[s : s + n] = np.packbits(raw.reshape(n, bits), axis=1, bitorder="little")[:, 0]
-    return out
-
-
 def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().data).hexdigest()
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def _owned_modules(model: nn.Module):
@@ -89,45 +86,38 @@ def _owned_modules(model: nn.Module):
         yield (name + "." if name else ""), module
 
 
-def table_storage_dtype(tables: torch.Tensor, config: CodebookConfig) -> torch.dtype:
-    """The config's table dtype when it holds the tables exactly, else the tables' own dtype.
-
-    Tables leave the config's grid when they are trained, or when the weight's own
-    dtype is coarser (bf16 tables of a bf16 model need not be fp16 values).
-    """
-    dtype = TABLE_DTYPES[config.table_dtype]
-    if not torch.equal(tables.to(dtype).to(tables.dtype), tables):
-        return tables.dtype
-    return dtype
-
-
 def _collect(inner: nn.Module) -> tuple[dict, dict]:
     """The tensors to write and the per-tensor spec of a (possibly shared) model."""
     tensors: dict[str, torch.Tensor] = {}
+    stored_as: dict[int, str] = {}
+    alive: list[torch.Tensor] = []  # ids are only unique while the objects live: temporaries must not be reused
     spec: dict[str, dict] = {}
-    seen: dict[int, str] = {}
+    seen: dict[int, str] = {}  # id of a tensor or parametrization state -> the first name it was written under
+
+    def put(key: str, t: torch.Tensor) -> str:
+        # one object stored once, whichever entries refer to it (a basis shared by several layers)
+        if id(t) in stored_as:
+            return stored_as[id(t)]
+        if key in tensors:
+            raise ValueError(f"save: two tensors want the key {key!r}")
+        tensors[key] = t.detach().contiguous()
+        stored_as[id(t)] = key
+        alive.append(t)
+        return key
+
     for prefix, module in _owned_modules(inner):
         if parametrize.is_parametrized(module):
             for tname, plist in module.parametrizations.items():
                 full = prefix + tname
-                if len(plist) != 1 or not isinstance(plist[0], _Codebook):
-                    raise ValueError(f"save: {full} has a parametrization the packed format does not know ({plist})")
-                cb, original = plist[0], plist.original
-                if id(original) in seen:  # a codebook tied to another module's (LM head and embedding)
-                    spec[full] = {"map": "alias", "of": seen[id(original)]}
+                if id(plist.original) in seen:  # one parametrization used by two modules (LM head and embedding)
+                    spec[full] = {"map": "alias", "of": seen[id(plist.original)]}
                     continue
-                seen[id(original)] = full
-                tables = original.detach()
-                store = table_storage_dtype(tables, cb.config)
-                if store != TABLE_DTYPES[cb.config.table_dtype]:
-                    log.warning("%s: tables moved off the %s grid (trained?): stored as %s to stay exact",
-                                full, cb.config.table_dtype, _dtype_name(store))
-                tensors[full + ".__tables"] = tables.to(store).contiguous()
-                tensors[full + ".__indices"] = torch.from_numpy(pack_bits(cb.labels.numpy(), cb.config.bits))
-                spec[full] = {"map": "codebook", "shape": list(cb.shape), "dtype": _dtype_name(tables.dtype),
-                              "config": config_to_dict(cb.config)}
-                if cb.transposed:  # labels and tables over W^T (transformers' Conv1D)
-                    spec[full]["transposed"] = True
+                m = map_of(plist)
+                if m is None:
+                    raise ValueError(f"save: {full} has a parametrization the packed format does not know\n"
+                                     f"  expected: one map registered in weightshare.space\n  got: {list(plist)}")
+                seen[id(plist.original)] = full
+                spec[full] = {"map": m.name, **m.pack(full, plist, put)}
         items = list(module._parameters.items())
         items += [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
         for pname, t in items:
@@ -138,12 +128,19 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                 spec[full] = {"map": "alias", "of": seen[id(t)]}
                 continue
             seen[id(t)] = full
-            tensors[full] = t.detach().contiguous()
+            put(full, t)
             spec[full] = {"map": "dense", "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
     return tensors, spec
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_dest(path: Path, source_path: str | None) -> None:
+    """``path`` may be new, an empty folder, or a packed model to replace: nothing else is overwritten."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"output exists and is a file\n  got: {str(path)!r}\n  choose a directory path for --out")
     if source_path and path.exists() and path.resolve() == Path(source_path).resolve():
@@ -155,17 +152,35 @@ def _check_dest(path: Path, source_path: str | None) -> None:
         )
 
 
-def _write_atomic(data: bytes, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+@contextlib.contextmanager
+def staged_dir(dest: str | os.PathLike):
+    """Build an output folder beside ``dest`` and rename it into place when the block succeeds.
+
+    A crash or kill leaves the old ``dest`` or none, never a folder that looks
+    like a model but is not (a temporary ``.NAME.*.tmp`` sibling may remain).
+    An existing ``dest`` is replaced by two renames; files get the mode the umask gives.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the finished folder is an ordinary one
+        yield tmp
+        for folder, _, files in os.walk(tmp):  # durable before it becomes visible
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+        if dest.exists() and any(dest.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+            os.replace(dest, old / "x")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if dest.exists():
+                dest.rmdir()
+            os.replace(tmp, dest)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -175,7 +190,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     ``model`` is a transformers model or SentenceTransformer (its config,
     tokenizer and module files are copied from the directory it was loaded
     from with weightshare), or any ``nn.Module`` (then ``ws.load`` needs a
-    skeleton module).  Each file is written atomically.
+    skeleton module).  The folder is built beside ``path`` and renamed into
+    place, so an existing packed model is replaced whole or not at all.
     """
     path = Path(path)
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
@@ -193,255 +209,440 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     version = FORMAT_VERSION if any(e.get("transposed") for e in spec.values()) else 1
     meta = {"format": FORMAT, "format_version": str(version),
             "spec": json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})}
-    path.mkdir(parents=True, exist_ok=True)
-    if source is not None:
-        hub.copy_non_weight_files(source.path, path)
-    elif source_meta["kind"] == hub.TRANSFORMERS:
-        inner.config.save_pretrained(path)
-    _write_atomic(safetensors_save(tensors, metadata=meta), path / FILENAME)
+    with staged_dir(path) as tmp:
+        if source is not None:
+            hub.copy_non_weight_files(source.path, tmp)
+        elif source_meta["kind"] == hub.TRANSFORMERS:
+            inner.config.save_pretrained(tmp)
+        (tmp / FILENAME).write_bytes(safetensors_save(tensors, metadata=meta))
     return path
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def read_spec(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and fully validate a packed directory: returns (spec, stored tensors)."""
-    path = Path(path)
-    file = path / FILENAME
-    if not path.is_dir():
-        raise PackError(f"packed model not found\n  expected: a directory holding {FILENAME}\n  got: {str(path)!r}")
-    if not file.is_file():
-        raise PackError(f"not a packed model: {str(path)!r} has no {FILENAME}\n  create one with `weightshare compress`")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
-        raise PackError(f"{file}: truncated or not a safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise PackError(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n  got: {meta.get('format')!r}")
-    if meta.get("format_version") not in READABLE_VERSIONS:
-        raise PackError(
-            f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
-            f"  got: {meta.get('format_version')!r}\n"
-            "  upgrade weightshare to read it"
-        )
-    try:
-        spec = json.loads(meta["spec"])
-        entries, checksums, source = spec["tensors"], spec["checksums"], spec["source"]
-        kind = source["kind"]
-    except (KeyError, ValueError, TypeError) as exc:
-        raise PackError(f"{file}: the sharing spec in the metadata is unreadable ({exc!r})") from None
-    if kind not in (hub.TRANSFORMERS, hub.SENTENCE_TRANSFORMERS, "module"):
-        raise PackError(f"{file}: unknown source kind {kind!r}")
-    expected = set()
-    for name, entry in entries.items():
-        expected |= _validate_entry(name, entry, entries, tensors)
-    for name in sorted(set(tensors) | set(checksums)):
-        if name not in expected:
-            raise PackError(f"{file}: tensor {name!r} is not described by the spec (tampered file?)")
-        if name not in tensors:
-            raise PackError(f"{file}: tensor {name!r} is missing")
-        if checksums.get(name) != _sha256(tensors[name]):
-            raise PackError(f"{file}: checksum mismatch for tensor {name!r}: the file is corrupted")
-    for name in expected - set(checksums):
-        raise PackError(f"{file}: no checksum for tensor {name!r}")
-    return spec, tensors
+def _shape(value, field: str) -> tuple[int, ...]:
+    if (not isinstance(value, list) or len(value) > _MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in value)):
+        raise PackError(f"{field}: bad shape\n  expected: a list of at most {_MAX_DIMS} non-negative integers\n"
+                        f"  got: {value!r}"[:300])
+    return tuple(value)
 
 
-def _need(name: str, tensors: dict, dtype_names, shape: tuple | None = None) -> torch.Tensor:
-    if name not in tensors:
-        raise PackError(f"tensor {name!r} is missing from the packed file")
-    t = tensors[name]
-    if _dtype_name(t.dtype) not in dtype_names:
-        raise PackError(f"tensor {name!r}: wrong dtype\n  expected: one of {sorted(dtype_names)}\n  got: {_dtype_name(t.dtype)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise PackError(f"tensor {name!r}: wrong shape\n  expected: {tuple(shape)}\n  got: {tuple(t.shape)}")
-    return t
+def _keys(entry: dict, allowed: set[str], field: str) -> None:
+    if set(entry) != allowed:
+        raise PackError(f"{field}: keys\n  expected: {sorted(allowed)}\n  got: {sorted(map(str, entry))}"[:400])
 
 
-def _shape(name: str, entry: dict) -> tuple[int, ...]:
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise PackError(f"tensor {name!r}: bad shape in spec: {shape!r}")
-    return tuple(shape)
+class PackedFile:
+    """An opened, fully checked packed directory.  Tensor data is read on ``fetch`` only.
 
+    Opening checks the safetensors header (by the safetensors library), the
+    format and version, and every field of the spec against the header's dtypes
+    and shapes, without reading any tensor; ``fetch`` reads one tensor and
+    checks its sha256.
+    """
 
-def _validate_entry(name: str, entry: dict, entries: dict, tensors: dict) -> set[str]:
-    kind = entry.get("map") if isinstance(entry, dict) else None
-    if kind == "dense":
-        dtype = entry.get("dtype")
-        if dtype not in _DTYPES:
-            raise PackError(f"tensor {name!r}: unknown dtype {dtype!r}")
-        _need(name, tensors, {dtype}, _shape(name, entry))
-        return {name}
-    if kind == "alias":
-        target = entries.get(entry.get("of"))
-        if not isinstance(target, dict) or target.get("map") not in ("dense", "codebook"):
-            raise PackError(f"tensor {name!r}: alias of {entry.get('of')!r}, which is not a stored tensor")
-        return set()
-    if kind == "codebook":
-        shape = _layout(name, entry)
-        if entry.get("dtype") not in ("float16", "bfloat16", "float32"):
-            raise PackError(f"tensor {name!r}: bad codebook dtype {entry.get('dtype')!r}")
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        self.file = self.root / FILENAME
+        if not self.root.is_dir():
+            raise PackError(f"packed model not found\n  expected: a directory holding {FILENAME}\n  got: {str(path)!r}")
+        if not self.file.is_file():
+            raise PackError(f"not a packed model: {str(path)!r} has no {FILENAME}\n  create one with `weightshare compress`")
         try:
-            config = config_from_dict(entry["config"])
-            if not isinstance(config, CodebookConfig):
-                raise ValueError(f"expected a CodebookConfig, got {type(config).__name__}")
-            groups, _ = group_layout(shape, config.granularity, config.group_size, name)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PackError(f"tensor {name!r}: bad codebook config ({exc})") from None
-        k = 1 << config.bits
-        _need(f"{name}.__tables", tensors, {"float16", "bfloat16", "float32"}, (groups, k))
-        numel = int(np.prod(shape))
-        _need(f"{name}.__indices", tensors, {"uint8"}, ((numel * config.bits + 7) // 8,))
-        return {f"{name}.__tables", f"{name}.__indices"}
-    raise PackError(f"tensor {name!r}: unknown map {kind!r}")
+            self._handle = safe_open(str(self.file), framework="pt")
+            meta = self._handle.metadata() or {}
+            self.infos = {}
+            for key in self._handle.keys():
+                sl = self._handle.get_slice(key)
+                self.infos[key] = (_HEADER_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # safetensors raises its own types, and a Rust panic is a BaseException
+            raise PackError(f"{self.file}: truncated or not a safetensors file ({type(exc).__name__}: {exc})"[:400]) from None
+        self._cache: dict[str, torch.Tensor] = {}
+        try:
+            self._check(meta)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, meta: dict) -> None:
+        file = self.file
+        if meta.get("format") != FORMAT:
+            raise PackError(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n  got: {meta.get('format')!r}"[:300])
+        if meta.get("format_version") not in READABLE_VERSIONS:
+            raise PackError(f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
+                            f"  got: {meta.get('format_version')!r}\n  upgrade weightshare to read it"[:300])
+        self.version = int(meta["format_version"])
+        try:
+            spec = json.loads(meta["spec"])
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            raise PackError(f"{file}: the sharing spec in the metadata is unreadable ({type(exc).__name__})") from None
+        if not isinstance(spec, dict):
+            raise PackError(f"{file}: the sharing spec in the metadata is unreadable (not a JSON object)")
+        _keys(spec, {"source", "tensors", "checksums"}, "spec")
+        self.spec = spec
+        self.source = self._check_source(spec["source"])
+        self.entries = self._check_entries(spec["tensors"])
+        self._check_checksums(spec["checksums"])
+
+    def _check_source(self, source) -> dict:
+        if not isinstance(source, dict):
+            raise PackError(f"spec source\n  expected: a JSON object\n  got: {source!r}"[:300])
+        _keys(source, {"kind", "weights_subdir"}, "spec source")
+        if source["kind"] not in KINDS:
+            raise PackError(f"spec source.kind\n  expected one of: {KINDS}\n  got: {source['kind']!r}"[:300])
+        try:
+            sub = hub.check_relpath(source["weights_subdir"], "spec source.weights_subdir")
+        except ValueError as exc:
+            raise PackError(str(exc)) from None
+        if source["kind"] == "module" and sub:
+            raise PackError(f"spec source.weights_subdir\n  expected: '' for a plain module\n  got: {sub!r}"[:300])
+        return {"kind": source["kind"], "weights_subdir": sub}
+
+    def _check_entries(self, entries) -> dict:
+        if not isinstance(entries, dict):
+            raise PackError("spec tensors\n  expected: a JSON object of tensor entries")
+        claims: dict[str, tuple[set[str], tuple]] = {}
+        self.keys_of: dict[str, set[str]] = {}  # entry -> the stored tensors it decodes from
+
+        def claim(key, dtypes, shape, by):
+            if key in claims and claims[key] != (set(dtypes), tuple(shape)):
+                raise PackError(f"tensor {key!r}: described twice, differently (by {by!r})")
+            claims[key] = (set(dtypes), tuple(shape))
+
+        for name, entry in entries.items():
+            if len(name) > _MAX_NAME or not _NAME.fullmatch(name):
+                raise PackError(f"spec tensor name\n  expected: dotted identifiers\n  got: {name!r}"[:300])
+            if not isinstance(entry, dict) or not isinstance(entry.get("map"), str):
+                raise PackError(f"tensor {name!r}: entry\n  expected: a JSON object with a 'map'\n  got: {entry!r}"[:300])
+            kind = entry["map"]
+            if kind == "dense":
+                _keys(entry, {"map", "shape", "dtype"}, f"tensor {name!r}")
+                if entry["dtype"] not in _DTYPES:
+                    raise PackError(f"tensor {name!r}: unknown dtype\n  expected one of: {sorted(_DTYPES)}\n"
+                                    f"  got: {entry['dtype']!r}"[:300])
+                claim(name, {entry["dtype"]}, _shape(entry["shape"], f"tensor {name!r}"), name)
+            elif kind == "alias":
+                _keys(entry, {"map", "of"}, f"tensor {name!r}")
+                target = entries.get(entry["of"]) if isinstance(entry["of"], str) else None
+                if entry["of"] == name or not isinstance(target, dict) or target.get("map") in ("alias", None):
+                    raise PackError(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"[:300])
+            else:
+                m = get_map(kind)
+                if m is None or type(m).check is type(m).__mro__[-2].check:
+                    raise PackError(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
+                                    f"{', '.join(_packable_maps())}\n  got: {kind!r}"[:300])
+                shape = _shape(entry.get("shape"), f"tensor {name!r}")
+                if entry.get("dtype") not in _DTYPES:
+                    raise PackError(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"[:300])
+                try:
+                    needs = m.check(name, entry, shape, entry["dtype"])
+                except PackError:
+                    raise
+                except (ValueError, TypeError, KeyError, OverflowError) as exc:
+                    raise PackError(f"tensor {name!r}: bad {kind} entry ({exc})"[:500]) from None
+                for key, (dtypes, kshape) in needs.items():
+                    claim(key, dtypes, kshape, name)
+                self.keys_of[name] = set(needs)
+        for key, (dtypes, shape) in claims.items():
+            if key not in self.infos:
+                raise PackError(f"{self.file}: tensor {key!r} is missing")
+            dtype, have = self.infos[key]
+            if dtype not in dtypes:
+                raise PackError(f"tensor {key!r}: wrong dtype\n  expected: one of {sorted(dtypes)}\n  got: {dtype}")
+            if have != shape:
+                raise PackError(f"tensor {key!r}: wrong shape\n  expected: {shape}\n  got: {have}")
+        for key in self.infos:
+            if key not in claims:
+                raise PackError(f"{self.file}: tensor {key!r} is not described by the spec (tampered file?)"[:300])
+        return entries
+
+    def _check_checksums(self, checksums) -> None:
+        if not isinstance(checksums, dict):
+            raise PackError("spec checksums\n  expected: a JSON object of sha256 hex digests")
+        for key in self.infos:
+            if key not in checksums:
+                raise PackError(f"{self.file}: no checksum for tensor {key!r}")
+        for key, digest in checksums.items():
+            if key not in self.infos:
+                raise PackError(f"{self.file}: checksum for tensor {key!r}, which is not stored"[:300])
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise PackError(f"checksum of {key!r}\n  expected: 64 hex digits\n  got: {digest!r}"[:300])
+        self.checksums = checksums
+
+    def fetch(self, key: str) -> torch.Tensor:
+        """The stored tensor ``key``, read once and checked against its sha256 (the same object every time)."""
+        if key not in self._cache:
+            if key not in self.infos:
+                raise PackError(f"{self.file}: tensor {key!r} is missing")
+            try:
+                t = self._handle.get_tensor(key)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                raise PackError(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
+            if _sha256(t) != self.checksums[key]:
+                raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
+            self._cache[key] = t
+        return self._cache[key]
+
+    def fetch_all(self) -> None:
+        """Read and check every stored tensor: a corrupted file is refused before anything is written."""
+        for key in self.infos:
+            self.fetch(key)
+
+    def release(self, keys) -> None:
+        """Forget read tensors that have been installed or decoded (the model keeps what it uses)."""
+        for key in keys:
+            self._cache.pop(key, None)
+
+    def decode(self, name: str) -> torch.Tensor:
+        """The plain tensor entry ``name`` stands for (an alias as its own copy)."""
+        entry = self.entries[name]
+        if entry["map"] == "alias":
+            return self.decode(entry["of"]).clone()
+        if entry["map"] == "dense":
+            return self.fetch(name)
+        try:
+            return get_map(entry["map"]).decode(name, entry, self.fetch)
+        except PackError:
+            raise
+        except (ValueError, RuntimeError) as exc:
+            raise PackError(f"tensor {name!r}: cannot be decoded ({exc})"[:400]) from None
+
+    def close(self) -> None:
+        self._cache.clear()
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle is not None and hasattr(handle, "__exit__"):
+            handle.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-def _layout(name: str, entry: dict) -> tuple[int, ...]:
-    """The shape tables and labels are laid out in: the weight's, or W^T's for a transposed codebook."""
-    shape = _shape(name, entry)
-    transposed = entry.get("transposed", False)
-    if transposed not in (True, False) or (transposed and len(shape) != 2):
-        raise PackError(f"tensor {name!r}: bad 'transposed' in spec: {transposed!r} for shape {shape}")
-    return channel_layout(shape, transposed)
+def _packable_maps() -> list[str]:
+    from weightshare.space import _MAPS, SharingMap
+
+    return sorted(n for n, m in _MAPS.items() if type(m).check is not SharingMap.check)
 
 
-def _codebook_parts(name: str, entry: dict, tensors: dict):
-    """(config, tables, labels): labels shaped as the layout (see ``_layout``)."""
-    config = config_from_dict(entry["config"])
-    shape = _layout(name, entry)
-    numel = int(np.prod(shape))
-    labels = unpack_bits(tensors[f"{name}.__indices"].numpy(), config.bits, numel)
-    tables = tensors[f"{name}.__tables"].to(torch.float32)
-    if labels.size and int(labels.max()) >= tables.shape[1]:  # cannot happen with full tables; cheap to check
-        raise PackError(f"tensor {name!r}: index {int(labels.max())} out of range for a table of {tables.shape[1]}")
-    return config, tables, torch.from_numpy(labels).view(shape)
+def read_spec(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and fully validate a packed directory: returns (spec, stored tensors, each checked)."""
+    with PackedFile(path) as pf:
+        pf.fetch_all()
+        return pf.spec, dict(pf._cache)
 
 
 def dense_state_dict(spec: dict, tensors: dict) -> dict[str, torch.Tensor]:
-    """The plain weights a packed model stands for (aliases as separate copies)."""
+    """The plain weights a checked spec and its stored tensors stand for (aliases as separate copies)."""
     out = {}
-    entries = spec["tensors"]
-    for name, entry in entries.items():
+    for name, entry in spec["tensors"].items():
         if entry["map"] == "dense":
             out[name] = tensors[name]
-        elif entry["map"] == "codebook":
-            config, tables, labels = _codebook_parts(name, entry, tensors)
-            groups, glen = group_layout(labels.shape, config.granularity, config.group_size)
-            w = torch.gather(tables, 1, labels.view(groups, glen).long()).view(labels.shape)
-            if entry.get("transposed"):
-                w = w.t().contiguous()
-            out[name] = w.to(_DTYPES[entry["dtype"]])
-    for name, entry in entries.items():
+        elif entry["map"] != "alias":
+            out[name] = get_map(entry["map"]).decode(name, entry, tensors.__getitem__)
+    for name, entry in spec["tensors"].items():
         if entry["map"] == "alias":
             out[name] = out[entry["of"]].clone()
     return out
 
 
-def _write_dense_dir(path: Path, dest: Path, spec: dict, tensors: dict) -> None:
-    hub.copy_non_weight_files(path, dest)
-    target = dest / spec["source"]["weights_subdir"] / "model.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(safetensors_save(dense_state_dict(spec, tensors), metadata={"format": "pt"}), target)
-
-
-def export(path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the packed model at ``path`` as a plain model directory at ``dest``.
 
     ``transformers.AutoModel.from_pretrained(dest)`` or
     ``SentenceTransformer(dest)`` (whichever the source was) loads it unchanged.
+    Weights are written as ``save_pretrained`` writes them: one
+    ``model.safetensors``, or shards of at most ``max_shard_size`` with a
+    ``model.safetensors.index.json``; a shard index of the source is never copied.
+    Tensors are decoded shard by shard, and the folder is renamed into place at the end.
     """
-    spec, tensors = read_spec(path)
-    if spec["source"]["kind"] == "module":
-        raise ValueError("export: this packed file holds a plain nn.Module (no config); use ws.load(path, model=...)")
+    from huggingface_hub import split_torch_state_dict_into_shards
+
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ValueError(f"export: destination exists and is not an empty directory\n  got: {str(dest)!r}")
-    dest.mkdir(parents=True, exist_ok=True)
-    _write_dense_dir(Path(path), dest, spec, tensors)
+    with PackedFile(path) as pf:
+        if pf.source["kind"] == "module":
+            raise PackError("export: this packed file holds a plain nn.Module (no config); use ws.load(path, model=...)")
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise PackError(f"export: destination exists and is not an empty directory\n  got: {str(dest)!r}\n"
+                            "  choose a new or empty directory")
+        if dest.resolve().is_relative_to(pf.root.resolve()):
+            raise PackError(f"export: destination {str(dest)!r} is inside the packed model: choose another")
+        try:
+            weights_dir = hub.inside(pf.root, pf.source["weights_subdir"], "spec source.weights_subdir")
+        except ValueError as exc:
+            raise PackError(str(exc)) from None
+        if not (weights_dir / "config.json").is_file():
+            raise PackError(f"{pf.root}: no config.json in {pf.source['weights_subdir'] or 'the folder'}")
+        pf.fetch_all()  # every checksum before the first byte is written
+        shapes = {}
+        for name, entry in pf.entries.items():
+            target = pf.entries[entry["of"]] if entry["map"] == "alias" else entry
+            shapes[name] = torch.empty(target["shape"], dtype=_DTYPES[target["dtype"]], device="meta")
+        try:
+            plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
+        except ValueError as exc:
+            raise PackError(f"export: max_shard_size {max_shard_size!r}: {exc}"[:300]) from None
+        with staged_dir(dest) as tmp:
+            try:
+                hub.copy_non_weight_files(pf.root, tmp, confine=True)
+            except ValueError as exc:
+                raise PackError(str(exc)) from None
+            out = tmp / pf.source["weights_subdir"]
+            out.mkdir(parents=True, exist_ok=True)
+            for filename, names in plan.filename_to_tensors.items():
+                shard = {name: pf.decode(name).contiguous() for name in names}
+                (out / filename).write_bytes(safetensors_save(shard, metadata={"format": "pt"}))
+                del shard
+            if plan.is_sharded:
+                index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
+                (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return dest
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _split(name: str) -> tuple[str, str]:
+    owner, _, attr = name.rpartition(".")
+    return owner, attr
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name, tied ones under each of their names."""
+    out = {}
+    for prefix, module in _owned_modules(model):
+        for n, t in module._parameters.items():
+            if t is not None:
+                out[prefix + n] = t
+        for n, t in module._buffers.items():
+            if t is not None and n not in module._non_persistent_buffers_set:
+                out[prefix + n] = t
+    return out
+
+
+def _check_fit(inner: nn.Module, pf: PackedFile) -> None:
+    """Every entry has a place of its shape in the model and every tensor of the model an entry: all problems at once."""
+    own = _state_tensors(inner)
+    missing = [n for n in own if n not in pf.entries]
+    not_in_model, mismatched = [], []
+    for name, entry in pf.entries.items():
+        target = pf.entries[entry["of"]] if entry["map"] == "alias" else entry
+        owner_name, attr = _split(name)
+        try:
+            owner = inner.get_submodule(owner_name)
+        except AttributeError:
+            not_in_model.append(name)
+            continue
+        if parametrize.is_parametrized(owner, attr) or attr not in owner._parameters and attr not in owner._buffers:
+            not_in_model.append(name)
+            continue
+        have = tuple(getattr(owner, attr).shape)
+        if have != tuple(target["shape"]):
+            mismatched.append(f"{name}: file {tuple(target['shape'])}, model {have}")
+        if target["map"] not in ("dense", "alias"):
+            if attr not in owner._parameters:
+                mismatched.append(f"{name}: a {target['map']} map needs a parameter, the model has a buffer")
+            elif (why := get_map(target["map"]).fits(owner, attr, target)) is not None:
+                mismatched.append(f"{name}: {why}")
+        if entry["map"] == "alias" and target["map"] not in ("dense", "alias") and _split(entry["of"])[1] != attr:
+            mismatched.append(f"{name}: a shared {target['map']} map must name the same attribute as {entry['of']!r}")
+    if missing or not_in_model or mismatched:
+        raise PackError(
+            "load: the model does not match the packed file\n"
+            f"  missing in file: {missing[:5]}\n  not in model: {not_in_model[:5]}\n  does not fit: {mismatched[:5]}\n"
+            "  pass a skeleton of the architecture that was saved"
+        )
+
+
+def _install(inner: nn.Module, pf: PackedFile) -> None:
+    """Put every entry into the checked model: dense tensors as they are, maps by their own install."""
+    for name, entry in pf.entries.items():
+        owner_name, attr = _split(name)
+        owner = inner.get_submodule(owner_name)
+        if entry["map"] == "dense":
+            t = pf.fetch(name)
+            current = getattr(owner, attr)
+            if current.is_meta:  # a skeleton without memory: the read tensor becomes the model's own
+                t = t.to(current.dtype)
+                if attr in owner._parameters:
+                    owner._parameters[attr] = nn.Parameter(t, requires_grad=current.requires_grad)
+                else:
+                    owner._buffers[attr] = t
+            else:
+                with torch.no_grad():
+                    current.copy_(t)
+        elif entry["map"] != "alias":
+            get_map(entry["map"]).install(owner, attr, name, entry, pf.fetch)
+            pf.release(pf.keys_of[name])  # packed indices are garbage once unpacked: keep the peak low
+    for name, entry in pf.entries.items():
+        if entry["map"] != "alias":
+            continue
+        owner_name, attr = _split(name)
+        target_owner, target_attr = _split(entry["of"])
+        source = inner.get_submodule(target_owner)
+        if pf.entries[entry["of"]]["map"] == "dense":  # restore the tie itself, not only the value
+            setattr(inner.get_submodule(owner_name), attr, getattr(source, target_attr))
+        else:
+            share_parametrization(source, inner.get_submodule(owner_name), attr)
+
+
+def _trim_heap() -> None:
+    """Hand the reading scratch (file bytes, packed indices) back to the OS (glibc keeps freed heap otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Load a packed directory back into a model with its sharing in place.
 
-    Without ``model`` the architecture is rebuilt from the directory's config
-    (transformers model or SentenceTransformer, as saved).  With ``model``
-    (a skeleton of the same architecture) the weights are loaded into it.
+    Without ``model`` the architecture is rebuilt from the directory's
+    ``config.json`` (a transformers model, or a SentenceTransformer when the
+    source was one) with its weights on the meta device, and the stored tables,
+    indices and tensors are installed directly: no dense copy, no temporary file.
+    With ``model`` (a skeleton of the same architecture) the weights are loaded
+    into it.  Any problem with the file is one ``PackError``; a model that does
+    not fit is refused before anything is written into it.
     """
-    spec, tensors = read_spec(path)
-    kind = spec["source"]["kind"]
-    if model is None:
-        if kind == "module":
-            raise ValueError("load: this packed file holds a plain nn.Module; pass a skeleton: ws.load(path, model=...)")
-        with tempfile.TemporaryDirectory() as tmp:
-            _write_dense_dir(Path(path), Path(tmp), spec, tensors)
-            model = hub.load_dense_dir(tmp, kind)
-        model._weightshare_source = hub.Source(kind, str(Path(path)), spec["source"]["weights_subdir"])
-    inner = hub.inner_model(model)
-    dense = {n: tensors[n] for n, e in spec["tensors"].items() if e["map"] == "dense"}
-    missing, unexpected, mismatched = [], [], []
-    own = dict(inner.state_dict())
-    for name, entry in spec["tensors"].items():
-        if entry["map"] == "codebook":
-            continue
-        if name not in own:
-            unexpected.append(name)
-    for name in own:
-        if name not in spec["tensors"]:
-            missing.append(name)
-    # shapes too, before anything is written into the model: a mismatch is one error, not a half-loaded model
-    for name, entry in spec["tensors"].items():
-        if entry["map"] not in ("dense", "codebook"):
-            continue
-        owner_name, _, attr = name.rpartition(".")
-        if entry["map"] == "dense":
-            if name not in own:
-                continue  # already listed as not in model
-            have = tuple(own[name].shape)
-        else:
+    with PackedFile(path) as pf:
+        kind, sub = pf.source["kind"], pf.source["weights_subdir"]
+        if model is None:
+            if kind == "module":
+                raise PackError("load: this packed file holds a plain nn.Module; pass a skeleton: ws.load(path, model=...)")
             try:
-                owner = inner.get_submodule(owner_name)
-                have = tuple(getattr(owner, attr).shape)
-            except AttributeError:
-                unexpected.append(name)
-                continue
-            if bool(entry.get("transposed")) != (attr == "weight" and is_transposed_linear(owner)):
-                layout = "over W^T" if entry.get("transposed") else "over W"
-                mismatched.append(f"{name}: the file lays its codebook out {layout}, "
-                                  f"which does not fit the model's {type(owner).__name__}")
-        if have != tuple(entry["shape"]):
-            mismatched.append(f"{name}: file {tuple(entry['shape'])}, model {have}")
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            "load: the model does not match the packed file\n"
-            f"  missing in file: {missing[:5]}\n  not in model: {unexpected[:5]}\n  does not fit: {mismatched[:5]}\n"
-            "  pass a skeleton of the architecture that was saved"
-        )
-    with torch.no_grad():
-        for name, t in dense.items():
-            own[name].copy_(t)
-    entries = spec["tensors"]
-    alias_of_kind = {n: entries[e["of"]]["map"] for n, e in entries.items() if e["map"] == "alias"}
-    for name, entry in entries.items():
-        if alias_of_kind.get(name) == "dense":  # restore the tie itself, not only the value
-            owner_name, _, attr = name.rpartition(".")
-            target_owner, _, target_attr = entry["of"].rpartition(".")
-            setattr(inner.get_submodule(owner_name), attr, getattr(inner.get_submodule(target_owner), target_attr))
-    for name, entry in entries.items():
-        if entry["map"] == "codebook":
-            config, tables, labels = _codebook_parts(name, entry, tensors)
-            owner_name, _, attr = name.rpartition(".")
-            codebook(inner.get_submodule(owner_name), attr, config, init=(tables, labels), fqn=name)
-    for name, entry in entries.items():
-        if alias_of_kind.get(name) == "codebook":  # after the codebooks exist: tie to one of them
-            owner_name, _, attr = name.rpartition(".")
-            target_owner, _, target_attr = entry["of"].rpartition(".")
-            if target_attr != attr:
-                raise PackError(f"tensor {name!r}: a codebook alias must name the same attribute as {entry['of']!r}")
-            tie_codebook(inner.get_submodule(target_owner), inner.get_submodule(owner_name), attr)
+                config_dir = hub.inside(pf.root, sub, "spec source.weights_subdir")
+                if not (config_dir / "config.json").is_file():
+                    raise ValueError(f"{pf.root}: no config.json in {sub or 'the folder'}")
+                inner = hub.skeleton(config_dir, len(pf.entries), _BUFFER_BUDGET + sum(
+                    math.prod(s) for _, s in pf.infos.values()))
+            except PackError:
+                raise
+            except Exception as exc:  # the config is untrusted: whatever transformers makes of it is one error
+                raise PackError(f"{pf.root}: cannot build the model from its config ({type(exc).__name__}: {exc})"[:500]) from None
+        else:
+            inner = hub.inner_model(model)
+        _check_fit(inner, pf)
+        pf.fetch_all()
+        _install(inner, pf)
+    _trim_heap()
+    if model is not None:
+        return model
+    if kind == hub.SENTENCE_TRANSFORMERS:
+        try:
+            model = hub.packed_sentence_transformer(pf.root, sub, inner)
+        except Exception as exc:
+            raise PackError(f"{pf.root}: cannot build the sentence-transformers pipeline ({type(exc).__name__}: {exc})"[:500]) from None
+    else:
+        model = inner
+    model._weightshare_source = hub.Source(kind, str(pf.root), sub)
     return model
-

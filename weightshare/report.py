@@ -15,7 +15,7 @@ __all__ = ["Report", "LayerReport", "report"]
 class LayerReport:
     name: str  # tensor name as in the dense state_dict
     shape: tuple
-    map: str  # dense | tie | codebook
+    map: str  # dense | tie | a registered sharing map (codebook, ...)
     detail: str  # e.g. "4-bit per_channel"
     params_virtual: int  # weights the model computes with (each use of a tied tensor counts)
     params_stored: int  # floats actually stored (a tied tensor once; a codebook its tables)
@@ -30,7 +30,7 @@ class Report:
     sharing_ratio: float  # params_virtual / params_stored
     bytes_dense: int  # every virtual parameter and persistent buffer at its dense dtype
     bytes_packed: int  # the same model in the packed format (indices at `bits` bits, tables, untouched tensors)
-    bits_per_weight: float  # packed bits per virtual weight of the codebook tensors (dense bits if none)
+    bits_per_weight: float  # packed bits per virtual weight of the mapped (codebook, ...) tensors (dense bits if none)
     layers: list[LayerReport] = field(default_factory=list)
 
     def to_dict(self, layers: bool = True) -> dict:
@@ -68,8 +68,7 @@ class Report:
 def report(model: nn.Module) -> Report:
     """Count a model as it computes (virtual) and as it is stored, with a per-tensor table."""
     from weightshare.hub import inner_model
-    from weightshare.pack import table_storage_dtype
-    from weightshare.sharing.codebook import _Codebook
+    from weightshare.space import map_of
 
     model = inner_model(model)
     uses: dict[int, int] = {}
@@ -77,28 +76,25 @@ def report(model: nn.Module) -> Report:
         uses[id(p)] = uses.get(id(p), 0) + 1
     seen: set[int] = set()
     layers: list[LayerReport] = []
-    cb_weights = cb_bytes = 0
+    shared_weights = shared_bytes = 0
     for mod_name, module in model.named_modules(remove_duplicate=False):
         if "parametrizations" in mod_name.split("."):
             continue
         prefix = mod_name + "." if mod_name else ""
         if parametrize.is_parametrized(module):
             for tname, plist in module.parametrizations.items():
-                cb = plist[0]
-                if not isinstance(cb, _Codebook):
+                m = map_of(plist)
+                if m is None:
                     continue
-                tables = plist.original
-                numel = _prod(cb.shape)
-                first = id(tables) not in seen
-                seen.add(id(tables))
-                esize = table_storage_dtype(tables.detach(), cb.config).itemsize
-                packed = ((numel * cb.config.bits + 7) // 8 + tables.numel() * esize) if first else 0
-                cb_weights += numel
-                cb_bytes += packed
-                layers.append(LayerReport(prefix + tname, cb.shape, "codebook",
-                                          f"{cb.config.bits}-bit {cb.config.granularity}"
-                                          + (f"({cb.config.group_size})" if cb.config.group_size else ""),
-                                          numel, tables.numel() if first else 0, numel * tables.element_size(), packed))
+                d = m.describe(plist)
+                first = id(plist.original) not in seen  # a parametrization shared by two modules counts once
+                seen.add(id(plist.original))
+                numel = _prod(d["shape"])
+                packed = d["bytes_packed"] if first else 0
+                shared_weights += numel
+                shared_bytes += packed
+                layers.append(LayerReport(prefix + tname, tuple(d["shape"]), m.name, d["detail"], numel,
+                                          d["params_stored"] if first else 0, d["bytes_dense"], packed))
         for pname, p in module._parameters.items():
             if p is None:
                 continue
@@ -119,8 +115,8 @@ def report(model: nn.Module) -> Report:
     stored = sum(r.params_stored for r in layers)
     bytes_dense = sum(r.bytes_dense for r in layers) + buffer_bytes
     bytes_packed = sum(r.bytes_packed for r in layers) + buffer_bytes
-    if cb_weights:
-        bpw = 8 * cb_bytes / cb_weights
+    if shared_weights:
+        bpw = 8 * shared_bytes / shared_weights
     else:
         bpw = 8 * sum(r.bytes_dense for r in layers) / max(virtual, 1)
     return Report(virtual, stored, virtual / max(stored, 1), bytes_dense, bytes_packed, bpw, layers)

@@ -2,8 +2,10 @@
 
 Every sharing map turns a small shared space θ into the weights a model uses
 (see DESIGN.md section 1).  A map is one file in ``weightshare/sharing/`` that
-registers an ``apply(model, config, filter_fn)`` function for its config
-dataclass; nothing else is edited to add one.
+defines a ``SharingMap`` subclass and registers one instance of it: how the map
+applies to a model, and how its state becomes tensors plus a JSON entry of the
+packed format and comes back.  ``pack.py`` and ``report.py`` ask this registry
+and know no map by name, so adding a map edits nothing else.
 """
 
 from __future__ import annotations
@@ -12,38 +14,118 @@ import dataclasses
 import fnmatch
 from typing import Callable
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["register_sharing", "share_", "materialize_", "config_from_dict", "match_names"]
+__all__ = ["SharingMap", "register_map", "get_map", "map_of", "share_", "materialize_", "config_from_dict",
+           "config_to_dict", "match_names", "share_parametrization", "tied_groups"]
 
 FilterFn = Callable[[nn.Module, str], bool]
-_REGISTRY: dict[type, Callable[[nn.Module, object, FilterFn | None], None]] = {}
+Put = Callable[[str, torch.Tensor], str]  # store a tensor under a key; returns the key it is stored under
+Fetch = Callable[[str], torch.Tensor]  # read a stored tensor (checked); the same key gives the same tensor
+
+
+class SharingMap:
+    """One kind of sharing.  Subclass it in ``sharing/<name>.py`` and ``register_map`` an instance.
+
+    Maps that install parametrizations (``torch.nn.utils.parametrize``) also
+    implement the packed-format methods; a map that only makes tensors one and
+    the same object (tie) needs none of them: the container stores aliases itself.
+
+    A packed entry is a JSON object ``{"map": name, "shape": [...], "dtype": "float32", ...}``:
+    ``shape`` and ``dtype`` are the weight the module sees, checked by the container;
+    the other keys belong to the map, which checks them in ``check``.
+    """
+
+    name: str = ""  # the "map" value in packed specs
+    config: type | None = None  # the config dataclass ``share_`` dispatches on
+    parametrizations: tuple[type, ...] = ()  # parametrization modules this map installs
+
+    def apply(self, model: nn.Module, config, filter_fn: FilterFn | None) -> None:
+        raise NotImplementedError
+
+    # ---- packed format -------------------------------------------------------------------
+    def pack(self, name: str, plist: parametrize.ParametrizationList, put: Put) -> dict:
+        """The entry of parametrized tensor ``name`` (without ``map``); its tensors go through ``put``."""
+        raise NotImplementedError(f"the {self.name} map cannot be packed")
+
+    def check(self, name: str, entry: dict, shape: tuple[int, ...], dtype: str) -> dict[str, tuple[set[str], tuple]]:
+        """Validate the map's own fields of ``entry`` without reading any tensor.
+
+        Returns the stored tensors the entry needs: ``{key: (allowed dtype names, shape)}``,
+        which the container compares with the file's header before anything is read.
+        Raises ``ValueError`` naming the field.
+        """
+        raise NotImplementedError
+
+    def fits(self, module: nn.Module, attr: str, entry: dict) -> str | None:
+        """A reason why ``module.<attr>`` cannot take this entry (beyond its shape), or None."""
+        return None
+
+    def install(self, module: nn.Module, attr: str, name: str, entry: dict, fetch: Fetch) -> None:
+        """Put the map back on ``module.<attr>`` from a checked entry (the weight may be on the meta device)."""
+        raise NotImplementedError
+
+    def decode(self, name: str, entry: dict, fetch: Fetch) -> torch.Tensor:
+        """The dense weight a checked entry stands for, in the entry's dtype."""
+        raise NotImplementedError
+
+    def describe(self, plist: parametrize.ParametrizationList) -> dict:
+        """For ``ws.report``: ``detail`` (str), ``shape``, ``params_stored``, ``bytes_dense``, ``bytes_packed``."""
+        raise NotImplementedError
+
+
+_MAPS: dict[str, SharingMap] = {}
+_BY_CONFIG: dict[type, SharingMap] = {}
+_BY_PARAMETRIZATION: dict[type, SharingMap] = {}
 _CONFIGS: dict[str, type] = {}
 
 
-def register_sharing(config_cls: type):
-    """Decorator: register ``apply(model, config, filter_fn)`` as the map for ``config_cls``."""
+def register_map(m: SharingMap) -> SharingMap:
+    """Register a sharing map instance (done once, at import of its file in ``sharing/``)."""
+    if not m.name or m.name in ("dense", "alias"):
+        raise ValueError(f"a sharing map needs a name other than 'dense' and 'alias'\n  got: {m.name!r}")
+    _MAPS[m.name] = m
+    if m.config is not None:
+        _BY_CONFIG[m.config] = m
+        _CONFIGS[m.config.__name__] = m.config
+    for cls in m.parametrizations:
+        _BY_PARAMETRIZATION[cls] = m
+    return m
 
-    def wrap(apply):
-        _REGISTRY[config_cls] = apply
-        _CONFIGS[config_cls.__name__] = config_cls
-        return apply
 
-    return wrap
+def get_map(name: str) -> SharingMap | None:
+    """The map registered under ``name``, or None."""
+    return _MAPS.get(name)
+
+
+def map_names() -> list[str]:
+    return sorted(_MAPS)
+
+
+def map_of(plist: parametrize.ParametrizationList) -> SharingMap | None:
+    """The map that installed a parametrization list, or None for one weightshare does not know."""
+    if len(plist) != 1:
+        return None
+    return _BY_PARAMETRIZATION.get(type(plist[0]))
 
 
 def config_from_dict(d: dict):
-    """Rebuild a config dataclass from ``{"type": name, ...fields}`` (as stored in packed files)."""
+    """Rebuild a config dataclass from ``{"type": name, ...fields}`` (as stored in packed files).
+
+    Every field must be present and no other: a packed file is untrusted input.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"sharing config\n  expected: a JSON object\n  got: {d!r}"[:300])
     d = dict(d)
     name = d.pop("type", None)
-    if name not in _CONFIGS:
-        raise ValueError(f"unknown sharing config\n  expected one of: {sorted(_CONFIGS)}\n  got: {name!r}")
+    if not isinstance(name, str) or name not in _CONFIGS:
+        raise ValueError(f"unknown sharing config\n  expected one of: {sorted(_CONFIGS)}\n  got: {name!r}"[:300])
     cls = _CONFIGS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - fields
-    if unknown:
-        raise ValueError(f"{name}: unknown fields {sorted(unknown)}\n  expected a subset of: {sorted(fields)}")
+    if set(d) != fields:
+        raise ValueError(f"{name}: fields\n  expected: {sorted(fields)}\n  got: {sorted(map(str, d))}"[:400])
     return cls(**d)
 
 
@@ -60,14 +142,14 @@ def share_(model: nn.Module, config, filter_fn: FilterFn | None = None) -> nn.Mo
         filter_fn: optional ``(module, fully_qualified_name) -> bool`` choosing
             which modules the map applies to (maps that pick tensors by name ignore it).
     """
-    apply = _REGISTRY.get(type(config))
-    if apply is None:
+    m = _BY_CONFIG.get(type(config))
+    if m is None:
         raise ValueError(
             "share_: no sharing map registered for this config\n"
-            f"  expected one of: {sorted(c.__name__ for c in _REGISTRY)}\n"
+            f"  expected one of: {sorted(c.__name__ for c in _BY_CONFIG)}\n"
             f"  got: {type(config).__name__}"
         )
-    apply(model, config, filter_fn)
+    m.apply(model, config, filter_fn)
     return model
 
 
@@ -91,6 +173,26 @@ def materialize_(model: nn.Module) -> nn.Module:
             else:
                 seen.add(id(p))
     return model
+
+
+def share_parametrization(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
+    """Make ``target.<name>`` use ``source.<name>``'s parametrization: one shared state, one gradient sum.
+
+    For weights that were one tensor before they were shared (an LM head tied to
+    its embedding): the parametrization list, and so its original tensors, is a
+    single module used in both places.
+    """
+    plist = source.parametrizations[name]
+    if parametrize.is_parametrized(target, name):
+        raise ValueError(f"share_parametrization: {type(target).__name__}.{name} is already parametrized")
+    # a placeholder registration makes parametrize install its property on target; then the
+    # placeholder list is replaced by source's (the placeholder's original is dropped with it)
+    current = getattr(target, name)
+    if isinstance(current, nn.Parameter):
+        target._parameters[name] = nn.Parameter(torch.empty(0, dtype=current.dtype), requires_grad=current.requires_grad)
+    parametrize.register_parametrization(target, name, nn.Identity(), unsafe=True)
+    target.parametrizations[name] = plist
+    return target
 
 
 def match_names(names, patterns) -> list[str]:

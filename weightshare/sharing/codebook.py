@@ -5,10 +5,16 @@ Each group g of consecutive weights (the whole tensor, one output row, or
 exact 1-D k-means; every weight stores only its index a[i] into its table.
 The map is linear in the tables, so dL/dC_g[k] is the sum of dL/dW over the
 weights assigned to k and the tables train with any optimizer.
+
+Packed entry: ``{"map": "codebook", "shape", "dtype", "config": CodebookConfig,
+"transposed"?: true}`` with tensors ``<name>.__tables`` (groups, 2**bits) and
+``<name>.__indices`` (the indices bit-packed at exactly ``bits`` bits each).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,14 +23,18 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare._progress import progress
+from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
-from weightshare.space import register_sharing
+from weightshare.space import SharingMap, config_from_dict, config_to_dict, register_map, share_parametrization
 
-__all__ = ["CodebookConfig", "codebook", "codebook_model_", "tie_codebook", "SUPPORTED_MODULES"]
+__all__ = ["CodebookConfig", "codebook", "codebook_model_", "tie_codebook", "table_storage_dtype", "SUPPORTED_MODULES"]
+
+log = logging.getLogger(__name__)
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUPPORTED_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_DECODE_CHUNK = 1 << 18  # weights decoded per step at inference: bounds the int64 index temporary to 8 MB
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
@@ -41,6 +51,10 @@ def channel_layout(shape, transposed: bool) -> tuple[int, ...]:
     return tuple(reversed(tuple(shape))) if transposed else tuple(shape)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 @dataclass
 class CodebookConfig:
     """Cluster weights into small per-group tables (palettization)."""
@@ -52,12 +66,12 @@ class CodebookConfig:
     version: int = 1  # bumped when the meaning of a field changes (stored in packed files)
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, np.integer)) or not 1 <= self.bits <= 8:
+        if not _is_int(self.bits) or not 1 <= self.bits <= 8:
             raise ValueError(f"CodebookConfig.bits must be an integer in 1..8\n  got: {self.bits!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"CodebookConfig.granularity\n  expected one of: {GRANULARITIES}\n  got: {self.granularity!r}")
         if self.granularity == "per_group":
-            if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
+            if not _is_int(self.group_size) or self.group_size < 1:
                 raise ValueError(
                     f"CodebookConfig.group_size must be a positive integer for per_group\n  got: {self.group_size!r}"
                 )
@@ -68,17 +82,21 @@ class CodebookConfig:
             )
         if self.table_dtype not in TABLE_DTYPES:
             raise ValueError(f"CodebookConfig.table_dtype\n  expected one of: {sorted(TABLE_DTYPES)}\n  got: {self.table_dtype!r}")
+        if self.version != 1 or not _is_int(self.version):
+            raise ValueError(f"CodebookConfig.version\n  expected: 1 (this release)\n  got: {self.version!r}")
 
 
 def group_layout(shape: torch.Size | tuple, granularity: str, group_size: int | None, name: str = "weight") -> tuple[int, int]:
     """(number of groups, weights per group); groups are contiguous runs of the row-major weight.
 
     Rows are the first dimension (output channels of Linear/Conv, tokens of Embedding).
+    Python integers throughout: shapes may come from an untrusted file and must not overflow.
     """
-    numel = int(np.prod(shape))
+    numel = math.prod(int(d) for d in shape)
     if granularity == "per_tensor":
         return 1, numel
-    rows, row_len = shape[0], numel // max(shape[0], 1)
+    rows = int(shape[0]) if len(shape) else 1
+    row_len = numel // max(rows, 1)
     if granularity == "per_channel":
         return rows, row_len
     if row_len % group_size:
@@ -108,23 +126,38 @@ class _Codebook(nn.Module):
         self.layout = channel_layout(self.shape, self.transposed)
         self.config = config
         self.n_groups, self.group_len = group_layout(self.layout, config.granularity, config.group_size)
-        self.register_buffer("labels", torch.zeros(self.layout, dtype=torch.uint8))
+        # labels from a packed file are installed as they are (no second allocation)
+        labels = init[1].view(self.layout) if init is not None else torch.zeros(self.layout, dtype=torch.uint8)
+        self.register_buffer("labels", labels)
         self._importance = importance
-        self._init = init  # (tables, labels) from a packed file: skip clustering
+        self._init = None if init is None else init[0]  # tables from a packed file: skip clustering
 
     def forward(self, tables: torch.Tensor) -> torch.Tensor:
-        index = self.labels.view(self.n_groups, self.group_len).long()
-        w = torch.gather(tables, 1, index).view(self.layout)
+        if torch.is_grad_enabled() and tables.requires_grad:
+            index = self.labels.view(self.n_groups, self.group_len).long()
+            w = torch.gather(tables, 1, index).view(self.layout)
+        else:
+            w = self._decode(tables)
         return w.t() if self.transposed else w
+
+    def _decode(self, tables: torch.Tensor) -> torch.Tensor:
+        """The same gather in bounded steps: at inference the int64 index never exists whole."""
+        labels = self.labels.view(self.n_groups, self.group_len)
+        out = torch.empty((self.n_groups, self.group_len), dtype=tables.dtype, device=tables.device)
+        rows = max(1, _DECODE_CHUNK // max(self.group_len, 1))
+        cols = min(max(self.group_len, 1), _DECODE_CHUNK)
+        for r in range(0, self.n_groups, rows):
+            for c in range(0, self.group_len, cols):
+                index = labels[r : r + rows, c : c + cols].long()
+                out[r : r + rows, c : c + cols] = torch.gather(tables[r : r + rows], 1, index)
+        return out.view(self.layout)
 
     @torch.no_grad()
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         # the tables are a parameter of the weight's own dtype: parametrize requires it,
         # and a half-precision model must keep computing in half precision
         if self._init is not None:
-            tables, labels = self._init
-            self._init = None
-            self.labels.copy_(labels)
+            tables, self._init = self._init, None
             return tables.to(weight.dtype)
         k = 1 << self.config.bits
         w, imp = weight.detach().float(), self._importance
@@ -144,6 +177,36 @@ class _Codebook(nn.Module):
         tables = torch.from_numpy(centroids).to(table_dtype).to(weight.dtype)
         self.labels.copy_(torch.from_numpy(labels.astype(np.uint8)).view(self.layout))
         return tables
+
+
+    def rows(self, tables: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``W[index]`` decoded for the requested rows only (an embedding lookup)."""
+        labels = self.labels[index].long()  # (*, row_len)
+        if self.config.granularity == "per_tensor":
+            return tables[0][labels]
+        if self.config.granularity == "per_channel":
+            return torch.gather(tables[index], -1, labels)
+        per_row = self.layout[1] // self.config.group_size if len(self.layout) > 1 else 1
+        t = tables.view(self.layout[0], per_row, -1)[index]  # (*, groups per row, 2**bits)
+        w = torch.gather(t, -1, labels.view(*index.shape, per_row, self.config.group_size))
+        return w.view(*index.shape, -1)
+
+
+class CodebookEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose codebook is looked up row by row at inference.
+
+    Decoding a 30,000-token table to embed a batch of 32 sentences would cost
+    more memory than the dense model; the rows a batch uses are a few hundred.
+    Training (gradients on) and ``max_norm`` take the ordinary path, so the
+    gradient semantics (``padding_idx``) are exactly ``nn.Embedding``'s.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if parametrize.is_parametrized(self, "weight") and self.max_norm is None and not torch.is_grad_enabled():
+            plist = self.parametrizations.weight
+            if len(plist) == 1 and isinstance(plist[0], _Codebook) and not plist[0].transposed:
+                return plist[0].rows(plist.original, input)
+        return super().forward(input)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -166,30 +229,26 @@ def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | N
         config: bits, granularity and table dtype (default: 4-bit per_channel).
         importance: optional non-negative weight per element for data-aware
             clustering (minimise sum importance * (W - W_hat)**2).
-        init: ``(tables, labels)`` to install as they are (used by ``ws.load``).
+        init: ``(tables, labels)`` to install as they are (used by ``ws.load``);
+            the module's weight may then be on the meta device.
     """
     config = config or CodebookConfig()
     weight = getattr(module, name)
     transposed = name == "weight" and is_transposed_linear(module)
-    _check_weight(fqn or name, weight, config, transposed)
+    if init is None:
+        _check_weight(fqn or name, weight, config, transposed)
+    elif weight.is_meta:  # a skeleton built without memory: parametrize needs the original on the tables' device
+        module._parameters[name] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
     param = _Codebook(weight.shape, config, importance=importance, init=init, transposed=transposed)
+    if type(module) is nn.Embedding and name == "weight":  # exact class: subclasses may have their own forward
+        module.__class__ = CodebookEmbedding
     parametrize.register_parametrization(module, name, param, unsafe=True)
     return module
 
 
 def tie_codebook(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
-    """Make ``target.<name>`` use the codebook of ``source.<name>``: one table, one set of labels.
-
-    For weights that were one tensor before clustering (an LM head tied to its
-    embedding): the tables stay a single parameter, so they are stored once and
-    both uses' gradients add up in them, as they did in the tied dense weight.
-    """
-    plist = source.parametrizations[name]
-    cb = plist[0]
-    cb._init = (plist.original.detach(), cb.labels.clone())  # install as is: no second clustering
-    parametrize.register_parametrization(target, name, cb, unsafe=True)
-    target.parametrizations[name].original = plist.original
-    return target
+    """Make ``target.<name>`` use the codebook of ``source.<name>``: one table, one set of labels."""
+    return share_parametrization(source, target, name)
 
 
 def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
@@ -203,6 +262,24 @@ def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
             continue
         chosen.append((fqn, module))
     return chosen
+
+
+def _warn_if_tables_dominate(shapes: list[tuple[tuple, bool]], config: CodebookConfig) -> None:
+    """Warn when the tables cost more bits per weight than the indices (e.g. 4-bit groups of 32)."""
+    weights = table_bits = 0
+    for shape, transposed in shapes:
+        groups, _ = group_layout(channel_layout(shape, transposed), config.granularity, config.group_size)
+        weights += math.prod(shape)
+        table_bits += groups * (1 << config.bits) * TABLE_DTYPES[config.table_dtype].itemsize * 8
+    if not weights or table_bits <= weights * config.bits:
+        return
+    per_weight = table_bits / weights
+    need = -(-(1 << config.bits) * TABLE_DTYPES[config.table_dtype].itemsize * 8 // config.bits)
+    hint = (f"use --group-size {1 << max(need - 1, 0).bit_length()} or larger" if config.granularity == "per_group"
+            else "use per_tensor, or fewer bits")
+    log.warning("codebook %d-bit %s: the tables cost %.2f bits per weight on top of the %d-bit indices "
+                "(%.2f bits per weight in all); %s", config.bits, config.granularity, per_weight, config.bits,
+                per_weight + config.bits, hint)
 
 
 def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
@@ -229,14 +306,107 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
         if not group:
             first.append((fqn, module))
         group.append(module)
+    _warn_if_tables_dominate([(tuple(m.weight.shape), is_transposed_linear(m)) for _, m in first], config)
     for fqn, module in progress(first, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
         tied = owners[id(module.weight)][1:]
         codebook(module, "weight", config, importance=importance.get(f"{fqn}.weight"), fqn=f"{fqn}.weight")
         for other in tied:
-            tie_codebook(module, other)
+            share_parametrization(module, other)
     return model
 
 
-@register_sharing(CodebookConfig)
-def _apply(model: nn.Module, config: CodebookConfig, filter_fn) -> None:
-    codebook_model_(model, config, filter_fn)
+def table_storage_dtype(tables: torch.Tensor, config: CodebookConfig) -> torch.dtype:
+    """The config's table dtype when it holds the tables exactly, else the tables' own dtype.
+
+    Tables leave the config's grid when they are trained, or when the weight's own
+    dtype is coarser (bf16 tables of a bf16 model need not be fp16 values).
+    """
+    dtype = TABLE_DTYPES[config.table_dtype]
+    if not torch.equal(tables.to(dtype).to(tables.dtype), tables):
+        return tables.dtype
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_FLOATS = {"float16", "bfloat16", "float32"}
+
+
+class CodebookMap(SharingMap):
+    name = "codebook"
+    config = CodebookConfig
+    parametrizations = (_Codebook,)
+
+    def apply(self, model, config, filter_fn) -> None:
+        codebook_model_(model, config, filter_fn)
+
+    def pack(self, name, plist, put) -> dict:
+        cb, tables = plist[0], plist.original.detach()
+        store = table_storage_dtype(tables, cb.config)
+        if store != TABLE_DTYPES[cb.config.table_dtype]:
+            log.warning("%s: tables moved off the %s grid (trained?): stored as %s to stay exact",
+                        name, cb.config.table_dtype, _dtype_name(store))
+        put(f"{name}.__tables", tables.to(store).contiguous())
+        put(f"{name}.__indices", torch.from_numpy(pack_bits(cb.labels.numpy(), cb.config.bits)))
+        entry = {"shape": list(cb.shape), "dtype": _dtype_name(tables.dtype), "config": config_to_dict(cb.config)}
+        if cb.transposed:  # labels and tables over W^T (transformers' Conv1D); makes the file version 2
+            entry["transposed"] = True
+        return entry
+
+    def check(self, name, entry, shape, dtype):
+        extra = set(entry) - {"map", "shape", "dtype", "config", "transposed"}
+        if extra or "config" not in entry:
+            raise ValueError(f"codebook entry keys\n  expected: config, optional transposed\n  got: {sorted(entry)}"[:300])
+        if dtype not in _FLOATS:
+            raise ValueError(f"codebook dtype\n  expected one of: {sorted(_FLOATS)}\n  got: {dtype!r}")
+        transposed = entry.get("transposed", False)
+        if transposed is not True and transposed is not False or (transposed and len(shape) != 2):
+            raise ValueError(f"bad 'transposed'\n  expected: true (2-D weights only) or absent\n  got: {transposed!r} for shape {list(shape)}"[:300])
+        if not shape:
+            raise ValueError("codebook of a 0-d tensor\n  expected: a weight with at least one dimension")
+        config = config_from_dict(entry["config"])
+        if not isinstance(config, CodebookConfig):
+            raise ValueError(f"codebook config\n  expected: CodebookConfig\n  got: {type(config).__name__}")
+        groups, _ = group_layout(channel_layout(shape, transposed), config.granularity, config.group_size, name)
+        numel = math.prod(shape)
+        return {f"{name}.__tables": (_FLOATS, (groups, 1 << config.bits)),
+                f"{name}.__indices": ({"uint8"}, (packed_size(numel, config.bits),))}
+
+    def fits(self, module, attr, entry):
+        transposed = bool(entry.get("transposed"))
+        if transposed != (attr == "weight" and is_transposed_linear(module)):
+            layout = "over W^T" if transposed else "over W"
+            return f"the file lays its codebook out {layout}, which does not fit the model's {type(module).__name__}"
+        return None
+
+    def _parts(self, name, entry, fetch):
+        config = config_from_dict(entry["config"])
+        layout = channel_layout(entry["shape"], bool(entry.get("transposed")))
+        labels = unpack_bits(fetch(f"{name}.__indices").numpy(), config.bits, math.prod(layout))
+        return config, fetch(f"{name}.__tables"), torch.from_numpy(labels).view(layout)
+
+    def install(self, module, attr, name, entry, fetch) -> None:
+        config, tables, labels = self._parts(name, entry, fetch)
+        codebook(module, attr, config, init=(tables, labels), fqn=name)
+
+    def decode(self, name, entry, fetch) -> torch.Tensor:
+        config, tables, labels = self._parts(name, entry, fetch)
+        groups, glen = group_layout(labels.shape, config.granularity, config.group_size)
+        w = torch.gather(tables.float(), 1, labels.view(groups, glen).long()).view(labels.shape)
+        if entry.get("transposed"):
+            w = w.t().contiguous()
+        return w.to(getattr(torch, entry["dtype"]))
+
+    def describe(self, plist) -> dict:
+        cb, tables = plist[0], plist.original
+        numel = math.prod(cb.shape)
+        esize = table_storage_dtype(tables.detach(), cb.config).itemsize
+        detail = f"{cb.config.bits}-bit {cb.config.granularity}" + (f"({cb.config.group_size})" if cb.config.group_size else "")
+        return {"detail": detail, "shape": cb.shape, "params_stored": tables.numel(),
+                "bytes_dense": numel * tables.element_size(),
+                "bytes_packed": packed_size(numel, cb.config.bits) + tables.numel() * esize}
+
+
+register_map(CodebookMap())

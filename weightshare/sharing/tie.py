@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from weightshare.space import match_names, register_sharing
+from weightshare.space import SharingMap, match_names, register_map
 
 __all__ = ["TieConfig", "tie"]
 
@@ -54,6 +54,14 @@ def tie(model: nn.Module, params: list[str], init: str = "first") -> nn.Paramete
     return shared
 
 
-@register_sharing(TieConfig)
-def _apply(model: nn.Module, config: TieConfig, filter_fn) -> None:
-    tie(model, list(config.params), config.init)
+class TieMap(SharingMap):
+    """Tied tensors are one object: the packed container stores them once and aliases the rest."""
+
+    name = "tie"
+    config = TieConfig
+
+    def apply(self, model, config, filter_fn) -> None:
+        tie(model, list(config.params), config.init)
+
+
+register_map(TieMap())
