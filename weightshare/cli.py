@@ -43,7 +43,7 @@ def _inspect(args) -> None:
 def _export(args) -> None:
     import weightshare as ws
 
-    ws.export(args.dir, args.out)
+    ws.export(args.dir, args.out, max_shard_size=args.max_shard_size)
     print(f"dense model written to {args.out}")
 
 
@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", parents=common, help="write a packed model as a plain dense model directory")
     e.add_argument("dir")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="new or empty directory")
+    e.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="split weights into model-0000N-of-0000M.safetensors shards of at most SIZE "
+                        "(e.g. 500MB), with model.safetensors.index.json, as save_pretrained does (default 5GB)")
     e.set_defaults(func=_export)
 
     b = sub.add_parser("bench", parents=common,
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad input: one clear message, no traceback
         print(f"weightshare {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine said no (permissions, disk full): say what and where
+        print(f"weightshare {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0
