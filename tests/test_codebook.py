@@ -150,3 +150,33 @@ def test_transformers_conv1d_gets_tables_per_output_channel(granularity, group_s
         assert group.unique().numel() <= 4
     x = torch.randn(3, 16)
     assert torch.allclose(layer(x), x @ w + layer.bias, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("granularity,group_size", [("per_tensor", None), ("per_channel", None), ("per_group", 3)])
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_inference_decode_and_row_lookup_equal_the_plain_gather(bits, granularity, group_size, chunk, monkeypatch):
+    # at inference weights decode in chunks from two-per-byte codes, and an embedding looks up
+    # only its rows; both must equal the one-shot gather over the unpacked labels exactly
+    import importlib
+
+    cb_mod = importlib.import_module("weightshare.sharing.codebook")
+
+    monkeypatch.setattr(cb_mod, "_DECODE_CHUNK", chunk)  # 7: odd chunks start mid-byte
+    torch.manual_seed(bits)
+    emb = torch.nn.Embedding(13, 9)  # odd sizes: a row of nibbles ends mid-byte
+    lin = torch.nn.Linear(9, 11)
+    for m in (emb, lin):
+        ws.share_(torch.nn.Sequential(m), ws.CodebookConfig(bits=bits, granularity=granularity, group_size=group_size))
+    for m in (emb, lin):
+        plist = m.parametrizations.weight
+        labels = plist[0].labels
+        assert labels.shape == m.weight.shape and int(labels.max()) < 2**bits
+        groups, glen = group_layout(labels.shape, granularity, group_size)
+        expect = torch.gather(plist.original, 1, labels.reshape(groups, glen).long()).view(labels.shape)
+        with torch.no_grad():
+            assert torch.equal(m.weight, expect)
+    tokens = torch.randint(0, 13, (4, 5))
+    with torch.no_grad():
+        assert type(emb).__name__.endswith("CodebookEmbedding")
+        assert torch.equal(emb(tokens), torch.nn.functional.embedding(tokens, emb.weight))

@@ -109,10 +109,12 @@ def group_layout(shape: torch.Size | tuple, granularity: str, group_size: int | 
 
 
 class _Codebook(nn.Module):
-    """Parametrization W = tables[g, labels[i]] with ``labels`` a uint8 buffer.
+    """Parametrization W = tables[g, labels[i]].
 
     ``right_inverse`` (run by ``register_parametrization``) clusters the dense
-    weight, so the stored original is the (groups, 2**bits) table alone.
+    weight, so the stored original is the (groups, 2**bits) table alone.  The
+    labels live in the ``codes`` buffer: two to a byte when bits <= 4 (the
+    packed file's own layout at 4 bits), one otherwise; ``labels`` unpacks them.
     With ``transposed`` (a weight stored (in, out)) tables and labels are laid
     out over W^T, so that rows are output channels as for ``nn.Linear``, and the
     module is handed a transposed view.
@@ -126,11 +128,38 @@ class _Codebook(nn.Module):
         self.layout = channel_layout(self.shape, self.transposed)
         self.config = config
         self.n_groups, self.group_len = group_layout(self.layout, config.granularity, config.group_size)
-        # labels from a packed file are installed as they are (no second allocation)
-        labels = init[1].view(self.layout) if init is not None else torch.zeros(self.layout, dtype=torch.uint8)
-        self.register_buffer("labels", labels)
+        self.numel = self.n_groups * self.group_len
+        self.nibbles = config.bits <= 4
+        if init is not None and len(init) == 3:  # (tables, None, codes): codes in memory layout already
+            codes = init[2]
+        elif init is not None:
+            codes = self._encode(init[1].reshape(-1))
+        else:
+            codes = torch.zeros((self.numel + 1) // 2 if self.nibbles else self.numel, dtype=torch.uint8)
+        self.register_buffer("codes", codes)
         self._importance = importance
         self._init = None if init is None else init[0]  # tables from a packed file: skip clustering
+
+    def _encode(self, labels: torch.Tensor) -> torch.Tensor:
+        if not self.nibbles:
+            return labels.contiguous()
+        if labels.numel() % 2:
+            labels = torch.cat([labels, labels.new_zeros(1)])
+        pairs = labels.view(-1, 2)
+        return pairs[:, 0] | (pairs[:, 1] << 4)
+
+    def _unpack(self, a: int, b: int) -> torch.Tensor:
+        """Labels a..b-1 of the flat layout, as uint8."""
+        if not self.nibbles:
+            return self.codes[a:b]
+        c = self.codes[a // 2 : (b + 1) // 2]
+        out = torch.stack((c & 15, c >> 4), dim=-1).view(-1)
+        return out[a % 2 : a % 2 + (b - a)]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Every weight's index into its table, shaped as the layout (uint8)."""
+        return self._unpack(0, self.numel).view(self.layout)
 
     def forward(self, tables: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and tables.requires_grad:
@@ -142,14 +171,19 @@ class _Codebook(nn.Module):
 
     def _decode(self, tables: torch.Tensor) -> torch.Tensor:
         """The same gather in bounded steps: at inference the int64 index never exists whole."""
-        labels = self.labels.view(self.n_groups, self.group_len)
-        out = torch.empty((self.n_groups, self.group_len), dtype=tables.dtype, device=tables.device)
-        rows = max(1, _DECODE_CHUNK // max(self.group_len, 1))
-        cols = min(max(self.group_len, 1), _DECODE_CHUNK)
-        for r in range(0, self.n_groups, rows):
-            for c in range(0, self.group_len, cols):
-                index = labels[r : r + rows, c : c + cols].long()
-                out[r : r + rows, c : c + cols] = torch.gather(tables[r : r + rows], 1, index)
+        glen = self.group_len
+        out = torch.empty(self.numel, dtype=tables.dtype, device=tables.device)
+        if glen <= _DECODE_CHUNK:
+            rows = max(1, _DECODE_CHUNK // max(glen, 1))
+            for r in range(0, self.n_groups, rows):
+                a, b = r * glen, min(self.n_groups, r + rows) * glen
+                index = self._unpack(a, b).view(-1, glen).long()
+                out[a:b] = torch.gather(tables[r : r + rows], 1, index).view(-1)
+        else:  # one huge group (per_tensor): column chunks of it
+            for g in range(self.n_groups):
+                for c in range(0, glen, _DECODE_CHUNK):
+                    a, b = g * glen + c, g * glen + min(glen, c + _DECODE_CHUNK)
+                    out[a:b] = tables[g][self._unpack(a, b).long()]
         return out.view(self.layout)
 
     @torch.no_grad()
@@ -175,13 +209,20 @@ class _Codebook(nn.Module):
         else:
             centroids, labels = kmeans1d_rows(w, k, weights=imp)
         tables = torch.from_numpy(centroids).to(table_dtype).to(weight.dtype)
-        self.labels.copy_(torch.from_numpy(labels.astype(np.uint8)).view(self.layout))
+        self.codes = self._encode(torch.from_numpy(labels.astype(np.uint8)).reshape(-1))
         return tables
 
 
     def rows(self, tables: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``W[index]`` decoded for the requested rows only (an embedding lookup)."""
-        labels = self.labels[index].long()  # (*, row_len)
+        row_len = self.numel // max(self.layout[0], 1)
+        if not self.nibbles:
+            labels = self.codes.view(-1, row_len)[index].long()  # (*, row_len)
+        elif row_len % 2 == 0:  # whole bytes per row: gather the rows' bytes, then split them
+            c = self.codes.view(-1, row_len // 2)[index]
+            labels = torch.stack((c & 15, c >> 4), dim=-1).view(*index.shape, row_len).long()
+        else:
+            labels = self.labels[index].long()
         if self.config.granularity == "per_tensor":
             return tables[0][labels]
         if self.config.granularity == "per_channel":
@@ -388,8 +429,13 @@ class CodebookMap(SharingMap):
         return config, fetch(f"{name}.__tables"), torch.from_numpy(labels).view(layout)
 
     def install(self, module, attr, name, entry, fetch) -> None:
-        config, tables, labels = self._parts(name, entry, fetch)
-        codebook(module, attr, config, init=(tables, labels), fqn=name)
+        config = config_from_dict(entry["config"])
+        if config.bits == 4:  # the file's bit stream is the in-memory nibble layout: no unpacking at all
+            init = (fetch(f"{name}.__tables"), None, fetch(f"{name}.__indices"))
+        else:
+            _, tables, labels = self._parts(name, entry, fetch)
+            init = (tables, labels)
+        codebook(module, attr, config, init=init, fqn=name)
 
     def decode(self, name, entry, fetch) -> torch.Tensor:
         config, tables, labels = self._parts(name, entry, fetch)
