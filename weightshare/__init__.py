@@ -15,10 +15,8 @@ from importlib.metadata import version as _version
 __version__ = _version("weightshare")  # the installed metadata, as `weightshare --version` prints
 
 _EXPORTS = {
-    "CodebookConfig": "weightshare.sharing",
     "PackError": "weightshare.pack",
     "Report": "weightshare.report",
-    "TieConfig": "weightshare.sharing",
     "export": "weightshare.pack",
     "kmeans1d": "weightshare.kmeans",
     "load": "weightshare.pack",
@@ -28,22 +26,26 @@ _EXPORTS = {
     "set_progress": "weightshare._progress",
     "share_": "weightshare.space",
 }
-__all__ = sorted(_EXPORTS)
+# the config class of every map in weightshare/sharing/ (CodebookConfig, HashConfig, ...) is exported too,
+# found in the registry: adding a map edits nothing here
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
-        import_module("weightshare.sharing")  # importing the maps registers them
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
+    if name == "__all__":
+        return sorted([*_EXPORTS, *import_module("weightshare.sharing").__all__])
+    if name in _EXPORTS or name.endswith("Config"):
+        sharing = import_module("weightshare.sharing")  # importing the maps registers them
+        value = getattr(import_module(_EXPORTS[name]), name) if name in _EXPORTS else getattr(sharing, name, None)
+        if value is not None:
+            globals()[name] = value
+            return value
     if name in ("compress", "bench", "multitask", "merge"):
         return import_module(f"weightshare.{name}")
     raise AttributeError(f"module 'weightshare' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+    return sorted(set(globals()) | set(__getattr__("__all__")))
 
 
 class _Package(types.ModuleType):

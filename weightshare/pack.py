@@ -394,10 +394,21 @@ class PackedFile:
         for key in self.infos:
             self.fetch(key)
 
-    def release(self, keys) -> None:
-        """Forget read tensors that have been installed or decoded (the model keeps what it uses)."""
-        for key in keys:
-            self._cache.pop(key, None)
+    def release(self, entry: str) -> None:
+        """Forget the read tensors of an installed entry that no later entry needs (the model keeps what it uses).
+
+        A tensor several entries share (a basis) stays until the last of them, so
+        that all of them get the same object.
+        """
+        if not hasattr(self, "_users"):
+            self._users: dict[str, int] = {}
+            for keys in self.keys_of.values():
+                for key in keys:
+                    self._users[key] = self._users.get(key, 0) + 1
+        for key in self.keys_of.get(entry, ()):
+            self._users[key] -= 1
+            if self._users[key] == 0:
+                self._cache.pop(key, None)
 
     def decode(self, name: str) -> torch.Tensor:
         """The plain tensor entry ``name`` stands for (an alias as its own copy)."""
@@ -580,7 +591,7 @@ def _install(inner: nn.Module, pf: PackedFile) -> None:
                     current.copy_(t)
         elif entry["map"] != "alias":
             get_map(entry["map"]).install(owner, attr, name, entry, pf.fetch)
-            pf.release(pf.keys_of[name])  # packed indices are garbage once unpacked: keep the peak low
+            pf.release(name)  # packed indices are garbage once unpacked: keep the peak low
     for name, entry in pf.entries.items():
         if entry["map"] != "alias":
             continue

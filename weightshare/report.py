@@ -86,7 +86,7 @@ def report(model: nn.Module) -> Report:
                 m = map_of(plist)
                 if m is None:
                     continue
-                d = m.describe(plist)
+                d = m.describe(plist, seen)
                 first = id(plist.original) not in seen  # a parametrization shared by two modules counts once
                 seen.add(id(plist.original))
                 numel = _prod(d["shape"])

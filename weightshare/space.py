@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["SharingMap", "register_map", "get_map", "map_of", "share_", "materialize_", "config_from_dict",
-           "config_to_dict", "match_names", "share_parametrization", "tied_groups"]
+           "config_to_dict", "match_names", "share_parametrization", "shared_parameter", "tied_groups"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Put = Callable[[str, torch.Tensor], str]  # store a tensor under a key; returns the key it is stored under
@@ -71,8 +71,12 @@ class SharingMap:
         """The dense weight a checked entry stands for, in the entry's dtype."""
         raise NotImplementedError
 
-    def describe(self, plist: parametrize.ParametrizationList) -> dict:
-        """For ``ws.report``: ``detail`` (str), ``shape``, ``params_stored``, ``bytes_dense``, ``bytes_packed``."""
+    def describe(self, plist: parametrize.ParametrizationList, seen: set[int]) -> dict:
+        """For ``ws.report``: ``detail`` (str), ``shape``, ``params_stored``, ``bytes_dense``, ``bytes_packed``.
+
+        ``seen`` holds the ids of tensors already counted: a map whose state is
+        shared by several tensors (a basis) counts it once and adds its id.
+        """
         raise NotImplementedError
 
 
@@ -104,11 +108,31 @@ def map_names() -> list[str]:
     return sorted(_MAPS)
 
 
+def config_classes() -> dict[str, type]:
+    """The config dataclass of every registered map, by class name (``HashConfig``, ...)."""
+    return dict(_CONFIGS)
+
+
 def map_of(plist: parametrize.ParametrizationList) -> SharingMap | None:
     """The map that installed a parametrization list, or None for one weightshare does not know."""
     if len(plist) != 1:
         return None
     return _BY_PARAMETRIZATION.get(type(plist[0]))
+
+
+def shared_parameter(t: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:
+    """The one ``nn.Parameter`` for a stored tensor read by ``ws.load``.
+
+    The packed container hands every entry that names a shared tensor (a basis,
+    a tied weight with per-layer deltas) the same tensor object; this makes the
+    same Parameter of it for each of them, so the sharing survives loading and
+    the optimizer sees it once.
+    """
+    p = getattr(t, "_weightshare_parameter", None)
+    if p is None:
+        p = nn.Parameter(t, requires_grad=requires_grad)
+        t._weightshare_parameter = p
+    return p
 
 
 def config_from_dict(d: dict):

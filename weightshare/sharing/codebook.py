@@ -445,7 +445,7 @@ class CodebookMap(SharingMap):
             w = w.t().contiguous()
         return w.to(getattr(torch, entry["dtype"]))
 
-    def describe(self, plist) -> dict:
+    def describe(self, plist, seen) -> dict:
         cb, tables = plist[0], plist.original
         numel = math.prod(cb.shape)
         esize = table_storage_dtype(tables.detach(), cb.config).itemsize
