@@ -1,0 +1,278 @@
+"""Basis: a group of same-shaped weights written over one shared basis.
+
+Two forms:
+
+* ``"lowrank"`` — ``W_l = B · C_l``: one (out, r) basis B shared by the group and
+  an (r, in) coefficient matrix per layer.  This is Basis Sharing (Wang et al.,
+  ICLR 2025): the SVD of the layers side by side, ``[W_1 … W_L] = U Σ V^T``,
+  gives ``B = U_r Σ_r`` and ``C_l`` the l-th block of ``V_r^T``.  With
+  calibration, each block is first whitened by the Cholesky factor S_l of its
+  layer's input second moment E[x x^T] (so the truncation minimises the error of
+  the layer's outputs, not of its weights) and ``C_l = (V_r^T)_l S_l^{-1}``.
+* ``"mix"`` — ``W_l = Σ_j A[l,j] · B_j``: a bank of ``num_bases`` full-size templates
+  and ``num_bases`` coefficients per layer (the seed article's ``w_i = Σ_j a_ij w_j``).
+  SVD init is the PCA of the layers as L samples: ``vec(W_l) = U Σ V^T``,
+  ``A = U_M``, ``B = Σ_M V_M^T``.
+
+The low-rank form is the one that compresses a pretrained model well: a weight
+keeps most of its energy in a rank far below its size, and sharing B lets every
+layer have a larger rank than per-layer SVD could afford at the same size; the
+mix form saves only when M < L and keeps only what the layers have in common.
+``init="random"`` starts either form from scratch with the usual weight scale.
+
+Packed entry: ``{"map": "basis", "shape", "dtype", "form", "rank", "basis": KEY}``
+with the per-layer ``<name>.__coef`` and the shared basis stored once under KEY.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from weightshare.space import SharingMap, match_names, register_map, shared_parameter
+
+__all__ = ["BasisConfig", "basis_model_", "basis_params"]
+
+FORMS = ("lowrank", "mix")
+
+
+@dataclass
+class BasisConfig:
+    """Write a group of same-shaped weights over one shared basis."""
+
+    layers: list[str] | str = field(default_factory=list)  # exact names or glob patterns of the group's weights
+    num_bases: int = 8  # lowrank: the rank r of B; mix: the number M of templates
+    form: str = "lowrank"  # "lowrank": W_l = B C_l | "mix": W_l = sum_j A[l,j] B_j
+    init: str = "svd"  # "svd": convert the weights as they are | "random": train from scratch
+    version: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.layers, str):
+            self.layers = [self.layers]
+        if not self.layers or not all(isinstance(p, str) for p in self.layers):
+            raise ValueError(f"BasisConfig.layers\n  expected: names or glob patterns of weights\n  got: {self.layers!r}")
+        if isinstance(self.num_bases, bool) or not isinstance(self.num_bases, int) or self.num_bases < 1:
+            raise ValueError(f"BasisConfig.num_bases\n  expected: a positive integer\n  got: {self.num_bases!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"BasisConfig.form\n  expected one of: {FORMS}\n  got: {self.form!r}")
+        if self.init not in ("svd", "random"):
+            raise ValueError(f"BasisConfig.init\n  expected: 'svd' or 'random'\n  got: {self.init!r}")
+        if self.version != 1 or isinstance(self.version, bool):
+            raise ValueError(f"BasisConfig.version\n  expected: 1\n  got: {self.version!r}")
+
+
+def basis_params(form: str, layers: int, out: int, inp: int, rank: int) -> int:
+    """Stored parameters of a group of ``layers`` (out, in) weights in ``form`` with ``rank`` bases."""
+    return out * rank + layers * rank * inp if form == "lowrank" else rank * out * inp + layers * rank
+
+
+class _LowRank(nn.Module):
+    """W = basis @ C, with ``basis`` one Parameter shared by the group's parametrizations."""
+
+    def __init__(self, basis: nn.Parameter, coef: torch.Tensor | None = None):
+        super().__init__()
+        self.basis = basis
+        self._coef = coef
+
+    def forward(self, coef: torch.Tensor) -> torch.Tensor:
+        return self.basis @ coef
+
+    @torch.no_grad()
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        coef, self._coef = self._coef, None
+        return coef.to(weight.dtype)
+
+
+class _Mix(nn.Module):
+    """W = Σ_j a[j] · bank[j], with ``bank`` one Parameter shared by the group's parametrizations."""
+
+    def __init__(self, bank: nn.Parameter, coef: torch.Tensor | None = None):
+        super().__init__()
+        self.bank = bank
+        self._coef = coef
+
+    def forward(self, coef: torch.Tensor) -> torch.Tensor:
+        return torch.tensordot(coef, self.bank, dims=1)
+
+    @torch.no_grad()
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        coef, self._coef = self._coef, None
+        return coef.to(weight.dtype)
+
+
+def _group(model: nn.Module, config: BasisConfig) -> list[str]:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    names = match_names(named, config.layers)
+    if not names:
+        raise ValueError(f"basis: no parameter matches {config.layers}\n  see model.named_parameters() for the names")
+    first = named[names[0]]
+    for n in names[1:]:
+        if named[n].shape != first.shape:
+            raise ValueError(f"basis: a group's weights must share one shape\n"
+                             f"  got: {names[0]} {tuple(first.shape)} and {n} {tuple(named[n].shape)}")
+    if first.dim() != 2:
+        raise ValueError(f"basis: {names[0]} has shape {tuple(first.shape)}\n  expected: 2-D (out, in) weights")
+    out, inp = first.shape
+    limit = len(names) if config.form == "mix" else min(out, len(names) * inp)
+    if config.num_bases > limit:
+        raise ValueError(f"basis: {config.num_bases} bases for {len(names)} weights of shape {tuple(first.shape)}\n"
+                         f"  expected: at most {limit} ({'one template per layer' if config.form == 'mix' else 'the rank of the stacked weights'})")
+    return names
+
+
+def _whitener(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S^-1) with S S^T = gram + a small ridge: the Cholesky factor of a layer's input second moment."""
+    g = gram.double()
+    ridge = 1e-6 * g.diagonal().mean().clamp(min=1e-12)
+    s = torch.linalg.cholesky(g + ridge * torch.eye(g.shape[0], dtype=g.dtype))
+    return s, torch.linalg.inv(s)
+
+
+def _svd_init(weights: list[torch.Tensor], config: BasisConfig, grams: list[torch.Tensor | None]):
+    """(shared basis, per-layer coefficients) from the SVD of the group's weights."""
+    r = config.num_bases
+    if config.form == "lowrank":
+        blocks, inverses = [], []
+        for w, g in zip(weights, grams):
+            w = w.double()
+            if g is not None:
+                s, s_inv = _whitener(g)
+                w = w @ s
+                inverses.append(s_inv)
+            else:
+                inverses.append(None)
+            blocks.append(w)
+        u, sigma, vh = torch.linalg.svd(torch.cat(blocks, dim=1), full_matrices=False)
+        basis = u[:, :r] * sigma[:r]
+        inp = weights[0].shape[1]
+        coefs = []
+        for l, s_inv in enumerate(inverses):
+            c = vh[:r, l * inp:(l + 1) * inp]
+            coefs.append(c if s_inv is None else c @ s_inv)
+        return basis, coefs
+    stacked = torch.stack([w.double().reshape(-1) for w in weights])  # (L, out*in): the layers as samples
+    u, sigma, vh = torch.linalg.svd(stacked, full_matrices=False)
+    bank = (sigma[:r, None] * vh[:r]).reshape(r, *weights[0].shape)
+    return bank, [u[l, :r] for l in range(len(weights))]
+
+
+def _random_init(shape, layers: int, config: BasisConfig, std: float, generator: torch.Generator):
+    """Factors whose product has the dense init's scale (variance std^2 per weight)."""
+    out, inp = shape
+    r = config.num_bases
+    if config.form == "lowrank":
+        basis = torch.randn(out, r, generator=generator, dtype=torch.float64) / math.sqrt(r)
+        return basis, [torch.randn(r, inp, generator=generator, dtype=torch.float64) * std for _ in range(layers)]
+    bank = torch.randn(r, out, inp, generator=generator, dtype=torch.float64) * std
+    coefs = []
+    for _ in range(layers):
+        a = torch.randn(r, generator=generator, dtype=torch.float64)
+        coefs.append(a / a.norm())
+    return bank, coefs
+
+
+def basis_model_(model: nn.Module, config: BasisConfig, grams: dict[str, torch.Tensor] | None = None,
+                 seed: int = 0) -> nn.Module:
+    """Write the weights matching ``config.layers`` over one shared basis, in place.
+
+    ``grams`` maps a weight's name to its layer's input second moment E[x x^T]
+    (in, in) from calibration data: the low-rank SVD is then whitened by it.
+    Everything is checked before the model is changed.
+    """
+    grams = grams or {}
+    names = _group(model, config)
+    owners = []
+    for n in names:
+        owner_name, _, attr = n.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if parametrize.is_parametrized(owner, attr) or attr not in owner._parameters:
+            raise ValueError(f"basis: {n} is not a plain parameter (is it already shared by another map?)")
+        if n in grams and tuple(grams[n].shape) != (owner._parameters[attr].shape[1],) * 2:
+            raise ValueError(f"basis: calibration second moment of {n}\n  expected: shape "
+                             f"{(owner._parameters[attr].shape[1],) * 2}\n  got: {tuple(grams[n].shape)}")
+        owners.append((owner, attr))
+    weights = [getattr(o, a).detach() for o, a in owners]
+    dtype = weights[0].dtype
+    if config.init == "svd":
+        shared, coefs = _svd_init(weights, config, [grams.get(n) for n in names])
+    else:
+        std = float(torch.stack([w.float().std() for w in weights]).mean())
+        shared, coefs = _random_init(weights[0].shape, len(weights), config, std, torch.Generator().manual_seed(seed))
+    shared = nn.Parameter(shared.to(dtype), requires_grad=owners[0][0]._parameters[owners[0][1]].requires_grad)
+    cls = _LowRank if config.form == "lowrank" else _Mix
+    for (owner, attr), coef in zip(owners, coefs):
+        parametrize.register_parametrization(owner, attr, cls(shared, coef.to(dtype)), unsafe=True)
+    return model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class BasisMap(SharingMap):
+    name = "basis"
+    config = BasisConfig
+    parametrizations = (_LowRank, _Mix)
+
+    def apply(self, model, config, filter_fn) -> None:
+        basis_model_(model, config)
+
+    def pack(self, name, plist, put) -> dict:
+        p, coef = plist[0], plist.original.detach()
+        form = "lowrank" if isinstance(p, _LowRank) else "mix"
+        shared = p.basis if form == "lowrank" else p.bank
+        key = put(f"{name}.__basis", shared)  # the group's first layer stores it; the others name that key
+        put(f"{name}.__coef", coef)
+        shape = list(shared.shape[:1]) + list(coef.shape[1:]) if form == "lowrank" else list(shared.shape[1:])
+        return {"shape": shape, "dtype": _dtype_name(coef.dtype), "form": form, "rank": int(shared.shape[-1] if form == "lowrank" else shared.shape[0]), "basis": key}
+
+    def check(self, name, entry, shape, dtype):
+        if set(entry) != {"map", "shape", "dtype", "form", "rank", "basis"}:
+            raise ValueError(f"basis entry keys\n  expected: form, rank, basis\n  got: {sorted(entry)}"[:300])
+        if dtype not in ("float16", "bfloat16", "float32", "float64"):
+            raise ValueError(f"basis dtype\n  expected: a float dtype\n  got: {dtype!r}")
+        form, r, key = entry["form"], entry["rank"], entry["basis"]
+        if form not in FORMS:
+            raise ValueError(f"form\n  expected one of: {FORMS}\n  got: {form!r}"[:200])
+        if len(shape) != 2:
+            raise ValueError(f"shape {list(shape)}: a basis map needs a 2-D weight")
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= max(shape[0], 1) * max(shape[1], 1):
+            raise ValueError(f"rank\n  expected: an integer in 1..{shape[0] * shape[1]}\n  got: {r!r}"[:200])
+        if not isinstance(key, str) or not key.endswith(".__basis"):
+            raise ValueError(f"basis key\n  expected: '<weight name>.__basis'\n  got: {key!r}"[:200])
+        out, inp = shape
+        if form == "lowrank":
+            return {key: ({dtype}, (out, r)), f"{name}.__coef": ({dtype}, (r, inp))}
+        return {key: ({dtype}, (r, out, inp)), f"{name}.__coef": ({dtype}, (r,))}
+
+    def install(self, module, attr, name, entry, fetch) -> None:
+        weight = getattr(module, attr)
+        shared = shared_parameter(fetch(entry["basis"]), requires_grad=weight.requires_grad)
+        coef = fetch(f"{name}.__coef")
+        if weight.is_meta:  # parametrize needs the original on the coefficients' device
+            module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
+        cls = _LowRank if entry["form"] == "lowrank" else _Mix
+        parametrize.register_parametrization(module, attr, cls(shared, coef), unsafe=True)
+
+    def decode(self, name, entry, fetch) -> torch.Tensor:
+        shared, coef = fetch(entry["basis"]), fetch(f"{name}.__coef")
+        with torch.no_grad():
+            return (_LowRank if entry["form"] == "lowrank" else _Mix)(shared)(coef)
+
+    def describe(self, plist, seen) -> dict:
+        p, coef = plist[0], plist.original
+        shared = p.basis if isinstance(p, _LowRank) else p.bank
+        stored = coef.numel() + (0 if id(shared) in seen else shared.numel())
+        seen.add(id(shared))
+        shape = (shared.shape[0], coef.shape[1]) if isinstance(p, _LowRank) else tuple(shared.shape[1:])
+        form = "lowrank" if isinstance(p, _LowRank) else "mix"
+        return {"detail": f"{form} r={shared.shape[-1] if form == 'lowrank' else shared.shape[0]}", "shape": shape,
+                "params_stored": stored, "bytes_dense": math.prod(shape) * coef.element_size(),
+                "bytes_packed": stored * coef.element_size()}
+
+
+register_map(BasisMap())
