@@ -10,7 +10,7 @@ import importlib
 import json
 import os
 
-NAMES = ("kmeans", "minilm", "load")
+NAMES = ("kmeans", "minilm", "load", "digits-arch")
 
 
 def run(name: str, quick: bool = False, as_json: bool = False) -> dict:
@@ -19,7 +19,7 @@ def run(name: str, quick: bool = False, as_json: bool = False) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the benchmarks' subprocesses
     print(omp_wait_policy_line(os.environ["OMP_WAIT_POLICY"], _startup_environ()), flush=True)
-    figures = importlib.import_module(f"weightshare.bench.{name}").main(quick=quick)
+    figures = importlib.import_module(f"weightshare.bench.{name.replace('-', '_')}").main(quick=quick)
     if as_json:
         print(json.dumps(figures))
     return figures

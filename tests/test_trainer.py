@@ -1,0 +1,77 @@
+"""The training loop, the unshared layer and the digits-arch helpers."""
+
+import pytest
+import torch
+
+from weightshare.bench.digits_arch import equal_stored_hidden, mlp
+from weightshare.layers import LocallyConnected2d
+from weightshare.multitask.trainer import TrainConfig, error_rate, train
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 5, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+def test_training_is_deterministic_and_learns():
+    x, y = _data()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        result = train(model, x, y, TrainConfig(epochs=30, batch_size=16, lr=1e-2, seed=1))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert result.epoch_losses[-1] < result.epoch_losses[0] / 3 and error_rate(model, x, y) < 0.1
+    assert len(result.step_seconds) == 30 * 7 and result.median_step_seconds > 0
+
+
+def test_full_batch_gd_is_one_plain_gradient_step_per_epoch():
+    x, y = _data()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 2)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    ref = torch.nn.Linear(5, 2)
+    ref.load_state_dict(model.state_dict())
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    train(model, x, y, TrainConfig(epochs=1, optimizer="gd", lr=0.5))
+    assert torch.allclose(model.weight, w0 - 0.5 * ref.weight.grad) and torch.allclose(model.bias, b0 - 0.5 * ref.bias.grad)
+
+
+def test_sgdr_restarts_the_learning_rate():
+    from weightshare.multitask.trainer import make_optimizer
+
+    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainConfig(optimizer="sgdr", lr=1.0, restart_epochs=2), 5)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 1.0 and lrs[9] < 0.05 and lrs[10] == 1.0  # a cycle of 2 epochs x 5 steps, then back to the top
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(optimizer="rmsprop"), "optimizer"), (dict(epochs=0), "epochs"),
+                                          (dict(batch_size=0), "batch_size"), (dict(lr=0), "lr")])
+def test_bad_train_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_locally_connected_with_equal_kernels_is_the_convolution():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    local = LocallyConnected2d(3, 5, (6, 7), 3, padding=1)
+    with torch.no_grad():
+        local.weight.copy_(conv.weight.reshape(5, -1).expand_as(local.weight))  # the same kernel at every position
+        local.bias.copy_(conv.bias[:, None].expand_as(local.bias))
+    x = torch.randn(2, 3, 6, 7)
+    assert torch.allclose(local(x), conv(x), atol=1e-5)
+    assert local.weight.numel() == 42 * conv.weight.numel()  # 6x7 positions, no sharing
+
+
+def test_equal_stored_baseline_has_the_hashed_nets_size():
+    h = equal_stored_hidden(1842)
+    n = sum(p.numel() for p in mlp(h, h).parameters())
+    assert abs(n - 1842) <= abs(sum(p.numel() for p in mlp(h + 1, h + 1).parameters()) - 1842)
+    assert abs(n - 1842) <= abs(sum(p.numel() for p in mlp(h - 1, h - 1).parameters()) - 1842)
