@@ -61,7 +61,7 @@ def test_every_benchmark_is_registered_and_importable():
 
     assert {"kmeans", "minilm", "load"} <= set(NAMES)
     for name in NAMES:
-        assert callable(importlib.import_module(f"weightshare.bench.{name}").main)
+        assert callable(importlib.import_module(f"weightshare.bench.{name.replace('-', '_')}").main)
 
 
 def test_omp_wait_policy_line():
