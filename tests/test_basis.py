@@ -128,3 +128,20 @@ def test_bad_groups_are_refused_before_any_change(kwargs, match):
         ws.share_(m, ws.BasisConfig(**kwargs))
     assert not any(hasattr(layer, "parametrizations") for layer in m)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_a_wide_input_shares_its_input_side(tmp_path):
+    m = stack(out=8, inp=20)  # out < in: auto shares the input side, W_l = C_l B
+    before = _weights(m)
+    r = 6
+    ws.share_(m, ws.BasisConfig(layers="*.weight", num_bases=r))
+    p = m[0].parametrizations.weight[0]
+    assert type(p).__name__ == "_LowRankRight" and p.basis.shape == (r, 20)
+    sigma = torch.linalg.svdvals(torch.cat(before, dim=0))  # the layers stacked vertically share a row space
+    err = sum(float(((layer.weight.detach().double() - w) ** 2).sum()) for w, layer in zip(before, m))
+    assert err == pytest.approx(float((sigma[r:] ** 2).sum()), rel=1e-5)
+    assert ws.report(m).params_stored == basis_params("lowrank", 4, 8, 20, r, side="right") + 4 * 8
+    loaded = ws.load(ws.save(m, tmp_path / "r"), model=stack(out=8, inp=20, seed=3))
+    x = torch.randn(2, 20)
+    assert all(torch.equal(a(x), b(x)) for a, b in zip(m, loaded))
+    assert loaded[3].parametrizations.weight[0].basis is loaded[0].parametrizations.weight[0].basis

@@ -48,6 +48,7 @@ class BasisConfig:
     num_bases: int = 8  # lowrank: the rank r of B; mix: the number M of templates
     form: str = "lowrank"  # "lowrank": W_l = B C_l | "mix": W_l = sum_j A[l,j] B_j
     init: str = "svd"  # "svd": convert the weights as they are | "random": train from scratch
+    side: str = "auto"  # lowrank: share the output side (W_l = B C_l), the input side (W_l = C_l B), or the larger
     version: int = 1
 
     def __post_init__(self):
@@ -59,15 +60,24 @@ class BasisConfig:
             raise ValueError(f"BasisConfig.num_bases\n  expected: a positive integer\n  got: {self.num_bases!r}")
         if self.form not in FORMS:
             raise ValueError(f"BasisConfig.form\n  expected one of: {FORMS}\n  got: {self.form!r}")
+        if self.side not in ("auto", "left", "right"):
+            raise ValueError(f"BasisConfig.side\n  expected: 'auto', 'left' or 'right'\n  got: {self.side!r}")
         if self.init not in ("svd", "random"):
             raise ValueError(f"BasisConfig.init\n  expected: 'svd' or 'random'\n  got: {self.init!r}")
         if self.version != 1 or isinstance(self.version, bool):
             raise ValueError(f"BasisConfig.version\n  expected: 1\n  got: {self.version!r}")
 
 
-def basis_params(form: str, layers: int, out: int, inp: int, rank: int) -> int:
+def basis_params(form: str, layers: int, out: int, inp: int, rank: int, side: str = "left") -> int:
     """Stored parameters of a group of ``layers`` (out, in) weights in ``form`` with ``rank`` bases."""
-    return out * rank + layers * rank * inp if form == "lowrank" else rank * out * inp + layers * rank
+    if form == "mix":
+        return rank * out * inp + layers * rank
+    return out * rank + layers * rank * inp if side == "left" else inp * rank + layers * rank * out
+
+
+def resolve_side(side: str, out: int, inp: int) -> str:
+    """"auto": share the larger side, where the basis saves the most (a wide FFN output projection shares its input side)."""
+    return ("left" if out >= inp else "right") if side == "auto" else side
 
 
 class _LowRank(nn.Module):
@@ -85,6 +95,13 @@ class _LowRank(nn.Module):
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         coef, self._coef = self._coef, None
         return coef.to(weight.dtype)
+
+
+class _LowRankRight(_LowRank):
+    """W = C @ basis: the input side shared."""
+
+    def forward(self, coef: torch.Tensor) -> torch.Tensor:
+        return coef @ self.basis
 
 
 class _Mix(nn.Module):
@@ -117,7 +134,8 @@ def _group(model: nn.Module, config: BasisConfig) -> list[str]:
     if first.dim() != 2:
         raise ValueError(f"basis: {names[0]} has shape {tuple(first.shape)}\n  expected: 2-D (out, in) weights")
     out, inp = first.shape
-    limit = len(names) if config.form == "mix" else min(out, len(names) * inp)
+    side = resolve_side(config.side, out, inp)
+    limit = len(names) if config.form == "mix" else (min(out, len(names) * inp) if side == "left" else min(inp, len(names) * out))
     if config.num_bases > limit:
         raise ValueError(f"basis: {config.num_bases} bases for {len(names)} weights of shape {tuple(first.shape)}\n"
                          f"  expected: at most {limit} ({'one template per layer' if config.form == 'mix' else 'the rank of the stacked weights'})")
@@ -135,6 +153,18 @@ def _whitener(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _svd_init(weights: list[torch.Tensor], config: BasisConfig, grams: list[torch.Tensor | None]):
     """(shared basis, per-layer coefficients) from the SVD of the group's weights."""
     r = config.num_bases
+    side = resolve_side(config.side, *weights[0].shape)
+    if config.form == "lowrank" and side == "right":
+        # the layers stacked vertically share their row space: [W_1 S; ...; W_L S] = U Σ V^T, B S = Σ_r V_r^T,
+        # with one whitener S for all (a shared B sees every layer's inputs), from the pooled second moments
+        known = [g for g in grams if g is not None]
+        s, s_inv = _whitener(sum(known) / len(known)) if known else (None, None)
+        stacked = torch.cat([w.double() if s is None else w.double() @ s for w in weights], dim=0)
+        u, sigma, vh = torch.linalg.svd(stacked, full_matrices=False)
+        basis = sigma[:r, None] * vh[:r]
+        basis = basis if s_inv is None else basis @ s_inv
+        out = weights[0].shape[0]
+        return basis, [u[l * out:(l + 1) * out, :r] for l in range(len(weights))]
     if config.form == "lowrank":
         blocks, inverses = [], []
         for w, g in zip(weights, grams):
@@ -165,6 +195,9 @@ def _random_init(shape, layers: int, config: BasisConfig, std: float, generator:
     out, inp = shape
     r = config.num_bases
     if config.form == "lowrank":
+        if resolve_side(config.side, out, inp) == "right":
+            basis = torch.randn(r, inp, generator=generator, dtype=torch.float64) / math.sqrt(r)
+            return basis, [torch.randn(out, r, generator=generator, dtype=torch.float64) * std for _ in range(layers)]
         basis = torch.randn(out, r, generator=generator, dtype=torch.float64) / math.sqrt(r)
         return basis, [torch.randn(r, inp, generator=generator, dtype=torch.float64) * std for _ in range(layers)]
     bank = torch.randn(r, out, inp, generator=generator, dtype=torch.float64) * std
@@ -203,7 +236,8 @@ def basis_model_(model: nn.Module, config: BasisConfig, grams: dict[str, torch.T
         std = float(torch.stack([w.float().std() for w in weights]).mean())
         shared, coefs = _random_init(weights[0].shape, len(weights), config, std, torch.Generator().manual_seed(seed))
     shared = nn.Parameter(shared.to(dtype), requires_grad=owners[0][0]._parameters[owners[0][1]].requires_grad)
-    cls = _LowRank if config.form == "lowrank" else _Mix
+    side = resolve_side(config.side, *weights[0].shape)
+    cls = _Mix if config.form == "mix" else _LowRank if side == "left" else _LowRankRight
     for (owner, attr), coef in zip(owners, coefs):
         parametrize.register_parametrization(owner, attr, cls(shared, coef.to(dtype)), unsafe=True)
     return model
@@ -216,23 +250,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class BasisMap(SharingMap):
     name = "basis"
     config = BasisConfig
-    parametrizations = (_LowRank, _Mix)
+    parametrizations = (_LowRank, _LowRankRight, _Mix)
 
     def apply(self, model, config, filter_fn) -> None:
         basis_model_(model, config)
 
     def pack(self, name, plist, put) -> dict:
         p, coef = plist[0], plist.original.detach()
-        form = "lowrank" if isinstance(p, _LowRank) else "mix"
-        shared = p.basis if form == "lowrank" else p.bank
-        key = put(f"{name}.__basis", shared)  # the group's first layer stores it; the others name that key
+        form, side = _form_side(p)
+        key = put(f"{name}.__basis", _shared(p))  # the group's first layer stores it; the others name that key
         put(f"{name}.__coef", coef)
-        shape = list(shared.shape[:1]) + list(coef.shape[1:]) if form == "lowrank" else list(shared.shape[1:])
-        return {"shape": shape, "dtype": _dtype_name(coef.dtype), "form": form, "rank": int(shared.shape[-1] if form == "lowrank" else shared.shape[0]), "basis": key}
+        return {"shape": list(_weight_shape(p, coef)), "dtype": _dtype_name(coef.dtype), "form": form, "side": side,
+                "rank": _rank(p), "basis": key}
 
     def check(self, name, entry, shape, dtype):
-        if set(entry) != {"map", "shape", "dtype", "form", "rank", "basis"}:
-            raise ValueError(f"basis entry keys\n  expected: form, rank, basis\n  got: {sorted(entry)}"[:300])
+        if set(entry) != {"map", "shape", "dtype", "form", "side", "rank", "basis"}:
+            raise ValueError(f"basis entry keys\n  expected: form, side, rank, basis\n  got: {sorted(entry)}"[:300])
+        if entry["side"] not in ("left", "right"):
+            raise ValueError(f"side\n  expected: 'left' or 'right'\n  got: {entry['side']!r}"[:200])
         if dtype not in ("float16", "bfloat16", "float32", "float64"):
             raise ValueError(f"basis dtype\n  expected: a float dtype\n  got: {dtype!r}")
         form, r, key = entry["form"], entry["rank"], entry["basis"]
@@ -245,9 +280,11 @@ class BasisMap(SharingMap):
         if not isinstance(key, str) or not key.endswith(".__basis"):
             raise ValueError(f"basis key\n  expected: '<weight name>.__basis'\n  got: {key!r}"[:200])
         out, inp = shape
-        if form == "lowrank":
+        if form == "mix":
+            return {key: ({dtype}, (r, out, inp)), f"{name}.__coef": ({dtype}, (r,))}
+        if entry["side"] == "left":
             return {key: ({dtype}, (out, r)), f"{name}.__coef": ({dtype}, (r, inp))}
-        return {key: ({dtype}, (r, out, inp)), f"{name}.__coef": ({dtype}, (r,))}
+        return {key: ({dtype}, (r, inp)), f"{name}.__coef": ({dtype}, (out, r))}
 
     def install(self, module, attr, name, entry, fetch) -> None:
         weight = getattr(module, attr)
@@ -255,24 +292,45 @@ class BasisMap(SharingMap):
         coef = fetch(f"{name}.__coef")
         if weight.is_meta:  # parametrize needs the original on the coefficients' device
             module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
-        cls = _LowRank if entry["form"] == "lowrank" else _Mix
-        parametrize.register_parametrization(module, attr, cls(shared, coef), unsafe=True)
+        parametrize.register_parametrization(module, attr, _class(entry["form"], entry["side"])(shared, coef), unsafe=True)
 
     def decode(self, name, entry, fetch) -> torch.Tensor:
         shared, coef = fetch(entry["basis"]), fetch(f"{name}.__coef")
         with torch.no_grad():
-            return (_LowRank if entry["form"] == "lowrank" else _Mix)(shared)(coef)
+            return _class(entry["form"], entry["side"])(shared)(coef)
 
     def describe(self, plist, seen) -> dict:
         p, coef = plist[0], plist.original
-        shared = p.basis if isinstance(p, _LowRank) else p.bank
+        shared = _shared(p)
         stored = coef.numel() + (0 if id(shared) in seen else shared.numel())
         seen.add(id(shared))
-        shape = (shared.shape[0], coef.shape[1]) if isinstance(p, _LowRank) else tuple(shared.shape[1:])
-        form = "lowrank" if isinstance(p, _LowRank) else "mix"
-        return {"detail": f"{form} r={shared.shape[-1] if form == 'lowrank' else shared.shape[0]}", "shape": shape,
+        shape = _weight_shape(p, coef)
+        form, side = _form_side(p)
+        return {"detail": f"{form} r={_rank(p)}" + (" (input side)" if side == "right" else ""), "shape": shape,
                 "params_stored": stored, "bytes_dense": math.prod(shape) * coef.element_size(),
                 "bytes_packed": stored * coef.element_size()}
+
+
+def _class(form: str, side: str) -> type:
+    return _Mix if form == "mix" else _LowRank if side == "left" else _LowRankRight
+
+
+def _form_side(p) -> tuple[str, str]:
+    return ("mix", "left") if isinstance(p, _Mix) else ("lowrank", "right" if isinstance(p, _LowRankRight) else "left")
+
+
+def _shared(p) -> nn.Parameter:
+    return p.bank if isinstance(p, _Mix) else p.basis
+
+
+def _rank(p) -> int:
+    return int(p.bank.shape[0] if isinstance(p, _Mix) else p.basis.shape[0 if isinstance(p, _LowRankRight) else 1])
+
+
+def _weight_shape(p, coef) -> tuple[int, int]:
+    if isinstance(p, _Mix):
+        return tuple(p.bank.shape[1:])
+    return (coef.shape[0], p.basis.shape[1]) if isinstance(p, _LowRankRight) else (p.basis.shape[0], coef.shape[1])
 
 
 register_map(BasisMap())
