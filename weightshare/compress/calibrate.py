@@ -19,7 +19,7 @@ from torch import nn
 from weightshare._progress import progress
 from weightshare.sharing.codebook import is_transposed_linear
 
-__all__ = ["read_texts", "importance_from_texts"]
+__all__ = ["read_texts", "importance_from_texts", "input_second_moments"]
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +77,7 @@ def importance_from_texts(model: nn.Module, tokenizer, texts: list[str], batch_s
             hooks.append(module.register_forward_pre_hook(linear_hook(f"{fqn}.weight")))
         elif isinstance(module, nn.Embedding):
             hooks.append(module.register_forward_pre_hook(embedding_hook(f"{fqn}.weight")))
-    was_training = model.training
-    model.eval()
-    try:
-        for s in progress(range(0, len(texts), batch_size), desc="calibration", unit="batch"):
-            batch = tokenizer(texts[s : s + batch_size], padding=True, truncation=True,
-                              max_length=max_length, return_tensors="pt")
-            state["mask"] = batch["attention_mask"].bool()
-            state["tokens"] += int(state["mask"].sum())
-            model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _calibration_pass(model, tokenizer, texts, batch_size, max_length, state, hooks)
     out = {}
     for fqn, module in model.named_modules():
         name = f"{fqn}.weight"
@@ -105,3 +93,51 @@ def importance_from_texts(model: nn.Module, tokenizer, texts: list[str], batch_s
             out[name] = (1.0 + sums[name])[:, None].expand_as(module.weight).contiguous()
     log.info("calibrated on %d texts (%d tokens)", len(texts), state["tokens"])
     return out
+
+
+def _calibration_pass(model, tokenizer, texts, batch_size, max_length, state, hooks) -> None:
+    """Run ``texts`` through ``model`` in eval mode with ``hooks`` registered; ``state["mask"]`` marks real tokens."""
+    was_training = model.training
+    model.eval()
+    try:
+        for s in progress(range(0, len(texts), batch_size), desc="calibration", unit="batch"):
+            batch = tokenizer(texts[s : s + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt")
+            state["mask"] = batch["attention_mask"].bool()
+            state["tokens"] += int(state["mask"].sum())
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def input_second_moments(model: nn.Module, tokenizer, texts: list[str], names: list[str], batch_size: int = 32,
+                         max_length: int = 128) -> dict[str, torch.Tensor]:
+    """E[x x^T] (in, in) of the inputs of the Linear layers whose weights are ``names``, over real tokens.
+
+    The full second moment (not its diagonal): whitened SVD (Basis Sharing, SVD-LLM)
+    truncates in the metric of the layer's outputs.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    state = {"mask": None, "tokens": 0}
+    hooks = []
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().double()
+            mask = state["mask"]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask]
+            x = x.reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0) + x.t() @ x
+        return hook
+
+    for name in names:
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if not isinstance(owner, nn.Linear):
+            raise ValueError(f"input_second_moments: {name}\n  expected: the weight of an nn.Linear\n  got: {type(owner).__name__}")
+        hooks.append(owner.register_forward_pre_hook(hook_for(name)))
+    _calibration_pass(model, tokenizer, texts, batch_size, max_length, state, hooks)
+    return {n: (sums[n] / max(state["tokens"], 1)).float() for n in names if n in sums}
