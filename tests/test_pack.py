@@ -257,7 +257,7 @@ def test_transposed_codebook_round_trip_and_version(tmp_path):
     from weightshare.pack import dense_state_dict, read_spec
 
     with safe_open(str(path / FILENAME), framework="pt") as f:
-        assert f.metadata()["format_version"] == "2"  # a version-1 reader must not misread W^T tables
+        assert f.metadata()["format_version"] == "3"
     spec, stored = read_spec(path)
     assert spec["tensors"]["proj.weight"]["transposed"] is True and "transposed" not in spec["tensors"]["out.weight"]
     loaded = ws.load(path, model=WithConv1D())
@@ -271,6 +271,40 @@ def test_transposed_codebook_round_trip_and_version(tmp_path):
         ws.load(path, model=wrong)
     assert "proj.weight: file (8, 24), model (24, 8)" in str(err.value)
     assert all(torch.equal(before[n], t) for n, t in wrong.state_dict().items())  # refused before any write
-    plain = ws.save(ws.share_(TinyNet(), ws.CodebookConfig(bits=3)), tmp_path / "plain")
-    with safe_open(str(plain / FILENAME), framework="pt") as f:
-        assert f.metadata()["format_version"] == "1"  # files without W^T tables stay readable by version-1 readers
+
+
+
+def _as_version(path, version):
+    """Rewrite a packed file as an older writer made it: checksums over the bytes alone."""
+    import hashlib
+
+    def mutate(meta):
+        spec = json.loads(meta["spec"])
+        with safe_open(str(path / FILENAME), "pt") as f:
+            spec["checksums"] = {k: hashlib.sha256(f.get_tensor(k).contiguous().view(-1).view(torch.uint8).numpy().data)
+                                 .hexdigest() for k in f.keys()}
+        meta.update(format_version=version, spec=json.dumps(spec))
+
+    _rewrite(path, mutate_meta=mutate)
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_files_of_earlier_versions_still_load(packed_tiny, version):
+    tiny, path = packed_tiny
+    _as_version(path, version)
+    loaded = ws.load(path, model=TinyNet())
+    assert all(torch.equal(a, b) for a, b in zip(tiny.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_bytes_read_as_another_dtype_are_refused(packed_tiny):
+    # fp16 tables relabelled bf16 in the safetensors header keep their bytes (and a bytes-only checksum),
+    # and bf16 is an allowed table dtype: version 3 checksums cover the dtype and the shape too
+    _, path = packed_tiny
+    data = bytearray((path / FILENAME).read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["fc1.weight.__tables"]["dtype"] = "BF16"
+    raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # same length: the body stays where it was
+    (path / FILENAME).write_bytes(bytes(data[:8]) + raw + bytes(data[8 + n:]))
+    with pytest.raises(ws.PackError, match="checksum mismatch for tensor 'fc1.weight.__tables'"):
+        ws.load(path, model=TinyNet())

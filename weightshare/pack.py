@@ -47,8 +47,10 @@ __all__ = ["save", "load", "export", "read_spec", "dense_state_dict", "PackError
 
 FILENAME = "weightshare.safetensors"
 FORMAT = "weightshare"
-FORMAT_VERSION = 2  # 2 adds codebooks laid out over W^T ("transposed"); files without one are written as 1
-READABLE_VERSIONS = ("1", "2")
+# 2 added codebooks laid out over W^T ("transposed"); 3 makes each checksum cover the tensor's dtype
+# and shape as well as its bytes, so that reinterpreting stored bytes (F16 tables read as BF16) is caught
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("1", "2", "3")
 KINDS = (hub.TRANSFORMERS, hub.SENTENCE_TRANSFORMERS, "module")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
@@ -71,8 +73,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().data).hexdigest()
+def _sha256(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
+    """The checksum of a stored tensor: its dtype, shape and bytes (bytes only in files before version 3)."""
+    h = hashlib.sha256()
+    if version >= 3:
+        h.update(f"{_dtype_name(t.dtype)}{list(t.shape)}".encode())
+    h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -205,9 +212,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         source_meta = {"kind": hub.TRANSFORMERS, "weights_subdir": ""}
     else:
         source_meta = {"kind": "module", "weights_subdir": ""}
-    # a reader of version 1 would lay a transposed codebook out wrongly: only such files say 2
-    version = FORMAT_VERSION if any(e.get("transposed") for e in spec.values()) else 1
-    meta = {"format": FORMAT, "format_version": str(version),
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
             "spec": json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})}
     with staged_dir(path) as tmp:
         if source is not None:
@@ -292,7 +297,7 @@ class PackedFile:
         if not isinstance(source, dict):
             raise PackError(f"spec source\n  expected: a JSON object\n  got: {source!r}"[:300])
         _keys(source, {"kind", "weights_subdir"}, "spec source")
-        if source["kind"] not in KINDS:
+        if not isinstance(source["kind"], str) or source["kind"] not in KINDS:
             raise PackError(f"spec source.kind\n  expected one of: {KINDS}\n  got: {source['kind']!r}"[:300])
         try:
             sub = hub.check_relpath(source["weights_subdir"], "spec source.weights_subdir")
@@ -321,7 +326,7 @@ class PackedFile:
             kind = entry["map"]
             if kind == "dense":
                 _keys(entry, {"map", "shape", "dtype"}, f"tensor {name!r}")
-                if entry["dtype"] not in _DTYPES:
+                if not isinstance(entry["dtype"], str) or entry["dtype"] not in _DTYPES:
                     raise PackError(f"tensor {name!r}: unknown dtype\n  expected one of: {sorted(_DTYPES)}\n"
                                     f"  got: {entry['dtype']!r}"[:300])
                 claim(name, {entry["dtype"]}, _shape(entry["shape"], f"tensor {name!r}"), name)
@@ -336,7 +341,7 @@ class PackedFile:
                     raise PackError(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
                                     f"{', '.join(_packable_maps())}\n  got: {kind!r}"[:300])
                 shape = _shape(entry.get("shape"), f"tensor {name!r}")
-                if entry.get("dtype") not in _DTYPES:
+                if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
                     raise PackError(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"[:300])
                 try:
                     needs = m.check(name, entry, shape, entry["dtype"])
@@ -384,7 +389,7 @@ class PackedFile:
                 raise
             except BaseException as exc:
                 raise PackError(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
-            if _sha256(t) != self.checksums[key]:
+            if _sha256(t, self.version) != self.checksums[key]:
                 raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
             self._cache[key] = t
         return self._cache[key]
@@ -485,12 +490,7 @@ def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int
                             "  choose a new or empty directory")
         if dest.resolve().is_relative_to(pf.root.resolve()):
             raise PackError(f"export: destination {str(dest)!r} is inside the packed model: choose another")
-        try:
-            weights_dir = hub.inside(pf.root, pf.source["weights_subdir"], "spec source.weights_subdir")
-        except ValueError as exc:
-            raise PackError(str(exc)) from None
-        if not (weights_dir / "config.json").is_file():
-            raise PackError(f"{pf.root}: no config.json in {pf.source['weights_subdir'] or 'the folder'}")
+        _check_fit(_skeleton(pf), pf)  # the export must be a model its config.json describes, nothing else
         pf.fetch_all()  # every checksum before the first byte is written
         shapes = {}
         for name, entry in pf.entries.items():
@@ -614,6 +614,22 @@ def _trim_heap() -> None:
         pass
 
 
+def _skeleton(pf: PackedFile) -> nn.Module:
+    """The architecture ``config.json`` names, parameters on the meta device; every failure one PackError."""
+    sub = pf.source["weights_subdir"]
+    try:
+        config_dir = hub.inside(pf.root, sub, "spec source.weights_subdir")
+        if not (config_dir / "config.json").is_file():
+            raise ValueError(f"{pf.root}: no config.json in {sub or 'the folder'}")
+        return hub.skeleton(config_dir, len(pf.entries), _BUFFER_BUDGET + sum(math.prod(s) for _, s in pf.infos.values()))
+    except PackError:
+        raise
+    except Exception as exc:  # the config is untrusted: whatever transformers makes of it is one error
+        msg = str(exc) if isinstance(exc, ValueError) and "weights_subdir" in str(exc) else \
+            f"{pf.root}: cannot build the model from its config ({type(exc).__name__}: {exc})"
+        raise PackError(msg[:500]) from None
+
+
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Load a packed directory back into a model with its sharing in place.
 
@@ -630,16 +646,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         if model is None:
             if kind == "module":
                 raise PackError("load: this packed file holds a plain nn.Module; pass a skeleton: ws.load(path, model=...)")
-            try:
-                config_dir = hub.inside(pf.root, sub, "spec source.weights_subdir")
-                if not (config_dir / "config.json").is_file():
-                    raise ValueError(f"{pf.root}: no config.json in {sub or 'the folder'}")
-                inner = hub.skeleton(config_dir, len(pf.entries), _BUFFER_BUDGET + sum(
-                    math.prod(s) for _, s in pf.infos.values()))
-            except PackError:
-                raise
-            except Exception as exc:  # the config is untrusted: whatever transformers makes of it is one error
-                raise PackError(f"{pf.root}: cannot build the model from its config ({type(exc).__name__}: {exc})"[:500]) from None
+            inner = _skeleton(pf)
         else:
             inner = hub.inner_model(model)
         _check_fit(inner, pf)
