@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         # a shared machine: OpenMP threads that spin-wait between parallel regions distort timings;
         # OpenMP reads this when torch loads, which is below (weightshare imports torch lazily)
+        if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+            os.environ["_WEIGHTSHARE_OMP_BEFORE_TORCH"] = "1"  # bench.run says so: set in time for this process
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s: %(message)s")
     if verbose:  # our own info messages, not every library's

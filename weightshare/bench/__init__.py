@@ -34,6 +34,8 @@ def omp_wait_policy_line(policy: str, startup: dict[str, str] | None) -> str:
     if policy.upper() != "PASSIVE":
         return f"OMP_WAIT_POLICY={policy} is set, not PASSIVE: spin-waiting OpenMP threads may distort timings"
     line = f"OMP_WAIT_POLICY={policy} is set: idle OpenMP threads sleep instead of spin-waiting"
+    if os.environ.get("_WEIGHTSHARE_OMP_BEFORE_TORCH") == "1":
+        return line + " (set by weightshare before torch loaded)"
     if startup is not None and startup.get("OMP_WAIT_POLICY") != policy:
         line += " (set after start-up: it holds in subprocesses, and here only if torch was imported after it)"
     return line
