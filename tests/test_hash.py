@@ -180,3 +180,34 @@ def test_packed_file_holds_theta_and_the_seed_only(tmp_path):
     assert torch.equal(dense_state_dict(spec, stored)["2.weight"], net[2].weight)  # export decodes the same weights
     ws.materialize_(loaded)
     assert not hasattr(loaded[2], "parametrizations") and torch.equal(loaded(x), net(x))
+
+
+@pytest.mark.parametrize("hash", ["xxhash", "modular"])
+def test_kernel_units_draw_whole_kernels_from_a_bank(hash):
+    shape, k, seed, g = (4, 3, 2, 2), 5, 99, 4  # conv (out 4, in 3, 2x2): 12 channel pairs, a bank of 5 kernels
+    idx, sgn = hash_index(shape, k, seed, hash, True, group=g)
+    idx, sgn = idx.reshape(4, 3, g), sgn.reshape(4, 3, g)
+    for i in range(4):
+        for c in range(3):
+            x = xxh32_reference(struct.pack("<II", i, c), seed)
+            b = (seed + i * c) % k if hash == "modular" else ((x >> 1) * k) >> 31
+            assert idx[i, c].tolist() == [b * g + t for t in range(g)]  # one kernel, its values in order
+            assert set(sgn[i, c].tolist()) == {-1 if x & 1 else 1}
+
+
+def test_conv_with_a_kernel_bank_trains_against_the_dense_reference(tmp_path):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    ws.share_(torch.nn.Sequential(conv), ws.HashConfig(compression=1 / 4, unit="kernel"))
+    plist = conv.parametrizations.weight
+    p, theta = plist[0], plist.original
+    assert p.group == 9 and theta.shape == (24 // 4 * 9,)  # 6 of the 24 channel pairs' worth of kernels
+    x = torch.randn(2, 4, 5, 5)
+    conv(x).square().sum().backward()
+    ref = theta.detach().clone().requires_grad_()
+    idx, sgn = hash_index(p.shape, p.buckets, p.seed, p.hash, p.sign, group=p.group)
+    w = ref[torch.from_numpy(idx)] * torch.from_numpy(sgn).float()
+    torch.nn.functional.conv2d(x, w, conv.bias, padding=1).square().sum().backward()
+    assert torch.allclose(theta.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    loaded = ws.load(ws.save(torch.nn.Sequential(conv), tmp_path / "k"), model=torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1)))
+    assert torch.equal(loaded[0](x), conv(x))

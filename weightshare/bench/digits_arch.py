@@ -13,7 +13,8 @@ over the seeds.  The dense reference is an MLP 64-256-256-10.
   tied into one (ALBERT-style); written over one shared rank-64 basis;
 * conv_shared / conv_unshared: a CNN (3x3 convolutions: one kernel shared by all
   positions) against the same shape with a kernel per position (locally connected);
-  conv_hashed shares weights across channel pairs through the hash map (1/4);
+  conv_hashed shares kernels across channel pairs: each (output, input) pair draws
+  its 3x3 kernel from a bank of 1/4 as many through the hash map (``unit="kernel"``);
   conv_deep has a third convolution, and conv_tied ties its two 16->16 convolutions
   (sharing across layers).
 
@@ -109,7 +110,7 @@ def systems():
         "basis": (lambda: ws.share_(deep(), ws.BasisConfig(layers=HIDDEN, num_bases=64, init="random")), "deep"),
         "conv_shared": (cnn, None),
         "conv_unshared": (lambda: cnn(unshared=True), "conv_shared"),
-        "conv_hashed": (lambda: ws.share_(cnn(), ws.HashConfig(compression=1 / 4),
+        "conv_hashed": (lambda: ws.share_(cnn(), ws.HashConfig(compression=1 / 4, unit="kernel"),
                                           filter_fn=lambda m, n: isinstance(m, nn.Conv2d)), "conv_shared"),
         "conv_deep": (lambda: cnn(depth=3), None),
         "conv_tied": (lambda: ws.share_(cnn(depth=3), ws.TieConfig(params=["3.weight", "5.weight"])), "conv_deep"),

@@ -7,6 +7,10 @@ recomputed from the seed on every forward and backward pass (in C for float32
 on the CPU, ``_hash.c``), so a hashed layer costs θ plus the one weight matrix it
 computes with.  ``dL/dθ_k = Σ s(i,j) dL/dW[i,j]`` over the weights hashed to k.
 
+With ``unit="kernel"`` a conv weight's (output, input) channel pair draws a
+whole kh x kw kernel from a bank of K kernels: sharing across channel pairs,
+the convolution's own kernel sharing across positions kept.
+
 Two index functions: ``"xxhash"`` (XXH32 of the pair (i, j) with the layer
 seed; see ``_hash.c`` for the exact bits) and ``"modular"``, the index ``(w0 + i·j) mod K`` of the seed
 article (w0 = the layer seed).  Conv weights hash row = output channel, column
@@ -47,11 +51,11 @@ def _load_core() -> ctypes.CDLL:
     lib.ws_xxh32_pair.restype = u32
     lib.ws_xxh32_pair.argtypes = [u32, u32, u32]
     lib.ws_hash_index.restype = None
-    lib.ws_hash_index.argtypes = [i64, i64, i64, u32, cint, cint, i64, ptr, ptr]
+    lib.ws_hash_index.argtypes = [i64, i64, i64, u32, cint, cint, i64, i64, ptr, ptr]
     lib.ws_hash_expand_f32.restype = None
-    lib.ws_hash_expand_f32.argtypes = [ptr, i64, i64, i64, i64, u32, cint, cint, ptr]
+    lib.ws_hash_expand_f32.argtypes = [ptr, i64, i64, i64, i64, i64, u32, cint, cint, ptr]
     lib.ws_hash_scatter_f32.restype = None
-    lib.ws_hash_scatter_f32.argtypes = [ptr, i64, i64, i64, u32, cint, cint, ptr]
+    lib.ws_hash_scatter_f32.argtypes = [ptr, i64, i64, i64, i64, u32, cint, cint, ptr]
     return lib
 
 
@@ -73,6 +77,7 @@ class HashConfig:
     sign: bool = True  # a hashed sign s(i,j) = ±1 per weight
     seed: int = 0  # with each tensor's name, gives the tensor's hash seed
     init: str = "sample"  # "sample": θ keeps the dense init's scale; "project": least squares fit of W
+    unit: str = "weight"  # "weight": each weight hashed | "kernel": each conv kernel (kh x kw) drawn whole from a bank
     version: int = 1
 
     def __post_init__(self):
@@ -95,17 +100,24 @@ class HashConfig:
             raise ValueError(f"HashConfig.seed\n  expected: an integer in [0, 2**32)\n  got: {self.seed!r}")
         if self.init not in ("sample", "project"):
             raise ValueError(f"HashConfig.init\n  expected: 'sample' or 'project'\n  got: {self.init!r}")
+        if self.unit not in ("weight", "kernel"):
+            raise ValueError(f"HashConfig.unit\n  expected: 'weight' or 'kernel'\n  got: {self.unit!r}")
         if self.version != 1 or isinstance(self.version, bool):
             raise ValueError(f"HashConfig.version\n  expected: 1\n  got: {self.version!r}")
 
-    def buckets_for(self, numel: int, name: str) -> int:
-        k = self.buckets if self.buckets is not None else math.floor(numel * self.compression)
-        if k >= _MAX_SIDE:
-            raise ValueError(f"{name}: {k} buckets\n  expected: fewer than 2**31")
+    def buckets_for(self, numel: int, name: str, group: int = 1) -> int:
+        """K: buckets of ``group`` values each (one value, or one kernel)."""
+        k = self.buckets if self.buckets is not None else math.floor(numel * self.compression / group)
+        if k * group >= _MAX_SIDE:
+            raise ValueError(f"{name}: {k} buckets\n  expected: fewer than 2**31 values")
         if k < 1:
             raise ValueError(f"{name}: compression {self.compression} leaves no bucket for {numel} weights\n"
-                             f"  expected: compression >= 1/{numel}, or buckets=K")
+                             f"  expected: compression >= {group}/{numel}, or buckets=K")
         return k
+
+    def group_for(self, weight: torch.Tensor) -> int:
+        """Columns hashed as one unit: 1, or a conv kernel's kh*kw (a bank of kernels shared by channel pairs)."""
+        return math.prod(weight.shape[2:]) if self.unit == "kernel" and weight.dim() > 2 else 1
 
 
 def _layout(shape) -> tuple[int, int]:
@@ -114,20 +126,20 @@ def _layout(shape) -> tuple[int, int]:
     return rows, math.prod(shape) // max(rows, 1)
 
 
-def _index_rows(r0: int, r1: int, cols: int, buckets: int, seed: int, hash: str, sign: bool):
+def _index_rows(r0: int, r1: int, cols: int, buckets: int, seed: int, hash: str, sign: bool, group: int = 1):
     idx = np.empty((r1 - r0) * cols, np.int64)
     sgn = np.empty((r1 - r0) * cols, np.int8)
-    _core.ws_hash_index(r0, r1, cols, seed, hash == "modular", sign, buckets, idx.ctypes.data, sgn.ctypes.data)
+    _core.ws_hash_index(r0, r1, cols, seed, hash == "modular", sign, buckets, group, idx.ctypes.data, sgn.ctypes.data)
     return idx, sgn
 
 
-def hash_index(shape, buckets: int, seed: int, hash: str = "xxhash", sign: bool = True):
+def hash_index(shape, buckets: int, seed: int, hash: str = "xxhash", sign: bool = True, group: int = 1):
     """(index, sign) of every weight of a tensor of ``shape``: int64 and int8 arrays of that shape.
 
     For tests and reports; the layers never build them whole.
     """
     rows, cols = _layout(shape)
-    idx, sgn = _index_rows(0, rows, cols, buckets, seed, hash, sign)
+    idx, sgn = _index_rows(0, rows, cols, buckets, seed, hash, sign, group)
     return idx.reshape(shape), sgn.reshape(shape)
 
 
@@ -148,11 +160,12 @@ class _Hash(nn.Module):
     """Parametrization W = s(i,j) · θ[h(i,j)]; ``right_inverse`` turns a dense weight into θ."""
 
     def __init__(self, shape, buckets: int, seed: int, hash: str, sign: bool, init: str = "sample",
-                 theta: torch.Tensor | None = None):
+                 theta: torch.Tensor | None = None, group: int = 1):
         super().__init__()
         self.shape = tuple(shape)
         self.rows, self.cols = _layout(self.shape)
         self.buckets, self.seed, self.hash, self.sign, self.init = int(buckets), int(seed), hash, bool(sign), init
+        self.group = int(group)  # θ holds buckets x group values
         self._theta = theta  # from a packed file: installed as it is
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
@@ -166,14 +179,14 @@ class _Hash(nn.Module):
         step = max(1, _INDEX_CHUNK // max(self.cols, 1))
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
-            idx, sgn = _index_rows(r0, r1, self.cols, self.buckets, self.seed, self.hash, self.sign)
+            idx, sgn = _index_rows(r0, r1, self.cols, self.buckets, self.seed, self.hash, self.sign, self.group)
             yield r0 * self.cols, r1 * self.cols, torch.from_numpy(idx).to(device), torch.from_numpy(sgn).to(device, dtype)
 
     def expand(self, theta: torch.Tensor) -> torch.Tensor:
         theta = theta.contiguous()
         out = torch.empty(self.shape, dtype=theta.dtype, device=theta.device)
         if self._fast(theta):
-            _core.ws_hash_expand_f32(theta.data_ptr(), self.buckets, 0, self.rows, self.cols, self.seed,
+            _core.ws_hash_expand_f32(theta.data_ptr(), self.buckets, self.group, 0, self.rows, self.cols, self.seed,
                                      self.hash == "modular", self.sign, out.data_ptr())
             return out
         flat = out.view(-1)
@@ -183,9 +196,9 @@ class _Hash(nn.Module):
 
     def scatter(self, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
-        g = torch.zeros(self.buckets, dtype=grad.dtype, device=grad.device)
+        g = torch.zeros(self.buckets * self.group, dtype=grad.dtype, device=grad.device)
         if self._fast(grad):
-            _core.ws_hash_scatter_f32(grad.data_ptr(), self.buckets, self.rows, self.cols, self.seed,
+            _core.ws_hash_scatter_f32(grad.data_ptr(), self.buckets, self.group, self.rows, self.cols, self.seed,
                                       self.hash == "modular", self.sign, g.data_ptr())
             return g
         flat = grad.reshape(-1)
@@ -205,14 +218,14 @@ class _Hash(nn.Module):
             theta = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
         else:  # a sample of the dense init keeps its scale (an average of many would shrink it)
             g = torch.Generator().manual_seed(self.seed)
-            pick = torch.randint(0, w.numel(), (self.buckets,), generator=g)
+            pick = torch.randint(0, w.numel(), (self.buckets * self.group,), generator=g)
             theta = w.reshape(-1)[pick]
         return theta.to(weight.dtype)
 
     def scatter_counts(self) -> torch.Tensor:
-        counts = torch.zeros(self.buckets)
+        counts = torch.zeros(self.buckets * self.group)
         for _, _, idx, _ in self._blocks("cpu", torch.float32):
-            counts += torch.bincount(idx, minlength=self.buckets).float()
+            counts += torch.bincount(idx, minlength=self.buckets * self.group).float()
         return counts
 
 
@@ -231,19 +244,21 @@ def hash_(module: nn.Module, name: str = "weight", config: HashConfig | None = N
           init: dict | None = None) -> nn.Module:
     """Replace ``module.<name>`` by a hashed parametrization and return ``module``.
 
-    ``init`` (used by ``ws.load``): ``{"buckets", "seed", "hash", "sign", "theta"}`` installed as they are.
+    ``init`` (used by ``ws.load``): ``{"buckets", "group", "seed", "hash", "sign", "theta"}`` installed as they are.
     """
     weight = getattr(module, name)
     fqn = fqn or name
     if init is None:
         config = config or HashConfig(compression=1 / 8)
         _check_weight(fqn, weight)
-        param = _Hash(weight.shape, config.buckets_for(weight.numel(), fqn), layer_seed(config.seed, fqn),
-                      config.hash, config.sign, config.init)
+        group = config.group_for(weight)
+        param = _Hash(weight.shape, config.buckets_for(weight.numel(), fqn, group), layer_seed(config.seed, fqn),
+                      config.hash, config.sign, config.init, group=group)
     else:
         if weight.is_meta:  # parametrize needs the original on θ's device
             module._parameters[name] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
-        param = _Hash(weight.shape, init["buckets"], init["seed"], init["hash"], init["sign"], theta=init["theta"])
+        param = _Hash(weight.shape, init["buckets"], init["seed"], init["hash"], init["sign"], theta=init["theta"],
+                      group=init["group"])
     parametrize.register_parametrization(module, name, param, unsafe=True)
     return module
 
@@ -261,7 +276,7 @@ def hash_model_(model: nn.Module, config: HashConfig, filter_fn=None) -> nn.Modu
             continue
         name = f"{fqn}.weight" if fqn else "weight"
         _check_weight(name, module.weight)
-        config.buckets_for(module.weight.numel(), name)
+        config.buckets_for(module.weight.numel(), name, config.group_for(module.weight))
         chosen.append((name, module))
     if not chosen:
         raise ValueError("hash: no Linear, Conv or Embedding weight selected\n  expected: at least one "
@@ -286,12 +301,12 @@ class HashMap(SharingMap):
     def pack(self, name, plist, put) -> dict:
         p, theta = plist[0], plist.original.detach()
         put(f"{name}.__buckets", theta)
-        return {"shape": list(p.shape), "dtype": _dtype_name(theta.dtype), "buckets": p.buckets,
+        return {"shape": list(p.shape), "dtype": _dtype_name(theta.dtype), "buckets": p.buckets, "group": p.group,
                 "hash": p.hash, "sign": p.sign, "seed": p.seed}
 
     def check(self, name, entry, shape, dtype):
-        if set(entry) != {"map", "shape", "dtype", "buckets", "hash", "sign", "seed"}:
-            raise ValueError(f"hash entry keys\n  expected: buckets, hash, sign, seed\n  got: {sorted(entry)}"[:300])
+        if set(entry) != {"map", "shape", "dtype", "buckets", "group", "hash", "sign", "seed"}:
+            raise ValueError(f"hash entry keys\n  expected: buckets, group, hash, sign, seed\n  got: {sorted(entry)}"[:300])
         if dtype not in ("float16", "bfloat16", "float32", "float64"):
             raise ValueError(f"hash dtype\n  expected: a float dtype\n  got: {dtype!r}")
         k, seed = entry["buckets"], entry["seed"]
@@ -305,20 +320,24 @@ class HashMap(SharingMap):
         rows, cols = _layout(shape)
         if not shape or rows >= _MAX_SIDE or cols >= _MAX_SIDE:
             raise ValueError(f"shape {list(shape)}: rows and columns must be in [1, 2**31)")
-        return {f"{name}.__buckets": ({dtype}, (k,))}
+        g = entry["group"]
+        if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= max(cols, 1) or cols % g or k * g >= _MAX_SIDE:
+            raise ValueError(f"group\n  expected: a divisor of the {cols} columns\n  got: {g!r}"[:200])
+        return {f"{name}.__buckets": ({dtype}, (k * g,))}
 
     def install(self, module, attr, name, entry, fetch) -> None:
-        init = {"buckets": entry["buckets"], "seed": entry["seed"], "hash": entry["hash"], "sign": entry["sign"],
-                "theta": fetch(f"{name}.__buckets")}
+        init = {"buckets": entry["buckets"], "group": entry["group"], "seed": entry["seed"], "hash": entry["hash"],
+                "sign": entry["sign"], "theta": fetch(f"{name}.__buckets")}
         hash_(module, attr, fqn=name, init=init)
 
     def decode(self, name, entry, fetch) -> torch.Tensor:
-        p = _Hash(entry["shape"], entry["buckets"], entry["seed"], entry["hash"], entry["sign"])
+        p = _Hash(entry["shape"], entry["buckets"], entry["seed"], entry["hash"], entry["sign"], group=entry["group"])
         return p.expand(fetch(f"{name}.__buckets"))
 
     def describe(self, plist, seen) -> dict:
         p, theta = plist[0], plist.original
-        return {"detail": f"{p.hash} K={p.buckets}" + ("" if p.sign else " unsigned"), "shape": p.shape,
+        unit = "" if p.group == 1 else f" kernels of {p.group}"
+        return {"detail": f"{p.hash} K={p.buckets}{unit}" + ("" if p.sign else " unsigned"), "shape": p.shape,
                 "params_stored": theta.numel(), "bytes_dense": math.prod(p.shape) * theta.element_size(),
                 "bytes_packed": theta.numel() * theta.element_size()}
 
