@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 
@@ -75,7 +76,7 @@ def test_tied_weights_round_trip(tmp_path):
     assert loaded[2].weight is loaded[0].weight and torch.equal(loaded[0].weight, m[0].weight)
 
 
-def _rewrite(path, mutate_tensors=None, mutate_meta=None):
+def _rewrite(path, mutate_tensors=None, mutate_meta=None, fix_spec_checksum=True):
     file = path / FILENAME
     with safe_open(str(file), "pt") as f:
         meta = dict(f.metadata())
@@ -84,6 +85,8 @@ def _rewrite(path, mutate_tensors=None, mutate_meta=None):
         mutate_tensors(tensors)
     if mutate_meta:
         mutate_meta(meta)
+    if fix_spec_checksum and "spec_sha256" in meta:  # as a deliberate attacker would
+        meta["spec_sha256"] = hashlib.sha256(meta["spec"].encode()).hexdigest()
     file.write_bytes(st_save(tensors, metadata=meta))
 
 
@@ -275,8 +278,7 @@ def test_transposed_codebook_round_trip_and_version(tmp_path):
 
 
 def _as_version(path, version):
-    """Rewrite a packed file as an older writer made it: checksums over the bytes alone."""
-    import hashlib
+    """Rewrite a packed file as an older writer made it: checksums over the bytes alone, no spec checksum."""
 
     def mutate(meta):
         spec = json.loads(meta["spec"])
@@ -284,6 +286,7 @@ def _as_version(path, version):
             spec["checksums"] = {k: hashlib.sha256(f.get_tensor(k).contiguous().view(-1).view(torch.uint8).numpy().data)
                                  .hexdigest() for k in f.keys()}
         meta.update(format_version=version, spec=json.dumps(spec))
+        del meta["spec_sha256"]
 
     _rewrite(path, mutate_meta=mutate)
 
@@ -307,4 +310,13 @@ def test_bytes_read_as_another_dtype_are_refused(packed_tiny):
     raw = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # same length: the body stays where it was
     (path / FILENAME).write_bytes(bytes(data[:8]) + raw + bytes(data[8 + n:]))
     with pytest.raises(ws.PackError, match="checksum mismatch for tensor 'fc1.weight.__tables'"):
+        ws.load(path, model=TinyNet())
+
+
+def test_a_changed_spec_is_refused_even_when_it_still_fits_the_tensors(packed_tiny):
+    # fc1's weight declared float16: a valid field, every tensor checksum holds, but the model would differ
+    _, path = packed_tiny
+    _rewrite(path, mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(dtype="float16")),
+             fix_spec_checksum=False)
+    with pytest.raises(ws.PackError, match="checksum mismatch for the sharing spec"):
         ws.load(path, model=TinyNet())

@@ -5,6 +5,7 @@ gets its own readable case, plus what a user sees on disk (modes, sharding,
 folders that appear whole or not at all).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -65,6 +66,8 @@ def _edit_spec(path, fn):
     spec = json.loads(meta["spec"])
     fn(spec)
     meta["spec"] = json.dumps(spec)
+    # an attacker rewrites the spec's checksum too: what is tested here is every defence behind it
+    meta["spec_sha256"] = hashlib.sha256(meta["spec"].encode()).hexdigest()
     file.write_bytes(st_save(tensors, metadata=meta))
 
 

@@ -212,8 +212,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         source_meta = {"kind": hub.TRANSFORMERS, "weights_subdir": ""}
     else:
         source_meta = {"kind": "module", "weights_subdir": ""}
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-            "spec": json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})}
+    spec_json = json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": spec_json,
+            "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest()}
     with staged_dir(path) as tmp:
         if source is not None:
             hub.copy_non_weight_files(source.path, tmp)
@@ -292,6 +293,10 @@ class PackedFile:
         self.source = self._check_source(spec["source"])
         self.entries = self._check_entries(spec["tensors"])
         self._check_checksums(spec["checksums"])
+        # last, after every field was checked on its own: the spec is the one that was written. The tensors'
+        # checksums cannot see a spec that still fits them but means other weights (an alias retargeted)
+        if self.version >= 3 and meta.get("spec_sha256") != hashlib.sha256(meta["spec"].encode()).hexdigest():
+            raise PackError(f"{file}: checksum mismatch for the sharing spec: it was changed after it was written")
 
     def _check_source(self, source) -> dict:
         if not isinstance(source, dict):
