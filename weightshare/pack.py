@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub
-from weightshare.space import get_map, map_of, share_parametrization
+from weightshare.space import dtype_name, get_map, map_of, share_parametrization
 
 __all__ = ["save", "load", "export", "read_spec", "dense_state_dict", "PackError", "FILENAME", "FORMAT_VERSION"]
 
@@ -69,15 +69,11 @@ class PackError(ValueError):
     """A packed model that cannot be read: names the tensor or field and the problem."""
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _sha256(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
     """The checksum of a stored tensor: its dtype, shape and bytes (bytes only in files before version 3)."""
     h = hashlib.sha256()
     if version >= 3:
-        h.update(f"{_dtype_name(t.dtype)}{list(t.shape)}".encode())
+        h.update(f"{dtype_name(t.dtype)}{list(t.shape)}".encode())
     h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
@@ -136,7 +132,7 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                 continue
             seen[id(t)] = full
             put(full, t)
-            spec[full] = {"map": "dense", "shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+            spec[full] = {"map": "dense", "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
     return tensors, spec
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["SharingMap", "register_map", "get_map", "map_of", "share_", "materialize_", "config_from_dict",
-           "config_to_dict", "match_names", "share_parametrization", "shared_parameter", "tied_groups"]
+           "config_to_dict", "dtype_name", "match_names", "share_parametrization", "shared_parameter", "tied_groups",
+           "unmeta_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Put = Callable[[str, torch.Tensor], str]  # store a tensor under a key; returns the key it is stored under
@@ -118,6 +119,19 @@ def map_of(plist: parametrize.ParametrizationList) -> SharingMap | None:
     if len(plist) != 1:
         return None
     return _BY_PARAMETRIZATION.get(type(plist[0]))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``: dtypes as packed specs name them."""
+    return str(dtype).removeprefix("torch.")
+
+
+def unmeta_(module: nn.Module, attr: str) -> None:
+    """Before a map is installed on a weight of a skeleton built on the meta device: an empty real
+    placeholder, since parametrize keeps the original's device (the placeholder's storage is replaced)."""
+    weight = module._parameters.get(attr)
+    if weight is not None and weight.is_meta:
+        module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
 
 
 def shared_parameter(t: torch.Tensor, requires_grad: bool = True) -> nn.Parameter:

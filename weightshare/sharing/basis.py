@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from weightshare.space import SharingMap, match_names, register_map, shared_parameter
+from weightshare.space import SharingMap, dtype_name, match_names, register_map, shared_parameter, unmeta_
 
 __all__ = ["BasisConfig", "basis_model_", "basis_params"]
 
@@ -243,10 +243,6 @@ def basis_model_(model: nn.Module, config: BasisConfig, grams: dict[str, torch.T
     return model
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 class BasisMap(SharingMap):
     name = "basis"
     config = BasisConfig
@@ -260,7 +256,7 @@ class BasisMap(SharingMap):
         form, side = _form_side(p)
         key = put(f"{name}.__basis", _shared(p))  # the group's first layer stores it; the others name that key
         put(f"{name}.__coef", coef)
-        return {"shape": list(_weight_shape(p, coef)), "dtype": _dtype_name(coef.dtype), "form": form, "side": side,
+        return {"shape": list(_weight_shape(p, coef)), "dtype": dtype_name(coef.dtype), "form": form, "side": side,
                 "rank": _rank(p), "basis": key}
 
     def check(self, name, entry, shape, dtype):
@@ -290,8 +286,7 @@ class BasisMap(SharingMap):
         weight = getattr(module, attr)
         shared = shared_parameter(fetch(entry["basis"]), requires_grad=weight.requires_grad)
         coef = fetch(f"{name}.__coef")
-        if weight.is_meta:  # parametrize needs the original on the coefficients' device
-            module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
+        unmeta_(module, attr)
         parametrize.register_parametrization(module, attr, _class(entry["form"], entry["side"])(shared, coef), unsafe=True)
 
     def decode(self, name, entry, fetch) -> torch.Tensor:

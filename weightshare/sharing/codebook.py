@@ -25,7 +25,8 @@ from torch.nn.utils import parametrize
 from weightshare._progress import progress
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
-from weightshare.space import SharingMap, config_from_dict, config_to_dict, register_map, share_parametrization
+from weightshare.space import (SharingMap, config_from_dict, config_to_dict, dtype_name, register_map,
+                               share_parametrization, unmeta_)
 
 __all__ = ["CodebookConfig", "codebook", "codebook_model_", "tie_codebook", "table_storage_dtype", "SUPPORTED_MODULES"]
 
@@ -278,8 +279,8 @@ def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | N
     transposed = name == "weight" and is_transposed_linear(module)
     if init is None:
         _check_weight(fqn or name, weight, config, transposed)
-    elif weight.is_meta:  # a skeleton built without memory: parametrize needs the original on the tables' device
-        module._parameters[name] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
+    else:
+        unmeta_(module, name)
     param = _Codebook(weight.shape, config, importance=importance, init=init, transposed=transposed)
     if type(module) is nn.Embedding and name == "weight":  # exact class: subclasses may have their own forward
         module.__class__ = CodebookEmbedding
@@ -368,10 +369,6 @@ def table_storage_dtype(tables: torch.Tensor, config: CodebookConfig) -> torch.d
     return dtype
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 _FLOATS = {"float16", "bfloat16", "float32"}
 
 
@@ -388,10 +385,10 @@ class CodebookMap(SharingMap):
         store = table_storage_dtype(tables, cb.config)
         if store != TABLE_DTYPES[cb.config.table_dtype]:
             log.warning("%s: tables moved off the %s grid (trained?): stored as %s to stay exact",
-                        name, cb.config.table_dtype, _dtype_name(store))
+                        name, cb.config.table_dtype, dtype_name(store))
         put(f"{name}.__tables", tables.to(store).contiguous())
         put(f"{name}.__indices", torch.from_numpy(pack_bits(cb.labels.numpy(), cb.config.bits)))
-        entry = {"shape": list(cb.shape), "dtype": _dtype_name(tables.dtype), "config": config_to_dict(cb.config)}
+        entry = {"shape": list(cb.shape), "dtype": dtype_name(tables.dtype), "config": config_to_dict(cb.config)}
         if cb.transposed:  # labels and tables over W^T (transformers' Conv1D); makes the file version 2
             entry["transposed"] = True
         return entry

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare._progress import progress
-from weightshare.space import SharingMap, register_map
+from weightshare.space import SharingMap, dtype_name, register_map, unmeta_
 
 __all__ = ["HashConfig", "hash_", "hash_index", "xxh32_pair"]
 
@@ -255,8 +255,7 @@ def hash_(module: nn.Module, name: str = "weight", config: HashConfig | None = N
         param = _Hash(weight.shape, config.buckets_for(weight.numel(), fqn, group), layer_seed(config.seed, fqn),
                       config.hash, config.sign, config.init, group=group)
     else:
-        if weight.is_meta:  # parametrize needs the original on θ's device
-            module._parameters[name] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
+        unmeta_(module, name)
         param = _Hash(weight.shape, init["buckets"], init["seed"], init["hash"], init["sign"], theta=init["theta"],
                       group=init["group"])
     parametrize.register_parametrization(module, name, param, unsafe=True)
@@ -286,10 +285,6 @@ def hash_model_(model: nn.Module, config: HashConfig, filter_fn=None) -> nn.Modu
     return model
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 class HashMap(SharingMap):
     name = "hash"
     config = HashConfig
@@ -301,7 +296,7 @@ class HashMap(SharingMap):
     def pack(self, name, plist, put) -> dict:
         p, theta = plist[0], plist.original.detach()
         put(f"{name}.__buckets", theta)
-        return {"shape": list(p.shape), "dtype": _dtype_name(theta.dtype), "buckets": p.buckets, "group": p.group,
+        return {"shape": list(p.shape), "dtype": dtype_name(theta.dtype), "buckets": p.buckets, "group": p.group,
                 "hash": p.hash, "sign": p.sign, "seed": p.seed}
 
     def check(self, name, entry, shape, dtype):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from weightshare.space import SharingMap, match_names, register_map, shared_parameter
+from weightshare.space import SharingMap, dtype_name, match_names, register_map, shared_parameter, unmeta_
 
 __all__ = ["TieConfig", "tie", "tie_groups"]
 
@@ -153,10 +153,6 @@ class _TiedDelta(nn.Module):
         return delta.to(weight.dtype)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 class TieMap(SharingMap):
     """Plain ties are one object (the container's aliases); relaxed ties are a parametrization."""
 
@@ -171,7 +167,7 @@ class TieMap(SharingMap):
         p, delta = plist[0], plist.original.detach()
         key = put(f"{name}.__shared", p.shared)  # the group's first layer stores it; the others name that key
         put(f"{name}.__delta", delta)
-        return {"shape": list(p.shared.shape), "dtype": _dtype_name(delta.dtype), "rank": int(delta.shape[1]),
+        return {"shape": list(p.shared.shape), "dtype": dtype_name(delta.dtype), "rank": int(delta.shape[1]),
                 "shared": key}
 
     def check(self, name, entry, shape, dtype):
@@ -189,8 +185,7 @@ class TieMap(SharingMap):
     def install(self, module, attr, name, entry, fetch) -> None:
         weight = getattr(module, attr)
         shared = shared_parameter(fetch(entry["shared"]), requires_grad=weight.requires_grad)
-        if weight.is_meta:  # parametrize needs the original on the delta's device
-            module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=weight.requires_grad)
+        unmeta_(module, attr)
         parametrize.register_parametrization(module, attr, _TiedDelta(shared, fetch(f"{name}.__delta")), unsafe=True)
 
     def decode(self, name, entry, fetch) -> torch.Tensor:
