@@ -36,6 +36,9 @@ test: setup
 bench: setup-bench
 	$(WS) bench kmeans --quick
 	$(WS) bench minilm --quick
+	$(WS) bench load --quick
+	$(WS) bench digits-arch --quick
+	$(WS) bench minilm-basis --quick
 
 clean:
 	rm -rf out build *.egg-info
