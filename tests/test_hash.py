@@ -211,3 +211,33 @@ def test_conv_with_a_kernel_bank_trains_against_the_dense_reference(tmp_path):
     assert torch.allclose(theta.grad, ref.grad, rtol=1e-5, atol=1e-5)
     loaded = ws.load(ws.save(torch.nn.Sequential(conv), tmp_path / "k"), model=torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1)))
     assert torch.equal(loaded[0](x), conv(x))
+
+
+def test_training_keeps_no_index_per_virtual_weight():
+    # what autograd saves for backward is the layer's input and the one weight matrix it computed with:
+    # no int64 index (8 bytes per virtual weight) and no sign matrix
+    lin = torch.nn.Linear(300, 200)
+    ws.share_(torch.nn.Sequential(lin), ws.HashConfig(compression=1 / 16))
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    x = torch.randn(8, 300)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lin(x).sum().backward()
+    assert all(dtype == torch.float32 for dtype, _ in saved)
+    assert sum(n for _, n in saved) <= x.numel() + 200 * 300  # the input and one virtual weight matrix
+    state = [t for t in list(lin.parameters()) + list(lin.buffers())]
+    assert sum(t.numel() for t in state) == 200 * 300 // 16 + 200  # θ and the bias: nothing per weight
+
+
+def test_packed_file_is_within_2_percent_of_theta_and_the_dense_tensors(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                              torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+    ws.share_(net, ws.HashConfig(compression=1 / 8))
+    path = ws.save(net, tmp_path / "big")
+    payload = sum(p.numel() * 4 for p in net.parameters())  # θ of each layer and the biases
+    size = (path / FILENAME).stat().st_size
+    assert payload < size <= 1.02 * payload
