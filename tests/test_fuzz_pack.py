@@ -59,7 +59,7 @@ from weightshare.pack import read_spec
 TOTAL_EXAMPLES = int(os.environ.get("WS_FUZZ_EXAMPLES", "400"))
 # share of the budget per (mutation family, model); the spec is where most of the logic is
 SHARES = {"spec": 2, "header": 1, "bytes": 1}
-MODELS = ["tiny", "tied", "bert"]
+MODELS = ["tiny", "tied", "bert", "composed"]
 
 
 def budget(family: str) -> int:
@@ -173,10 +173,25 @@ def _build_bert(root: Path) -> Packed:
     return _finish("bert", out, expected, None, exports=True)
 
 
+def _composed_net():
+    return torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
+
+
+def _build_composed(root: Path) -> Packed:
+    """Composed maps: hashed weights whose buckets are themselves a codebook (nested entries)."""
+    torch.manual_seed(0)
+    net = _composed_net()
+    ws.share_(net, ws.HashConfig(compression=1 / 4))
+    ws.share_(net, ws.CodebookConfig(bits=3, granularity="per_tensor"))
+    path = ws.save(net, root / "composed")
+    return _finish("composed", path, _plain_state_dict(net), _composed_net, exports=False)
+
+
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-pack")
-    return {"tiny": _build_tiny(root), "tied": _build_tied(root), "bert": _build_bert(root)}
+    return {"tiny": _build_tiny(root), "tied": _build_tied(root), "bert": _build_bert(root),
+            "composed": _build_composed(root)}
 
 
 @pytest.fixture(scope="module", autouse=True)

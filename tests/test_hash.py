@@ -241,3 +241,31 @@ def test_packed_file_is_within_2_percent_of_theta_and_the_dense_tensors(tmp_path
     payload = sum(p.numel() * 4 for p in net.parameters())  # θ of each layer and the biases
     size = (path / FILENAME).stat().st_size
     assert payload < size <= 1.02 * payload
+
+
+def test_hash_then_codebook_compose_and_round_trip(tmp_path):
+    # the buckets θ of a hashed layer clustered into an 8-entry table: W = s·C[a[h(i,j)]]
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))  # noqa: E731
+    net = ws.share_(make(), ws.HashConfig(compression=1 / 8))
+    ws.share_(net, ws.CodebookConfig(bits=3, granularity="per_tensor"))
+    plist = net[0].parametrizations.weight
+    assert plist.original.unique().numel() <= 8
+    assert [n for n, _ in net.named_parameters()] == ["0.bias", "0.parametrizations.weight.parametrizations.original.original",
+                                                      "2.bias", "2.parametrizations.weight.parametrizations.original.original"]
+    r = ws.report(net)
+    assert r.params_stored == 2 * 8 + 128 + 10 and r.bits_per_weight < 0.5
+    x = torch.randn(4, 64)
+    net(x).sum().backward()  # gradients reach the tables through both maps
+    assert plist.parametrizations.original.original.grad.abs().sum() > 0
+    path = ws.save(net, tmp_path / "hc")
+    from weightshare.pack import dense_state_dict, read_spec
+
+    spec, stored = read_spec(path)
+    assert spec["tensors"]["0.weight.__buckets"]["map"] == "codebook" and "0.weight.__buckets" not in stored
+    loaded = ws.load(path, model=make())
+    assert torch.equal(loaded(x), net(x))
+    assert loaded[0].parametrizations.weight.parametrizations.original[0].labels.shape == plist.original.shape
+    assert torch.equal(dense_state_dict(spec, stored)["0.weight"], net[0].weight)
+    with pytest.raises(ValueError, match="single row of buckets"):
+        ws.share_(ws.share_(make(), ws.HashConfig(compression=1 / 8)), ws.CodebookConfig(bits=3))

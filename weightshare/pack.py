@@ -97,7 +97,16 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
     spec: dict[str, dict] = {}
     seen: dict[int, str] = {}  # id of a tensor or parametrization state -> the first name it was written under
 
-    def put(key: str, t: torch.Tensor) -> str:
+    def put(key: str, t: torch.Tensor, source: nn.Module | None = None) -> str:
+        # a map's own state that another map produces (hashed buckets in a codebook): the inner
+        # map is written as an entry of its own under ``key``, and nothing dense is stored for it
+        if source is not None and parametrize.is_parametrized(source, "original"):
+            inner = source.parametrizations["original"]
+            m2 = map_of(inner)
+            if m2 is None:
+                raise ValueError(f"save: {key} has a parametrization the packed format does not know ({list(inner)})")
+            spec[key] = {"map": m2.name, **m2.pack(key, inner, put)}
+            return key
         # one object stored once, whichever entries refer to it (a basis shared by several layers)
         if id(t) in stored_as:
             return stored_as[id(t)]
@@ -353,6 +362,24 @@ class PackedFile:
                 for key, (dtypes, kshape) in needs.items():
                     claim(key, dtypes, kshape, name)
                 self.keys_of[name] = set(needs)
+        # an entry under a map's original key (hashed buckets in a codebook) stands for that tensor
+        self.nested: dict[str, str] = {}  # internal entry -> the entry whose original it is
+        for name, entry in entries.items():
+            if entry["map"] in ("dense", "alias") or name not in self.keys_of:
+                continue
+            key = get_map(entry["map"]).original_key(name, entry)
+            if key is not None and key in claims and key not in self.infos and key in entries:
+                inner = entries[key]
+                if not _internal(key) or inner["map"] in ("dense", "alias") or key in self.nested:
+                    raise PackError(f"tensor {key!r}: not a map another entry's state can be made of"[:300])
+                dtypes, shape = claims.pop(key)
+                if inner.get("dtype") not in dtypes or tuple(inner.get("shape")) != shape:
+                    raise PackError(f"tensor {key!r}: its map gives {inner.get('dtype')} {inner.get('shape')}\n"
+                                    f"  expected: one of {sorted(dtypes)} {list(shape)}"[:300])
+                self.nested[key] = name
+        for name in entries:
+            if _internal(name) and name not in self.nested:
+                raise PackError(f"spec entry {name!r} is no tensor of the model and no other entry's state"[:300])
         for key, (dtypes, shape) in claims.items():
             if key not in self.infos:
                 raise PackError(f"{self.file}: tensor {key!r} is missing")
@@ -364,7 +391,8 @@ class PackedFile:
         for key in self.infos:
             if key not in claims:
                 raise PackError(f"{self.file}: tensor {key!r} is not described by the spec (tampered file?)"[:300])
-        return entries
+        self.internal = {n: e for n, e in entries.items() if n in self.nested}
+        return {n: e for n, e in entries.items() if n not in self.nested}  # the model's own tensors
 
     def _check_checksums(self, checksums) -> None:
         if not isinstance(checksums, dict):
@@ -395,6 +423,18 @@ class PackedFile:
             self._cache[key] = t
         return self._cache[key]
 
+    def fetch_any(self, key: str) -> torch.Tensor:
+        """A stored tensor, or the tensor an internal entry stands for (decoded through its map)."""
+        if key in self.nested:
+            entry = self.internal[key]
+            try:
+                return get_map(entry["map"]).decode(key, entry, self.fetch)
+            except PackError:
+                raise
+            except (ValueError, RuntimeError) as exc:
+                raise PackError(f"tensor {key!r}: cannot be decoded ({exc})"[:400]) from None
+        return self.fetch(key)
+
     def fetch_all(self) -> None:
         """Read and check every stored tensor: a corrupted file is refused before anything is written."""
         for key in self.infos:
@@ -424,7 +464,7 @@ class PackedFile:
         if entry["map"] == "dense":
             return self.fetch(name)
         try:
-            return get_map(entry["map"]).decode(name, entry, self.fetch)
+            return get_map(entry["map"]).decode(name, entry, self.fetch_any)
         except PackError:
             raise
         except (ValueError, RuntimeError) as exc:
@@ -443,6 +483,11 @@ class PackedFile:
         self.close()
 
 
+def _internal(name: str) -> bool:
+    """A name inside a map's state (``fc.weight.__buckets``), not a tensor of the model."""
+    return any(part.startswith("__") for part in name.split("."))
+
+
 def _packable_maps() -> list[str]:
     from weightshare.space import _MAPS, SharingMap
 
@@ -458,14 +503,23 @@ def read_spec(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def dense_state_dict(spec: dict, tensors: dict) -> dict[str, torch.Tensor]:
     """The plain weights a checked spec and its stored tensors stand for (aliases as separate copies)."""
+    entries = spec["tensors"]
+
+    def fetch(key):  # a stored tensor, or an internal entry decoded through its map
+        if key in tensors:
+            return tensors[key]
+        return get_map(entries[key]["map"]).decode(key, entries[key], fetch)
+
     out = {}
-    for name, entry in spec["tensors"].items():
+    for name, entry in entries.items():
+        if _internal(name):
+            continue
         if entry["map"] == "dense":
             out[name] = tensors[name]
         elif entry["map"] != "alias":
-            out[name] = get_map(entry["map"]).decode(name, entry, tensors.__getitem__)
-    for name, entry in spec["tensors"].items():
-        if entry["map"] == "alias":
+            out[name] = get_map(entry["map"]).decode(name, entry, fetch)
+    for name, entry in entries.items():
+        if entry["map"] == "alias" and not _internal(name):
             out[name] = out[entry["of"]].clone()
     return out
 
@@ -591,8 +645,13 @@ def _install(inner: nn.Module, pf: PackedFile) -> None:
                 with torch.no_grad():
                     current.copy_(t)
         elif entry["map"] != "alias":
-            get_map(entry["map"]).install(owner, attr, name, entry, pf.fetch)
+            get_map(entry["map"]).install(owner, attr, name, entry, pf.fetch_any)
             pf.release(name)  # packed indices are garbage once unpacked: keep the peak low
+    for key, outer in pf.nested.items():  # the inner map goes onto the outer map's original
+        owner_name, attr = _split(outer)
+        plist = inner.get_submodule(owner_name).parametrizations[attr]
+        get_map(pf.internal[key]["map"]).install(plist, "original", key, pf.internal[key], pf.fetch)
+        pf.release(key)
     for name, entry in pf.entries.items():
         if entry["map"] != "alias":
             continue

@@ -87,8 +87,16 @@ def report(model: nn.Module) -> Report:
                 if m is None:
                     continue
                 d = m.describe(plist, seen)
-                first = id(plist.original) not in seen  # a parametrization shared by two modules counts once
-                seen.add(id(plist.original))
+                if parametrize.is_parametrized(plist, "original"):  # composed: another map stores this one's state
+                    inner = plist.parametrizations["original"]
+                    inner_map = map_of(inner)
+                    d2 = inner_map.describe(inner, seen) if inner_map is not None else d
+                    d = {**d, "params_stored": d2["params_stored"], "bytes_packed": d2["bytes_packed"],
+                         "detail": f"{d['detail']} + {inner_map.name if inner_map else '?'} {d2['detail']}"}
+                key = id(plist.parametrizations["original"].original) if parametrize.is_parametrized(plist, "original") \
+                    else id(plist.original)
+                first = key not in seen  # a parametrization shared by two modules counts once
+                seen.add(key)
                 numel = _prod(d["shape"])
                 packed = d["bytes_packed"] if first else 0
                 shared_weights += numel

@@ -60,6 +60,14 @@ class SharingMap:
         """
         raise NotImplementedError
 
+    def original_key(self, name: str, entry: dict) -> str | None:
+        """The key under which this map stores its parametrization's original as it is (or None).
+
+        Another map may produce that tensor (a codebook over hashed buckets): the packed
+        file then holds an entry of that map under this key instead of the tensor.
+        """
+        return None
+
     def fits(self, module: nn.Module, attr: str, entry: dict) -> str | None:
         """A reason why ``module.<attr>`` cannot take this entry (beyond its shape), or None."""
         return None
@@ -116,9 +124,11 @@ def config_classes() -> dict[str, type]:
 
 def map_of(plist: parametrize.ParametrizationList) -> SharingMap | None:
     """The map that installed a parametrization list, or None for one weightshare does not know."""
-    if len(plist) != 1:
+    # a map composed on this one's state (parametrize's own "parametrizations" child) is not a step of the list
+    steps = [m for name, m in plist._modules.items() if name != "parametrizations"]
+    if len(steps) != 1:
         return None
-    return _BY_PARAMETRIZATION.get(type(plist[0]))
+    return _BY_PARAMETRIZATION.get(type(steps[0]))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

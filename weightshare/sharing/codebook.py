@@ -336,6 +336,12 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     importance, and the other owners share that codebook.
     """
     importance = importance or {}
+    spaces = _shared_spaces(model, filter_fn)
+    for name, plist in spaces:  # checked with the plain weights, before anything changes
+        if config.granularity == "per_channel":
+            raise ValueError(f"{name}: the shared space of a hashed weight is a single row of buckets\n"
+                             "  expected: granularity per_tensor or per_group")
+        _check_weight(f"{name}.__buckets", plist.original, config)
     chosen = select(model, filter_fn)
     owners: dict[int, list[nn.Module]] = {}
     first: list[tuple[str, nn.Module]] = []
@@ -354,7 +360,28 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
         codebook(module, "weight", config, importance=importance.get(f"{fqn}.weight"), fqn=f"{fqn}.weight")
         for other in tied:
             share_parametrization(module, other)
+    for name, plist in spaces:  # composed: the codebook is over the other map's stored state
+        codebook(plist, "original", config, fqn=f"{name}.__buckets")
     return model
+
+
+def _shared_spaces(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
+    """(weight name, parametrization list) of weights another map shares whose stored state is a
+    plain tensor a codebook can compress in turn (HashedNets' buckets): hash + codebook."""
+    from weightshare.space import SharingMap, map_of
+
+    out = []
+    for fqn, module in model.named_modules():
+        if "parametrizations" in fqn.split(".") or not parametrize.is_parametrized(module, "weight"):
+            continue
+        plist = module.parametrizations["weight"]
+        m = map_of(plist)
+        if m is None or type(m).original_key is SharingMap.original_key or parametrize.is_parametrized(plist, "original"):
+            continue
+        if filter_fn is not None and not filter_fn(module, fqn):
+            continue
+        out.append((f"{fqn}.weight" if fqn else "weight", plist))
+    return out
 
 
 def table_storage_dtype(tables: torch.Tensor, config: CodebookConfig) -> torch.dtype:

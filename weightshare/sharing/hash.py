@@ -295,7 +295,7 @@ class HashMap(SharingMap):
 
     def pack(self, name, plist, put) -> dict:
         p, theta = plist[0], plist.original.detach()
-        put(f"{name}.__buckets", theta)
+        put(f"{name}.__buckets", theta, source=plist)  # a codebook over θ is written as its own entry
         return {"shape": list(p.shape), "dtype": dtype_name(theta.dtype), "buckets": p.buckets, "group": p.group,
                 "hash": p.hash, "sign": p.sign, "seed": p.seed}
 
@@ -319,6 +319,9 @@ class HashMap(SharingMap):
         if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= max(cols, 1) or cols % g or k * g >= _MAX_SIDE:
             raise ValueError(f"group\n  expected: a divisor of the {cols} columns\n  got: {g!r}"[:200])
         return {f"{name}.__buckets": ({dtype}, (k * g,))}
+
+    def original_key(self, name, entry):
+        return f"{name}.__buckets"
 
     def install(self, module, attr, name, entry, fetch) -> None:
         init = {"buckets": entry["buckets"], "group": entry["group"], "seed": entry["seed"], "hash": entry["hash"],
