@@ -426,14 +426,16 @@ class PackedFile:
     def fetch_any(self, key: str) -> torch.Tensor:
         """A stored tensor, or the tensor an internal entry stands for (decoded through its map)."""
         if key in self.nested:
-            entry = self.internal[key]
-            try:
-                return get_map(entry["map"]).decode(key, entry, self.fetch)
-            except PackError:
-                raise
-            except (ValueError, RuntimeError) as exc:
-                raise PackError(f"tensor {key!r}: cannot be decoded ({exc})"[:400]) from None
+            return self._decode_map(key, self.internal[key], self.fetch)
         return self.fetch(key)
+
+    def _decode_map(self, name: str, entry: dict, fetch) -> torch.Tensor:
+        try:
+            return get_map(entry["map"]).decode(name, entry, fetch)
+        except PackError:
+            raise
+        except (ValueError, RuntimeError) as exc:
+            raise PackError(f"tensor {name!r}: cannot be decoded ({exc})"[:400]) from None
 
     def fetch_all(self) -> None:
         """Read and check every stored tensor: a corrupted file is refused before anything is written."""
@@ -463,12 +465,7 @@ class PackedFile:
             return self.decode(entry["of"]).clone()
         if entry["map"] == "dense":
             return self.fetch(name)
-        try:
-            return get_map(entry["map"]).decode(name, entry, self.fetch_any)
-        except PackError:
-            raise
-        except (ValueError, RuntimeError) as exc:
-            raise PackError(f"tensor {name!r}: cannot be decoded ({exc})"[:400]) from None
+        return self._decode_map(name, entry, self.fetch_any)
 
     def close(self) -> None:
         self._cache.clear()
