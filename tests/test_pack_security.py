@@ -273,3 +273,32 @@ def test_tables_that_cost_more_than_indices_warn_with_the_way_out(caplog):
         ws.share_(torch.nn.Sequential(torch.nn.Linear(64, 64)), ws.CodebookConfig(bits=4, granularity="per_group",
                                                                                   group_size=64))
     assert "tables cost" not in caplog.text
+
+
+def test_an_alias_of_a_maps_internal_state_is_refused(tmp_path):
+    # hash + codebook writes the codebook under "0.weight.__buckets"; an alias may not point inside it
+    net = ws.share_(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), ws.HashConfig(compression=1 / 2))
+    ws.share_(net, ws.CodebookConfig(bits=2, granularity="per_tensor"))
+    path = ws.save(net, tmp_path / "n")
+    _edit_spec(path, lambda s: s["tensors"].update({"1.weight": {"map": "alias", "of": "0.weight.__buckets"}}))
+    with pytest.raises(ws.PackError, match="alias of '0.weight.__buckets'"):
+        ws.load(path, model=torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)))
+    _edit_spec(path, lambda s: s["tensors"].update({"1.weight.__extra": {"map": "dense", "shape": [1], "dtype": "float32"}}))
+    with pytest.raises(ws.PackError):
+        ws.load(path, model=torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)))
+
+
+def test_a_map_nested_in_a_maps_state_goes_one_level_deep_only(tmp_path):
+    net = ws.share_(torch.nn.Sequential(torch.nn.Linear(8, 8)), ws.HashConfig(compression=1 / 2))
+    path = ws.save(net, tmp_path / "h")
+
+    def nest_twice(spec):  # the buckets as a hash of their own, whose buckets are a hash again
+        outer = spec["tensors"]["0.weight"]
+        k = outer["buckets"]
+        spec["tensors"]["0.weight.__buckets"] = {"map": "hash", "shape": [k], "dtype": "float32", "buckets": k,
+                                                 "group": 1, "hash": "xxhash", "sign": False, "seed": 1}
+        spec["tensors"]["0.weight.__buckets.__buckets"] = dict(spec["tensors"]["0.weight.__buckets"])
+
+    _edit_spec(path, nest_twice)
+    with pytest.raises(ws.PackError):
+        ws.load(path, model=torch.nn.Sequential(torch.nn.Linear(8, 8)))

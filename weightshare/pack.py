@@ -343,7 +343,8 @@ class PackedFile:
             elif kind == "alias":
                 _keys(entry, {"map", "of"}, f"tensor {name!r}")
                 target = entries.get(entry["of"]) if isinstance(entry["of"], str) else None
-                if entry["of"] == name or not isinstance(target, dict) or target.get("map") in ("alias", None):
+                if (entry["of"] == name or not isinstance(target, dict) or target.get("map") in ("alias", None)
+                        or _internal(entry["of"])):  # an alias names a tensor of the model, not a map's state
                     raise PackError(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"[:300])
             else:
                 m = get_map(kind)
@@ -365,8 +366,8 @@ class PackedFile:
         # an entry under a map's original key (hashed buckets in a codebook) stands for that tensor
         self.nested: dict[str, str] = {}  # internal entry -> the entry whose original it is
         for name, entry in entries.items():
-            if entry["map"] in ("dense", "alias") or name not in self.keys_of:
-                continue
+            if entry["map"] in ("dense", "alias") or name not in self.keys_of or _internal(name):
+                continue  # one level: the state of a model tensor's map, never the state of a state
             key = get_map(entry["map"]).original_key(name, entry)
             if key is not None and key in claims and key not in self.infos and key in entries:
                 inner = entries[key]
