@@ -207,10 +207,22 @@ def materialize_(model: nn.Module) -> nn.Module:
     Parametrized weights become plain parameters holding their current value;
     tied parameters get one copy per place they are used.
     """
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    # every value first: a parametrization shared by two modules (tied, then clustered) must still decode
+    # for the second after the first is removed, and torch's leave_parametrized writes into the shared original
+    modules = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    values = {}
+    with torch.no_grad():
+        for module in modules:
+            for name in module.parametrizations.keys():
+                plist = module.parametrizations[name]
+                grad = plist.original.requires_grad if hasattr(plist, "original") else True
+                values[(id(module), name)] = (getattr(module, name).detach().clone(), grad)
+    for module in modules:
+        for name in list(module.parametrizations.keys()):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+            value, grad = values[(id(module), name)]
+            module._buffers.pop(name, None)  # a composed map's original comes back as a computed tensor
+            module._parameters[name] = nn.Parameter(value, requires_grad=grad)
     seen: set[int] = set()
     for module in model.modules():
         for name, p in list(module._parameters.items()):
