@@ -121,14 +121,16 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
         if parametrize.is_parametrized(module):
             for tname, plist in module.parametrizations.items():
                 full = prefix + tname
-                if id(plist.original) in seen:  # one parametrization used by two modules (LM head and embedding)
-                    spec[full] = {"map": "alias", "of": seen[id(plist.original)]}
+                # one parametrization used by two modules (LM head and embedding) is one object; its
+                # `original` may be computed (a composed map), and a temporary's id can come back
+                if id(plist) in seen:
+                    spec[full] = {"map": "alias", "of": seen[id(plist)]}
                     continue
                 m = map_of(plist)
                 if m is None:
                     raise ValueError(f"save: {full} has a parametrization the packed format does not know\n"
                                      f"  expected: one map registered in weightshare.space\n  got: {list(plist)}")
-                seen[id(plist.original)] = full
+                seen[id(plist)] = full
                 spec[full] = {"map": m.name, **m.pack(full, plist, put)}
         items = list(module._parameters.items())
         items += [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]

@@ -93,8 +93,7 @@ def report(model: nn.Module) -> Report:
                     d2 = inner_map.describe(inner, seen) if inner_map is not None else d
                     d = {**d, "params_stored": d2["params_stored"], "bytes_packed": d2["bytes_packed"],
                          "detail": f"{d['detail']} + {inner_map.name if inner_map else '?'} {d2['detail']}"}
-                key = id(plist.parametrizations["original"].original) if parametrize.is_parametrized(plist, "original") \
-                    else id(plist.original)
+                key = id(plist)  # one parametrization object per shared weight (never a computed tensor's id)
                 first = key not in seen  # a parametrization shared by two modules counts once
                 seen.add(key)
                 numel = _prod(d["shape"])
