@@ -1,5 +1,11 @@
-"""Training with shared parameters: the one training loop every benchmark that trains reuses."""
+"""Training with shared parameters: the training loop, and the multi-task weighting methods.
 
+``METHODS`` is the one registry of weighting methods; gradient aggregators are
+called as ``aggregate(name, G, **params)`` with ``G`` a (tasks, params) tensor.
+"""
+
+from weightshare.multitask.aggregators import METHODS, Method, aggregate, register_method
 from weightshare.multitask.trainer import TrainConfig, TrainResult, error_rate, make_optimizer, train
 
-__all__ = ["TrainConfig", "TrainResult", "error_rate", "make_optimizer", "train"]
+__all__ = ["METHODS", "Method", "TrainConfig", "TrainResult", "aggregate", "error_rate", "make_optimizer",
+           "register_method", "train"]
