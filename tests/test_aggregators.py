@@ -111,3 +111,26 @@ def test_every_aggregator_returns_one_direction_in_the_input_dtype():
         if method.kind == "gradient":
             d = aggregate(name, G)
             assert d.shape == (7,) and d.dtype == torch.float32 and torch.isfinite(d).all(), name
+
+
+def test_aligned_mtl_rows_have_one_condition_number():
+    G = random_G(3, n=10, seed=4)
+    gram = (G @ G.t()).numpy()
+    lam, vec = np.linalg.eigh(gram)
+    b = np.sqrt(lam.min()) * (vec / np.sqrt(lam)) @ vec.T
+    aligned = torch.from_numpy(b) @ G
+    s = torch.linalg.svdvals(aligned)
+    assert torch.allclose(s, s[0].expand_as(s), rtol=1e-8)  # every direction weighs the same
+    assert torch.allclose(aggregate("aligned_mtl", G), aligned.mean(0))
+
+
+def test_aligned_mtl_direction_ignores_one_task_gradient_scale_when_tasks_are_orthogonal():
+    q, _ = torch.linalg.qr(torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    G = q.t() * torch.tensor([[1.0], [3.0], [0.5]], dtype=torch.float64)  # orthogonal gradients of unequal size
+    d = aggregate("aligned_mtl", G)
+    scaled = G.clone()
+    scaled[1] *= 100.0  # one loss 100x larger
+    d2 = aggregate("aligned_mtl", scaled)
+    assert torch.allclose(d / d.norm(), d2 / d2.norm(), atol=1e-10)
+    ew = G.sum(0), scaled.sum(0)
+    assert float(torch.nn.functional.cosine_similarity(ew[0], ew[1], dim=0)) < 0.99  # the plain sum turns
