@@ -5,7 +5,8 @@ called as ``aggregate(name, G, **params)`` with ``G`` a (tasks, params) tensor.
 """
 
 from weightshare.multitask.aggregators import METHODS, Method, aggregate, register_method
+from weightshare.multitask.models import MMoE, CrossStitch, MultiTaskModel
 from weightshare.multitask.trainer import TrainConfig, TrainResult, error_rate, make_optimizer, train
 
-__all__ = ["METHODS", "Method", "TrainConfig", "TrainResult", "aggregate", "error_rate", "make_optimizer",
+__all__ = ["METHODS", "CrossStitch", "MMoE", "Method", "MultiTaskModel", "TrainConfig", "TrainResult", "aggregate", "error_rate", "make_optimizer",
            "register_method", "train"]
