@@ -5,6 +5,7 @@ called as ``aggregate(name, G, **params)`` with ``G`` a (tasks, params) tensor.
 """
 
 from weightshare.multitask.aggregators import METHODS, Method, aggregate, register_method
+from weightshare.multitask import loss_weighting  # noqa: F401  (registers the loss weighting methods)
 from weightshare.multitask.models import MMoE, CrossStitch, MultiTaskModel
 from weightshare.multitask.trainer import TrainConfig, TrainResult, error_rate, make_optimizer, train
 
