@@ -107,3 +107,164 @@ def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of rows whose arg-max prediction is not the label (0..1)."""
     model.eval()
     return float((model(x).argmax(-1) != y).float().mean())
+
+
+# ------------------------------------------------------------------------------------ multi-task
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` measured: per fold, per task, the held-out metric (accuracy for classification)."""
+
+    method: str
+    folds: list[dict[str, float]] = field(default_factory=list)
+    seconds_per_epoch: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Mean over folds of each task's held-out metric."""
+        tasks = self.folds[0].keys() if self.folds else []
+        return {t: sum(f[t] for f in self.folds) / len(self.folds) for t in tasks}
+
+
+def delta_p(multi: dict[str, float], single: dict[str, float], higher_is_better: dict[str, bool] | None = None) -> float:
+    """Δp in percent: the mean over tasks of the relative improvement of ``multi`` over ``single``.
+
+    Δp = 100 · mean_t (-1)^{l_t} (M_t - S_t) / S_t, l_t = 1 where lower is better
+    (Maninis et al. 2019, as the multi-task literature reports it).
+    """
+    if set(multi) != set(single) or not multi:
+        raise ValueError(f"delta_p: tasks\n  expected: the same tasks in both\n  got: {sorted(multi)} and {sorted(single)}")
+    higher_is_better = higher_is_better or {}
+    total = 0.0
+    for t in multi:
+        if single[t] == 0:
+            raise ValueError(f"delta_p: task {t!r} has a single-task metric of 0: the relative change is undefined")
+        sign = 1.0 if higher_is_better.get(t, True) else -1.0
+        total += sign * (multi[t] - single[t]) / abs(single[t])
+    return 100.0 * total / len(multi)
+
+
+def _splits(y_first: torch.Tensor, cv: int | None, validation: float, seed: int):
+    """(train, test) index arrays: k stratified folds, or one stratified holdout (scikit-learn's splitters)."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    labels = y_first.cpu().numpy()
+    idx = np.arange(len(labels))
+    if cv:
+        if cv < 2:
+            raise ValueError(f"fit: cv\n  expected: a number of folds >= 2 (or None for a holdout)\n  got: {cv}")
+        return list(StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed).split(idx, labels))
+    train, test = train_test_split(idx, test_size=validation, stratify=labels, random_state=seed)
+    return [(train, test)]
+
+
+def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[str, torch.Tensor],
+        method: str = "ew", config: TrainConfig | None = None, cv: int | None = None, validation: float = 0.2,
+        **method_params) -> FitResult:
+    """Train a multi-task model per fold with ``method`` and measure each task's held-out accuracy.
+
+    ``model_factory()`` builds a fresh model (a ``MultiTaskModel``, ``CrossStitch`` or ``MMoE``)
+    whose heads are named as ``targets``; ``targets`` maps each task to its class labels for
+    the rows of ``x``.  ``method`` is any name in ``METHODS``: gradient aggregators combine the
+    per-task gradients of the shared parameters (``aggregate``), loss weighting methods weight
+    the losses.  Folds are stratified on the first task's labels.
+    """
+    from weightshare.multitask.aggregators import METHODS, aggregate
+    from weightshare.multitask.loss_weighting import dwa, gradnorm, rlw, uw
+
+    config = config or TrainConfig()
+    if method not in METHODS:
+        raise ValueError(f"fit: unknown method\n  expected one of: {', '.join(sorted(METHODS))}\n  got: {method!r}")
+    if not targets:
+        raise ValueError("fit: targets\n  expected: at least one task's labels")
+    for t, y in targets.items():
+        if len(y) != len(x):
+            raise ValueError(f"fit: task {t!r} has {len(y)} labels for {len(x)} inputs")
+    kind = METHODS[method].kind
+    tasks = list(targets)
+    result = FitResult(method)
+    epoch_seconds = []
+    for fold, (train_idx, test_idx) in enumerate(_splits(targets[tasks[0]], cv, validation, config.seed)):
+        torch.manual_seed(config.seed + fold)
+        model = model_factory()
+        if set(getattr(model, "tasks", tasks)) != set(tasks):
+            raise ValueError(f"fit: the model's heads {sorted(model.tasks)} are not the tasks {sorted(tasks)}")
+        shared = [p for p in model.shared_parameters()]
+        extra = []
+        log_vars = None
+        if method == "uw":
+            log_vars = nn.Parameter(torch.zeros(len(tasks)))
+            extra = [log_vars]
+        tr = torch.as_tensor(train_idx)
+        n = len(tr)
+        batch = n if config.batch_size is None or config.optimizer == "gd" else min(config.batch_size, n)
+        steps = -(-n // batch)
+        opt, sched = make_optimizer(list(model.parameters()) + extra, config, steps)
+        order = torch.Generator().manual_seed(config.seed)
+        rng = torch.Generator().manual_seed(config.seed + 1)
+        weights = torch.ones(len(tasks))
+        history: list[torch.Tensor] = []
+        initial = None
+        model.train()
+        for _ in progress(range(config.epochs), desc=f"{method} fold {fold + 1}", unit="epoch", leave=False):
+            t_epoch = time.perf_counter()
+            if method == "dwa":
+                weights = dwa(history) if history else torch.ones(len(tasks))
+            sums = torch.zeros(len(tasks))
+            perm = tr[torch.randperm(n, generator=order)]
+            for s in range(steps):
+                idx = perm[s * batch:(s + 1) * batch]
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                out = model(x[idx])
+                losses = []
+                for i, t in enumerate(tasks):
+                    if out[t].shape[0] != len(idx):
+                        raise ValueError(f"fit: head {t!r} returned {out[t].shape[0]} rows for a batch of {len(idx)}")
+                    try:
+                        loss = nn.functional.cross_entropy(out[t], targets[t][idx])
+                    except (IndexError, RuntimeError) as exc:
+                        raise ValueError(f"fit: head {t!r} does not match its labels ({exc})"[:300]) from None
+                    if not torch.isfinite(loss):
+                        raise ValueError(f"fit: the loss of task {t!r} is {float(loss)} at step {len(result.step_seconds)}")
+                    losses.append(loss)
+                L = torch.stack(losses)
+                sums += L.detach() * len(idx)
+                if initial is None:
+                    initial = L.detach().clone()
+                if kind == "gradient":
+                    grads = [torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True) for loss in losses]
+                    G = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                                for g, p in zip(gs, shared)]) for gs in grads])
+                    d = aggregate(method, G, **method_params)
+                    L.sum().backward()  # the heads' (task-specific) gradients; the shared ones are replaced
+                    offset = 0
+                    for p in shared:
+                        p.grad = d[offset:offset + p.numel()].view_as(p).clone()
+                        offset += p.numel()
+                else:
+                    if method == "rlw":
+                        weights = rlw(len(tasks), rng)
+                    elif method == "gradnorm":
+                        last = shared[-1]
+                        norms = torch.stack([torch.autograd.grad(loss, last, retain_graph=True)[0].norm()
+                                             for loss in losses])
+                        weights = gradnorm(weights, norms, L.detach() / initial.clamp(min=1e-12))
+                    total = uw(L, log_vars) if method == "uw" else (weights * L).sum()
+                    total.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                result.step_seconds.append(time.perf_counter() - t0)
+            history.append(sums / n)
+            epoch_seconds.append(time.perf_counter() - t_epoch)
+        model.eval()
+        te = torch.as_tensor(test_idx)
+        with torch.no_grad():
+            out = model(x[te])
+        result.folds.append({t: float((out[t].argmax(-1) == targets[t][te]).float().mean()) for t in tasks})
+    result.seconds_per_epoch = sum(epoch_seconds) / len(epoch_seconds)
+    return result
