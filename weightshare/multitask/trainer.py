@@ -183,7 +183,8 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
     for t, y in targets.items():
         if len(y) != len(x):
             raise ValueError(f"fit: task {t!r} has {len(y)} labels for {len(x)} inputs")
-    kind = METHODS[method].kind
+    # EW's aggregate is the gradient of the summed losses: one backward pass, not one per task
+    kind = "loss" if method == "ew" else METHODS[method].kind
     tasks = list(targets)
     result = FitResult(method)
     epoch_seconds = []

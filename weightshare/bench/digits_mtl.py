@@ -1,0 +1,134 @@
+"""bench digits-mtl: one trunk, four tasks on scikit-learn's digits, every weighting method and architecture.
+
+Tasks on the same 8x8 images: the digit (10 classes), its parity, digit >= 5,
+and a deliberately conflicting task: every image gets a random label (10
+classes, fixed by a seed), which shares nothing learnable with the others and
+whose gradients pull the trunk towards memorising noise.  (A permutation of the
+digit classes would not conflict: it is the digit task renamed.)  Single-task
+baselines are one MLP 64-128-128-head per task; the multi-task model is one
+such trunk with four heads (hard sharing), trained with every method in
+``weightshare.multitask.METHODS`` through ``multitask.fit`` (stratified 80/20
+holdout per seed).  Cross-stitch and MMoE run with EW, and "ew, 3 tasks" trains
+without the random task.  Δp is the mean relative accuracy change of the three
+real tasks over their single-task models (percent; the random task's accuracy
+is chance for every model): how much the conflicting task costs, and how much
+of that a method wins back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from weightshare.bench import table
+
+HIDDEN = 128
+EPOCHS, QUICK_EPOCHS = 30, 10
+
+
+def tasks(y: torch.Tensor) -> dict[str, torch.Tensor]:
+    noise = torch.randint(0, 10, y.shape, generator=torch.Generator().manual_seed(1234))  # fixed: the same every run
+    return {"digit": y, "parity": y % 2, "large": (y >= 5).long(), "random": noise}
+
+
+REAL = ("digit", "parity", "large")
+
+
+CLASSES = {"digit": 10, "parity": 2, "large": 2, "random": 10}
+
+
+def trunk() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU())
+
+
+def hard():
+    from weightshare.multitask import MultiTaskModel
+
+    return MultiTaskModel(trunk(), {t: nn.Linear(HIDDEN, c) for t, c in CLASSES.items()})
+
+
+def cross_stitch():
+    from weightshare.multitask import CrossStitch
+
+    return CrossStitch([nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU()],
+                       {t: nn.Linear(HIDDEN, c) for t, c in CLASSES.items()})
+
+
+def mmoe():
+    from weightshare.multitask import MMoE
+
+    return MMoE([trunk() for _ in range(3)], 64, {t: nn.Linear(HIDDEN, c) for t, c in CLASSES.items()})
+
+
+def single(task: str):
+    from weightshare.multitask import MultiTaskModel
+
+    return lambda: MultiTaskModel(trunk(), {task: nn.Linear(HIDDEN, CLASSES[task])})
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(quick: bool = False) -> dict:
+    from sklearn.datasets import load_digits
+
+    from weightshare.multitask import METHODS, TrainConfig, delta_p, fit
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    targets = tasks(torch.tensor(y))
+    seeds = [0, 1] if quick else [0, 1, 2, 3, 4]
+    epochs = QUICK_EPOCHS if quick else EPOCHS
+    cfg = lambda seed: TrainConfig(epochs=epochs, batch_size=128, lr=3e-3, seed=seed)  # noqa: E731
+    singles = {t: [] for t in CLASSES}
+    for seed in seeds:
+        for t in CLASSES:
+            singles[t].append(fit(single(t), x, {t: targets[t]}, "ew", cfg(seed)).metrics[t])
+    base = {t: float(np.mean(v)) for t, v in singles.items()}
+    runs = [(m, "hard", hard) for m in sorted(METHODS)] + [("ew", "cross-stitch", cross_stitch), ("ew", "mmoe", mmoe),
+                                                          ("ew", "hard, 3 tasks", None)]
+    rows, out_dp, out_sec = [], {}, {}
+    for method, arch, factory in runs:
+        accs = {t: [] for t in CLASSES}
+        secs = []
+        three = factory is None
+        for seed in seeds:
+            if three:
+                r = fit(lambda: __import__("weightshare.multitask", fromlist=["MultiTaskModel"]).MultiTaskModel(
+                    trunk(), {t: nn.Linear(HIDDEN, CLASSES[t]) for t in REAL}), x, {t: targets[t] for t in REAL},
+                    method, cfg(seed))
+            else:
+                r = fit(factory, x, targets, method, cfg(seed))
+            for t in CLASSES:
+                accs[t].append(r.metrics.get(t, float("nan")))
+            secs.append(r.seconds_per_epoch)
+        mean = {t: float(np.mean(v)) for t, v in accs.items()}
+        dp = delta_p({t: mean[t] for t in REAL}, {t: base[t] for t in REAL})
+        key = method if arch == "hard" else f"{method}+{arch}"
+        out_dp[key] = dp
+        out_sec[key] = float(np.median(secs))
+        rows.append({"method": method, "arch": arch, **{f"acc_{t}": mean[t] for t in CLASSES}, "delta_p": dp,
+                     "s_per_epoch": out_sec[key]})
+        print(f"  {key}: Δp {dp:+.2f} %", flush=True)
+    ew_sec = out_sec["ew"]
+    for r in rows:
+        r["time_vs_ew"] = r["s_per_epoch"] / ew_sec
+    rows.insert(0, {"method": "single-task", "arch": "4 MLPs", **{f"acc_{t}": base[t] for t in CLASSES}, "delta_p": 0.0,
+                    "s_per_epoch": None, "time_vs_ew": None})
+    params_multi = params(hard())
+    params_single = sum(params(single(t)()) for t in CLASSES)
+    print(table(rows, f"digits, 4 tasks, {len(seeds)} seeds, {epochs} epochs, stratified 80/20: held-out accuracy, "
+                      f"Δp (%) against single-task MLPs"))
+    best = max((k for k in out_dp if "+" not in k), key=out_dp.get)
+    gradient = [m for m in METHODS if METHODS[m].kind == "gradient" and m != "ew"]
+    reduce = {m: out_dp[m] > out_dp["ew"] for m in gradient}
+    print(f"parameters: multi-task {params_multi:,} vs single-task total {params_single:,} "
+          f"({params_multi / params_single:.0%}); best method {best}: Δp {out_dp[best]:+.2f} %; "
+          f"negative transfer of the random task (EW with it vs without): {out_dp['ew'] - out_dp['ew+hard, 3 tasks']:+.2f} pts; "
+          f"gradient methods above EW: {sorted(m for m, v in reduce.items() if v)}")
+    return {"delta_p": out_dp, "seconds_per_epoch": out_sec, "methods": sorted(METHODS), "params_multitask": params_multi,
+            "params_single_total": params_single, "single_task_accuracy": base, "best_method": best,
+            "negative_transfer_ew": out_dp["ew"] - out_dp["ew+hard, 3 tasks"], "gradient_methods_above_ew": reduce,
+            "seeds": len(seeds), "epochs": epochs, "quick": quick}
