@@ -99,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. 500MB), with model.safetensors.index.json, as save_pretrained does (default 5GB)")
     e.set_defaults(func=_export)
 
-    b = sub.add_parser("bench", parents=common,
+    b = sub.add_parser("bench", parents=common, formatter_class=argparse.RawTextHelpFormatter,  # names unbroken
                        help=f"run a benchmark ({', '.join(NAMES)}) side by side with its references")
-    b.add_argument("name", metavar="NAME", help="one of: " + ", ".join(NAMES))
+    b.add_argument("name", metavar="NAME", help="one of:\n" + "\n".join(f"  {n}" for n in NAMES))
     b.add_argument("--quick", action="store_true", help="a run of under a minute")
     b.add_argument("--json", action="store_true", help="last line of output: one JSON object of the figures")
     b.set_defaults(func=_bench)
