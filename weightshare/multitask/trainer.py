@@ -161,6 +161,24 @@ def _splits(y_first: torch.Tensor, cv: int | None, validation: float, seed: int)
     return [(train, test)]
 
 
+def _world() -> tuple[int, int]:
+    """(world size, rank) of an initialised torch.distributed process group, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean over processes (all-reduce SUM, then divide: gloo's AVG is not to be trusted)."""
+    import torch.distributed as dist
+
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
+
+
 def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[str, torch.Tensor],
         method: str = "ew", config: TrainConfig | None = None, cv: int | None = None, validation: float = 0.2,
         **method_params) -> FitResult:
@@ -171,11 +189,19 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
     the rows of ``x``.  ``method`` is any name in ``METHODS``: gradient aggregators combine the
     per-task gradients of the shared parameters (``aggregate``), loss weighting methods weight
     the losses.  Folds are stratified on the first task's labels.
+
+    Under ``torch.distributed`` (an initialised process group, e.g. launched with torchrun)
+    each process takes its share of every batch; gradient methods all-reduce the per-task
+    gradients (tasks x shared params) and then aggregate, so every process computes the
+    aggregate of the global gradients, not an average of local aggregates (which differs
+    for every non-linear method); all other gradients are averaged.  Pass the plain model,
+    not a DistributedDataParallel wrapper.  Batches must split evenly across processes.
     """
     from weightshare.multitask.aggregators import METHODS, aggregate
     from weightshare.multitask.loss_weighting import dwa, gradnorm, rlw, uw
 
     config = config or TrainConfig()
+    world, rank = _world()
     if method not in METHODS:
         raise ValueError(f"fit: unknown method\n  expected one of: {', '.join(sorted(METHODS))}\n  got: {method!r}")
     if not targets:
@@ -218,6 +244,8 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
             perm = tr[torch.randperm(n, generator=order)]
             for s in range(steps):
                 idx = perm[s * batch:(s + 1) * batch]
+                if world > 1:  # this process's share of the global batch (equal shares: see _all_reduce_mean)
+                    idx = idx[rank::world]
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 out = model(x[idx])
@@ -233,13 +261,16 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
                         raise ValueError(f"fit: the loss of task {t!r} is {float(loss)} at step {len(result.step_seconds)}")
                     losses.append(loss)
                 L = torch.stack(losses)
-                sums += L.detach() * len(idx)
+                L_global = _all_reduce_mean(L) if world > 1 else L.detach()  # the same on every process
+                sums += L_global * len(idx) * world
                 if initial is None:
-                    initial = L.detach().clone()
+                    initial = L_global.clone()
                 if kind == "gradient":
                     grads = [torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True) for loss in losses]
                     G = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                                 for g, p in zip(gs, shared)]) for gs in grads])
+                    if world > 1:  # every process aggregates the same, global per-task gradients
+                        G = _all_reduce_mean(G)
                     d = aggregate(method, G, **method_params)
                     L.sum().backward()  # the heads' (task-specific) gradients; the shared ones are replaced
                     offset = 0
@@ -251,11 +282,20 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
                         weights = rlw(len(tasks), rng)
                     elif method == "gradnorm":
                         last = shared[-1]
-                        norms = torch.stack([torch.autograd.grad(loss, last, retain_graph=True)[0].norm()
-                                             for loss in losses])
-                        weights = gradnorm(weights, norms, L.detach() / initial.clamp(min=1e-12))
+                        last_grads = [torch.autograd.grad(loss, last, retain_graph=True)[0] for loss in losses]
+                        if world > 1:
+                            last_grads = [_all_reduce_mean(g) for g in last_grads]
+                        norms = torch.stack([g.norm() for g in last_grads])
+                        weights = gradnorm(weights, norms, L_global / initial.clamp(min=1e-12))
                     total = uw(L, log_vars) if method == "uw" else (weights * L).sum()
                     total.backward()
+                if world > 1:
+                    for p in model.parameters():
+                        if p.grad is not None and not any(p is q for q in shared if kind == "gradient"):
+                            p.grad = _all_reduce_mean(p.grad)
+                    for p in extra:
+                        if p.grad is not None:
+                            p.grad = _all_reduce_mean(p.grad)
                 opt.step()
                 if sched is not None:
                     sched.step()

@@ -1,0 +1,73 @@
+"""Multi-task training on two gloo processes gives the one-process model, for gradient and loss methods."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+METHODS = ("upgrad", "pcgrad", "mgda", "gradnorm", "dwa")
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 12, generator=g)
+    return x, {"a": (x[:, 0] > 0).long(), "b": (x[:, 1] + x[:, 2] > 0).long()}
+
+
+def factory():
+    from weightshare.multitask import MultiTaskModel
+
+    return MultiTaskModel(nn.Sequential(nn.Linear(12, 16), nn.Tanh()), {"a": nn.Linear(16, 2), "b": nn.Linear(16, 2)})
+
+
+def run(method):
+    from weightshare.multitask import TrainConfig, fit
+    from weightshare.multitask import trainer
+
+    x, y = data()
+    models = []
+    original = factory
+
+    def keep():
+        m = original()
+        models.append(m)
+        return m
+
+    fit(keep, x, y, method=method, config=TrainConfig(epochs=3, batch_size=64, lr=0.05, optimizer="sgd"))
+    return {k: v.detach().numpy().copy() for k, v in models[-1].state_dict().items()}
+
+
+def _worker(rank, port, queue):
+    import weightshare as ws
+
+    ws.set_progress(False)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        queue.put((rank, {m: run(m) for m in METHODS}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_the_single_process_model():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for method in METHODS:
+        single = run(method)
+        for rank in (0, 1):
+            for k, v in single.items():
+                assert torch.allclose(torch.from_numpy(results[rank][method][k]), torch.from_numpy(v), atol=1e-5), \
+                    (method, rank, k)
