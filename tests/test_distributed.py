@@ -5,13 +5,8 @@ equal halves and a mean loss is the full batch's gradient.  The models are
 built in each process from the same seed, as a user's launch script would.
 """
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 KINDS = ("tied", "hashed", "relaxed", "basis")
 
@@ -43,43 +38,22 @@ def gradients(model, x, y) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import weightshare as ws
-
-    ws.set_progress(False)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        x, y = batch()
-        out = {}
-        for kind in KINDS:
-            model = build(kind)
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            half = slice(rank * 32, (rank + 1) * 32)
-            torch.nn.functional.mse_loss(ddp(x[half]), y[half]).backward()
-            out[kind] = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}  # by value: the worker exits
-        queue.put((rank, out))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_gradients(rank: int) -> dict:
+    x, y = batch()
+    out = {}
+    for kind in KINDS:
+        model = build(kind)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        half = slice(rank * 32, (rank + 1) * 32)
+        torch.nn.functional.mse_loss(ddp(x[half]), y[half]).backward()
+        out[kind] = {n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    return out
 
 
 def test_ddp_on_two_gloo_processes_gives_the_single_process_gradients():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=240) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    from tests.gloo import run_gloo
+
+    results = run_gloo(_ddp_gradients)
     x, y = batch()
     for kind in KINDS:
         single = gradients(build(kind), x, y)

@@ -1,11 +1,6 @@
 """Multi-task training on two gloo processes gives the one-process model, for gradient and loss methods."""
 
-import os
-import socket
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 METHODS = ("upgrad", "pcgrad", "mgda", "gradnorm", "dwa")
@@ -25,7 +20,6 @@ def factory():
 
 def run(method):
     from weightshare.multitask import TrainConfig, fit
-    from weightshare.multitask import trainer
 
     x, y = data()
     models = []
@@ -40,31 +34,14 @@ def run(method):
     return {k: v.detach().numpy().copy() for k, v in models[-1].state_dict().items()}
 
 
-def _worker(rank, port, queue):
-    import weightshare as ws
-
-    ws.set_progress(False)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        queue.put((rank, {m: run(m) for m in METHODS}))
-    finally:
-        dist.destroy_process_group()
+def _train_all(rank: int) -> dict:
+    return {m: run(m) for m in METHODS}
 
 
 def test_two_processes_train_the_single_process_model():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    from tests.gloo import run_gloo
+
+    results = run_gloo(_train_all)
     for method in METHODS:
         single = run(method)
         for rank in (0, 1):
