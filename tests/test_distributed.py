@@ -5,7 +5,6 @@ equal halves and a mean loss is the full batch's gradient.  The models are
 built in each process from the same seed, as a user's launch script would.
 """
 
-import pytest
 import torch
 
 KINDS = ("tied", "hashed", "relaxed", "basis")
