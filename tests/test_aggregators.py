@@ -134,3 +134,19 @@ def test_aligned_mtl_direction_ignores_one_task_gradient_scale_when_tasks_are_or
     assert torch.allclose(d / d.norm(), d2 / d2.norm(), atol=1e-10)
     ew = G.sum(0), scaled.sum(0)
     assert float(torch.nn.functional.cosine_similarity(ew[0], ew[1], dim=0)) < 0.99  # the plain sum turns
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_same_methods_as_torchjd(seed):
+    # torchjd (in the [bench] extra) implements five of these; where both are exact they agree
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    pytest.importorskip("quadprog")
+    G = random_G(3, n=8, seed=seed)
+    for name, theirs in [("imtl", aggregation.IMTLG()), ("aligned_mtl", aggregation.AlignedMTL())]:
+        assert torch.allclose(aggregate(name, G), theirs(G), atol=1e-9), name
+    # torchjd's quadprog projection carries a small regulariser: agreement to 1e-3
+    assert torch.allclose(aggregate("upgrad", G), aggregation.UPGrad()(G), rtol=1e-3, atol=1e-3)
+    two = G[:2]  # with two tasks PCGrad does not depend on the order of the projections
+    assert torch.allclose(aggregate("pcgrad", two), aggregation.PCGrad()(two), atol=1e-9)
+    # torchjd's MGDA runs a bounded number of Frank-Wolfe steps; ours is exact: never longer
+    assert float(aggregate("mgda", G).norm()) <= float(aggregation.MGDA()(G).norm()) + 1e-9
