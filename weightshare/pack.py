@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub
-from weightshare.space import dtype_name, get_map, map_of, share_parametrization
+from weightshare.space import dtype_name, get_map, map_of, packable_maps, share_parametrization
 
 __all__ = ["save", "load", "export", "read_spec", "dense_state_dict", "PackError", "FILENAME", "FORMAT_VERSION"]
 
@@ -350,9 +350,9 @@ class PackedFile:
                     raise PackError(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"[:300])
             else:
                 m = get_map(kind)
-                if m is None or type(m).check is type(m).__mro__[-2].check:
+                if kind not in packable_maps():
                     raise PackError(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
-                                    f"{', '.join(_packable_maps())}\n  got: {kind!r}"[:300])
+                                    f"{', '.join(packable_maps())}\n  got: {kind!r}"[:300])
                 shape = _shape(entry.get("shape"), f"tensor {name!r}")
                 if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
                     raise PackError(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"[:300])
@@ -486,12 +486,6 @@ class PackedFile:
 def _internal(name: str) -> bool:
     """A name inside a map's state (``fc.weight.__buckets``), not a tensor of the model."""
     return any(part.startswith("__") for part in name.split("."))
-
-
-def _packable_maps() -> list[str]:
-    from weightshare.space import _MAPS, SharingMap
-
-    return sorted(n for n, m in _MAPS.items() if type(m).check is not SharingMap.check)
 
 
 def read_spec(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

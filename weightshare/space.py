@@ -117,6 +117,11 @@ def map_names() -> list[str]:
     return sorted(_MAPS)
 
 
+def packable_maps() -> list[str]:
+    """Names of the maps that write packed entries of their own (tie's plain aliases are the container's)."""
+    return sorted(n for n, m in _MAPS.items() if type(m).check is not SharingMap.check)
+
+
 def config_classes() -> dict[str, type]:
     """The config dataclass of every registered map, by class name (``HashConfig``, ...)."""
     return dict(_CONFIGS)
