@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["SharingMap", "register_map", "get_map", "map_of", "share_", "materialize_", "config_from_dict",
+__all__ = ["Parametrization", "SharingMap", "register_map", "get_map", "map_of", "share_", "materialize_", "config_from_dict",
            "config_to_dict", "dtype_name", "match_names", "share_parametrization", "shared_parameter", "tied_groups",
            "unmeta_"]
 
@@ -87,6 +87,30 @@ class SharingMap:
         shared by several tensors (a basis) counts it once and adds its id.
         """
         raise NotImplementedError
+
+
+class Parametrization(nn.Module):
+    """Base of the maps' parametrizations: an original handed over ready-made is installed as it is.
+
+    ``ws.load`` (the stored state) and joint initialisations (a basis fitted to a
+    whole group) know the original before ``register_parametrization`` asks for
+    it; otherwise ``initial`` computes it from the dense weight.
+    """
+
+    def __init__(self, original: torch.Tensor | None = None):
+        super().__init__()
+        self._original = original
+
+    @torch.no_grad()
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        # in the weight's own dtype: parametrize requires it, and a half-precision model keeps computing in it
+        if self._original is not None:
+            original, self._original = self._original, None
+            return original.to(weight.dtype)
+        return self.initial(weight)
+
+    def initial(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} is built with its original")
 
 
 _MAPS: dict[str, SharingMap] = {}

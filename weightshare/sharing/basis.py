@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from weightshare.space import SharingMap, dtype_name, match_names, register_map, shared_parameter, unmeta_
+from weightshare.space import (Parametrization, SharingMap, dtype_name, match_names, register_map,
+                               shared_parameter, unmeta_)
 
 __all__ = ["BasisConfig", "basis_model_", "basis_params"]
 
@@ -80,21 +81,15 @@ def resolve_side(side: str, out: int, inp: int) -> str:
     return ("left" if out >= inp else "right") if side == "auto" else side
 
 
-class _LowRank(nn.Module):
+class _LowRank(Parametrization):
     """W = basis @ C, with ``basis`` one Parameter shared by the group's parametrizations."""
 
     def __init__(self, basis: nn.Parameter, coef: torch.Tensor | None = None):
-        super().__init__()
+        super().__init__(coef)  # the coefficients come from the group's joint init or a file
         self.basis = basis
-        self._coef = coef
 
     def forward(self, coef: torch.Tensor) -> torch.Tensor:
         return self.basis @ coef
-
-    @torch.no_grad()
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        coef, self._coef = self._coef, None
-        return coef.to(weight.dtype)
 
 
 class _LowRankRight(_LowRank):
@@ -104,21 +99,15 @@ class _LowRankRight(_LowRank):
         return coef @ self.basis
 
 
-class _Mix(nn.Module):
+class _Mix(Parametrization):
     """W = Σ_j a[j] · bank[j], with ``bank`` one Parameter shared by the group's parametrizations."""
 
     def __init__(self, bank: nn.Parameter, coef: torch.Tensor | None = None):
-        super().__init__()
+        super().__init__(coef)  # the coefficients come from the group's joint init or a file
         self.bank = bank
-        self._coef = coef
 
     def forward(self, coef: torch.Tensor) -> torch.Tensor:
         return torch.tensordot(coef, self.bank, dims=1)
-
-    @torch.no_grad()
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        coef, self._coef = self._coef, None
-        return coef.to(weight.dtype)
 
 
 def _group(model: nn.Module, config: BasisConfig) -> list[str]:

@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from weightshare._progress import progress
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
-from weightshare.space import (SharingMap, config_from_dict, config_to_dict, dtype_name, register_map,
+from weightshare.space import (Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name, register_map,
                                share_parametrization, unmeta_)
 
 __all__ = ["CodebookConfig", "codebook", "codebook_model_", "tie_codebook", "table_storage_dtype", "SUPPORTED_MODULES"]
@@ -109,7 +109,7 @@ def group_layout(shape: torch.Size | tuple, granularity: str, group_size: int | 
     return rows * (row_len // group_size), group_size
 
 
-class _Codebook(nn.Module):
+class _Codebook(Parametrization):
     """Parametrization W = tables[g, labels[i]].
 
     ``right_inverse`` (run by ``register_parametrization``) clusters the dense
@@ -123,7 +123,7 @@ class _Codebook(nn.Module):
 
     def __init__(self, shape, config: CodebookConfig, importance: torch.Tensor | None = None, init=None,
                  transposed: bool = False):
-        super().__init__()
+        super().__init__(None if init is None else init[0])  # tables from a packed file: no clustering
         self.shape = tuple(shape)  # as the module sees the weight
         self.transposed = bool(transposed)
         self.layout = channel_layout(self.shape, self.transposed)
@@ -139,7 +139,6 @@ class _Codebook(nn.Module):
             codes = torch.zeros((self.numel + 1) // 2 if self.nibbles else self.numel, dtype=torch.uint8)
         self.register_buffer("codes", codes)
         self._importance = importance
-        self._init = None if init is None else init[0]  # tables from a packed file: skip clustering
 
     def _encode(self, labels: torch.Tensor) -> torch.Tensor:
         if not self.nibbles:
@@ -187,13 +186,7 @@ class _Codebook(nn.Module):
                     out[a:b] = tables[g][self._unpack(a, b).long()]
         return out.view(self.layout)
 
-    @torch.no_grad()
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        # the tables are a parameter of the weight's own dtype: parametrize requires it,
-        # and a half-precision model must keep computing in half precision
-        if self._init is not None:
-            tables, self._init = self._init, None
-            return tables.to(weight.dtype)
+    def initial(self, weight: torch.Tensor) -> torch.Tensor:
         k = 1 << self.config.bits
         w, imp = weight.detach().float(), self._importance
         if self.transposed:

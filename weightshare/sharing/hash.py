@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare._progress import progress
-from weightshare.space import SharingMap, dtype_name, register_map, unmeta_
+from weightshare.space import Parametrization, SharingMap, dtype_name, register_map, unmeta_
 
 __all__ = ["HashConfig", "hash_", "hash_index", "xxh32_pair"]
 
@@ -156,17 +156,16 @@ class _Expand(torch.autograd.Function):
         return ctx.p.scatter(grad), None
 
 
-class _Hash(nn.Module):
+class _Hash(Parametrization):
     """Parametrization W = s(i,j) · θ[h(i,j)]; ``right_inverse`` turns a dense weight into θ."""
 
     def __init__(self, shape, buckets: int, seed: int, hash: str, sign: bool, init: str = "sample",
                  theta: torch.Tensor | None = None, group: int = 1):
-        super().__init__()
+        super().__init__(theta)  # θ from a packed file: installed as it is
         self.shape = tuple(shape)
         self.rows, self.cols = _layout(self.shape)
         self.buckets, self.seed, self.hash, self.sign, self.init = int(buckets), int(seed), hash, bool(sign), init
         self.group = int(group)  # θ holds buckets x group values
-        self._theta = theta  # from a packed file: installed as it is
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         return _Expand.apply(theta, self)
@@ -206,11 +205,7 @@ class _Hash(nn.Module):
             g.index_add_(0, idx, flat[a:b] * sgn)
         return g
 
-    @torch.no_grad()
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._theta is not None:
-            theta, self._theta = self._theta, None
-            return theta.to(weight.dtype)
+    def initial(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.detach().float()
         if self.init == "project":  # least squares: θ_k = mean of s·W over the weights hashed to k
             sums = self.scatter(w)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from weightshare.space import SharingMap, dtype_name, match_names, register_map, shared_parameter, unmeta_
+from weightshare.space import (Parametrization, SharingMap, dtype_name, match_names, register_map,
+                               shared_parameter, unmeta_)
 
 __all__ = ["TieConfig", "tie", "tie_groups"]
 
@@ -135,22 +136,16 @@ def _svd_delta(residual: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([up, down]).to(residual.dtype)
 
 
-class _TiedDelta(nn.Module):
+class _TiedDelta(Parametrization):
     """W = shared + U V^T, with ``shared`` one Parameter for the group and (U; V) the layer's own."""
 
     def __init__(self, shared: nn.Parameter, delta: torch.Tensor | None = None):
-        super().__init__()
+        super().__init__(delta)  # (U; V) from the residual's SVD or a file
         self.shared = shared
-        self._delta = delta
 
     def forward(self, delta: torch.Tensor) -> torch.Tensor:
         out = self.shared.shape[0]
         return self.shared + delta[:out] @ delta[out:].t()
-
-    @torch.no_grad()
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
-        delta, self._delta = self._delta, None
-        return delta.to(weight.dtype)
 
 
 class TieMap(SharingMap):
