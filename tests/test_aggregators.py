@@ -150,3 +150,73 @@ def test_the_same_methods_as_torchjd(seed):
     assert torch.allclose(aggregate("pcgrad", two), aggregation.PCGrad()(two), atol=1e-9)
     # torchjd's MGDA runs a bounded number of Frank-Wolfe steps; ours is exact: never longer
     assert float(aggregate("mgda", G).norm()) <= float(aggregation.MGDA()(G).norm()) + 1e-9
+
+
+NASH_CASES = [(m, seed) for m in range(2, 7) for seed in range(3)]
+
+
+@pytest.mark.parametrize("m,seed", NASH_CASES)
+def test_nash_mtl_weights_solve_the_bargaining_equations(m, seed):
+    G = random_G(m, n=300, seed=seed, conflict=seed % 2 == 0)
+    gram = (G @ G.t()).numpy()
+    alpha = ag.nash_weights(gram)
+    assert (alpha > 0).all()
+    assert np.allclose(alpha * (gram @ alpha), 1.0, rtol=0, atol=1e-8)  # Mα = 1/α, relative to 1/α
+    assert torch.allclose(aggregate("nash_mtl", G), torch.from_numpy(alpha) @ G, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m,seed", NASH_CASES[::2])
+def test_nash_mtl_weights_minimise_the_bargaining_objective(m, seed):
+    # the slow obvious version: L-BFGS-B on f(α) = ½ α^T M α − Σ log α_i, α >= 1e-12, from α = 1
+    from scipy.optimize import minimize
+
+    G = random_G(m, n=300, seed=seed, conflict=seed % 2 == 0)
+    gram = (G @ G.t()).numpy()
+    res = minimize(lambda a: (0.5 * a @ gram @ a - np.log(a).sum(), gram @ a - 1 / a), np.ones(m), jac=True,
+                   method="L-BFGS-B", bounds=[(1e-12, None)] * m, options={"ftol": 1e-15, "gtol": 1e-12})
+    assert np.allclose(ag.nash_weights(gram), res.x, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("m,seed", NASH_CASES)
+def test_nash_mtl_gains_one_over_alpha_on_every_task(m, seed):
+    G = random_G(m, n=300, seed=seed, conflict=True)
+    assert float(G[0] @ G[1]) < 0
+    alpha = ag.nash_weights((G @ G.t()).numpy())
+    d = aggregate("nash_mtl", G)
+    assert torch.allclose(G @ d, torch.from_numpy(1 / alpha), rtol=1e-8)  # ⟨g_i, d⟩ = 1/α_i > 0: no conflict
+    assert float(d @ d) == pytest.approx(m, rel=1e-8)  # hence ||d||² = Σ α_i ⟨g_i, d⟩ = m
+
+
+@pytest.mark.parametrize("c", [1e-3, 0.2, 7.0, 1e4])
+def test_nash_mtl_direction_ignores_one_task_gradient_scale(c):
+    G = random_G(4, n=300, seed=1)
+    scaled = G.clone()
+    scaled[2] *= c
+    assert torch.allclose(aggregate("nash_mtl", scaled), aggregate("nash_mtl", G), rtol=1e-9, atol=1e-12)
+    alpha, alpha_c = (ag.nash_weights((H @ H.t()).numpy()) for H in (G, scaled))
+    assert alpha_c[2] == pytest.approx(alpha[2] / c, rel=1e-9)  # α_i g_i is what is invariant
+
+
+def test_nash_mtl_degenerate_gradients():
+    G = random_G(3, n=50, seed=2, conflict=False)
+    g = G[0]
+    # two equal rows: dependent but well-posed; they share the weight a single copy would get
+    equal = torch.stack([g, g, G[1]])
+    alpha = ag.nash_weights((equal @ equal.t()).numpy())
+    assert alpha[0] == pytest.approx(alpha[1], rel=1e-10)
+    assert torch.allclose(equal @ aggregate("nash_mtl", equal), torch.from_numpy(1 / alpha), rtol=1e-8)
+    # a zero row gets α = 0 and the rest is solved without it
+    zero = torch.stack([g, torch.zeros_like(g), G[1]])
+    alpha = ag.nash_weights((zero @ zero.t()).numpy())
+    assert alpha[1] == 0 and (alpha[[0, 2]] > 0).all()
+    assert torch.allclose(aggregate("nash_mtl", zero), aggregate("nash_mtl", G[:2]), atol=1e-10)
+    assert torch.equal(aggregate("nash_mtl", torch.zeros(2, 50)), torch.zeros(50))
+    # one task: its unit gradient
+    assert torch.allclose(aggregate("nash_mtl", g[None]), g / g.norm(), atol=1e-10)
+    # opposite gradients: no direction helps both, the solution does not exist; d is finite and
+    # makes (almost) no progress on the blocked pair while the third task still gets its 1/α
+    opposite = torch.stack([g, -3 * g, G[1]])
+    d = aggregate("nash_mtl", opposite)
+    assert torch.isfinite(d).all()
+    gains = opposite @ d
+    assert gains[:2].abs().max() < 1e-8 * float(gains[2])
