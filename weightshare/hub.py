@@ -333,3 +333,36 @@ def packed_sentence_transformer(root: Path, transformer_dir: str, inner: nn.Modu
             module.__class__ = Transformer  # a plain Transformer from here on (saving, isinstance, repr)
     model.eval()
     return model
+
+
+def sentence_encoder(path: str | os.PathLike, trainable_layers: int | None = None) -> nn.Module:
+    """A sentence-transformers model as a trunk: its transformer and pooling, without a final
+    normalisation (a linear head on unit vectors learns slowly), returning ``{"sentence_embedding"}``.
+
+    ``trainable_layers=k`` fine-tunes only the last ``k`` transformer layers (and the pooling):
+    embeddings and the layers below stay frozen, as in the usual recipe for adapting a sentence
+    encoder on a few thousand labelled sentences.  ``None`` trains everything.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize
+
+    full = SentenceTransformer(str(path), device="cpu")
+    model = SentenceTransformer(modules=[m for m in full if not isinstance(m, Normalize)], device="cpu")
+    if trainable_layers is not None:
+        layers = _encoder_layers(inner_model(model))
+        if not 0 <= trainable_layers <= len(layers):
+            raise ValueError(f"sentence_encoder: trainable_layers\n  expected: 0..{len(layers)}\n  got: {trainable_layers}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in list(layers)[len(layers) - trainable_layers:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the longest ``nn.ModuleList`` in the model."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__}: no stack of transformer layers (nn.ModuleList) found")
+    return max(lists, key=len)

@@ -10,6 +10,7 @@ weightshare's tie / hash / codebook / basis maps.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ __all__ = ["MultiTaskModel", "CrossStitch", "MMoE"]
 def _batch_size(x) -> int | None:
     if isinstance(x, torch.Tensor):
         return x.shape[0]
-    if isinstance(x, dict):  # tokenizer output
+    if isinstance(x, Mapping):  # tokenizer output
         first = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
         return None if first is None else first.shape[0]
     return None
@@ -47,6 +48,8 @@ class MultiTaskModel(nn.Module):
 
     def features(self, x) -> torch.Tensor:
         h = self.trunk(x)
+        if isinstance(h, Mapping) and "sentence_embedding" in h:  # a sentence-transformers trunk: its pooled embedding
+            h = h["sentence_embedding"]
         h = getattr(h, "last_hidden_state", h)  # a transformers trunk: the [CLS] / first token's state
         if h.dim() == 3:
             h = h[:, 0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 from weightshare._progress import progress
 
-__all__ = ["TrainConfig", "TrainResult", "train", "make_optimizer", "error_rate"]
+__all__ = ["IGNORE", "TrainConfig", "TrainResult", "train", "make_optimizer", "error_rate"]
 
 OPTIMIZERS = ("gd", "sgd", "adam", "sgdr")
 
@@ -161,6 +162,36 @@ def _splits(y_first: torch.Tensor, cv: int | None, validation: float, seed: int)
     return [(train, test)]
 
 
+IGNORE = -100  # a task's label for rows it has no label for (cross_entropy's ignore_index)
+
+
+def _num_rows(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    if isinstance(x, Mapping):  # tokenizer output; non-tensor entries (e.g. a "modality" tag) pass through
+        sizes = {v.shape[0] for v in x.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        if len(sizes) == 1:
+            return sizes.pop()
+    raise ValueError("fit: inputs\n  expected: a tensor, or a dict of tensors with one row per sample "
+                     f"(a tokenizer's output)\n  got: {type(x).__name__}")
+
+
+def _rows(x, idx: torch.Tensor):
+    """Rows ``idx`` of the inputs.  Tokenizer output (a dict with an ``attention_mask``) is cut to
+    the longest sequence in the batch: padding the whole data set to its longest sentence would
+    make every batch pay for it."""
+    if isinstance(x, torch.Tensor):
+        return x[idx]
+    tensor = lambda v: isinstance(v, torch.Tensor) and v.dim() > 0  # noqa: E731
+    batch = {k: v[idx] if tensor(v) else v for k, v in x.items()}
+    mask = batch.get("attention_mask")
+    if tensor(mask) and mask.dim() == 2 and mask.shape[0]:
+        length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+        batch = {k: v[:, :length] if tensor(v) and v.dim() == 2 and v.shape[1] == mask.shape[1] else v
+                 for k, v in batch.items()}
+    return batch
+
+
 def _world() -> tuple[int, int]:
     """(world size, rank) of an initialised torch.distributed process group, else (1, 0)."""
     import torch.distributed as dist
@@ -190,6 +221,11 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
     per-task gradients of the shared parameters (``aggregate``), loss weighting methods weight
     the losses.  Folds are stratified on the first task's labels.
 
+    ``x`` is a tensor, or a tokenizer's output (a dict of tensors, e.g. ``input_ids`` and
+    ``attention_mask``, which a transformer trunk reads; each batch is cut to its longest
+    sequence).  A task may leave rows unlabelled with ``IGNORE`` (-100): they cost that task
+    nothing and are not scored; every task needs labelled rows on both sides of every fold.
+
     Under ``torch.distributed`` (an initialised process group, e.g. launched with torchrun)
     each process takes its share of every batch; gradient methods all-reduce the per-task
     gradients (tasks x shared params) and then aggregate, so every process computes the
@@ -206,15 +242,22 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
         raise ValueError(f"fit: unknown method\n  expected one of: {', '.join(sorted(METHODS))}\n  got: {method!r}")
     if not targets:
         raise ValueError("fit: targets\n  expected: at least one task's labels")
+    rows = _num_rows(x)
     for t, y in targets.items():
-        if len(y) != len(x):
-            raise ValueError(f"fit: task {t!r} has {len(y)} labels for {len(x)} inputs")
+        if len(y) != rows:
+            raise ValueError(f"fit: task {t!r} has {len(y)} labels for {rows} inputs")
     # EW's aggregate is the gradient of the summed losses: one backward pass, not one per task
     kind = "loss" if method == "ew" else METHODS[method].kind
     tasks = list(targets)
     result = FitResult(method)
     epoch_seconds = []
     for fold, (train_idx, test_idx) in enumerate(_splits(targets[tasks[0]], cv, validation, config.seed)):
+        for t in tasks:
+            for part, part_idx in (("training", train_idx), ("held-out", test_idx)):
+                if not bool((targets[t][torch.as_tensor(part_idx)] != IGNORE).any()):
+                    raise ValueError(f"fit: task {t!r} has no labelled samples in the {part} part of fold {fold + 1}\n"
+                                     "  expected: labelled rows on both sides of every fold\n"
+                                     "  way out: fewer folds (cv), a larger validation share, or more labelled rows")
         torch.manual_seed(config.seed + fold)
         model = model_factory()
         if set(getattr(model, "tasks", tasks)) != set(tasks):
@@ -248,13 +291,17 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
                     idx = idx[rank::world]
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                out = model(x[idx])
+                out = model(_rows(x, idx))
                 losses = []
                 for i, t in enumerate(tasks):
                     if out[t].shape[0] != len(idx):
                         raise ValueError(f"fit: head {t!r} returned {out[t].shape[0]} rows for a batch of {len(idx)}")
+                    labels = targets[t][idx]
                     try:
-                        loss = nn.functional.cross_entropy(out[t], targets[t][idx])
+                        if bool((labels == IGNORE).all()):  # no label in this batch: no loss, a zero gradient
+                            loss = out[t].sum() * 0.0
+                        else:
+                            loss = nn.functional.cross_entropy(out[t], labels, ignore_index=IGNORE)
                     except (IndexError, RuntimeError) as exc:
                         raise ValueError(f"fit: head {t!r} does not match its labels ({exc})"[:300]) from None
                     if not torch.isfinite(loss):
@@ -304,8 +351,13 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
             epoch_seconds.append(time.perf_counter() - t_epoch)
         model.eval()
         te = torch.as_tensor(test_idx)
+        correct = {t: 0 for t in tasks}
         with torch.no_grad():
-            out = model(x[te])
-        result.folds.append({t: float((out[t].argmax(-1) == targets[t][te]).float().mean()) for t in tasks})
+            for s in range(0, len(te), batch):  # in batches: a transformer on the whole held-out set at once is not cheap
+                chunk = te[s:s + batch]
+                out = model(_rows(x, chunk))
+                for t in tasks:
+                    correct[t] += int((out[t].argmax(-1) == targets[t][chunk]).sum())
+        result.folds.append({t: correct[t] / int((targets[t][te] != IGNORE).sum()) for t in tasks})
     result.seconds_per_epoch = sum(epoch_seconds) / len(epoch_seconds)
     return result
