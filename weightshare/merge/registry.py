@@ -1,0 +1,86 @@
+"""The one registry of merge methods: each file in ``weightshare/merge/`` registers one method.
+
+A *tensorwise* method merges one tensor at a time, so a merge streams through
+checkpoints without holding a whole model:
+
+    fn(tensors, base, *, name, **params) -> tensor
+
+``tensors`` are the models' float32 tensors of one name (same shape), ``base``
+the base model's (or ``None``), ``name`` the tensor's name (methods that draw
+random masks seed from it, so a result never depends on tensor order), and
+``params`` holds every global parameter and, for each per-model parameter, a
+list with one value per model.  A method that needs whole models (greedy soup)
+is registered with ``tensorwise=False`` and ``fn(state_dicts, **params) -> state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["MergeMethod", "MERGE_METHODS", "register_merge", "get_method", "check_params"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable
+    source: str  # the paper, and whose defaults it follows (mergekit's, where mergekit has the method)
+    needs_base: bool = False
+    model_params: dict[str, Any] = field(default_factory=dict)  # per-model parameter -> default
+    params: dict[str, Any] = field(default_factory=dict)  # global parameter -> default (None: required)
+    models: tuple[int, int | None] = (1, None)  # (least, most) number of models, the base not counted
+    tensorwise: bool = True
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def register_merge(name: str, *, source: str, needs_base: bool = False, model_params: dict | None = None,
+                   params: dict | None = None, models: tuple[int, int | None] = (1, None), tensorwise: bool = True):
+    def wrap(fn):
+        MERGE_METHODS[name] = MergeMethod(name, fn, source, needs_base, dict(model_params or {}), dict(params or {}),
+                                          models, tensorwise)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    import weightshare.merge  # noqa: F401  (importing the package registers every method)
+
+    if name not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method\n  expected one of: {', '.join(sorted(MERGE_METHODS))}\n  got: {name!r}")
+    return MERGE_METHODS[name]
+
+
+def check_params(method: MergeMethod, n_models: int, has_base: bool, model_params: dict[str, list],
+                 params: dict[str, Any]) -> list[str]:
+    """Every problem with a method's arguments, as messages (empty: all good).  Per-model values
+    come as lists (one per model); unknown names are refused by name, never ignored."""
+    problems = []
+    lo, hi = method.models
+    if n_models < lo or (hi is not None and n_models > hi):
+        want = f"{lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        problems.append(f"{method.name} merges {want} models (the base not counted); got {n_models}")
+    if method.needs_base and not has_base:
+        problems.append(f"{method.name} needs a base model (base=...): its task vectors are θ_i − base")
+    for key, values in model_params.items():
+        if key not in method.model_params:
+            problems.append(f"{method.name} has no per-model parameter {key!r} "
+                            f"(it has: {', '.join(sorted(method.model_params)) or 'none'})")
+        elif len(values) != n_models:
+            problems.append(f"{key}: {len(values)} values for {n_models} models")
+    for key, default in method.params.items():
+        if default is None and params.get(key) is None:  # a default of None marks a required parameter
+            problems.append(f"{method.name} needs the parameter {key!r}")
+    for key in params:
+        if key not in method.params:
+            problems.append(f"{method.name} has no parameter {key!r} (it has: {', '.join(sorted(method.params)) or 'none'})")
+    for d in model_params.get("density", []):
+        if not (isinstance(d, (int, float)) and 0 < d <= 1):
+            problems.append(f"density must be in (0, 1]; got {d!r}")
+    for w in model_params.get("weight", []):
+        if not (isinstance(w, (int, float)) and w == w and abs(w) != float("inf")):
+            problems.append(f"weight must be a finite number; got {w!r}")
+    return problems

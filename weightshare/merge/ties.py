@@ -1,0 +1,88 @@
+"""TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models", arXiv:2306.01708).
+
+Trim each task vector to its largest-magnitude ``density`` fraction, elect a sign
+per entry, and average (disjoint merge) only the entries that agree with it.
+``elect_sign`` is reused by DARE-TIES (``dare.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from weightshare.merge.registry import register_merge
+from weightshare.merge.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, per_model, rescale_l1,
+                                               task_vectors)
+
+__all__ = ["ties", "trim", "elect_sign"]
+
+
+def trim(delta: torch.Tensor, density: float, *, name: str = "", rescale: bool = False) -> torch.Tensor:
+    """``delta`` with all but its ``int(density · numel)`` largest-magnitude entries zeroed.
+
+    As mergekit/sparsify.py ``magnitude``: ``density >= 1`` returns ``delta`` untouched (no
+    rescale either), and the count is truncated, not rounded.  mergekit asserts when that
+    count is 0 (a tiny tensor at a low density); so do we, with the tensor's name, rather
+    than silently drop the whole task vector.  ``rescale`` is mergekit's L1 rescale.
+    """
+    if density >= 1:
+        return delta
+    k = int(density * delta.numel())
+    if k <= 0:
+        raise ValueError(f"ties: tensor {name!r} has {delta.numel()} entries; density {density} keeps none of them\n"
+                         f"  expected: density >= {1 / delta.numel():.3g} for this tensor (mergekit refuses this too)")
+    flat = delta.reshape(-1)
+    mask = torch.zeros_like(flat)
+    mask[torch.topk(flat.abs(), k, sorted=False).indices] = 1
+    mask = mask.view_as(delta)
+    masked = delta * mask
+    return rescale_l1(delta, masked) if rescale else masked
+
+
+def elect_sign(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """Bool mask (models, *shape): where model i's weighted delta has the elected sign.
+
+    The elected sign is that of Σ_i w_i δ_i ("sum", the paper's total-mass election and
+    mergekit's only registered choice, generalized_task_arithmetic.py ``get_mask``) or of
+    the count of positive minus negative entries ("count"); a tie elects +.  A zero entry
+    has sign 0, agrees with neither, and so is left out of the normalising divisor.
+    """
+    sign = weighted.sign()
+    if method == "sum":
+        total = weighted.sum(dim=0)
+    elif method == "count":
+        total = sign.sum(dim=0)
+    else:
+        raise ValueError(f"elect_sign: method\n  expected one of: count, sum\n  got: {method!r}")
+    elected = torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
+    return sign == elected
+
+
+@register_merge("ties", source="Yadav et al. 2023, TIES-Merging; mergekit defaults (merge_methods/registry.py, ties)",
+                needs_base=True, model_params=GTA_MODEL_PARAMS, params=gta_params(normalize=True, rescale=False),
+                models=(1, None))
+def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, weight, density=None,
+         normalize: bool = True, scale: float = 1.0, rescale: bool = False, int8_mask: bool = False) -> torch.Tensor:
+    """base + scale · Σ_i w_i τ̂_i m_i / Σ_i w_i m_i, τ̂_i the trimmed task vector, m_i its sign agreement.
+
+    Parameters and defaults are mergekit's (merge_methods/registry.py, ``ties`` entry:
+    magnitude sparsification, ``ConsensusMethod.sum``; generalized_task_arithmetic.py
+    ``GeneralizedTaskArithmeticMerge.parameters`` / ``tensor_parameters``):
+
+    - ``weight`` (per model, default 1.0): mergekit requires it (no default).
+    - ``density`` (per model, default **1.0**): fraction kept by magnitude.  At 1 nothing is
+      trimmed but the signs are still elected.
+    - ``normalize`` (default **True**): divide, entry by entry, by the summed weights of the
+      models that agree with the elected sign (not by Σ w_i).
+    - ``scale`` (default 1.0): mergekit's ``lambda``.
+    - ``rescale`` (default False): L1-rescale each trimmed task vector to its original norm.
+    - ``int8_mask`` (default False): accepted and ignored (it only sets mergekit's mask dtype).
+
+    The sign is elected on the *weighted* trimmed deltas w_i τ̂_i, as mergekit does.
+    """
+    weights = per_model("ties", "weight", weight, len(tensors), 1.0)
+    densities = per_model("ties", "density", density, len(tensors), 1.0)
+    deltas = task_vectors(tensors, base)
+    deltas = torch.stack([trim(d, p, name=name, rescale=rescale) for d, p in zip(deltas, densities)])
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * (deltas.dim() - 1)))
+    mask = elect_sign(deltas * w)
+    return combine(deltas, weights, base, normalize=normalize, scale=scale, mask=mask)
