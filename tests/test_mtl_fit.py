@@ -165,3 +165,17 @@ def test_a_task_with_no_labelled_samples_in_a_fold_is_named(digits):
     with pytest.raises(ValueError, match="task 'parity' has no labelled samples in the .* part of fold"):
         fit(factory, x, {"digit": targets["digit"], "parity": sparse, "large": targets["large"]}, "ew",
             TrainConfig(epochs=1), cv=5)
+
+
+def test_explicit_splits_and_kept_models_reproduce_the_reported_accuracy(digits):
+    from weightshare.multitask import evaluate
+
+    x, targets = digits
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))
+    splits = [(idx[:1200], idx[1200:]), (idx[600:], idx[:600])]
+    r = fit(factory, x, targets, "ew", TrainConfig(epochs=2, lr=3e-3), cv=splits, keep_models=True)
+    assert len(r.models) == 2 and [len(t) for _, t in r.splits] == [597, 600]
+    for model, (_, test), fold in zip(r.models, splits, r.folds):
+        assert evaluate(model, x, targets, test) == fold
+    with pytest.raises(ValueError, match="index arrays in 0..1796"):
+        fit(factory, x, targets, "ew", TrainConfig(epochs=1), cv=[(idx[:10], torch.tensor([5000]))])

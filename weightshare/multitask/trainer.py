@@ -20,7 +20,7 @@ from torch import nn
 
 from weightshare._progress import progress
 
-__all__ = ["IGNORE", "TrainConfig", "TrainResult", "train", "make_optimizer", "error_rate"]
+__all__ = ["IGNORE", "FitResult", "delta_p", "evaluate", "fit", "TrainConfig", "TrainResult", "train", "make_optimizer", "error_rate"]
 
 OPTIMIZERS = ("gd", "sgd", "adam", "sgdr")
 
@@ -72,8 +72,12 @@ def make_optimizer(params, config: TrainConfig, steps_per_epoch: int):
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig | None = None,
-          loss_fn: Callable = nn.functional.cross_entropy, desc: str = "train") -> TrainResult:
-    """Train ``model`` on (x, y) in place with ``config``; returns the per-epoch losses and step times."""
+          loss_fn: Callable = nn.functional.cross_entropy, desc: str = "train",
+          on_step: Callable[[int], object] | None = None) -> TrainResult:
+    """Train ``model`` on (x, y) in place with ``config``; returns the per-epoch losses and step times.
+
+    ``on_step(k)``, if given, is called after the k-th optimizer step (k = 1, 2, ...), outside the
+    step's timing: co-training (``weightshare.merge.distributed.CoTrainer.step``) syncs there."""
     config = config or TrainConfig()
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"train: inputs and targets\n  expected: the same, non-zero number of rows\n  got: {len(x)} and {len(y)}")
@@ -98,6 +102,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
                 sched.step()
             result.step_seconds.append(time.perf_counter() - t0)
             total += float(loss.detach()) * len(idx)
+            if on_step is not None:
+                on_step(len(result.step_seconds))
         result.epoch_losses.append(total / n)
     model.eval()
     return result
@@ -121,6 +127,8 @@ class FitResult:
     folds: list[dict[str, float]] = field(default_factory=list)
     seconds_per_epoch: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
+    models: list[nn.Module] = field(default_factory=list)  # the trained model of each fold, with keep_models=True
+    splits: list[tuple] = field(default_factory=list)  # the (train, test) indices of each fold
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -154,6 +162,12 @@ def _splits(y_first: torch.Tensor, cv: int | None, validation: float, seed: int)
 
     labels = y_first.cpu().numpy()
     idx = np.arange(len(labels))
+    if cv is not None and not isinstance(cv, int):  # explicit (train, test) index pairs, as scikit-learn's cv= takes
+        splits = [(np.asarray(a), np.asarray(b)) for a, b in cv]
+        for a, b in splits:
+            if not len(a) or not len(b) or a.min() < 0 or b.min() < 0 or max(a.max(), b.max()) >= len(labels):
+                raise ValueError(f"fit: cv\n  expected: non-empty (train, test) index arrays in 0..{len(labels) - 1}")
+        return splits
     if cv:
         if cv < 2:
             raise ValueError(f"fit: cv\n  expected: a number of folds >= 2 (or None for a holdout)\n  got: {cv}")
@@ -210,16 +224,33 @@ def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+@torch.no_grad()
+def evaluate(model: nn.Module, x, targets: dict[str, torch.Tensor], rows=None, batch_size: int = 128) -> dict[str, float]:
+    """Each task's accuracy over its labelled ``rows`` (default: all), in batches of ``batch_size``
+    (a transformer on a whole held-out set at once is not cheap)."""
+    model.eval()
+    rows = torch.arange(_num_rows(x)) if rows is None else torch.as_tensor(rows)
+    correct = {t: 0 for t in targets}
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        out = model(_rows(x, chunk))
+        for t in targets:
+            correct[t] += int((out[t].argmax(-1) == targets[t][chunk]).sum())
+    return {t: correct[t] / max(1, int((targets[t][rows] != IGNORE).sum())) for t in targets}
+
+
 def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[str, torch.Tensor],
-        method: str = "ew", config: TrainConfig | None = None, cv: int | None = None, validation: float = 0.2,
-        **method_params) -> FitResult:
+        method: str = "ew", config: TrainConfig | None = None, cv=None, validation: float = 0.2,
+        keep_models: bool = False, **method_params) -> FitResult:
     """Train a multi-task model per fold with ``method`` and measure each task's held-out accuracy.
 
     ``model_factory()`` builds a fresh model (a ``MultiTaskModel``, ``CrossStitch`` or ``MMoE``)
     whose heads are named as ``targets``; ``targets`` maps each task to its class labels for
     the rows of ``x``.  ``method`` is any name in ``METHODS``: gradient aggregators combine the
     per-task gradients of the shared parameters (``aggregate``), loss weighting methods weight
-    the losses.  Folds are stratified on the first task's labels.
+    the losses.  ``cv``: a number of folds (stratified on the first task's labels), explicit
+    (train, test) index pairs, or ``None`` for one stratified holdout of ``validation``.
+    ``keep_models=True`` keeps each fold's trained model in ``result.models``.
 
     ``x`` is a tensor, or a tokenizer's output (a dict of tensors, e.g. ``input_ids`` and
     ``attention_mask``, which a transformer trunk reads; each batch is cut to its longest
@@ -349,15 +380,9 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
                 result.step_seconds.append(time.perf_counter() - t0)
             history.append(sums / n)
             epoch_seconds.append(time.perf_counter() - t_epoch)
-        model.eval()
-        te = torch.as_tensor(test_idx)
-        correct = {t: 0 for t in tasks}
-        with torch.no_grad():
-            for s in range(0, len(te), batch):  # in batches: a transformer on the whole held-out set at once is not cheap
-                chunk = te[s:s + batch]
-                out = model(_rows(x, chunk))
-                for t in tasks:
-                    correct[t] += int((out[t].argmax(-1) == targets[t][chunk]).sum())
-        result.folds.append({t: correct[t] / int((targets[t][te] != IGNORE).sum()) for t in tasks})
+        result.folds.append(evaluate(model, x, targets, test_idx, batch))
+        result.splits.append((train_idx, test_idx))
+        if keep_models:
+            result.models.append(model)
     result.seconds_per_epoch = sum(epoch_seconds) / len(epoch_seconds)
     return result
