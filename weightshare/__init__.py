@@ -21,6 +21,7 @@ _EXPORTS = {
     "kmeans1d": "weightshare.kmeans",
     "load": "weightshare.pack",
     "materialize_": "weightshare.space",
+    "merge": "weightshare.merge",
     "report": "weightshare.report",
     "save": "weightshare.pack",
     "set_progress": "weightshare._progress",

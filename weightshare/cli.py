@@ -47,6 +47,19 @@ def _export(args) -> None:
     print(f"dense model written to {args.out}")
 
 
+def _merge(args) -> None:
+    from weightshare.merge.config import merge_from_config, read_config
+
+    kwargs = read_config(args.config)  # the whole config is checked before anything is opened
+    if not args.dry_run and not args.out:
+        raise ValueError("merge: --out\n  expected: a new or empty directory for the merged model (or --dry-run)")
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in kwargs.items() if v is not None}, indent=2, default=str))
+        return
+    merge_from_config(args.config, args.out)
+    print(f"merged model ({kwargs['method']}, {len(kwargs['models'])} models) written to {args.out}")
+
+
 def _bench(args) -> None:
     from weightshare.bench import run
 
@@ -98,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split weights into model-0000N-of-0000M.safetensors shards of at most SIZE "
                         "(e.g. 500MB), with model.safetensors.index.json, as save_pretrained does (default 5GB)")
     e.set_defaults(func=_export)
+
+    m = sub.add_parser("merge", parents=common, help="merge models as a mergekit-style YAML config says")
+    m.add_argument("config", help="YAML: merge_method, base_model, models: [{model, parameters}], parameters, dtype")
+    m.add_argument("--out", required=False, help="new or empty directory for the merged model")
+    m.add_argument("--dry-run", action="store_true", help="check the config and print the merge it asks for; read no tensor")
+    m.set_defaults(func=_merge)
 
     b = sub.add_parser("bench", parents=common, formatter_class=argparse.RawTextHelpFormatter,  # names unbroken
                        help=f"run a benchmark ({', '.join(NAMES)}) side by side with its references")

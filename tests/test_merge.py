@@ -1,0 +1,271 @@
+"""ws.merge: inputs of every kind, checked all at once before any tensor is read; streamed,
+atomic output that the source's library loads; the mergekit YAML."""
+
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import weightshare as ws
+from weightshare.merge import MergeError
+from weightshare.merge.config import read_config
+from weightshare.merge.streaming import write_safetensors
+
+
+def tiny_bert(seed: int):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    return BertModel(config)
+
+
+@pytest.fixture(scope="module")
+def berts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("berts")
+    paths = {}
+    for name, seed in (("base", 0), ("a", 1), ("b", 2)):
+        tiny_bert(seed).save_pretrained(root / name)
+        paths[name] = root / name
+    tiny_bert(2).save_pretrained(root / "b-sharded", max_shard_size="20KB")
+    paths["b-sharded"] = root / "b-sharded"
+    return paths
+
+
+def test_linear_merge_of_directories_loads_back_with_the_exact_average(berts, tmp_path):
+    from transformers import AutoModel
+
+    out = ws.merge([berts["a"], berts["b"]], "linear", out=tmp_path / "merged")
+    merged = AutoModel.from_pretrained(out)
+    a, b = load_file(berts["a"] / "model.safetensors"), load_file(berts["b"] / "model.safetensors")
+    state = merged.state_dict()
+    for k, v in a.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(state[k], (v + b[k]) / 2, rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(state[k], v)  # position ids: copied, never averaged
+    assert (out / "config.json").is_file() and not list(tmp_path.glob(".merged.*"))
+
+
+def test_sharded_and_in_memory_inputs_give_the_same_merge(berts):
+    plain = ws.merge([berts["a"], berts["b"]], "task_arithmetic", base=berts["base"], scale=0.7)
+    assert (berts["b-sharded"] / "model.safetensors.index.json").is_file()
+    sharded = ws.merge([berts["a"], berts["b-sharded"]], "task_arithmetic", base=berts["base"], scale=0.7)
+    modules = ws.merge([tiny_bert(1), tiny_bert(2)], "task_arithmetic", base=tiny_bert(0).state_dict(), scale=0.7)
+    assert plain.keys() == sharded.keys()
+    for k in plain:
+        assert torch.equal(plain[k], sharded[k])
+        torch.testing.assert_close(plain[k], modules[k], rtol=0, atol=0)
+
+
+def test_every_problem_is_reported_at_once_before_any_tensor_is_read(berts, tmp_path, monkeypatch):
+    from weightshare.merge import streaming
+
+    reads = []
+    monkeypatch.setattr(streaming._Model, "read", lambda self, name: reads.append(name))
+    short = load_file(berts["a"] / "model.safetensors")
+    short.pop("pooler.dense.bias")
+    short["embeddings.word_embeddings.weight"] = torch.zeros(65, 16)
+    save_file(short, tmp_path / "short.safetensors")
+    with pytest.raises(MergeError) as info:
+        ws.merge([berts["a"], tmp_path / "short.safetensors", tmp_path / "nothing-here"], "ties", base=berts["base"],
+                 weights=[1.0, 1.0], density=1.5, scale=1.0, colour="blue", out=tmp_path / "out")
+    message = str(info.value)
+    for part in ("lacks 1 tensors", "pooler.dense.bias", "embeddings.word_embeddings.weight: shape [65, 16]",
+                 "nothing-here", "density must be in (0, 1]", "weight: 2 values for 3 models", "'colour'"):
+        assert part in message, part
+    assert reads == [] and not (tmp_path / "out").exists()
+
+
+def test_a_failure_while_streaming_leaves_no_output(berts, tmp_path, monkeypatch):
+    from weightshare.merge import streaming
+
+    calls = []
+
+    def failing(self, name):
+        calls.append(name)
+        if len(calls) > 5:
+            raise OSError("disk went away")
+        return torch.zeros(self.meta[name][0], dtype=self.meta[name][1])
+
+    monkeypatch.setattr(streaming._Model, "read", failing)
+    with pytest.raises(OSError):
+        ws.merge([berts["a"], berts["b"]], "linear", out=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+class WithNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+
+def test_buffers_policy_float_statistics_merge_integer_counters_copy():
+    a, b = WithNorm(), WithNorm()
+    with torch.no_grad():
+        a.bn.running_mean.fill_(1.0)
+        b.bn.running_mean.fill_(3.0)
+    a.bn.num_batches_tracked.fill_(7)
+    b.bn.num_batches_tracked.fill_(9)
+    merged = ws.merge([a, b], "linear")
+    assert torch.equal(merged["bn.running_mean"], torch.full((4,), 2.0))
+    assert int(merged["bn.num_batches_tracked"]) == 7  # from the first model (no base)
+    merged = ws.merge([a, b], "task_arithmetic", base=b)
+    assert int(merged["bn.num_batches_tracked"]) == 9  # from the base
+
+
+def test_output_dtype_is_applied_to_float_tensors_only(berts):
+    merged = ws.merge([berts["a"], berts["b"]], "linear", dtype="bfloat16")
+    assert merged["pooler.dense.weight"].dtype == torch.bfloat16
+    merged = ws.merge([WithNorm(), WithNorm()], "linear", dtype="float16")
+    assert merged["bn.running_var"].dtype == torch.float16 and merged["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_an_integer_buffer_only_some_inputs_store_is_no_problem(berts):
+    # transformers 4 stored embeddings.position_ids, 5 does not: the output follows the reference (the base)
+    base = load_file(berts["base"] / "model.safetensors")
+    base["embeddings.position_ids"] = torch.arange(32)[None]
+    merged = ws.merge([berts["a"], berts["b"]], "task_arithmetic", base=base)
+    assert torch.equal(merged["embeddings.position_ids"], torch.arange(32)[None])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool]),
+                          st.lists(st.integers(0, 5), max_size=3)), min_size=1, max_size=6))
+def test_streamed_safetensors_are_what_the_library_reads(tmp_path, specs):
+    g = torch.Generator().manual_seed(len(specs))
+    tensors = {f"t{i}": (torch.randn(shape, generator=g) * 10).to(dt) for i, (dt, shape) in enumerate(specs)}
+    entries = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, entries, iter(tensors.values()), metadata={"format": "pt"})
+    back = load_file(path)
+    assert back.keys() == tensors.keys()
+    for k in tensors:
+        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_a_mutated_input_file_is_refused_or_read_exactly(berts, tmp_path_factory, data):
+    # untrusted input: whatever bytes a file holds, merge reads what safetensors reads, or refuses with one error
+    raw = bytearray((berts["a"] / "model.safetensors").read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    for _ in range(data.draw(st.integers(1, 4))):
+        where = data.draw(st.one_of(st.integers(0, 8 + n - 1), st.integers(0, len(raw) - 1)))
+        raw[where] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[:data.draw(st.integers(0, len(raw)))]
+    path = tmp_path_factory.mktemp("mutated") / "m.safetensors"
+    path.write_bytes(bytes(raw))
+    try:
+        expected = load_file(path)
+    except Exception:  # noqa: BLE001
+        expected = None
+    try:
+        merged = ws.merge([path], "linear")
+    except ValueError as exc:
+        assert "\n" in str(exc) or str(path) in str(exc)
+        return
+    assert expected is not None
+    assert merged.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(merged[k].to(v.dtype), v) or (v.is_floating_point() and torch.isnan(v).any())
+
+
+def test_mergekit_yaml_runs_and_equals_the_python_call(berts, tmp_path):
+    config = tmp_path / "ties.yaml"
+    config.write_text(f"""
+merge_method: ties
+base_model: {berts['base']}
+models:
+  - model: {berts['base']}
+  - model: {berts['a']}
+    parameters: {{weight: 0.7, density: 0.3}}
+  - model: {berts['b']}
+    parameters: {{weight: 0.3}}
+parameters:
+  density: 0.5
+  lambda: 0.9
+  normalize: true
+  int8_mask: true
+dtype: float32
+""")
+    kwargs = read_config(config)
+    assert kwargs["models"] == [str(berts["a"]), str(berts["b"])] and kwargs["base"] == str(berts["base"])
+    assert kwargs["weights"] == [0.7, 0.3] and kwargs["density"] == [0.3, 0.5] and kwargs["scale"] == 0.9
+    from weightshare.merge.config import merge_from_config
+
+    out = merge_from_config(config, tmp_path / "out")
+    direct = ws.merge([berts["a"], berts["b"]], "ties", base=berts["base"], weights=[0.7, 0.3], density=[0.3, 0.5],
+                      scale=0.9, normalize=True)
+    written = load_file(out / "model.safetensors")
+    for k in direct:
+        assert torch.equal(written[k], direct[k])
+
+
+def test_mergekit_yaml_problems_are_named_all_at_once(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("""
+merge_method: ties
+slices: []
+tokenizer_source: base
+models:
+  - model: a
+    parameters: {weight: [0.1, 0.9], colour: 1}
+parameters: {lambda: 1.0, t: 0.5}
+dtype: float8
+""")
+    with pytest.raises(MergeError) as info:
+        read_config(config)
+    message = str(info.value)
+    for part in ("'slices'", "'tokenizer_source'", "models[0].parameters.weight", "models[0].parameters.colour",
+                 "parameters.t", "float8"):
+        assert part in message, part
+    config.write_text("merge_method: frankenmerge\nmodels: [a]\n")
+    with pytest.raises(MergeError, match="expected one of: .*linear"):
+        read_config(config)
+
+
+def test_slerp_yaml_takes_the_base_as_the_t0_end(berts, tmp_path):
+    config = tmp_path / "slerp.yaml"
+    config.write_text(json.dumps({"merge_method": "slerp", "base_model": str(berts["b"]),
+                                  "models": [{"model": str(berts["a"])}, {"model": str(berts["b"])}],
+                                  "parameters": {"t": 0.0}}))
+    kwargs = read_config(config)
+    assert kwargs["models"] == [str(berts["b"]), str(berts["a"])] and kwargs["base"] is None
+    merged = ws.merge(**kwargs)
+    b = load_file(berts["b"] / "model.safetensors")
+    for k, v in b.items():
+        torch.testing.assert_close(merged[k], v)
+
+
+def test_cli_merge_checks_the_config_then_writes_a_model(berts, tmp_path):
+    from weightshare.cli import main
+
+    config = tmp_path / "linear.yaml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {berts['a']}\n  - model: {berts['b']}\n")
+    assert main(["merge", str(config), "--dry-run"]) == 0
+    assert main(["merge", str(config), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert main(["merge", str(config), "--out", str(tmp_path / "m")]) == 2  # never over a folder with files in it
+    assert main(["merge", str(config)]) == 2
+
+
+def test_a_required_parameter_is_named_before_anything_is_read(berts):
+    with pytest.raises(MergeError, match="slerp needs the parameter 't'"):
+        ws.merge([berts["a"], berts["b"]], "slerp")
+
+
+def test_mergekit_linear_with_a_listed_base_averages_it_too(berts, tmp_path):
+    config = tmp_path / "linear.yaml"
+    config.write_text(f"merge_method: linear\nbase_model: {berts['base']}\nmodels:\n"
+                      f"  - model: {berts['base']}\n  - model: {berts['a']}\n  - model: {berts['b']}\n")
+    kwargs = read_config(config)
+    assert kwargs["models"] == [str(berts[k]) for k in ("base", "a", "b")] and kwargs["base"] is None

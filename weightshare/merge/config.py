@@ -1,0 +1,140 @@
+"""mergekit's YAML, read and checked before any tensor is: ``weightshare merge CONFIG --out DIR``.
+
+A config for a method we have runs unchanged::
+
+    merge_method: ties
+    base_model: ./pretrained
+    models:
+      - model: ./ft-a
+        parameters: {weight: 1.0, density: 0.2}
+      - model: ./ft-b
+        parameters: {weight: 1.0, density: 0.2}
+    parameters: {lambda: 1.0, normalize: true}
+    dtype: float16
+
+mergekit's ``lambda`` is ``scale`` here (``lambda`` is a Python keyword); for
+``slerp`` the ``base_model`` is the t = 0 end, as in mergekit.  Keys we do not
+support (``slices``, ``tokenizer_source``, per-layer parameter gradients,
+``filter``-conditional values, ...) are refused by name, never ignored.
+``int8_mask`` only changes how mergekit stores masks in memory and is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from weightshare.merge.registry import get_method
+from weightshare.merge.streaming import OUT_DTYPES, MergeError, merge
+
+__all__ = ["read_config", "merge_from_config"]
+
+MAX_CONFIG_BYTES = 1 << 20
+_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "int8_mask"}
+_RENAMED = {"lambda": "scale"}
+_STORAGE_ONLY = {"int8_mask"}  # no effect on the numbers
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (bool, int, float)) and not isinstance(value, complex)
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The merge a config asks for, as ``merge`` keyword arguments; every problem in one ``MergeError``."""
+    import yaml
+
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise MergeError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a merge config")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise MergeError(f"{path}: not a readable YAML file ({type(exc).__name__}: {exc})"[:400]) from None
+    if not isinstance(raw, dict):
+        raise MergeError(f"{path}\n  expected: a mapping with merge_method and models\n  got: {type(raw).__name__}")
+    problems = [f"unsupported key {k!r} (supported: {', '.join(sorted(_TOP))})" for k in raw if k not in _TOP]
+    method_name = raw.get("merge_method")
+    method = None
+    if not isinstance(method_name, str):
+        problems.append("merge_method: missing (or not a name)")
+    else:
+        try:
+            method = get_method(method_name)
+        except ValueError as exc:
+            problems.append(str(exc).replace("\n", " "))
+    if method is not None and not method.tensorwise:
+        problems.append(f"merge_method {method_name}: needs an evaluation function, so it runs from Python only")
+
+    def params_of(block, where: str, allowed: dict) -> dict:
+        out = {}
+        if block is None:
+            return out
+        if not isinstance(block, dict):
+            problems.append(f"{where}: expected a mapping of parameters, got {type(block).__name__}")
+            return out
+        for key, value in block.items():
+            name = _RENAMED.get(key, key)
+            if key in _STORAGE_ONLY:
+                continue
+            if not _scalar(value):
+                problems.append(f"{where}.{key}: {value!r} is not a number or true/false "
+                                "(per-layer gradients and filtered values are not supported)"[:300])
+            elif method is not None and name not in allowed:
+                problems.append(f"{where}.{key}: {method_name} has no such parameter "
+                                f"(it has: {', '.join(sorted(allowed)) or 'none'})")
+            else:
+                out[name] = value
+        return out
+
+    models = raw.get("models")
+    entries = []
+    if not isinstance(models, list) or not models:
+        problems.append("models: expected a non-empty list of {model: PATH, parameters: {...}}")
+        models = []
+    for i, entry in enumerate(models):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            problems.append(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}"[:200])
+            continue
+        extra = [k for k in entry if k not in ("model", "parameters")]
+        if extra:
+            problems.append(f"models[{i}]: unsupported keys {extra}")
+        per = params_of(entry.get("parameters"), f"models[{i}].parameters", method.model_params if method else {})
+        entries.append((entry["model"], per))
+    glob = params_of(raw.get("parameters"), "parameters", {**(method.params if method else {}),
+                                                              **(method.model_params if method else {})})
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        problems.append(f"base_model: expected a path, got {base!r}"[:200])
+    dtype = raw.get("out_dtype", raw.get("dtype"))
+    if dtype is not None and dtype not in OUT_DTYPES:
+        problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
+    paths = [m for m, _ in entries]
+    if method_name == "slerp":
+        if base is None or base not in paths or len(paths) != 2:
+            problems.append("slerp: expected two models, one of them named as base_model (the t = 0 end)")
+        else:
+            paths = [base] + [p for p in paths if p != base]
+            entries = sorted(entries, key=lambda e: e[0] != base)
+            base = None
+    elif method is not None and not method.needs_base:  # mergekit's linear averages a base listed among the models
+        base = None
+    elif base is not None and base in paths:  # task vectors: the base listed among the models is not one of them
+        entries = [e for e in entries if e[0] != base]
+    if problems:
+        raise MergeError(f"{path}: {len(problems)} problem(s), nothing was read:\n  - " + "\n  - ".join(problems))
+    kwargs: dict = {"models": [m for m, _ in entries], "method": method_name, "base": base, "dtype": dtype}
+    # a per-model parameter given globally applies to every model that does not set its own
+    for key in method.model_params:
+        values = [per.get(key, glob.get(key)) for _, per in entries]
+        if any(v is not None for v in values):
+            default = method.model_params[key]
+            kwargs["weights" if key == "weight" else key] = [default if v is None else v for v in values]
+    kwargs.update({k: v for k, v in glob.items() if k in method.params})
+    return kwargs
+
+
+def merge_from_config(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Run the merge a mergekit-style config describes, streaming the result to ``out``."""
+    return merge(**read_config(path), out=out)

@@ -1,0 +1,295 @@
+"""``ws.merge``: open every input, check them all against each other before any tensor is read,
+then merge tensor by tensor and stream the result into a safetensors file.
+
+Inputs are Hugging Face / sentence-transformers model directories (sharded or
+not), ``.safetensors`` files, weightshare packed directories, state dicts and
+``nn.Module`` objects.  Safetensors headers are read (and checked by the
+safetensors library) first; tensor data is then read one tensor at a time with
+plain positioned reads, not through a memory map, so that a merge holds about
+one tensor per input plus the one being written: pages of a mapped file would
+stay resident and count against the process until the end.  A packed
+directory is decoded whole (its maps are not streamable); a state dict is
+already in memory.
+
+Buffers and other non-float tensors (position ids, BatchNorm's
+``num_batches_tracked``, masks) follow one policy: they are never averaged,
+they are copied from the base model, or from the first model when there is no
+base (the *reference*), and the output has exactly the reference's names: a
+non-float tensor only some inputs store is not an error.  Float tensors
+(BatchNorm running statistics included) are merged by the method like any
+weight, and must be in every input with one shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from weightshare.merge.registry import check_params, get_method
+
+__all__ = ["MergeError", "merge", "open_model", "write_safetensors"]
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class MergeError(ValueError):
+    """Everything wrong with a merge's inputs, found before any tensor was read."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class _Model:
+    """One input: its tensors' (shape, dtype) from headers, and a way to read one tensor."""
+
+    def __init__(self, label: str, meta: dict[str, tuple[tuple[int, ...], torch.dtype]], read, root: Path | None = None,
+                 weights_subdir: str = ""):
+        self.label, self.meta, self._read = label, meta, read
+        self.root, self.weights_subdir = root, weights_subdir
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._read(name)
+
+
+def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
+    """Tensors spread over safetensors files ({tensor name: file}): headers now, data on demand."""
+    from safetensors import safe_open
+
+    meta, where = {}, {}
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(str(file), framework="pt") as f:  # the library checks the header's offsets and dtypes
+                names = list(f.keys())
+            with open(file, "rb") as raw:
+                (n,) = struct.unpack("<Q", raw.read(8))
+                header = json.loads(raw.read(n))
+        except Exception as exc:  # noqa: BLE001  (any failure to parse is one clear message)
+            raise ValueError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})"[:300]) from None
+        for name in names:
+            if files.get(name, file) != file:
+                continue  # an index names another shard for it
+            entry = header[name]
+            if entry["dtype"] not in _DTYPES:
+                raise ValueError(f"{file}: tensor {name!r} has dtype {entry['dtype']}\n"
+                                 f"  expected one of: {', '.join(_DTYPES)}")
+            meta[name] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]])
+            begin, end = entry["data_offsets"]
+            where[name] = (file, 8 + n + begin, end - begin)
+
+    def read(name: str) -> torch.Tensor:
+        file, offset, size = where[name]
+        shape, dtype = meta[name]
+        buf = bytearray(size)
+        with open(file, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != size:
+                raise ValueError(f"{file}: tensor {name!r} is cut short (the file changed while merging?)")
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    return _Model(label, meta, read)
+
+
+def _directory(path: Path) -> _Model:
+    from weightshare import hub
+
+    if (path / "weightshare.safetensors").is_file():  # a packed model: decoded whole, then read from memory
+        from weightshare.pack import dense_state_dict, read_spec
+
+        spec, tensors = read_spec(path)
+        model = _in_memory(str(path), dense_state_dict(spec, tensors))
+        model.root, model.weights_subdir = path, spec["source"].get("weights_subdir", "")
+        return model
+    source = hub.detect(path)
+    weights = path / source.weights_subdir
+    if (weights / INDEX).is_file():
+        weight_map = hub.read_json(weights / INDEX, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{weights / INDEX}: no weight_map")
+        files = {k: hub.inside(weights, hub.check_relpath(v, f"{weights / INDEX}: shard of {k!r}"), "shard")
+                 for k, v in weight_map.items()}
+    elif (weights / WEIGHTS).is_file():
+        model = _safetensors_files(str(path), {"": weights / WEIGHTS})
+        model.root, model.weights_subdir = path, source.weights_subdir
+        return model
+    else:
+        found = sorted(p.name for p in weights.iterdir())[:8]
+        raise ValueError(f"{weights}: no {WEIGHTS} or {INDEX}\n  got: {found}\n"
+                         "  (pickled pytorch_model.bin files are not read: convert them to safetensors)")
+    model = _safetensors_files(str(path), files)
+    model.root, model.weights_subdir = path, source.weights_subdir
+    return model
+
+
+def _in_memory(label: str, state: dict) -> _Model:
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{label}: entries that are not tensors: {bad[:5]}")
+    return _Model(label, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, lambda name: state[name])
+
+
+def open_model(source, label: str | None = None) -> _Model:
+    """An input of ``merge``: a model directory, a .safetensors file, a state dict or an nn.Module."""
+    if isinstance(source, torch.nn.Module):
+        return _in_memory(label or type(source).__name__, source.state_dict())
+    if isinstance(source, dict):
+        return _in_memory(label or "state dict", source)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            return _directory(path)
+        if path.is_file() and path.suffix == ".safetensors":
+            return _safetensors_files(str(path), {"": path})
+        if not path.exists():
+            raise ValueError(f"{str(path)!r}: no such file or directory")
+        raise ValueError(f"{str(path)!r}\n  expected: a model directory or a .safetensors file")
+    raise ValueError(f"a model to merge\n  expected: a path, a state dict or an nn.Module\n  got: {type(source).__name__}")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose header is known up front, pulling one tensor at a time from
+    ``tensors`` (an iterator in ``entries`` order): nothing is held but the tensor being written."""
+    header, offset = {}, 0
+    for name, shape, dtype in entries:
+        size = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format's writers do
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, shape, dtype), t in zip(entries, tensors, strict=True):
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise RuntimeError(f"write_safetensors: {name} is {tuple(t.shape)} {t.dtype}, the header says {shape} {dtype}")
+            if t.numel():
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def _per_model(value, n: int):
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * n
+
+
+def merge(models, method: str = "linear", base=None, weights=None, out: str | os.PathLike | None = None,
+          dtype: str | None = None, **params):
+    """Merge ``models`` with ``method`` (a name in ``weightshare.merge.MERGE_METHODS``).
+
+    ``models``: a list of model directories (Hugging Face or sentence-transformers, sharded
+    or not; weightshare packed directories), ``.safetensors`` files, state dicts or modules,
+    all of one architecture.  ``base``: the same kinds, for methods on task vectors
+    (θ_i − base).  ``weights``: one per model (default 1 each).  Per-model parameters such
+    as ``density`` take one value for all models or a list with one per model; the others
+    (``scale``, ``normalize``, ``t``, ``seed``...) are the method's, and unknown names are
+    refused.  Every input's names, shapes and dtypes, and every parameter, are checked
+    before any tensor is read, and all problems are reported in one ``MergeError``.
+
+    Returns the merged state dict, or with ``out=DIR`` streams it to ``DIR`` (a model
+    directory with the base's, else the first model's, config and tokenizer files; written
+    beside ``DIR`` and renamed into place) and returns the path.  ``dtype``: ``"float32"``,
+    ``"float16"`` or ``"bfloat16"`` for the merged float tensors (default: the reference
+    model's own dtype); the arithmetic is float32 throughout.
+    """
+    from weightshare.pack import staged_dir
+
+    spec = get_method(method)
+    if not isinstance(models, (list, tuple)) or not models:
+        raise MergeError(f"merge: models\n  expected: a non-empty list of models\n  got: {type(models).__name__}")
+    n = len(models)
+    problems = []
+    model_params = {k: _per_model(params.pop(k), n) for k in list(params) if k in spec.model_params}
+    if weights is not None:
+        model_params["weight"] = _per_model(weights, n)
+    problems += check_params(spec, n, base is not None, model_params, params)
+    if dtype is not None and dtype not in OUT_DTYPES:
+        problems.append(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+    if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        problems.append(f"out: {str(out)!r} exists and is not an empty directory: choose a new or empty one")
+    if not spec.tensorwise and out is not None:
+        problems.append(f"{method} works on whole models in memory: call it without out=, then save the result")
+    opened: list[_Model | None] = []
+    for i, m in enumerate([*models, *([base] if base is not None else [])]):
+        try:
+            opened.append(open_model(m, label=f"model {i}" if i < n else "base"))
+        except ValueError as exc:
+            problems.append(str(exc))
+            opened.append(None)
+    inputs = opened[:n]
+    base_model = opened[n] if base is not None else None
+    ref = base_model if base is not None else inputs[0]
+    if ref is not None:
+        for m in opened:
+            if m is None or m is ref:
+                continue
+            # non-float tensors are copied from the reference by the buffer policy, so a model saved
+            # without one (a transformers version that does not store position ids) is no problem
+            missing = [k for k, (_, dt) in ref.meta.items() if k not in m.meta and dt.is_floating_point]
+            extra = [k for k, (_, dt) in m.meta.items() if k not in ref.meta and dt.is_floating_point]
+            if missing:
+                problems.append(f"{m.label} lacks {len(missing)} tensors of {ref.label}: {missing[:5]}")
+            if extra:
+                problems.append(f"{m.label} has {len(extra)} tensors {ref.label} lacks: {extra[:5]}")
+            for k, (shape, dt) in m.meta.items():
+                if k in ref.meta:
+                    rshape, rdt = ref.meta[k]
+                    if shape != rshape:
+                        problems.append(f"{k}: shape {list(shape)} in {m.label}, {list(rshape)} in {ref.label}")
+                    elif dt.is_floating_point != rdt.is_floating_point:
+                        problems.append(f"{k}: dtype {dt} in {m.label}, {rdt} in {ref.label}")
+    if problems:
+        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        raise MergeError(f"merge: {len(problems)} problem(s), nothing was read or written:\n  - " + "\n  - ".join(shown))
+    if not spec.tensorwise:
+        states = [{k: m.read(k) for k in ref.meta} for m in inputs]
+        return spec.fn(states, **{k: v for k, v in model_params.items()}, **params)
+
+    out_dtype = OUT_DTYPES.get(dtype)
+    method_params = {**{k: model_params.get(k, [d] * n) for k, d in spec.model_params.items()},
+                     **{k: params.get(k, d) for k, d in spec.params.items()}}
+    entries = [(k, shape, (out_dtype or dt) if dt.is_floating_point else dt) for k, (shape, dt) in ref.meta.items()]
+
+    def merged():
+        from weightshare._progress import progress
+
+        for name, shape, dt in progress(entries, desc=f"merge ({method})", unit="tensor", leave=False):
+            if not dt.is_floating_point:  # the buffer policy: copied from the base, or the first model
+                yield ref.read(name)
+                continue
+            tensors = [m.read(name).float() for m in inputs]
+            b = base_model.read(name).float() if base_model is not None else None
+            yield spec.fn(tensors, b, name=name, **method_params).to(dt)
+            del tensors, b
+
+    if out is None:
+        return {name: t.clone() for (name, _, _), t in zip(entries, merged())}
+    with staged_dir(out) as tmp:
+        if ref.root is not None:
+            from weightshare.hub import copy_non_weight_files
+
+            copy_non_weight_files(ref.root, tmp)
+        target = tmp / ref.weights_subdir
+        target.mkdir(parents=True, exist_ok=True)
+        write_safetensors(target / WEIGHTS, entries, merged(), metadata={"format": "pt"})
+    return Path(out)
