@@ -22,6 +22,8 @@ _EXPORTS = {
     "load": "weightshare.pack",
     "materialize_": "weightshare.space",
     "merge": "weightshare.merge",
+    "transfer": "weightshare.merge",
+    "greedy_soup": "weightshare.merge",
     "report": "weightshare.report",
     "save": "weightshare.pack",
     "set_progress": "weightshare._progress",

@@ -17,6 +17,9 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = ["MERGE_METHODS", "MergeMethod", "get_method", "register_merge"]
 
+from weightshare.merge.soup import greedy_soup, greedy_soup_trace, uniform_soup  # noqa: E402
 from weightshare.merge.streaming import MergeError, merge, open_model  # noqa: E402
+from weightshare.merge.transfer import TransferReport, transfer  # noqa: E402
 
-__all__ += ["MergeError", "merge", "open_model"]
+__all__ += ["MergeError", "TransferReport", "greedy_soup", "greedy_soup_trace", "merge", "open_model", "transfer",
+            "uniform_soup"]
