@@ -60,6 +60,14 @@ def _merge(args) -> None:
     print(f"merged model ({kwargs['method']}, {len(kwargs['models'])} models) written to {args.out}")
 
 
+def _cotrain(args) -> None:
+    from weightshare.cotrain import launch
+
+    code = launch(args.config, nproc=args.nproc, quiet=getattr(args, "quiet", False))
+    if code:
+        raise SystemExit(code)
+
+
 def _bench(args) -> None:
     from weightshare.bench import run
 
@@ -117,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=False, help="new or empty directory for the merged model")
     m.add_argument("--dry-run", action="store_true", help="check the config and print the merge it asks for; read no tensor")
     m.set_defaults(func=_merge)
+
+    t = sub.add_parser("cotrain", parents=common, help="co-train one model per process from a YAML config (wraps torchrun)")
+    t.add_argument("config", help="YAML: sync_every, outer, seeds, workers: [{model, width, shared, train}]")
+    t.add_argument("--nproc", type=int, default=None, help="processes on this machine (default: one per worker)")
+    t.set_defaults(func=_cotrain)
 
     b = sub.add_parser("bench", parents=common, formatter_class=argparse.RawTextHelpFormatter,  # names unbroken
                        help=f"run a benchmark ({', '.join(NAMES)}) side by side with its references")

@@ -1,0 +1,175 @@
+"""bench cotrain: a CNN and a GRU co-trained on disjoint halves of scikit-learn's digits.
+
+Both read each 8x8 digit as 8 rows of 8 pixels through the same kind of input
+projection, an ``nn.Linear(8, width)`` applied to every row (= a Conv2d with kernel
+(1, 8)); the CNN then runs two 1-D convolutions over the rows, the GRU reads the rows in
+order; both end in a ``tanh`` feature of size ``width`` and a ``Linear(width, 10)``
+classifier head.  The projection and the head are the shared subset
+(``{"proj.*": "proj.*", "head.*": "head.*"}``); everything else stays each model's own.
+
+A stratified 25 % of the digits is the test set both models are scored on; the rest is
+split into two disjoint stratified halves, the CNN's and the GRU's.  Each model is trained
+alone on its half, and co-trained (``weightshare.cotrain``, launched with torchrun, two
+gloo processes): the same initialisation, data order and optimizer (Adam, batch 64), the
+shared subset averaged every H steps.  Mean over seeds; both runs of a seed happen in the
+same worker process, alone first.  Bytes: the payload each rank contributes to the
+all-reduces (shared elements x 4 bytes x syncs), checked against that formula.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from weightshare.bench import table
+
+SHARED = {"proj.*": "proj.*", "head.*": "head.*"}
+
+
+class DigitsCNN(nn.Module):
+    """Row projection (Linear(8, width) on each row), two Conv1d over the 8 rows, max-pool, tanh feature, head."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.proj = nn.Linear(8, width)
+        self.conv1 = nn.Conv1d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv1d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width * 4, width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.proj(x.view(-1, 8, 8))).transpose(1, 2)  # (batch, width, 8 rows)
+        h = torch.relu(self.conv2(torch.relu(self.conv1(h))))
+        h = nn.functional.max_pool1d(h, 2).flatten(1)
+        return self.head(torch.tanh(self.fc(h)))
+
+
+class DigitsGRU(nn.Module):
+    """Row projection (Linear(8, width) on each row), a GRU over the 8 rows, its last state, head."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.proj = nn.Linear(8, width)
+        self.gru = nn.GRU(width, width, batch_first=True)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        _, last = self.gru(torch.relu(self.proj(x.view(-1, 8, 8))))
+        return self.head(last[-1])
+
+
+MODELS = {"cnn": DigitsCNN, "gru": DigitsGRU}
+
+
+def digits_parts(parts: int, seed: int, test_size: float = 0.25):
+    """([(x, y)] * parts disjoint stratified parts of the training split, (x_test, y_test))."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=test_size, stratify=y, random_state=seed)
+    if parts == 1:
+        pieces = [np.arange(len(ytr))]
+    else:
+        pieces = [b for _, b in StratifiedKFold(parts, shuffle=True, random_state=seed).split(xtr, ytr)]
+    f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return [(f(xtr[i]), torch.tensor(ytr[i])) for i in pieces], (f(xte), torch.tensor(yte))
+
+
+def _config(seeds, epochs, every, outer=None) -> dict:
+    train = {"epochs": epochs, "batch_size": 64, "optimizer": "adam", "lr": 0.003}
+    cfg = {"sync_every": every, "seeds": list(seeds), "compare_alone": True, "timeout": 120,
+           "workers": [{"model": "cnn", "width": 32, "shared": SHARED, "train": train},
+                       {"model": "gru", "width": 32, "shared": SHARED, "train": train}]}
+    if outer:
+        cfg["outer"] = outer
+    return cfg
+
+
+def _launch(cfg: dict, tmp: str, tag: str) -> tuple[dict, float]:
+    import yaml
+
+    from weightshare.cotrain import launch
+
+    path, results = os.path.join(tmp, f"{tag}.yaml"), os.path.join(tmp, f"{tag}.json")
+    cfg = {**cfg, "results": results}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    t0 = time.perf_counter()
+    code = launch(path, nproc=2, timeout=1800, quiet=True)
+    wall = time.perf_counter() - t0
+    if code != 0:
+        raise RuntimeError(f"bench cotrain: the co-training run {tag!r} exited with code {code}")
+    with open(results) as f:
+        return json.load(f), wall
+
+
+def main(quick: bool = False) -> dict:
+    seeds = list(range(5)) if quick else list(range(20))
+    epochs = 30 if quick else 60
+    every = 4
+    variants = {"avg": None} if quick else {"avg": None, "diloco": {"lr": 0.7, "momentum": 0.9, "nesterov": True}}
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for tag, outer in variants.items():
+            runs[tag] = _launch(_config(seeds, epochs, every if tag == "avg" else 4 * every, outer), tmp, tag)
+    rows, out = [], {}
+    for tag, (res, wall) in runs.items():
+        h = every if tag == "avg" else 4 * every
+        for w in res["workers"]:
+            alone = [s["acc_alone"] for s in w["seeds"]]
+            co = [s["acc"] for s in w["seeds"]]
+            last = w["seeds"][-1]
+            expected = last["shared_params"] * 4 * last["syncs"]
+            rows.append({"run": tag + ("" if tag == "avg" else " (outer Nesterov SGD lr 0.7 m 0.9)"), "H": h,
+                         "model": w["model"], "params": w["params"], "shared_params": last["shared_params"],
+                         "acc_alone": float(np.mean(alone)), "acc_cotrained": float(np.mean(co)),
+                         "gain_pts": 100 * float(np.mean(co) - np.mean(alone)),
+                         "gain_se": 100 * float(np.std(np.subtract(co, alone), ddof=1) / np.sqrt(len(co)))
+                         if len(co) > 1 else None,
+                         "seeds_better": f"{sum(c > a for c, a in zip(co, alone))}/{len(co)}",
+                         "syncs": last["syncs"], "bytes_sent": last["bytes_sent"],
+                         "bytes_ok": all(s["bytes_sent"] == s["shared_params"] * 4 * s["syncs"] for s in w["seeds"]),
+                         "s_alone": float(np.mean([s["seconds_alone"] for s in w["seeds"]])),
+                         "s_cotrain": float(np.mean([s["seconds"] for s in w["seeds"]])),
+                         "s_sync": float(np.mean([s["sync_seconds"] for s in w["seeds"]]))})
+            if tag == "avg":
+                m = w["model"]
+                out[f"acc_{m}_independent"] = float(np.mean(alone))
+                out[f"acc_{m}_cotrained"] = float(np.mean(co))
+                out[f"acc_{m}_independent_per_seed"] = alone
+                out[f"acc_{m}_cotrained_per_seed"] = co
+                out[f"{m}_params"] = w["params"]
+                out["bytes_sent"] = last["bytes_sent"]
+                out["bytes_expected"] = expected
+                out["ring_bytes_sent"] = last["ring_bytes_sent"]
+                out["shared_params"] = last["shared_params"]
+                out["syncs"] = last["syncs"]
+                out["wall_seconds"] = wall
+            else:
+                out[f"acc_{w['model']}_{tag}"] = float(np.mean(co))
+        if tag != "avg":
+            out[f"wall_seconds_{tag}"] = wall
+    print(table(rows, f"digits, test 25 %, each model on its own half of the rest; {len(seeds)} seeds, {epochs} epochs, "
+                      "Adam lr 3e-3 batch 64; shared: row projection + head; gain: co-trained - alone accuracy in points, "
+                      "mean and standard error over the seeds (paired); bytes per rank per seed run (payload of the "
+                      "all-reduces); seconds per seed run, in the worker (s_sync: in syncs, waiting for the other included)"))
+    walls = ", ".join(f"{tag} {wall:.1f} s" for tag, (_, wall) in runs.items())
+    print(f"wall time of each torchrun launch (2 workers, start-up included, alone + co-trained for every seed): {walls}")
+    gains = {m: out[f"acc_{m}_cotrained"] - out[f"acc_{m}_independent"] for m in MODELS}
+    out["cotraining_helps"] = max(gains.values()) > 0
+    out["bytes_only_shared"] = all(r["bytes_ok"] for r in rows)
+    out["targets"] = {"cotraining_helps": "co-trained accuracy > alone for at least one model (mean over seeds)",
+                      "bytes_only_shared": "bytes_sent == shared_params x 4 x syncs"}
+    out.update(seeds=len(seeds), epochs=epochs, sync_every=every, quick=quick)
+    print(f"co-training improves at least one model: {out['cotraining_helps']} "
+          f"(cnn {100 * gains['cnn']:+.2f} pts, gru {100 * gains['gru']:+.2f} pts); "
+          f"bytes sent are the shared subset's only: {out['bytes_only_shared']} "
+          f"({out['shared_params']} shared of {out['cnn_params']} cnn / {out['gru_params']} gru parameters)")
+    return out
