@@ -35,7 +35,6 @@ not in ``bytes_sent``.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from weightshare.merge.transfer import pattern_regex, substitute
 
 __all__ = ["CoTrainError", "CoTrainer", "OuterSGD", "shared_names"]
 
@@ -68,10 +69,6 @@ class OuterSGD:
             raise ValueError(f"OuterSGD.momentum\n  expected: a number in [0, 1)\n  got: {self.momentum!r}")
 
 
-def _glob_regex(pattern: str) -> re.Pattern:
-    return re.compile("".join("(.*)" if part == "*" else re.escape(part) for part in re.split(r"(\*)", pattern)))
-
-
 def shared_names(model: nn.Module, shared: Mapping[str, str]) -> dict[str, str]:
     """{parameter name: shared name} for ``model`` under the pattern map ``shared``.
 
@@ -91,14 +88,13 @@ def shared_names(model: nn.Module, shared: Mapping[str, str]) -> dict[str, str]:
         if target.count("*") > pattern.count("*"):
             problems.append(f"{pattern!r}: {target!r}: the shared name has more '*' than the pattern")
             continue
-        rx = _glob_regex(pattern)
-        hits = [n for n in names if rx.fullmatch(n)]
+        rx = pattern_regex(pattern)  # the same pattern rule as ws.transfer
+        hits = [n for n in names if rx.match(n)]
         if not hits:
             problems.append(f"{pattern!r} matches no parameter of the {type(model).__name__} "
                             f"(it has: {', '.join(names) or 'none'})")
         for n in hits:
-            groups = iter(rx.fullmatch(n).groups())
-            name = re.sub(r"\*", lambda _: next(groups), target)
+            name = substitute(rx.match(n), target)
             if n in out:
                 problems.append(f"parameter {n!r} is matched by two patterns ({by[n]!r} and {pattern!r})")
                 continue

@@ -121,7 +121,19 @@ def _bad(what: str, expected: str, got) -> ValueError:
     return ValueError(f"transfer: {what}\n  expected: {expected}\n  got: {got}")
 
 
-def _compile(mapping) -> list[tuple[str, re.Pattern, list[str]]]:
+def pattern_regex(pattern: str) -> re.Pattern:
+    """The name pattern's regex: ``*`` captures any run of characters (the shortest, left to right),
+    everything else is literal.  Co-training's shared-name maps use the same rule."""
+    return re.compile("(.*?)".join(re.escape(p) for p in pattern.split("*")) + r"\Z", re.DOTALL)
+
+
+def substitute(match: re.Match, target: str) -> str:
+    """``target`` with its ``*`` replaced, in order, by what the pattern's ``*`` captured."""
+    parts = target.split("*")
+    return parts[0] + "".join(g + p for g, p in zip(match.groups(), parts[1:]))
+
+
+def _compile(mapping) -> list[tuple[str, re.Pattern, str]]:
     if not isinstance(mapping, Mapping) or not mapping:
         raise _bad("mapping", "a non-empty dict {source pattern: destination pattern} of strings",
                    repr(mapping)[:200] if isinstance(mapping, Mapping) else type(mapping).__name__)
@@ -133,8 +145,7 @@ def _compile(mapping) -> list[tuple[str, re.Pattern, list[str]]]:
         if s.count("*") != d.count("*"):
             raise _bad(f"pattern {s!r} -> {d!r}",
                        f"as many '*' in the destination as in the source ({s.count('*')})", d.count("*"))
-        regex = re.compile("(.*?)".join(re.escape(p) for p in s.split("*")) + r"\Z", re.DOTALL)
-        rules.append((s, regex, d.split("*")))
+        rules.append((s, pattern_regex(s), d))
     return rules
 
 
@@ -189,11 +200,11 @@ def transfer(src, dst: nn.Module, mapping: Mapping[str, str], strict: bool = Fal
     used = set()
     planned: list[tuple[str, str]] = []  # (src, dst) of every mapped name
     for name in source:
-        for pattern, regex, parts in rules:
+        for pattern, regex, dst_pattern in rules:
             m = regex.match(name)
             if m:
                 used.add(pattern)
-                out = parts[0] + "".join(g + p for g, p in zip(m.groups(), parts[1:]))
+                out = substitute(m, dst_pattern)
                 planned.append((name, out))
                 break
         else:
