@@ -68,7 +68,7 @@ def test_every_problem_is_reported_at_once_before_any_tensor_is_read(berts, tmp_
     from weightshare.merge import streaming
 
     reads = []
-    monkeypatch.setattr(streaming._Model, "read", lambda self, name: reads.append(name))
+    monkeypatch.setattr(streaming._Model, "read", lambda self, name, start=None, stop=None: reads.append(name))
     short = load_file(berts["a"] / "model.safetensors")
     short.pop("pooler.dense.bias")
     short["embeddings.word_embeddings.weight"] = torch.zeros(65, 16)
@@ -88,11 +88,12 @@ def test_a_failure_while_streaming_leaves_no_output(berts, tmp_path, monkeypatch
 
     calls = []
 
-    def failing(self, name):
+    def failing(self, name, start=None, stop=None):
         calls.append(name)
         if len(calls) > 5:
             raise OSError("disk went away")
-        return torch.zeros(self.meta[name][0], dtype=self.meta[name][1])
+        shape = self.meta[name][0] if start is None else (stop - start,)
+        return torch.zeros(shape, dtype=self.meta[name][1])
 
     monkeypatch.setattr(streaming._Model, "read", failing)
     with pytest.raises(OSError):
@@ -269,3 +270,22 @@ def test_mergekit_linear_with_a_listed_base_averages_it_too(berts, tmp_path):
                       f"  - model: {berts['base']}\n  - model: {berts['a']}\n  - model: {berts['b']}\n")
     kwargs = read_config(config)
     assert kwargs["models"] == [str(berts[k]) for k in ("base", "a", "b")] and kwargs["base"] is None
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_elementwise_methods_merge_in_pieces_with_the_same_result(berts, tmp_path, monkeypatch, method):
+    from weightshare.merge import streaming
+
+    kwargs = dict(base=berts["base"]) if method == "task_arithmetic" else {}
+    whole = ws.merge([berts["a"], berts["b"]], method, weights=[0.3, 0.9], **kwargs)
+    reads = []
+    read = streaming._Model.read
+    monkeypatch.setattr(streaming._Model, "read", lambda self, name, start=None, stop=None:
+                        reads.append((start, stop)) or read(self, name, start, stop))
+    monkeypatch.setattr(streaming, "CHUNK", 37)  # pieces that do not divide the tensors
+    pieces = ws.merge([berts["a"], berts["b"]], method, weights=[0.3, 0.9], **kwargs)
+    out = ws.merge([berts["a"], berts["b"]], method, weights=[0.3, 0.9], out=tmp_path / "m", **kwargs)
+    written = load_file(out / "model.safetensors")
+    assert max(b - a for a, b in reads if a is not None) == 37  # no read is larger than a piece
+    for k in whole:
+        assert torch.equal(whole[k], pieces[k]) and torch.equal(whole[k], written[k])

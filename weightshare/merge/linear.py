@@ -11,7 +11,7 @@ __all__ = ["linear"]
 
 
 @register_merge("linear", source="Wortsman et al. 2022, Model soups; mergekit defaults (merge_methods/linear.py)",
-                model_params={"weight": 1.0}, params={"normalize": True}, models=(1, None))
+                model_params={"weight": 1.0}, params={"normalize": True}, models=(1, None), elementwise=True)
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, name: str, weight,
            normalize: bool = True) -> torch.Tensor:
     """Σ_i w_i θ_i, divided by Σ_i w_i when ``normalize``; ``base`` is not used.

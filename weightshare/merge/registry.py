@@ -11,6 +11,9 @@ random masks seed from it, so a result never depends on tensor order), and
 ``params`` holds every global parameter and, for each per-model parameter, a
 list with one value per model.  A method that needs whole models (greedy soup)
 is registered with ``tensorwise=False`` and ``fn(state_dicts, **params) -> state_dict``.
+An *elementwise* method (each output entry a function of the same entry of the
+inputs: linear, task arithmetic) is called on flat chunks of large tensors, so
+its merge holds a few megabytes per input whatever the tensors' size.
 """
 
 from __future__ import annotations
@@ -31,16 +34,18 @@ class MergeMethod:
     params: dict[str, Any] = field(default_factory=dict)  # global parameter -> default (None: required)
     models: tuple[int, int | None] = (1, None)  # (least, most) number of models, the base not counted
     tensorwise: bool = True
+    elementwise: bool = False  # each output entry depends on the same entry of the inputs only: merged in chunks
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
 def register_merge(name: str, *, source: str, needs_base: bool = False, model_params: dict | None = None,
-                   params: dict | None = None, models: tuple[int, int | None] = (1, None), tensorwise: bool = True):
+                   params: dict | None = None, models: tuple[int, int | None] = (1, None), tensorwise: bool = True,
+                   elementwise: bool = False):
     def wrap(fn):
         MERGE_METHODS[name] = MergeMethod(name, fn, source, needs_base, dict(model_params or {}), dict(params or {}),
-                                          models, tensorwise)
+                                          models, tensorwise, elementwise)
         return fn
 
     return wrap

@@ -43,6 +43,23 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+CHUNK = 1 << 20  # entries per piece of an elementwise merge (4 MB of float32)
+
+
+class _Pieces:
+    """A tensor made piece by piece (flat spans, in order): written as it is made, never whole."""
+
+    def __init__(self, shape, spans, make):
+        self.shape, self._spans, self._make = torch.Size(shape), spans, make
+
+    def __iter__(self):
+        for a, b in self._spans:
+            yield self._make(a, b)
+
+    def whole(self) -> torch.Tensor:
+        return torch.cat(list(self)).reshape(self.shape)
+
+
 class MergeError(ValueError):
     """Everything wrong with a merge's inputs, found before any tensor was read."""
 
@@ -58,8 +75,11 @@ class _Model:
         self.label, self.meta, self._read = label, meta, read
         self.root, self.weights_subdir = root, weights_subdir
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._read(name)
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor ``name``, or with ``start``/``stop`` the flat entries [start, stop) of it."""
+        if start is None:
+            return self._read(name, None)
+        return self._read(name, (start, stop))
 
 
 def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
@@ -87,9 +107,12 @@ def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
             begin, end = entry["data_offsets"]
             where[name] = (file, 8 + n + begin, end - begin)
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, span=None) -> torch.Tensor:
         file, offset, size = where[name]
         shape, dtype = meta[name]
+        if span is not None:  # flat entries [start, stop): a byte range of the row-major data
+            item = torch.empty(0, dtype=dtype).element_size()
+            offset, size, shape = offset + span[0] * item, (span[1] - span[0]) * item, (span[1] - span[0],)
         buf = bytearray(size)
         with open(file, "rb") as f:
             f.seek(offset)
@@ -137,7 +160,10 @@ def _in_memory(label: str, state: dict) -> _Model:
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{label}: entries that are not tensors: {bad[:5]}")
-    return _Model(label, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, lambda name: state[name])
+    def read(name, span=None):
+        return state[name] if span is None else state[name].reshape(-1)[span[0]:span[1]]
+
+    return _Model(label, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, read)
 
 
 def open_model(source, label: str | None = None) -> _Model:
@@ -178,10 +204,13 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torc
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for (name, shape, dtype), t in zip(entries, tensors, strict=True):
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise RuntimeError(f"write_safetensors: {name} is {tuple(t.shape)} {t.dtype}, the header says {shape} {dtype}")
-            if t.numel():
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"write_safetensors: {name} is {tuple(t.shape)}, the header says {shape}")
+            for piece in (t if isinstance(t, _Pieces) else [t]):
+                if piece.dtype != dtype:
+                    raise RuntimeError(f"write_safetensors: {name} is {piece.dtype}, the header says {dtype}")
+                if piece.numel():
+                    f.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 # ----------------------------------------------------------------------------- merge
@@ -277,13 +306,20 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
             if not dt.is_floating_point:  # the buffer policy: copied from the base, or the first model
                 yield ref.read(name)
                 continue
-            tensors = [m.read(name).float() for m in inputs]
-            b = base_model.read(name).float() if base_model is not None else None
-            yield spec.fn(tensors, b, name=name, **method_params).to(dt)
-            del tensors, b
+            numel = int(torch.Size(shape).numel())
+            if spec.elementwise and numel > CHUNK:  # flat pieces: a few MB per input, whatever the tensor's size
+                yield _Pieces(shape, [(s, min(s + CHUNK, numel)) for s in range(0, numel, CHUNK)],
+                              lambda a, b, name=name, dt=dt: merge_span(name, dt, a, b))
+                continue
+            yield merge_span(name, dt, None, None).reshape(shape)
+
+    def merge_span(name, dt, start, stop):
+        tensors = [m.read(name, start, stop).float() for m in inputs]
+        b = base_model.read(name, start, stop).float() if base_model is not None else None
+        return spec.fn(tensors, b, name=name, **method_params).to(dt)
 
     if out is None:
-        return {name: t.clone() for (name, _, _), t in zip(entries, merged())}
+        return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, merged())}
     with staged_dir(out) as tmp:
         if ref.root is not None:
             from weightshare.hub import copy_non_weight_files

@@ -94,7 +94,7 @@ def gta_params(*, normalize: bool, rescale: bool) -> dict:
 @register_merge("task_arithmetic", source="Ilharco et al. 2023, Editing Models with Task Arithmetic; "
                 "mergekit defaults (merge_methods/registry.py, task_arithmetic)",
                 needs_base=True, model_params=GTA_MODEL_PARAMS,
-                params=gta_params(normalize=False, rescale=False), models=(1, None))
+                params=gta_params(normalize=False, rescale=False), models=(1, None), elementwise=True)
 def task_arithmetic(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, weight, density=None,
                     normalize: bool = False, scale: float = 1.0, rescale: bool = False,
                     int8_mask: bool = False) -> torch.Tensor:
