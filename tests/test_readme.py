@@ -12,3 +12,12 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "net-3bit" / "weightshare.safetensors").is_file()
+
+
+def test_readme_cotrain_config_is_valid(tmp_path):
+    from weightshare.cotrain import check, read_config
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    (config,) = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    (tmp_path / "cotrain.yaml").write_text(config)
+    check(read_config(tmp_path / "cotrain.yaml"), world=2)  # every field and both workers' shared subsets
