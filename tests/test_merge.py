@@ -289,3 +289,36 @@ def test_elementwise_methods_merge_in_pieces_with_the_same_result(berts, tmp_pat
     assert max(b - a for a, b in reads if a is not None) == 37  # no read is larger than a piece
     for k in whole:
         assert torch.equal(whole[k], pieces[k]) and torch.equal(whole[k], written[k])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 50), st.integers(0, 3), st.data())
+def test_kth_largest_by_radix_select_is_the_sorted_value(n, piece, distinct, data):
+    from weightshare.merge.ties import kth_largest
+
+    g = torch.Generator().manual_seed(n * 7 + piece)
+    # few distinct values (ties, zeros) or continuous ones; any piece size
+    x = (torch.randint(0, distinct + 1, (n,), generator=g).float() if distinct else torch.rand(n, generator=g) * 10)
+    k = data.draw(st.integers(1, n))
+    got = kth_largest(lambda: iter(x.split(piece)), n, k)
+    assert got == float(x.sort(descending=True).values[k - 1])
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_ties_merges_large_tensors_piece_by_piece_with_the_same_result(berts, tmp_path, monkeypatch, rescale):
+    from weightshare.merge import streaming
+
+    kwargs = dict(base=berts["base"], weights=[0.7, 0.4], density=[0.3, 0.6], rescale=rescale)
+    whole = ws.merge([berts["a"], berts["b"]], "ties", **kwargs)
+    spans = []
+    read = streaming._Model.read
+    monkeypatch.setattr(streaming._Model, "read", lambda self, name, start=None, stop=None:
+                        spans.append(None if start is None else stop - start) or read(self, name, start, stop))
+    monkeypatch.setattr(streaming, "CHUNK", 53)
+    pieces = ws.merge([berts["a"], berts["b"]], "ties", **kwargs)
+    if rescale:  # the L1 rescale needs the whole trimmed tensor: no pieces
+        assert set(spans) == {None}
+    else:
+        assert max(s for s in spans if s is not None) == 53 and None in spans  # small tensors are still read whole
+    for k in whole:
+        assert torch.equal(whole[k], pieces[k]), k

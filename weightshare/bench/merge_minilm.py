@@ -16,7 +16,8 @@ multi-task model trained on both tasks; a pipeline check merges one fine-tune
 alone and must score what the fine-tune scores.
 
 Peak memory: a fresh process imports weightshare, records its resident set
-(VmRSS), merges the two checkpoints to disk (linear; TIES also reads the base),
+(VmRSS), merges the two checkpoints to disk (linear; TIES, which also reads the
+base, streams once its trim thresholds are found from pieces),
 and reads its peak resident set (VmHWM, Linux); the figure is peak minus that
 baseline, against the size of one checkpoint file.
 """

@@ -14,6 +14,8 @@ is registered with ``tensorwise=False`` and ``fn(state_dicts, **params) -> state
 An *elementwise* method (each output entry a function of the same entry of the
 inputs: linear, task arithmetic) is called on flat chunks of large tensors, so
 its merge holds a few megabytes per input whatever the tensors' size.
+A method with ``prepare`` first gathers its whole-tensor statistics (TIES: the
+trim thresholds) from pieces, and is then element-wise too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class MergeMethod:
     models: tuple[int, int | None] = (1, None)  # (least, most) number of models, the base not counted
     tensorwise: bool = True
     elementwise: bool = False  # each output entry depends on the same entry of the inputs only: merged in chunks
+    # prepare(read, numel, *, name, **params) -> extra keyword arguments that make fn element-wise on a
+    # large tensor (or None): read() iterates (model pieces, base piece) over the tensor, a piece at a time
+    prepare: Callable | None = None
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
@@ -42,10 +47,10 @@ MERGE_METHODS: dict[str, MergeMethod] = {}
 
 def register_merge(name: str, *, source: str, needs_base: bool = False, model_params: dict | None = None,
                    params: dict | None = None, models: tuple[int, int | None] = (1, None), tensorwise: bool = True,
-                   elementwise: bool = False):
+                   elementwise: bool = False, prepare: Callable | None = None):
     def wrap(fn):
         MERGE_METHODS[name] = MergeMethod(name, fn, source, needs_base, dict(model_params or {}), dict(params or {}),
-                                          models, tensorwise, elementwise)
+                                          models, tensorwise, elementwise, prepare)
         return fn
 
     return wrap

@@ -43,7 +43,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-CHUNK = 1 << 20  # entries per piece of an elementwise merge (4 MB of float32)
+CHUNK = 1 << 18  # entries per piece (1 MB of float32): a merge holds a dozen or so piece-sized buffers at its peak
 
 
 class _Pieces:
@@ -307,16 +307,28 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
                 yield ref.read(name)
                 continue
             numel = int(torch.Size(shape).numel())
-            if spec.elementwise and numel > CHUNK:  # flat pieces: a few MB per input, whatever the tensor's size
-                yield _Pieces(shape, [(s, min(s + CHUNK, numel)) for s in range(0, numel, CHUNK)],
-                              lambda a, b, name=name, dt=dt: merge_span(name, dt, a, b))
-                continue
-            yield merge_span(name, dt, None, None).reshape(shape)
+            spans = [(s, min(s + CHUNK, numel)) for s in range(0, numel, CHUNK)]
+            extra = None
+            if numel > CHUNK and spec.elementwise:
+                extra = {}
+            elif numel > CHUNK and spec.prepare is not None:  # whole-tensor statistics, gathered piece by piece
+                def read(name=name, spans=spans):
+                    for a, b in spans:
+                        yield read_span(name, a, b)
 
-    def merge_span(name, dt, start, stop):
+                extra = spec.prepare(read, numel, name=name, **method_params)
+            if extra is not None:  # flat pieces: a few MB per input, whatever the tensor's size
+                yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, extra=extra: merge_span(name, dt, a, b, extra))
+                continue
+            yield merge_span(name, dt, None, None, {}).reshape(shape)
+
+    def read_span(name, start, stop):
         tensors = [m.read(name, start, stop).float() for m in inputs]
-        b = base_model.read(name, start, stop).float() if base_model is not None else None
-        return spec.fn(tensors, b, name=name, **method_params).to(dt)
+        return tensors, base_model.read(name, start, stop).float() if base_model is not None else None
+
+    def merge_span(name, dt, start, stop, extra):
+        tensors, b = read_span(name, start, stop)
+        return spec.fn(tensors, b, name=name, **method_params, **extra).to(dt)
 
     if out is None:
         return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, merged())}

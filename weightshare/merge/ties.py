@@ -56,11 +56,59 @@ def elect_sign(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
     return sign == elected
 
 
+def kth_largest(pieces, numel: int, k: int) -> float:
+    """The k-th largest of non-negative float32 values given as pieces (a callable returning a
+    fresh iterator of 1-D tensors), in two passes of 2^15 + 2^16 counters: a radix select on
+    the float bits, which order like the values for non-negative floats.  No piece is kept."""
+    if not 1 <= k <= numel:
+        raise ValueError(f"kth_largest: k\n  expected: 1..{numel}\n  got: {k}")
+
+    def pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:  # bucket holding the rank-th largest, and rank in it
+        from_top = hist.flip(0).cumsum(0)
+        i = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
+        above = int(from_top[i - 1]) if i else 0
+        return len(hist) - 1 - i, rank - above
+
+    high = torch.zeros(1 << 15, dtype=torch.int64)
+    for piece in pieces():
+        high += torch.bincount(piece.contiguous().view(torch.int32) >> 16, minlength=1 << 15)
+    hi, rank = pick(high, k)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for piece in pieces():
+        bits = piece.contiguous().view(torch.int32)
+        low += torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=1 << 16)
+    lo, _ = pick(low, rank)
+    return float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32))
+
+
+def _prepare(read, numel: int, *, name: str, weight, density=None, rescale: bool = False, **_) -> dict | None:
+    """For a large tensor: each task vector's trim threshold from pieces, so that the merge itself
+    is element-wise and streams (``streaming.merge``).  None where it cannot (the L1 rescale
+    needs the trimmed norm of the whole tensor)."""
+    if rescale:
+        return None
+    n = len(weight)
+    densities = per_model("ties", "density", density, n, 1.0)
+    thresholds = []
+    for i, p in enumerate(densities):
+        if p >= 1:
+            thresholds.append(None)
+            continue
+
+        def pieces(i=i):
+            for models, base in read():
+                yield (models[i] - base).abs()
+
+        thresholds.append(kth_largest(pieces, numel, max(1, int(p * numel))))
+    return {"thresholds": thresholds}
+
+
 @register_merge("ties", source="Yadav et al. 2023, TIES-Merging; mergekit defaults (merge_methods/registry.py, ties)",
                 needs_base=True, model_params=GTA_MODEL_PARAMS, params=gta_params(normalize=True, rescale=False),
-                models=(1, None))
+                models=(1, None), prepare=_prepare)
 def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, weight, density=None,
-         normalize: bool = True, scale: float = 1.0, rescale: bool = False, int8_mask: bool = False) -> torch.Tensor:
+         normalize: bool = True, scale: float = 1.0, rescale: bool = False, int8_mask: bool = False,
+         thresholds: list | None = None) -> torch.Tensor:
     """base + scale · Σ_i w_i τ̂_i m_i / Σ_i w_i m_i, τ̂_i the trimmed task vector, m_i its sign agreement.
 
     Parameters and defaults are mergekit's (merge_methods/registry.py, ``ties`` entry:
@@ -77,11 +125,18 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, weight, 
     - ``int8_mask`` (default False): accepted and ignored (it only sets mergekit's mask dtype).
 
     The sign is elected on the *weighted* trimmed deltas w_i τ̂_i, as mergekit does.
+
+    ``thresholds`` (one per model, from ``_prepare``) trims by |τ_i| >= threshold instead of
+    top-k, so that a large tensor merges piece by piece; the two agree but where entries tie
+    at the threshold (then all tied entries are kept, where top-k keeps an arbitrary k).
     """
     weights = per_model("ties", "weight", weight, len(tensors), 1.0)
     densities = per_model("ties", "density", density, len(tensors), 1.0)
     deltas = task_vectors(tensors, base)
-    deltas = torch.stack([trim(d, p, name=name, rescale=rescale) for d, p in zip(deltas, densities)])
+    if thresholds is not None:
+        deltas = torch.stack([d if t is None else d * (d.abs() >= t) for d, t in zip(deltas, thresholds)])
+    else:
+        deltas = torch.stack([trim(d, p, name=name, rescale=rescale) for d, p in zip(deltas, densities)])
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * (deltas.dim() - 1)))
     mask = elect_sign(deltas * w)
     return combine(deltas, weights, base, normalize=normalize, scale=scale, mask=mask)
