@@ -30,15 +30,15 @@ from pathlib import Path
 import torch
 
 from weightshare.merge.registry import check_params, get_method
+from weightshare.pack import _DTYPES as _PACK_DTYPES
+from weightshare.pack import _HEADER_DTYPES
 
 __all__ = ["MergeError", "merge", "open_model", "write_safetensors"]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+# the safetensors dtype codes the packed format already knows (pack.py), as torch dtypes
+_DTYPES = {code: _PACK_DTYPES[name] for code, name in _HEADER_DTYPES.items()}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
