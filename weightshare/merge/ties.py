@@ -58,10 +58,19 @@ def elect_sign(weighted: torch.Tensor, method: str = "sum") -> torch.Tensor:
 
 def kth_largest(pieces, numel: int, k: int) -> float:
     """The k-th largest of non-negative float32 values given as pieces (a callable returning a
-    fresh iterator of 1-D tensors), in two passes of 2^15 + 2^16 counters: a radix select on
-    the float bits, which order like the values for non-negative floats.  No piece is kept."""
-    if not 1 <= k <= numel:
-        raise ValueError(f"kth_largest: k\n  expected: 1..{numel}\n  got: {k}")
+    fresh iterator of 1-D tensors); see ``kth_largest_rows``."""
+    return kth_largest_rows(lambda: (piece.unsqueeze(0) for piece in pieces()), numel, [k])[0]
+
+
+def kth_largest_rows(pieces, numel: int, ks: list[int]) -> list[float]:
+    """For each row r, the ks[r]-th largest of its non-negative float32 values, the rows given as
+    pieces (a callable returning a fresh iterator of (rows, piece) tensors), in two passes for
+    all rows at once, with 2^15 + 2^16 counters per row: a radix select on the float bits,
+    which order like the values for non-negative floats.  No piece is kept."""
+    for k in ks:
+        if not 1 <= k <= numel:
+            raise ValueError(f"kth_largest: k\n  expected: 1..{numel}\n  got: {k}")
+    rows = len(ks)
 
     def pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:  # bucket holding the rank-th largest, and rank in it
         from_top = hist.flip(0).cumsum(0)
@@ -69,16 +78,25 @@ def kth_largest(pieces, numel: int, k: int) -> float:
         above = int(from_top[i - 1]) if i else 0
         return len(hist) - 1 - i, rank - above
 
-    high = torch.zeros(1 << 15, dtype=torch.int64)
+    def counts(values: torch.Tensor, buckets: int) -> torch.Tensor:  # one histogram per row, in one bincount
+        offsets = torch.arange(rows).unsqueeze(1) * buckets
+        return torch.bincount((values + offsets).reshape(-1), minlength=rows * buckets).view(rows, buckets)
+
+    high = torch.zeros(rows, 1 << 15, dtype=torch.int64)
     for piece in pieces():
-        high += torch.bincount(piece.contiguous().view(torch.int32) >> 16, minlength=1 << 15)
-    hi, rank = pick(high, k)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
+        high += counts(piece.contiguous().view(torch.int32) >> 16, 1 << 15)
+    picked = [pick(high[r], ks[r]) for r in range(rows)]
+    his = torch.tensor([hi for hi, _ in picked]).unsqueeze(1)
+    low = torch.zeros(rows, 1 << 16, dtype=torch.int64)
     for piece in pieces():
         bits = piece.contiguous().view(torch.int32)
-        low += torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=1 << 16)
-    lo, _ = pick(low, rank)
-    return float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32))
+        # entries outside the row's chosen high bucket go to a spare bucket past the end
+        low += counts(torch.where((bits >> 16) == his, bits & 0xFFFF, 1 << 16), (1 << 16) + 1)[:, :-1]
+    out = []
+    for r, (hi, rank) in enumerate(picked):
+        lo, _ = pick(low[r], rank)
+        out.append(float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32)))
+    return out
 
 
 def _prepare(read, numel: int, *, name: str, weight, density=None, rescale: bool = False, **_) -> dict | None:
@@ -87,19 +105,18 @@ def _prepare(read, numel: int, *, name: str, weight, density=None, rescale: bool
     needs the trimmed norm of the whole tensor)."""
     if rescale:
         return None
-    n = len(weight)
-    densities = per_model("ties", "density", density, n, 1.0)
-    thresholds = []
-    for i, p in enumerate(densities):
-        if p >= 1:
-            thresholds.append(None)
-            continue
+    densities = per_model("ties", "density", density, len(weight), 1.0)
+    trimmed = [i for i, p in enumerate(densities) if p < 1]
+    thresholds: list = [None] * len(densities)
+    if trimmed:
 
-        def pieces(i=i):
+        def pieces():  # every trimmed task vector's piece in one read of the inputs
             for models, base in read():
-                yield (models[i] - base).abs()
+                yield torch.stack([(models[i] - base).abs() for i in trimmed])
 
-        thresholds.append(kth_largest(pieces, numel, max(1, int(p * numel))))
+        ks = [max(1, int(densities[i] * numel)) for i in trimmed]
+        for i, t in zip(trimmed, kth_largest_rows(pieces, numel, ks)):
+            thresholds[i] = t
     return {"thresholds": thresholds}
 
 
