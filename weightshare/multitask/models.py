@@ -19,11 +19,13 @@ __all__ = ["MultiTaskModel", "CrossStitch", "MMoE"]
 
 
 def _batch_size(x) -> int | None:
+    """Rows of a batch: a tensor's first dimension, or the one first dimension every tensor of a
+    tokenizer's output shares (non-tensor entries such as a "modality" tag aside); else None."""
     if isinstance(x, torch.Tensor):
         return x.shape[0]
-    if isinstance(x, Mapping):  # tokenizer output
-        first = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
-        return None if first is None else first.shape[0]
+    if isinstance(x, Mapping):
+        sizes = {v.shape[0] for v in x.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        return sizes.pop() if len(sizes) == 1 else None
     return None
 
 

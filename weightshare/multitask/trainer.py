@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -180,14 +179,13 @@ IGNORE = -100  # a task's label for rows it has no label for (cross_entropy's ig
 
 
 def _num_rows(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.shape[0]
-    if isinstance(x, Mapping):  # tokenizer output; non-tensor entries (e.g. a "modality" tag) pass through
-        sizes = {v.shape[0] for v in x.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-        if len(sizes) == 1:
-            return sizes.pop()
-    raise ValueError("fit: inputs\n  expected: a tensor, or a dict of tensors with one row per sample "
-                     f"(a tokenizer's output)\n  got: {type(x).__name__}")
+    from weightshare.multitask.models import _batch_size
+
+    rows = _batch_size(x)
+    if rows is None:
+        raise ValueError("fit: inputs\n  expected: a tensor, or a dict of tensors with one row per sample "
+                         f"(a tokenizer's output)\n  got: {type(x).__name__}")
+    return rows
 
 
 def _rows(x, idx: torch.Tensor):
