@@ -14,8 +14,12 @@ is registered with ``tensorwise=False`` and ``fn(state_dicts, **params) -> state
 An *elementwise* method (each output entry a function of the same entry of the
 inputs: linear, task arithmetic) is called on flat chunks of large tensors, so
 its merge holds a few megabytes per input whatever the tensors' size.
-A method with ``prepare`` first gathers its whole-tensor statistics (TIES: the
-trim thresholds) from pieces, and is then element-wise too.
+A method with ``prepare`` first gathers its whole-tensor statistics from pieces
+(TIES: the trim thresholds; DARE: the L1 norms of its rescale; slerp: the angle;
+model stock: the cosines) and is then element-wise too: ``fn`` is called on each
+piece with the keyword arguments ``prepare`` returned and ``span=(start, stop)``,
+the piece's place in the flattened tensor (DARE draws the mask entries of that
+span, model stock finds the rows they belong to).
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ class MergeMethod:
     models: tuple[int, int | None] = (1, None)  # (least, most) number of models, the base not counted
     tensorwise: bool = True
     elementwise: bool = False  # each output entry depends on the same entry of the inputs only: merged in chunks
-    # prepare(read, numel, *, name, **params) -> extra keyword arguments that make fn element-wise on a
-    # large tensor (or None): read() iterates (model pieces, base piece) over the tensor, a piece at a time
+    # prepare(read, numel, *, name, shape, **params) -> extra keyword arguments that make fn element-wise on
+    # a large tensor (or None: merge it whole): read() iterates (model pieces, base piece) over the tensor, a
+    # piece at a time, in order; fn is then called on each piece with them and span=(start, stop), the
+    # piece's flat entries, since what a piece merges to can depend on where it lies (a mask, a row)
     prepare: Callable | None = None
 
 

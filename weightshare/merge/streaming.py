@@ -316,9 +316,11 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
                     for a, b in spans:
                         yield read_span(name, a, b)
 
-                extra = spec.prepare(read, numel, name=name, **method_params)
+                extra = spec.prepare(read, numel, name=name, shape=torch.Size(shape), **method_params)
             if extra is not None:  # flat pieces: a few MB per input, whatever the tensor's size
-                yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, extra=extra: merge_span(name, dt, a, b, extra))
+                # a prepared method is told where each piece lies (DARE's mask entries, model stock's rows)
+                yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, extra=extra: merge_span(
+                    name, dt, a, b, extra if spec.elementwise else {**extra, "span": (a, b)}))
                 continue
             yield merge_span(name, dt, None, None, {}).reshape(shape)
 

@@ -16,7 +16,7 @@ import torch
 
 from weightshare.merge.registry import register_merge
 
-__all__ = ["task_arithmetic", "task_vectors", "combine", "rescale_l1", "per_model"]
+__all__ = ["task_arithmetic", "task_vectors", "combine", "rescale_l1", "l1_factor", "per_model"]
 
 
 def per_model(method: str, key: str, values, n: int, default) -> list[float]:
@@ -45,11 +45,16 @@ def rescale_l1(tensor: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) ->
     expectation, and it is also defined for magnitude pruning.  Like mergekit, a norm
     below ``eps`` (before or after masking) leaves ``masked`` unscaled.
     """
-    before = tensor.abs().sum()
-    after = masked.abs().sum()
+    return masked * l1_factor(tensor.abs().sum(), masked.abs().sum(), eps)
+
+
+def l1_factor(before, after, eps: float = 1e-7):
+    """The factor of ``rescale_l1``: ``before / after``, the L1 norms of a tensor and of its masked
+    copy, or 1 where either is below ``eps``.  A merge that streams a tensor gathers the two norms
+    from pieces and scales each piece by it."""
     if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+        return 1.0
+    return before / after
 
 
 def combine(deltas: torch.Tensor, weights: list[float], base: torch.Tensor, *, normalize: bool, scale: float,

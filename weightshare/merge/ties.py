@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from weightshare.merge.registry import register_merge
-from weightshare.merge.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, per_model, rescale_l1,
-                                               task_vectors)
+from weightshare.merge.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model,
+                                               rescale_l1, task_vectors)
 
-__all__ = ["ties", "trim", "elect_sign"]
+__all__ = ["ties", "trim", "trim_at", "elect_sign"]
 
 
 def trim(delta: torch.Tensor, density: float, *, name: str = "", rescale: bool = False) -> torch.Tensor:
@@ -99,25 +99,41 @@ def kth_largest_rows(pieces, numel: int, ks: list[int]) -> list[float]:
     return out
 
 
-def _prepare(read, numel: int, *, name: str, weight, density=None, rescale: bool = False, **_) -> dict | None:
-    """For a large tensor: each task vector's trim threshold from pieces, so that the merge itself
-    is element-wise and streams (``streaming.merge``).  None where it cannot (the L1 rescale
-    needs the trimmed norm of the whole tensor)."""
-    if rescale:
-        return None
+def trim_at(delta: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``delta`` with the entries of magnitude below ``threshold`` zeroed: ``trim`` for a piece of a
+    tensor, ``threshold`` being the whole tensor's k-th largest magnitude."""
+    return delta * (delta.abs() >= threshold)
+
+
+def _prepare(read, numel: int, *, name: str, weight, density=None, rescale: bool = False, **_) -> dict:
+    """For a large tensor: each task vector's trim threshold from pieces, and with ``rescale`` its
+    L1 factor ‖τ‖₁ / ‖trimmed τ‖₁ in one more read of the inputs, so that the merge itself is
+    element-wise and streams (``streaming.merge``)."""
     densities = per_model("ties", "density", density, len(weight), 1.0)
     trimmed = [i for i, p in enumerate(densities) if p < 1]
     thresholds: list = [None] * len(densities)
-    if trimmed:
+    if not trimmed:
+        return {"thresholds": thresholds}
 
-        def pieces():  # every trimmed task vector's piece in one read of the inputs
-            for models, base in read():
-                yield torch.stack([(models[i] - base).abs() for i in trimmed])
+    def pieces():  # every trimmed task vector's piece in one read of the inputs
+        for models, base in read():
+            yield torch.stack([(models[i] - base).abs() for i in trimmed])
 
-        ks = [max(1, int(densities[i] * numel)) for i in trimmed]
-        for i, t in zip(trimmed, kth_largest_rows(pieces, numel, ks)):
-            thresholds[i] = t
-    return {"thresholds": thresholds}
+    ks = [max(1, int(densities[i] * numel)) for i in trimmed]
+    for i, t in zip(trimmed, kth_largest_rows(pieces, numel, ks)):
+        thresholds[i] = t
+    if not rescale:
+        return {"thresholds": thresholds}
+    norms = torch.zeros(len(trimmed), 2, dtype=torch.float64)  # ‖τ‖₁ and ‖trimmed τ‖₁, per trimmed model
+    for models, base in read():
+        for j, i in enumerate(trimmed):
+            delta = models[i] - base
+            norms[j, 0] += delta.abs().sum(dtype=torch.float64)
+            norms[j, 1] += trim_at(delta, thresholds[i]).abs().sum(dtype=torch.float64)
+    l1_factors: list = [None] * len(densities)
+    for j, i in enumerate(trimmed):
+        l1_factors[i] = l1_factor(float(norms[j, 0]), float(norms[j, 1]))
+    return {"thresholds": thresholds, "l1_factors": l1_factors}
 
 
 @register_merge("ties", source="Yadav et al. 2023, TIES-Merging; mergekit defaults (merge_methods/registry.py, ties)",
@@ -125,7 +141,8 @@ def _prepare(read, numel: int, *, name: str, weight, density=None, rescale: bool
                 models=(1, None), prepare=_prepare)
 def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, weight, density=None,
          normalize: bool = True, scale: float = 1.0, rescale: bool = False, int8_mask: bool = False,
-         thresholds: list | None = None) -> torch.Tensor:
+         thresholds: list | None = None, l1_factors: list | None = None,
+         span: tuple[int, int] | None = None) -> torch.Tensor:
     """base + scale · Σ_i w_i τ̂_i m_i / Σ_i w_i m_i, τ̂_i the trimmed task vector, m_i its sign agreement.
 
     Parameters and defaults are mergekit's (merge_methods/registry.py, ``ties`` entry:
@@ -144,14 +161,17 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, weight, 
     The sign is elected on the *weighted* trimmed deltas w_i τ̂_i, as mergekit does.
 
     ``thresholds`` (one per model, from ``_prepare``) trims by |τ_i| >= threshold instead of
-    top-k, so that a large tensor merges piece by piece; the two agree but where entries tie
-    at the threshold (then all tied entries are kept, where top-k keeps an arbitrary k).
+    top-k, and ``l1_factors`` (with ``rescale``) are the whole tensor's, so that a large tensor
+    merges piece by piece (``span``, the piece's place in it, changes nothing here); the two
+    agree but where entries tie at the threshold (then all tied entries are kept, where top-k
+    keeps an arbitrary k).
     """
     weights = per_model("ties", "weight", weight, len(tensors), 1.0)
     densities = per_model("ties", "density", density, len(tensors), 1.0)
     deltas = task_vectors(tensors, base)
     if thresholds is not None:
-        deltas = torch.stack([d if t is None else d * (d.abs() >= t) for d, t in zip(deltas, thresholds)])
+        factors = l1_factors if l1_factors is not None else [1.0] * len(deltas)
+        deltas = torch.stack([d if t is None else trim_at(d, t) * f for d, t, f in zip(deltas, thresholds, factors)])
     else:
         deltas = torch.stack([trim(d, p, name=name, rescale=rescale) for d, p in zip(deltas, densities)])
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *([1] * (deltas.dim() - 1)))
