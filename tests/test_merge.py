@@ -64,6 +64,31 @@ def test_sharded_and_in_memory_inputs_give_the_same_merge(berts):
         torch.testing.assert_close(plain[k], modules[k], rtol=0, atol=0)
 
 
+def test_a_packed_input_is_decoded_a_tensor_at_a_time_and_merges_as_its_export(berts, tmp_path, monkeypatch):
+    from transformers import AutoModel
+
+    from weightshare.merge import streaming
+    from weightshare.pack import PackedFile, export
+
+    model = AutoModel.from_pretrained(berts["a"])
+    ws.share_(model, ws.CodebookConfig(bits=3, granularity="per_channel"))
+    packed = ws.save(model, tmp_path / "a-packed")
+    dense = export(packed, tmp_path / "a-dense")
+    kwargs = dict(base=berts["base"], density=0.4)
+    want = ws.merge([dense, berts["b"]], "ties", **kwargs)
+    decoded = []
+    decode = PackedFile.decode
+    monkeypatch.setattr(PackedFile, "decode", lambda self, name: decoded.append(name) or decode(self, name))
+    monkeypatch.setattr(streaming, "CHUNK", 53)  # large tensors are read in many pieces, and twice (TIES thresholds)
+    got = ws.merge([packed, berts["b"]], "ties", out=tmp_path / "m", **kwargs)
+    written = load_file(got / "model.safetensors")
+    assert set(written) == set(want)
+    for k in want:
+        assert torch.equal(written[k], want[k]), k
+    # one decode per tensor: the pieces of a tensor come from the one decoded copy
+    assert sorted(decoded) == sorted(k for k in want if want[k].is_floating_point())
+
+
 def test_every_problem_is_reported_at_once_before_any_tensor_is_read(berts, tmp_path, monkeypatch):
     from weightshare.merge import streaming
 

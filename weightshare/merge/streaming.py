@@ -8,8 +8,9 @@ safetensors library) first; tensor data is then read one tensor at a time with
 plain positioned reads, not through a memory map, so that a merge holds about
 one tensor per input plus the one being written: pages of a mapped file would
 stay resident and count against the process until the end.  A packed
-directory is decoded whole (its maps are not streamable); a state dict is
-already in memory.
+directory's stored tensors (a few bits per weight) are read and checked first,
+and each tensor is decoded when the merge reaches it; a state dict is already
+in memory.
 
 Buffers and other non-float tensors (position ids, BatchNorm's
 ``num_batches_tracked``, masks) follow one policy: they are never averaged,
@@ -128,13 +129,8 @@ def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
 def _directory(path: Path) -> _Model:
     from weightshare import hub
 
-    if (path / "weightshare.safetensors").is_file():  # a packed model: decoded whole, then read from memory
-        from weightshare.pack import dense_state_dict, read_spec
-
-        spec, tensors = read_spec(path)
-        model = _in_memory(str(path), dense_state_dict(spec, tensors))
-        model.root, model.weights_subdir = path, spec["source"].get("weights_subdir", "")
-        return model
+    if (path / "weightshare.safetensors").is_file():
+        return _packed(path)
     source = hub.detect(path)
     weights = path / source.weights_subdir
     if (weights / INDEX).is_file():
@@ -154,6 +150,31 @@ def _directory(path: Path) -> _Model:
     model = _safetensors_files(str(path), files)
     model.root, model.weights_subdir = path, source.weights_subdir
     return model
+
+
+def _packed(path: Path) -> _Model:
+    """A packed model: its stored tensors (a few bits per weight) read and checked against their
+    checksums up front, then decoded one tensor at a time as the merge asks for it; the last
+    decoded tensor is kept, since a large tensor is read piece by piece, in order."""
+    from weightshare.pack import _DTYPES as PACK_DTYPES
+    from weightshare.pack import PackedFile
+
+    packed = PackedFile(path)
+    packed.fetch_all()  # a corrupted file is refused before anything is merged
+    meta = {}
+    for name, entry in packed.entries.items():
+        target = packed.entries[entry["of"]] if entry["map"] == "alias" else entry
+        meta[name] = (tuple(target["shape"]), PACK_DTYPES[target["dtype"]])
+    last: dict = {}
+
+    def read(name, span=None):
+        if last.get("name") != name:
+            last.clear()  # drop the previous tensor before decoding the next
+            last.update(name=name, tensor=packed.decode(name))
+        t = last["tensor"]
+        return t if span is None else t.reshape(-1)[span[0]:span[1]]
+
+    return _Model(str(path), meta, read, root=path, weights_subdir=packed.source["weights_subdir"])
 
 
 def _in_memory(label: str, state: dict) -> _Model:
