@@ -302,7 +302,8 @@ def packed_sentence_transformer(root: Path, transformer_dir: str, inner: nn.Modu
     outside the ``sentence_transformers`` package are refused: they would import code.
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Transformer
+
+    Transformer = _st_module("Transformer")
 
     modules = read_json(root / "modules.json", "modules.json")
     if not isinstance(modules, list) or not all(isinstance(e, dict) for e in modules):
@@ -335,6 +336,19 @@ def packed_sentence_transformer(root: Path, transformer_dir: str, inner: nn.Modu
     return model
 
 
+def _st_module(name: str) -> type:
+    """A sentence-transformers module class (Transformer, Normalize): from
+    ``sentence_transformer.modules``, where 6.x moved them (importing ``models`` warns), or
+    from ``models`` on releases without it."""
+    import importlib
+
+    try:
+        modules = importlib.import_module("sentence_transformers.sentence_transformer.modules")
+    except ImportError:
+        modules = importlib.import_module("sentence_transformers.models")
+    return getattr(modules, name)
+
+
 def sentence_encoder(path: str | os.PathLike, trainable_layers: int | None = None) -> nn.Module:
     """A sentence-transformers model as a trunk: its transformer and pooling, without a final
     normalisation (a linear head on unit vectors learns slowly), returning ``{"sentence_embedding"}``.
@@ -344,7 +358,8 @@ def sentence_encoder(path: str | os.PathLike, trainable_layers: int | None = Non
     encoder on a few thousand labelled sentences.  ``None`` trains everything.
     """
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize
+
+    Normalize = _st_module("Normalize")
 
     full = SentenceTransformer(str(path), device="cpu")
     model = SentenceTransformer(modules=[m for m in full if not isinstance(m, Normalize)], device="cpu")
