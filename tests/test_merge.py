@@ -89,6 +89,20 @@ def test_a_packed_input_is_decoded_a_tensor_at_a_time_and_merges_as_its_export(b
     assert sorted(decoded) == sorted(k for k in want if want[k].is_floating_point())
 
 
+def test_a_packed_input_with_a_symlink_out_of_it_writes_nothing(berts, tmp_path):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(berts["a"])
+    ws.share_(model, ws.CodebookConfig(bits=3))
+    packed = ws.save(model, tmp_path / "a-packed")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of any model")
+    (packed / "notes.txt").symlink_to(secret)  # as export does, a merge must not copy a file from elsewhere
+    with pytest.raises(ValueError, match="symlink that leads out"):
+        ws.merge([packed, berts["b"]], "linear", out=tmp_path / "m")
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m*"))
+
+
 def test_every_problem_is_reported_at_once_before_any_tensor_is_read(berts, tmp_path, monkeypatch):
     from weightshare.merge import streaming
 

@@ -72,9 +72,10 @@ class _Model:
     """One input: its tensors' (shape, dtype) from headers, and a way to read one tensor."""
 
     def __init__(self, label: str, meta: dict[str, tuple[tuple[int, ...], torch.dtype]], read, root: Path | None = None,
-                 weights_subdir: str = ""):
+                 weights_subdir: str = "", confine: bool = False):
         self.label, self.meta, self._read = label, meta, read
         self.root, self.weights_subdir = root, weights_subdir
+        self.confine = confine  # a packed model is untrusted as export treats it: no symlink may lead out of it
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor ``name``, or with ``start``/``stop`` the flat entries [start, stop) of it."""
@@ -174,7 +175,7 @@ def _packed(path: Path) -> _Model:
         t = last["tensor"]
         return t if span is None else t.reshape(-1)[span[0]:span[1]]
 
-    return _Model(str(path), meta, read, root=path, weights_subdir=packed.source["weights_subdir"])
+    return _Model(str(path), meta, read, root=path, weights_subdir=packed.source["weights_subdir"], confine=True)
 
 
 def _in_memory(label: str, state: dict) -> _Model:
@@ -359,7 +360,7 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
         if ref.root is not None:
             from weightshare.hub import copy_non_weight_files
 
-            copy_non_weight_files(ref.root, tmp)
+            copy_non_weight_files(ref.root, tmp, confine=ref.confine)
         target = tmp / ref.weights_subdir
         target.mkdir(parents=True, exist_ok=True)
         write_safetensors(target / WEIGHTS, entries, merged(), metadata={"format": "pt"})
