@@ -410,6 +410,15 @@ class PackedFile:
                 raise PackError(f"checksum of {key!r}\n  expected: 64 hex digits\n  got: {digest!r}"[:300])
         self.checksums = checksums
 
+    def dense_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of every tensor of the model as ``decode`` gives it (an alias as its
+        target's), from the checked spec: nothing is read or decoded."""
+        out = {}
+        for name, entry in self.entries.items():
+            target = self.entries[entry["of"]] if entry["map"] == "alias" else entry
+            out[name] = (tuple(target["shape"]), _DTYPES[target["dtype"]])
+        return out
+
     def fetch(self, key: str) -> torch.Tensor:
         """The stored tensor ``key``, read once and checked against its sha256 (the same object every time)."""
         if key not in self._cache:
@@ -541,10 +550,8 @@ def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int
             raise PackError(f"export: destination {str(dest)!r} is inside the packed model: choose another")
         _check_fit(_skeleton(pf), pf)  # the export must be a model its config.json describes, nothing else
         pf.fetch_all()  # every checksum before the first byte is written
-        shapes = {}
-        for name, entry in pf.entries.items():
-            target = pf.entries[entry["of"]] if entry["map"] == "alias" else entry
-            shapes[name] = torch.empty(target["shape"], dtype=_DTYPES[target["dtype"]], device="meta")
+        shapes = {name: torch.empty(shape, dtype=dtype, device="meta")
+                  for name, (shape, dtype) in pf.dense_shapes().items()}
         try:
             plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
         except ValueError as exc:

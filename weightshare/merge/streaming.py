@@ -33,6 +33,7 @@ import torch
 from weightshare.merge.registry import check_params, get_method
 from weightshare.pack import _DTYPES as _PACK_DTYPES
 from weightshare.pack import _HEADER_DTYPES
+from weightshare.pack import FILENAME as PACKED_FILENAME
 
 __all__ = ["MergeError", "merge", "open_model", "write_safetensors"]
 
@@ -130,7 +131,7 @@ def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
 def _directory(path: Path) -> _Model:
     from weightshare import hub
 
-    if (path / "weightshare.safetensors").is_file():
+    if (path / PACKED_FILENAME).is_file():
         return _packed(path)
     source = hub.detect(path)
     weights = path / source.weights_subdir
@@ -157,15 +158,10 @@ def _packed(path: Path) -> _Model:
     """A packed model: its stored tensors (a few bits per weight) read and checked against their
     checksums up front, then decoded one tensor at a time as the merge asks for it; the last
     decoded tensor is kept, since a large tensor is read piece by piece, in order."""
-    from weightshare.pack import _DTYPES as PACK_DTYPES
     from weightshare.pack import PackedFile
 
     packed = PackedFile(path)
     packed.fetch_all()  # a corrupted file is refused before anything is merged
-    meta = {}
-    for name, entry in packed.entries.items():
-        target = packed.entries[entry["of"]] if entry["map"] == "alias" else entry
-        meta[name] = (tuple(target["shape"]), PACK_DTYPES[target["dtype"]])
     last: dict = {}
 
     def read(name, span=None):
@@ -175,7 +171,8 @@ def _packed(path: Path) -> _Model:
         t = last["tensor"]
         return t if span is None else t.reshape(-1)[span[0]:span[1]]
 
-    return _Model(str(path), meta, read, root=path, weights_subdir=packed.source["weights_subdir"], confine=True)
+    return _Model(str(path), packed.dense_shapes(), read, root=path, weights_subdir=packed.source["weights_subdir"],
+                  confine=True)
 
 
 def _in_memory(label: str, state: dict) -> _Model:
