@@ -34,6 +34,7 @@ checkpoint file.  Every method streams large tensors in pieces.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -227,10 +228,7 @@ def main(quick: bool = False) -> dict:
                     out = ws.merge([dirs[t] for t in tasks], method, base=base_path if spec.needs_base else None,
                                    out=tmp / f"fold{f}-{method}-{i}", **params)
                     score(out, (method, i))
-                    if f or i:
-                        import shutil
-
-                        shutil.rmtree(out)
+                    shutil.rmtree(out)
             print(f"  fold {f + 1}/{len(folds)}: fine-tunes " + ", ".join(
                 f"{t} {correct[f'ft:{t}']['own'][t][f].mean():.4f}" for t in tasks), flush=True)
             if f == 0:

@@ -96,10 +96,11 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, f
         raise ValueError(f"model_stock: expected at least two models besides the base\n  got: {len(tensors)}")
     length = _row_length(base.shape if shape is None else shape, filter_wise)
     start, stop = span if span is not None else (0, base.numel())
-    rows = _rows(start, stop, length)
     w0, ws = base.reshape(-1), [w.reshape(-1) for w in tensors]
     if t is None:
-        t = _ratio(_gram(torch.stack([w - w0 for w in ws]), rows, base.numel() // length), name)
-    t = t.to(base.dtype)[rows]
+        t = _ratio(_gram(torch.stack([w - w0 for w in ws]), _rows(start, stop, length), base.numel() // length), name)
+    t = t.to(base.dtype)
+    if len(t) > 1:  # one t per row: each entry takes its row's (one t for the tensor broadcasts as it is)
+        t = t[_rows(start, stop, length)]
     avg = sum(ws) / len(ws)
     return (t * avg + (1 - t) * w0).reshape(base.shape)
