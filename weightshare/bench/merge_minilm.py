@@ -21,8 +21,11 @@ sentences.  Methods with a ``scale`` (task arithmetic, TIES, DARE) are tried at
 share) on the *other* folds: chosen on data the fold's score never sees, as the
 task arithmetic and TIES papers choose theirs on validation data.  TIES and DARE
 keep ``DENSITY`` of each task vector, SLERP goes halfway.  References: each
-fine-tune, the base's probe, and one multi-task model trained on both tasks; a
-pipeline check merges one fine-tune alone and must score what it scores.
+fine-tune, the base's probe, and two ceilings, scored and "kept" like a merge:
+one multi-task model trained on both tasks (the usual upper bound of merging,
+as in the task arithmetic and TIES papers), and both fine-tunes side by side (a
+probe on their joined embeddings: what two encoders carry, at twice the cost).
+A pipeline check merges one fine-tune alone and must score what it scores.
 
 Peak memory: a fresh process imports weightshare, records its resident set
 (VmRSS), merges the first fold's two checkpoints to disk with each method (the
@@ -193,7 +196,6 @@ def main(quick: bool = False) -> dict:
         correct.setdefault(system, {}).setdefault(view, {}).setdefault(task, [None] * len(folds))[fold] = np.asarray(values)
 
     base_emb = _embed(base_path, x)
-    multitask = {t: [] for t in tasks}
     check_exact = True
     memory, checkpoint = {}, 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,23 +204,28 @@ def main(quick: bool = False) -> dict:
             split = [(train_idx, test_idx)]
             finetuned = {t: fit(lambda t=t: minilm_multitask(base_path, {t: classes[t]}, LAYERS), x, {t: targets[t]}, "ew",
                                 cfg, cv=split, keep_models=True) for t in tasks}
-            multi = fit(lambda: minilm_multitask(base_path, classes, LAYERS), x, targets, "ew", cfg, cv=split).metrics
-            for t in tasks:
-                multitask[t].append((multi[t], len(test_idx)))
+            multi = fit(lambda: minilm_multitask(base_path, classes, LAYERS), x, targets, "ew", cfg, cv=split,
+                        keep_models=True).models[0].eval()
             heads = {t: finetuned[t].models[0].heads[t].eval() for t in tasks}
 
-            def score(path, system, emb=None):
+            def score(path, system, emb=None, own=None):
                 emb = _embed(str(path), x) if emb is None else emb
                 with torch.no_grad():
-                    logits = {t: heads[t](emb[test_idx]) for t in tasks}
+                    logits = {t: (heads if own is None else own)[t](emb[test_idx]) for t in tasks}
                 for t in tasks:
                     record(system, "own", t, f, (logits[t].argmax(-1) == targets[t][test_idx]).numpy())
                     record(system, "probe", t, f, _probe(emb, targets[t], train_idx, test_idx))
+                return emb
 
             score(base_path, "base", base_emb)
             dirs = {t: _save(finetuned[t].models[0].trunk, base_path, tmp / f"fold{f}-ft-{t}") for t in tasks}
+            ft_emb = {t: score(dirs[t], f"ft:{t}") for t in tasks}
+            # the ceilings a merge is measured against: one model trained on both tasks (with its own heads),
+            # and both fine-tunes kept side by side (a probe on their two embeddings joined)
+            score(_save(multi.trunk, base_path, tmp / f"fold{f}-multitask"), "multitask", own=multi.heads)
             for t in tasks:
-                score(dirs[t], f"ft:{t}")
+                record("ensemble", "probe", t, f, _probe(torch.cat([ft_emb[u] for u in tasks], 1), targets[t],
+                                                         train_idx, test_idx))
             # the pipeline itself loses nothing: one fine-tune "merged" alone through save, merge and load
             score(ws.merge([dirs[tasks[0]]], "linear", out=tmp / f"fold{f}-check"), "check")
             check_exact &= bool((correct["check"]["own"][tasks[0]][f] == correct[f"ft:{tasks[0]}"]["own"][tasks[0]][f]).all())
@@ -253,9 +260,20 @@ def main(quick: bool = False) -> dict:
     for t in tasks:
         rows.append({"model": f"fine-tuned on {t}", **{f"head_{u}": float(ft['own'][t].mean()) if u == t else None for u in tasks},
                      **{f"probe_{u}": float(pooled[f'ft:{t}']['probe'][u].mean()) for u in tasks}})
-    mt = {t: sum(a * n for a, n in multitask[t]) / sum(n for _, n in multitask[t]) for t in tasks}
-    rows.append({"model": "multi-task (one MiniLM, EW)", **{f"head_{t}": mt[t] for t in tasks},
-                 **{f"probe_{t}": None for t in tasks}})
+    ceilings = {}
+    for system, label in (("multitask", "multi-task (one MiniLM, EW, its own heads)"),
+                          ("ensemble", "both fine-tunes side by side (probe on joined embeddings)")):
+        p = pooled[system]
+        views = [v for v in ("own", "probe") if v in p]
+        kept = {v: {t: kept_share(p[v][t], base[t], ft[v][t]) for t in tasks} for v in views}
+        se = {t: _bootstrap_se(p["probe"][t], base[t], ft["probe"][t], BOOTSTRAP) for t in tasks}
+        ceilings[system] = {"accuracy_own_head": {t: float(p["own"][t].mean()) for t in tasks} if "own" in p else None,
+                            "accuracy_probe": {t: float(p["probe"][t].mean()) for t in tasks}, "kept": kept,
+                            "kept_probe_se": se}
+        rows.append({"model": label, **{f"head_{t}": float(p["own"][t].mean()) if "own" in p else None for t in tasks},
+                     **{f"probe_{t}": float(p["probe"][t].mean()) for t in tasks},
+                     **{f"kept_head_{t}": f"{kept['own'][t]:.0%}" if "own" in p else None for t in tasks},
+                     **{f"kept_probe_{t}": f"{kept['probe'][t]:.0%} ± {se[t]:.0%}" for t in tasks}})
     sweep = []
     for method in methods:
         # each fold takes the parameters that kept most on the other folds (with one fold: its own)
@@ -296,7 +314,8 @@ def main(quick: bool = False) -> dict:
     for v, what in (("own", "own heads"), ("probe", "re-fitted probes")):
         print(f"best merge with {what}: {best[v]}, keeps " + ", ".join(
             f"{t} {results[best[v]]['kept'][v][t]:.0%}" for t in tasks) + " of the fine-tunes' gains (target >= 95 %; "
-              "below 0: worse than the base's probe)")
+              "below 0: worse than the base's probe); multi-task training keeps " + ", ".join(
+            f"{t} {ceilings['multitask']['kept'][v][t]:.0%}" for t in tasks))
     for m, mem in memory.items():
         above = mem["peak"] - mem["baseline"]
         print(f"peak memory, {m} merge of two checkpoints{' and the base' if MERGE_METHODS[m].needs_base else ''}: "
@@ -305,7 +324,8 @@ def main(quick: bool = False) -> dict:
     return {"tasks": tasks, "sentences": n, "folds": len(folds),
             "finetuned": {t: float(ft["own"][t].mean()) for t in tasks},
             "base_probe": {t: float(base[t].mean()) for t in tasks},
-            "finetuned_probe": {t: float(ft["probe"][t].mean()) for t in tasks}, "multitask": mt, "merged": results,
+            "finetuned_probe": {t: float(ft["probe"][t].mean()) for t in tasks},
+            "multitask": ceilings["multitask"]["accuracy_own_head"], "ceilings": ceilings, "merged": results,
             "sweep": sweep, "best_method": best, "pipeline_check_exact": check_exact,
             "peak_above_baseline_bytes": {m: v["peak"] - v["baseline"] for m, v in memory.items()},
             "checkpoint_bytes": checkpoint,
