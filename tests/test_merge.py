@@ -258,7 +258,7 @@ slices: []
 tokenizer_source: base
 models:
   - model: a
-    parameters: {weight: [0.1, 0.9], colour: 1}
+    parameters: {weight: [0.1, x], colour: 1}
 parameters: {lambda: 1.0, t: 0.5}
 dtype: float8
 """)

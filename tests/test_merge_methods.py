@@ -387,9 +387,12 @@ def test_registered_with_mergekit_defaults(name):
 def test_check_params_reports_density_and_weight_length():
     ties = MERGE_METHODS["ties"]
     assert check_params(ties, 2, True, {"density": [1.0, 0.3], "weight": [1, 2]}, {"scale": 0.5}) == []
-    for bad in (0, 0.0, 1.5, -0.2, "0.5"):
+    for bad in (0, 0.0, 1.5, -0.2, [0.5, 1.5], [{"filter": "attn", "value": 0}]):
         problems = check_params(ties, 2, True, {"density": [0.5, bad]}, {})
         assert any("density must be in (0, 1]" in p for p in problems), (bad, problems)
+    problems = check_params(ties, 2, True, {"density": [0.5, "0.5"]}, {})
+    assert problems == ["density[1]: '0.5' is not a number, true/false, a gradient (list of numbers) or a list of "
+                        "{filter, value} conditions"]
     problems = check_params(ties, 3, True, {"weight": [1.0, 2.0]}, {})
     assert problems == ["weight: 2 values for 3 models"]
     assert any("needs a base" in p for p in check_params(ties, 2, False, {}, {}))

@@ -13,9 +13,21 @@ A config for a method we have runs unchanged::
     dtype: float16
 
 mergekit's ``lambda`` is ``scale`` here (``lambda`` is a Python keyword); for
-``slerp`` the ``base_model`` is the t = 0 end, as in mergekit.  Keys we do not
-support (``slices``, ``tokenizer_source``, per-layer parameter gradients,
-``filter``-conditional values, ...) are refused by name, never ignored.
+``slerp`` the ``base_model`` is the t = 0 end, as in mergekit.  A parameter may
+vary by tensor, with mergekit's gradients over the layers and ``filter``
+conditions on tensor names (``settings.py``)::
+
+    merge_method: slerp
+    base_model: ./ft-a
+    models: [{model: ./ft-a}, {model: ./ft-b}]
+    parameters:
+      t:
+        - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}
+        - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}
+        - {value: 0.5}
+
+Keys we do not support (``slices``, ``tokenizer_source``, ...) are refused by
+name, never ignored.
 ``int8_mask`` only changes how mergekit stores masks in memory and is accepted.
 """
 
@@ -24,6 +36,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from weightshare.merge import settings
 from weightshare.merge.registry import get_method
 from weightshare.merge.streaming import OUT_DTYPES, MergeError, merge
 
@@ -35,8 +48,14 @@ _RENAMED = {"lambda": "scale"}
 _STORAGE_ONLY = {"int8_mask"}  # no effect on the numbers
 
 
-def _scalar(value) -> bool:
-    return isinstance(value, (bool, int, float)) and not isinstance(value, complex)
+def _fall_back(own, everyone):
+    """A model's setting, falling back to the global one: as in mergekit, where a model's conditions
+    match no tensor name, the global parameter's value applies."""
+    if own is None:
+        return everyone
+    if everyone is None or settings.is_scalar(own) or not all(isinstance(c, dict) for c in own):
+        return own
+    return [*own, {"value": everyone}]
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -76,9 +95,10 @@ def read_config(path: str | os.PathLike) -> dict:
             name = _RENAMED.get(key, key)
             if key in _STORAGE_ONLY:
                 continue
-            if not _scalar(value):
-                problems.append(f"{where}.{key}: {value!r} is not a number or true/false "
-                                "(per-layer gradients and filtered values are not supported)"[:300])
+            default = allowed.get(name)
+            shape = settings.problems(value, f"{where}.{key}", gradient_ok=not isinstance(default, (bool, int)))
+            if shape:
+                problems.extend(shape)
             elif method is not None and name not in allowed:
                 problems.append(f"{where}.{key}: {method_name} has no such parameter "
                                 f"(it has: {', '.join(sorted(allowed)) or 'none'})")
@@ -127,7 +147,7 @@ def read_config(path: str | os.PathLike) -> dict:
     kwargs: dict = {"models": [m for m, _ in entries], "method": method_name, "base": base, "dtype": dtype}
     # a per-model parameter given globally applies to every model that does not set its own
     for key in method.model_params:
-        values = [per.get(key, glob.get(key)) for _, per in entries]
+        values = [_fall_back(per.get(key), glob.get(key)) for _, per in entries]
         if any(v is not None for v in values):
             default = method.model_params[key]
             kwargs["weights" if key == "weight" else key] = [default if v is None else v for v in values]

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from weightshare.merge import settings
+
 __all__ = ["MergeMethod", "MERGE_METHODS", "register_merge", "get_method", "check_params"]
 
 
@@ -93,10 +95,23 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
     for key in params:
         if key not in method.params:
             problems.append(f"{method.name} has no parameter {key!r} (it has: {', '.join(sorted(method.params)) or 'none'})")
-    for d in model_params.get("density", []):
+    if method.tensorwise:  # a value may vary by tensor (settings.py): check its shape, then every value it can take
+        defaults = {**method.model_params, **method.params}
+        shaped = {}
+        for key, values in [*((k, v) for k, v in model_params.items()), *((k, [v]) for k, v in params.items())]:
+            default = defaults.get(key)
+            gradient_ok = not isinstance(default, (bool, int))  # no gradient of a switch or a seed
+            where = [f"{key}[{i}]" if key in model_params else key for i in range(len(values))]
+            found = [p for w, v in zip(where, values) if v is not None for p in settings.problems(v, w, gradient_ok)]
+            problems += found
+            if not found:
+                shaped[key] = [leaf for v in values for leaf in settings.leaves(v)]
+    else:
+        shaped = model_params
+    for d in shaped.get("density", []):
         if not (isinstance(d, (int, float)) and 0 < d <= 1):
             problems.append(f"density must be in (0, 1]; got {d!r}")
-    for w in model_params.get("weight", []):
+    for w in shaped.get("weight", []):
         if not (isinstance(w, (int, float)) and w == w and abs(w) != float("inf")):
             problems.append(f"weight must be a finite number; got {w!r}")
     return problems

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method
 from weightshare.pack import _DTYPES as _PACK_DTYPES
 from weightshare.pack import _HEADER_DTYPES
@@ -236,7 +237,9 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torc
 
 
 def _per_model(value, n: int):
-    if isinstance(value, (list, tuple)):
+    """A per-model parameter as one value per model: a list is one per model, except a list of
+    conditions (settings.py), which is one setting for every model."""
+    if isinstance(value, (list, tuple)) and not (value and all(isinstance(v, dict) for v in value)):
         return list(value)
     return [value] * n
 
@@ -251,7 +254,10 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     (θ_i − base).  ``weights``: one per model (default 1 each).  Per-model parameters such
     as ``density`` take one value for all models or a list with one per model; the others
     (``scale``, ``normalize``, ``t``, ``seed``...) are the method's, and unknown names are
-    refused.  Every input's names, shapes and dtypes, and every parameter, are checked
+    refused.  A value may vary by tensor: a list of numbers is a gradient over the layers,
+    a list of ``{"filter": ..., "value": ...}`` conditions picks by tensor name (mergekit's
+    settings, ``settings.py``); for a per-model parameter, one such setting per model, or
+    one list of conditions for all.  Every input's names, shapes and dtypes, and every parameter, are checked
     before any tensor is read, and all problems are reported in one ``MergeError``.
 
     Returns the merged state dict, or with ``out=DIR`` streams it to ``DIR`` (a model
@@ -270,7 +276,8 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     model_params = {k: _per_model(params.pop(k), n) for k in list(params) if k in spec.model_params}
     if weights is not None:
         model_params["weight"] = _per_model(weights, n)
-    problems += check_params(spec, n, base is not None, model_params, params)
+    param_problems = check_params(spec, n, base is not None, model_params, params)
+    problems += param_problems
     if dtype is not None and dtype not in OUT_DTYPES:
         problems.append(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
     if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
@@ -306,6 +313,11 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
                         problems.append(f"{k}: shape {list(shape)} in {m.label}, {list(rshape)} in {ref.label}")
                     elif dt.is_floating_point != rdt.is_floating_point:
                         problems.append(f"{k}: dtype {dt} in {m.label}, {rdt} in {ref.label}")
+    varying = None  # gradients and filters (settings.py): every tensor's own values, resolved from names alone
+    if ref is not None and spec.tensorwise and not param_problems:
+        varying, unresolved = settings.per_tensor([k for k, (_, dt) in ref.meta.items() if dt.is_floating_point],
+                                                  spec.params, spec.model_params, params, model_params)
+        problems += unresolved
     if problems:
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
         raise MergeError(f"merge: {len(problems)} problem(s), nothing was read or written:\n  - " + "\n  - ".join(shown))
@@ -327,6 +339,7 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
                 continue
             numel = int(torch.Size(shape).numel())
             spans = [(s, min(s + CHUNK, numel)) for s in range(0, numel, CHUNK)]
+            tensor_params = method_params if varying is None else {**method_params, **varying[name]}
             extra = None
             if numel > CHUNK and spec.elementwise:
                 extra = {}
@@ -335,21 +348,21 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
                     for a, b in spans:
                         yield read_span(name, a, b)
 
-                extra = spec.prepare(read, numel, name=name, shape=torch.Size(shape), **method_params)
+                extra = spec.prepare(read, numel, name=name, shape=torch.Size(shape), **tensor_params)
             if extra is not None:  # flat pieces: a few MB per input, whatever the tensor's size
                 # a prepared method is told where each piece lies (DARE's mask entries, model stock's rows)
-                yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, extra=extra: merge_span(
-                    name, dt, a, b, extra if spec.elementwise else {**extra, "span": (a, b)}))
+                yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, p=tensor_params, extra=extra: merge_span(
+                    name, dt, a, b, p, extra if spec.elementwise else {**extra, "span": (a, b)}))
                 continue
-            yield merge_span(name, dt, None, None, {}).reshape(shape)
+            yield merge_span(name, dt, None, None, tensor_params, {}).reshape(shape)
 
     def read_span(name, start, stop):
         tensors = [m.read(name, start, stop).float() for m in inputs]
         return tensors, base_model.read(name, start, stop).float() if base_model is not None else None
 
-    def merge_span(name, dt, start, stop, extra):
+    def merge_span(name, dt, start, stop, tensor_params, extra):
         tensors, b = read_span(name, start, stop)
-        return spec.fn(tensors, b, name=name, **method_params, **extra).to(dt)
+        return spec.fn(tensors, b, name=name, **tensor_params, **extra).to(dt)
 
     if out is None:
         return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, merged())}
