@@ -302,3 +302,20 @@ def test_a_map_nested_in_a_maps_state_goes_one_level_deep_only(tmp_path):
     _edit_spec(path, nest_twice)
     with pytest.raises(ws.PackError):
         ws.load(path, model=torch.nn.Sequential(torch.nn.Linear(8, 8)))
+
+
+@pytest.mark.parametrize("plant", ["path out", "weights linked out"])
+def test_export_refuses_side_module_weights_from_outside(sandbox, plant):
+    # a sentence-transformers module besides the Transformer keeps its weights file: never one from elsewhere
+    packed = sandbox / "packed"
+    side = "../victim" if plant == "path out" else "2_Dense"
+    if plant == "weights linked out":
+        (packed / "2_Dense").mkdir()
+        os.symlink(sandbox / "victim" / "model.safetensors", packed / "2_Dense" / "model.safetensors")
+    (packed / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": side, "type": "sentence_transformers.models.Dense"}]))
+    before = _snapshot(sandbox)
+    with pytest.raises(ws.PackError, match="module path|leads out of the packed model"):
+        ws.export(packed, sandbox / "out")
+    assert _snapshot(sandbox) == before and not (sandbox / "out").exists()

@@ -55,7 +55,10 @@ def detect(path: str | os.PathLike) -> Source:
     if modules.is_file():
         try:
             entries = json.loads(modules.read_text())
-            sub = next(e["path"] for e in entries if e["type"].endswith("models.Transformer"))
+            # the class moved between releases (sentence_transformers.models.Transformer,
+            # sentence_transformers.base.modules.transformer.Transformer since 5.x): match its name
+            sub = next(e["path"] for e in entries
+                       if e["type"].startswith("sentence_transformers.") and e["type"].rsplit(".", 1)[-1] == "Transformer")
         except (ValueError, KeyError, StopIteration, TypeError) as exc:
             raise ValueError(f"{modules}: not a sentence-transformers modules.json with a Transformer module ({exc})") from None
         check_relpath(sub, f"{modules}: path of the Transformer module")
@@ -153,8 +156,31 @@ def tokenizer_of(model: nn.Module):
     return AutoTokenizer.from_pretrained(str(Path(source.path) / source.weights_subdir))
 
 
+def side_module_weights(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a sentence-transformers model's modules other than its Transformer
+    (a ``Dense`` projection after pooling, ...), relative to ``path``; none for a transformers model.
+
+    They are small and stay as they are: compress clusters the Transformer's weights, and a
+    packed or merged model keeps these files beside it so that ``SentenceTransformer`` loads
+    the whole pipeline.  Pickled weights (``pytorch_model.bin``) of such modules are not used.
+    """
+    p = Path(path)
+    try:
+        entries = json.loads((p / "modules.json").read_text())
+        folders = [e["path"] for e in entries if e["type"].rsplit(".", 1)[-1] != "Transformer" and e["path"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # not a sentence-transformers directory (detect names what is wrong with one)
+    found = []
+    for folder in folders:
+        sub = p / check_relpath(folder, f"{p / 'modules.json'}: module path")
+        if sub.is_dir() and not sub.is_symlink():
+            found += sorted(f.relative_to(p) for f in sub.iterdir() if f.suffix == ".safetensors" and f.is_file())
+    return found
+
+
 def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike, confine: bool = False) -> None:
-    """Copy config, tokenizer and module files (everything but weights and shard indices) into ``dest``.
+    """Copy config, tokenizer and module files (everything but the model's weights and shard indices)
+    into ``dest``; a sentence-transformers model's other modules keep their weights (``side_module_weights``).
 
     ``dest`` is a fresh staging folder (see ``pack.staged_dir``), so files are
     written in place and get the mode the umask gives.  With ``confine`` (the
@@ -163,6 +189,7 @@ def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike, confi
     """
     src, dest = Path(src), Path(dest)
     root = src.resolve()
+    side = set(side_module_weights(src))
     for folder, dirs, files in os.walk(src, followlinks=False):
         rel_dir = Path(folder).relative_to(src)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -172,7 +199,8 @@ def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike, confi
                     raise ValueError(f"{Path(folder) / d}: a symlinked folder in a packed model\n  expected: plain folders")
         for name in sorted(files):
             path = Path(folder) / name
-            if name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name.endswith(INDEX_SUFFIXES):
+            if name.startswith(".") or name.endswith(INDEX_SUFFIXES) or (
+                    name.endswith(WEIGHT_SUFFIXES) and rel_dir / name not in side):
                 continue
             if confine and path.is_symlink() and not path.resolve().is_relative_to(root):
                 raise ValueError(f"{path}: a symlink that leads out of the packed model\n"

@@ -244,6 +244,31 @@ def _per_model(value, n: int):
     return [value] * n
 
 
+def _side_module_problems(ref: _Model, others: list[_Model]) -> list[str]:
+    """A sentence-transformers model's modules besides its Transformer (a Dense projection) are
+    copied from the reference, not merged: inputs whose copies differ are refused, never
+    silently given the reference's."""
+    import hashlib
+
+    from weightshare.hub import side_module_weights
+
+    def digests(root):
+        return {str(f): hashlib.sha256((root / f).read_bytes()).hexdigest() for f in side_module_weights(root)}
+
+    want = digests(ref.root)
+    problems = []
+    for m in others:
+        if m.root is None:
+            continue
+        got = digests(m.root)
+        differ = sorted(f for f in set(want) | set(got) if want.get(f) != got.get(f))
+        if differ:
+            problems.append(f"{m.label}: sentence-transformers module weights {differ} differ from those of {ref.label}; "
+                            "merge merges the Transformer's weights and copies the other modules: "
+                            "give every input the same ones")
+    return problems
+
+
 def merge(models, method: str = "linear", base=None, weights=None, out: str | os.PathLike | None = None,
           dtype: str | None = None, **params):
     """Merge ``models`` with ``method`` (a name in ``weightshare.merge.MERGE_METHODS``).
@@ -313,6 +338,8 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
                         problems.append(f"{k}: shape {list(shape)} in {m.label}, {list(rshape)} in {ref.label}")
                     elif dt.is_floating_point != rdt.is_floating_point:
                         problems.append(f"{k}: dtype {dt} in {m.label}, {rdt} in {ref.label}")
+    if ref is not None and ref.root is not None:
+        problems += _side_module_problems(ref, [m for m in opened if m is not None and m is not ref])
     varying = None  # gradients and filters (settings.py): every tensor's own values, resolved from names alone
     if ref is not None and spec.tensorwise and not param_problems:
         varying, unresolved = settings.per_tensor([k for k, (_, dt) in ref.meta.items() if dt.is_floating_point],
