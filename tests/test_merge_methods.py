@@ -371,6 +371,10 @@ EXPECTED = {
                     {**GTA, "normalize": False, "rescale": True, "seed": 0}, (1, None)),
     "dare_ties": (True, {"weight": 1.0, "density": 1.0},
                   {**GTA, "normalize": False, "rescale": True, "seed": 0}, (1, None)),
+    "breadcrumbs": (True, {"weight": 1.0, "density": 1.0, "gamma": 0.01},
+                    {**GTA, "normalize": False, "rescale": False}, (1, None)),
+    "breadcrumbs_ties": (True, {"weight": 1.0, "density": 1.0, "gamma": 0.01},
+                         {**GTA, "normalize": False, "rescale": False}, (1, None)),
     "slerp": (False, {}, {"t": None}, (2, 2)),
     "model_stock": (True, {}, {"filter_wise": False}, (2, None)),
 }
@@ -399,3 +403,56 @@ def test_check_params_reports_density_and_weight_length():
     assert any("no parameter 'lambda'" in p for p in check_params(ties, 2, True, {}, {"lambda": 1.0}))
     assert any("merges 2 models" in p for p in check_params(MERGE_METHODS["slerp"], 3, False, {}, {"t": 0.5}))
     assert any("at least 2" in p for p in check_params(MERGE_METHODS["model_stock"], 1, True, {}, {}))
+
+
+# ----------------------------------------------------------------------------- model breadcrumbs
+
+
+def ref_breadcrumbs_mask(delta, density, gamma):
+    """mergekit/sparsify.py magnitude_outliers, by sorting: rank the entries by |δ| (ascending), keep
+    ranks [n_bot, n − n_top); kept at least 1 (as our TIES), and with no outlier dropped when
+    int(gamma·n) = 0 (where mergekit's indices[n_bot:-0] keeps nothing)."""
+    n = len(delta)
+    kept = max(1, int(density * n))
+    top = min(int(gamma * n), n - kept)
+    bottom = n - kept - top
+    order = sorted(range(n), key=lambda k: abs(delta[k]))
+    keep = set(order[bottom:n - top])
+    return [1.0 if k in keep else 0.0 for k in range(n)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_breadcrumbs_match_the_sorting_reference(seed, name, rescale):
+    models, base = rand_models(seed, n=3, shape=(20, 12))  # 240 entries: 2 outliers dropped at gamma 0.01
+    weights = rand_weights(seed, 3)
+    densities, gammas = [0.5, 0.9, 0.2], [0.01, 0.1, 0.0]
+    got = method(name)(models, base, name="w", weight=weights, density=densities, gamma=gammas,
+                       normalize=bool(seed % 2), scale=0.8, rescale=rescale)
+    b = flat(base)
+    deltas = []
+    for m, p, g in zip(models, densities, gammas):
+        d = [x - y for x, y in zip(flat(m), b)]
+        mask = ref_breadcrumbs_mask(d, p, g)
+        masked = [x * k for x, k in zip(d, mask)]
+        if rescale:
+            factor = sum(abs(x) for x in d) / sum(abs(x) for x in masked)
+            masked = [x * factor for x in masked]
+        deltas.append(masked)
+    close(got, ref_combine(deltas, weights, b, bool(seed % 2), 0.8, consensus=name == "breadcrumbs_ties"), tol=1e-4)
+
+
+def test_breadcrumbs_counts_on_small_tensors_and_defaults():
+    from weightshare.merge.breadcrumbs import counts
+
+    assert counts(1000, 0.5, 0.01) == (500, 10)
+    assert counts(50, 0.5, 0.01) == (25, 0)  # no outlier dropped: mergekit would zero this task vector
+    assert counts(10, 0.95, 0.2) == (9, 1)  # both do not fit: fewer outliers
+    assert counts(4, 0.1, 0.0) == (1, 0)  # at least one entry kept
+    models, base = rand_models(0, n=2, shape=(4, 4))
+    # density 1 (the default) drops nothing, outliers included: task arithmetic
+    torch.testing.assert_close(method("breadcrumbs")(models, base, name="w", weight=[1, 1]),
+                               method("task_arithmetic")(models, base, name="w", weight=[1, 1]))
+    problems = check_params(MERGE_METHODS["breadcrumbs"], 2, True, {"gamma": [0.01, 1.0]}, {})
+    assert problems == ["gamma must be in [0, 1); got 1.0"]

@@ -111,6 +111,9 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
     for d in shaped.get("density", []):
         if not (isinstance(d, (int, float)) and 0 < d <= 1):
             problems.append(f"density must be in (0, 1]; got {d!r}")
+    for g in shaped.get("gamma", []):
+        if not (isinstance(g, (int, float)) and 0 <= g < 1):
+            problems.append(f"gamma must be in [0, 1); got {g!r}")
     for w in shaped.get("weight", []):
         if not (isinstance(w, (int, float)) and w == w and abs(w) != float("inf")):
             problems.append(f"weight must be a finite number; got {w!r}")
