@@ -47,3 +47,22 @@ def test_kept_share_and_its_bootstrap_error():
     want = (halfway.mean() - base.mean()) / (finetuned.mean() - base.mean())
     assert bench.kept_share(halfway, base, finetuned) == pytest.approx(want)
     assert 0 < bench._bootstrap_se(halfway, base, finetuned, 200) < 0.2
+
+
+def test_embedding_from_the_base_prefix_is_the_whole_forward_pass(minilm_path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from weightshare.hub import copy_non_weight_files, inner_model, sentence_encoder
+
+    sentences = ["a", "Return the number of items in the container.", "Open a file.", "x y z w"] * 3
+    x = dict(sentence_encoder(minilm_path, trainable_layers=0).preprocess(sentences))
+    _, prefix = bench._embed(minilm_path, x, batch=5, capture=True)
+    weights = load_file(f"{minilm_path}/model.safetensors")
+    for name, changed in (("top", "encoder.layer.5.output.dense.weight"), ("low", "encoder.layer.0.output.dense.weight")):
+        copy_non_weight_files(minilm_path, tmp_path / name)
+        save_file({**weights, changed: weights[changed] * 1.5}, str(tmp_path / name / "model.safetensors"))
+        enc = sentence_encoder(tmp_path / name, trainable_layers=0)
+        assert prefix.fits(inner_model(enc)) == (name == "top")
+        # a model whose frozen layers differ runs whole; either way, the numbers of the whole forward pass
+        assert torch.equal(bench._embed(str(tmp_path / name), x, batch=5, prefix=prefix),
+                           bench._embed(str(tmp_path / name), x, batch=5))

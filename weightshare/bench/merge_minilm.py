@@ -95,22 +95,74 @@ def _peak_memory(a: Path, b: Path, base: str, out: Path, method: str, params: di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _embed(path: str, x: dict, batch: int = 64):
-    """Sentence embeddings of every row (encoder in eval mode, no gradients), batched by length:
-    a batch is cut to its longest sentence, so sorted batches carry little padding."""
-    import torch
+class Prefix:
+    """The hidden states after an encoder's frozen layers (all but its last ``LAYERS``), batch by
+    batch, computed once from the base.  Every model here (fine-tunes and merges) has the base's
+    weights there, since only the last layers were trained and a merge of equal tensors is that
+    tensor; ``_embed`` checks it, tensor for tensor, and then runs only the last layers on these
+    states: the same numbers as the whole forward pass, at a third of the cost."""
 
-    from weightshare.hub import sentence_encoder
+    def __init__(self, frozen: dict, states: list):
+        self.frozen, self.states = frozen, states
+
+    def fits(self, inner) -> bool:
+        import torch
+
+        mine = _frozen_tensors(inner)
+        return mine.keys() == self.frozen.keys() and all(
+            mine[k].shape == v.shape and torch.equal(mine[k], v) for k, v in self.frozen.items())
+
+
+def _frozen_tensors(inner) -> dict:
+    """The weights in front of the trained layers: the embeddings' and the stack's first layers'."""
+    from weightshare.hub import _encoder_layers
+
+    layers = list(_encoder_layers(inner))
+    out = {f"embeddings.{k}": v for k, v in inner.embeddings.state_dict().items()}
+    for i, layer in enumerate(layers[:len(layers) - LAYERS]):
+        out.update({f"layer.{i}.{k}": v for k, v in layer.state_dict().items()})
+    return out
+
+
+def _embed(path: str, x: dict, batch: int = 64, prefix: Prefix | None = None, capture: bool = False):
+    """Sentence embeddings of every row (encoder in eval mode, no gradients), batched by length:
+    a batch is cut to its longest sentence, so sorted batches carry little padding.  With a
+    ``prefix`` that fits the model, only the last layers run; ``capture=True`` also returns the
+    ``Prefix`` of this model."""
+    import torch
+    from torch import nn
+
+    from weightshare.hub import _encoder_layers, inner_model, sentence_encoder
     from weightshare.multitask.trainer import _num_rows, _rows
 
     enc = sentence_encoder(path, trainable_layers=0).eval()
+    inner = inner_model(enc)
+    layers = _encoder_layers(inner)
+    cut = len(layers) - LAYERS
+    states: list = []
+    if prefix is not None and prefix.fits(inner):
+        class Cached(nn.Module):  # in place of the embeddings: the states after the frozen layers
+            def forward(self, *args, **kwargs):
+                return prefix.states[self.batch]
+
+        cached = inner.embeddings = Cached()
+        inner.encoder.layer = nn.ModuleList(list(layers)[cut:])
+    else:
+        cached = None
+        if capture:
+            layers[cut - 1].register_forward_hook(lambda m, args, out: states.append(out[0] if isinstance(out, tuple)
+                                                                                      else out))
     n = _num_rows(x)
     order = torch.argsort(x["attention_mask"].sum(1), stable=True)
     out = torch.empty(n, enc.get_embedding_dimension())
     with torch.no_grad():
-        for s in range(0, n, batch):
+        for i, s in enumerate(range(0, n, batch)):
             rows = order[s:s + batch]
+            if cached is not None:
+                cached.batch = i
             out[rows] = enc(_rows(x, rows))["sentence_embedding"]
+    if capture:
+        return out, Prefix(_frozen_tensors(inner), states)
     return out
 
 
@@ -196,7 +248,7 @@ def main(quick: bool = False) -> dict:
     def record(system, view, task, fold, values):
         correct.setdefault(system, {}).setdefault(view, {}).setdefault(task, [None] * len(folds))[fold] = np.asarray(values)
 
-    base_emb = _embed(base_path, x)
+    base_emb, prefix = _embed(base_path, x, capture=True)
     check_exact = True
     memory, checkpoint = {}, 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +262,7 @@ def main(quick: bool = False) -> dict:
             heads = {t: finetuned[t].models[0].heads[t].eval() for t in tasks}
 
             def score(path, system, emb=None, own=None):
-                emb = _embed(str(path), x) if emb is None else emb
+                emb = _embed(str(path), x, prefix=prefix) if emb is None else emb
                 with torch.no_grad():
                     logits = {t: (heads if own is None else own)[t](emb[test_idx]) for t in tasks}
                 for t in tasks:
