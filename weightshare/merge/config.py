@@ -95,8 +95,7 @@ def read_config(path: str | os.PathLike) -> dict:
             name = _RENAMED.get(key, key)
             if key in _STORAGE_ONLY:
                 continue
-            default = allowed.get(name)
-            shape = settings.problems(value, f"{where}.{key}", gradient_ok=not isinstance(default, (bool, int)))
+            shape = settings.problems(value, f"{where}.{key}", settings.gradient_ok(allowed.get(name)))
             if shape:
                 problems.extend(shape)
             elif method is not None and name not in allowed:

@@ -99,10 +99,9 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
         defaults = {**method.model_params, **method.params}
         shaped = {}
         for key, values in [*((k, v) for k, v in model_params.items()), *((k, [v]) for k, v in params.items())]:
-            default = defaults.get(key)
-            gradient_ok = not isinstance(default, (bool, int))  # no gradient of a switch or a seed
+            ok = settings.gradient_ok(defaults.get(key))
             where = [f"{key}[{i}]" if key in model_params else key for i in range(len(values))]
-            found = [p for w, v in zip(where, values) if v is not None for p in settings.problems(v, w, gradient_ok)]
+            found = [p for w, v in zip(where, values) if v is not None for p in settings.problems(v, w, ok)]
             problems += found
             if not found:
                 shaped[key] = [leaf for v in values for leaf in settings.leaves(v)]

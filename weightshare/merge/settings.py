@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterator
 
-__all__ = ["is_scalar", "problems", "resolve", "leaves", "layer_positions", "per_tensor"]
+__all__ = ["is_scalar", "gradient_ok", "problems", "resolve", "leaves", "layer_positions", "per_tensor"]
 
 MAX_ANCHORS = 4096  # a gradient longer than any layer stack is a mistake, not a setting
 MAX_DEPTH = 8  # conditions nest at most this deep
@@ -41,6 +41,12 @@ def is_scalar(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def gradient_ok(default) -> bool:
+    """Whether a parameter with this default may take a gradient: not a switch or an integer
+    (``normalize``, ``seed``), whose values in between mean nothing."""
+    return not isinstance(default, (bool, int))
 
 
 def problems(value, where: str, gradient_ok: bool = True, depth: int = 0) -> list[str]:

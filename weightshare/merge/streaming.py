@@ -282,8 +282,9 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     refused.  A value may vary by tensor: a list of numbers is a gradient over the layers,
     a list of ``{"filter": ..., "value": ...}`` conditions picks by tensor name (mergekit's
     settings, ``settings.py``); for a per-model parameter, one such setting per model, or
-    one list of conditions for all.  Every input's names, shapes and dtypes, and every parameter, are checked
-    before any tensor is read, and all problems are reported in one ``MergeError``.
+    one list of conditions for all.  Every input's names, shapes and dtypes, and every
+    parameter, are checked before any tensor is read, and all problems are reported in one
+    ``MergeError``.
 
     Returns the merged state dict, or with ``out=DIR`` streams it to ``DIR`` (a model
     directory with the base's, else the first model's, config and tokenizer files; written
