@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import weightshare as ws
-from weightshare.merge import MergeError
+from weightshare.merge import MERGE_METHODS, MergeError
+from weightshare.merge.registry import row_length
 from weightshare.merge.config import read_config
 from weightshare.merge.streaming import write_safetensors
 
@@ -354,6 +355,9 @@ PREPARED = [  # every method that streams a large tensor through its prepare hoo
                  id="breadcrumbs"),
     pytest.param("breadcrumbs_ties", dict(weights=[0.7, 0.4], density=[0.3, 0.6], gamma=0.02, rescale=True), False,
                  id="breadcrumbs_ties-rescale"),
+    pytest.param("della", dict(weights=[0.7, 0.4], density=[0.3, 0.6], epsilon=0.1, seed=2), False, id="della"),
+    pytest.param("della_linear", dict(weights=[0.7, 0.4], density=[0.3, 0.6], rescale=False), True,
+                 id="della_linear-no-rescale"),
     pytest.param("slerp", dict(t=0.3), False, id="slerp"),
     pytest.param("model_stock", dict(filter_wise=False), False, id="model_stock"),
     pytest.param("model_stock", dict(filter_wise=True), False, id="model_stock-filter_wise"),
@@ -378,6 +382,9 @@ def test_prepared_methods_merge_large_tensors_piece_by_piece_with_the_same_resul
     large = {k for k, v in whole.items() if v.numel() > 53}
     assert large and any(start is None for _, start, _ in reads)  # small tensors are still read whole
     assert all(start is not None and stop - start <= 53 for name, start, stop in reads if name in large)
+    if MERGE_METHODS[method].rows:  # DELLA ranks within rows: every piece holds whole rows
+        assert all(start % row_length(whole[name].shape) == 0 == stop % row_length(whole[name].shape)
+                   for name, start, stop in reads if name in large)
     for k in whole:
         assert torch.equal(pieces[k], written[k]), k
         if exact:

@@ -375,6 +375,10 @@ EXPECTED = {
                     {**GTA, "normalize": False, "rescale": False}, (1, None)),
     "breadcrumbs_ties": (True, {"weight": 1.0, "density": 1.0, "gamma": 0.01},
                          {**GTA, "normalize": False, "rescale": False}, (1, None)),
+    "della": (True, {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+              {**GTA, "normalize": True, "rescale": True, "seed": 0}, (1, None)),
+    "della_linear": (True, {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
+                     {**GTA, "normalize": False, "rescale": True, "seed": 0}, (1, None)),
     "slerp": (False, {}, {"t": None}, (2, 2)),
     "model_stock": (True, {}, {"filter_wise": False}, (2, None)),
 }
@@ -456,3 +460,64 @@ def test_breadcrumbs_counts_on_small_tensors_and_defaults():
                                method("task_arithmetic")(models, base, name="w", weight=[1, 1]))
     problems = check_params(MERGE_METHODS["breadcrumbs"], 2, True, {"gamma": [0.01, 1.0]}, {})
     assert problems == ["gamma must be in [0, 1); got 1.0"]
+
+
+# ----------------------------------------------------------------------------- DELLA
+
+
+def ref_della_deltas(models, base, name, densities, epsilons, seed, rescale):
+    """Per model, DELLA's sampled task vector: rank each row's entries by |δ| (ties by position),
+    keep entry k with probability density − ε + 2ε·rank/(row − 1) where its DARE draw is below it."""
+    from weightshare.merge.dare import mask_generator
+
+    shape = base.shape
+    row = shape[-1] if base.dim() == 2 else (base.numel() if base.dim() < 2 else base[0].numel())
+    out = []
+    for i, (m, p, e) in enumerate(zip(models, densities, epsilons)):
+        d = [x - y for x, y in zip(flat(m), flat(base))]
+        if p >= 1:
+            out.append(d)
+            continue
+        u = flat(torch.rand(shape, generator=mask_generator(seed, name, i)))
+        kept = []
+        for r in range(0, len(d), row):
+            entries = d[r:r + row]
+            order = sorted(range(len(entries)), key=lambda k: (abs(entries[k]), k))
+            rank = {k: j for j, k in enumerate(order)}
+            for k, x in enumerate(entries):
+                prob = p if row == 1 else p - e + 2 * e * rank[k] / (row - 1)
+                kept.append(x if u[r + k] < prob else 0.0)
+        if rescale and sum(abs(x) for x in kept) > 1e-7:
+            factor = sum(abs(x) for x in d) / sum(abs(x) for x in kept)
+            kept = [x * factor for x in kept]
+        out.append(kept)
+    return out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("shape", [(6, 40), (120,), (3, 4, 10)])
+def test_della_matches_the_ranking_reference(seed, name, shape):
+    models, base = rand_models(seed, n=3, shape=shape)
+    weights = rand_weights(seed, 3)
+    densities, epsilons, rescale = [0.5, 0.8, 1.0], [0.15, 0.1, 0.15], bool(seed % 2)
+    got = method(name)(models, base, name="w", weight=weights, density=densities, epsilon=epsilons, seed=seed,
+                       rescale=rescale, normalize=name == "della", scale=0.9)
+    deltas = ref_della_deltas(models, base, "w", densities, epsilons, seed, rescale)
+    close(got, ref_combine(deltas, weights, flat(base), name == "della", 0.9, consensus=name == "della"), tol=1e-4)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_della_with_no_spread_is_dare_draw_for_draw(seed):
+    models, base = rand_models(seed, n=2, shape=(8, 30))
+    for della, dare in (("della_linear", "dare_linear"), ("della", "dare_ties")):
+        kwargs = dict(name="w", weight=[1.0, 0.5], density=[0.4, 0.7], seed=seed, normalize=False)
+        assert torch.equal(method(della)(models, base, epsilon=[0.0, 0.0], **kwargs), method(dare)(models, base, **kwargs))
+
+
+def test_della_checks_density_and_epsilon_together():
+    della = MERGE_METHODS["della"]
+    assert check_params(della, 2, True, {"density": [0.5, 0.8], "epsilon": [0.15, 0.1]}, {}) == []
+    assert check_params(della, 2, True, {"density": [0.5, 0.9], "epsilon": [0.15, 0.15]}, {}) == [
+        "density ± epsilon must lie in (0, 1); got density 0.9 with epsilon 0.15"]
+    assert check_params(della, 1, True, {"epsilon": [1.5]}, {}) == ["epsilon must be in [0, 1); got 1.5"]

@@ -80,9 +80,9 @@ def drop_and_rescale(delta: torch.Tensor, density: float, uniform: torch.Tensor,
     the paper's 1/density in expectation (mergekit switched to it in PR #245).  When ``delta``
     is a piece of a tensor, ``factor`` is that L1 factor for the whole tensor (``_prepare``).
     """
-    if density >= 1:
+    if not isinstance(density, torch.Tensor) and density >= 1:
         return delta
-    keep = uniform.view(delta.shape) < density
+    keep = uniform.view(delta.shape) < density  # a tensor density: one keep probability per entry (DELLA)
     masked = delta * keep.to(device=delta.device, dtype=delta.dtype)
     if not rescale:
         return masked

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from weightshare.merge import settings
 
-__all__ = ["MergeMethod", "MERGE_METHODS", "register_merge", "get_method", "check_params"]
+__all__ = ["MergeMethod", "MERGE_METHODS", "register_merge", "get_method", "check_params", "row_length"]
 
 
 @dataclass(frozen=True)
@@ -48,17 +48,28 @@ class MergeMethod:
     # piece at a time, in order; fn is then called on each piece with them and span=(start, stop), the
     # piece's flat entries, since what a piece merges to can depend on where it lies (a mask, a row)
     prepare: Callable | None = None
+    rows: bool = False  # a prepared method whose pieces must hold whole rows (the tensor as (shape[0], -1))
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
+def row_length(shape) -> int:
+    """Entries per row of a tensor seen as (shape[0], -1); a 1-D tensor is one row.  A method
+    registered with ``rows`` gets pieces of whole rows."""
+    shape = tuple(shape)
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return numel if len(shape) < 2 or not shape[0] else numel // int(shape[0])
+
+
 def register_merge(name: str, *, source: str, needs_base: bool = False, model_params: dict | None = None,
                    params: dict | None = None, models: tuple[int, int | None] = (1, None), tensorwise: bool = True,
-                   elementwise: bool = False, prepare: Callable | None = None):
+                   elementwise: bool = False, prepare: Callable | None = None, rows: bool = False):
     def wrap(fn):
         MERGE_METHODS[name] = MergeMethod(name, fn, source, needs_base, dict(model_params or {}), dict(params or {}),
-                                          models, tensorwise, elementwise, prepare)
+                                          models, tensorwise, elementwise, prepare, rows)
         return fn
 
     return wrap
@@ -110,6 +121,17 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
     for d in shaped.get("density", []):
         if not (isinstance(d, (int, float)) and 0 < d <= 1):
             problems.append(f"density must be in (0, 1]; got {d!r}")
+    epsilons = shaped.get("epsilon", [])
+    for e in epsilons:
+        if not (isinstance(e, (int, float)) and 0 <= e < 1):
+            problems.append(f"epsilon must be in [0, 1); got {e!r}")
+    # DELLA's keep probabilities, density ± epsilon, must be probabilities: every density a setting
+    # can give with every epsilon (a stricter check than per tensor, never a looser one)
+    bad = {(d, e) for d in shaped.get("density", []) for e in epsilons
+           if isinstance(d, (int, float)) and isinstance(e, (int, float)) and 0 < d < 1 and 0 <= e < 1
+           and not (0 < d - e and d + e < 1)}
+    for d, e in sorted(bad):
+        problems.append(f"density ± epsilon must lie in (0, 1); got density {d!r} with epsilon {e!r}")
     for g in shaped.get("gamma", []):
         if not (isinstance(g, (int, float)) and 0 <= g < 1):
             problems.append(f"gamma must be in [0, 1); got {g!r}")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from weightshare.merge import settings
-from weightshare.merge.registry import check_params, get_method
+from weightshare.merge.registry import check_params, get_method, row_length
 from weightshare.pack import _DTYPES as _PACK_DTYPES
 from weightshare.pack import _HEADER_DTYPES
 from weightshare.pack import FILENAME as PACKED_FILENAME
@@ -366,7 +366,11 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
                 yield ref.read(name)
                 continue
             numel = int(torch.Size(shape).numel())
-            spans = [(s, min(s + CHUNK, numel)) for s in range(0, numel, CHUNK)]
+            step = CHUNK
+            if spec.rows and numel:  # pieces of whole rows (DELLA ranks within a row); one row at least
+                row = row_length(shape)
+                step = max(row, CHUNK // row * row)
+            spans = [(s, min(s + step, numel)) for s in range(0, numel, step)]
             tensor_params = method_params if varying is None else {**method_params, **varying[name]}
             extra = None
             if numel > CHUNK and spec.elementwise:
