@@ -153,3 +153,24 @@ def test_any_setting_in_a_real_config_is_refused_clearly_or_merged(berts, tmp_pa
     except MergeError:
         return
     assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())
+
+
+def test_dry_run_prints_what_each_tensor_merges_with(berts, tmp_path, capsys):  # noqa: F811
+    from weightshare.cli import main
+
+    config = tmp_path / "slerp.yaml"
+    config.write_text(json.dumps({"merge_method": "slerp", "base_model": str(berts["a"]),
+                                  "models": [{"model": str(berts["a"])}, {"model": str(berts["b"])}],
+                                  "parameters": {"t": [{"filter": "attention", "value": [0.2, 0.8]}, {"value": 0.5}]}}))
+    assert main(["merge", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    header, rows = out.split("\ntensor ", 1)[1].split("\n", 1)
+    assert header.split() == ["t"]  # the one parameter that varies
+    table = dict(line.split() for line in rows.splitlines())  # name -> t
+    assert table["encoder.layer.0.attention.self.query.weight"] == "0.2"
+    assert table["encoder.layer.1.attention.output.dense.bias"] == "0.8"
+    assert table["encoder.layer.1.intermediate.dense.weight"] == "0.5" and table["pooler.dense.weight"] == "0.5"
+    assert len(table) == sum(v.is_floating_point() for v in load_file(berts["a"] / "model.safetensors").values())
+    assert not list(tmp_path.glob("*/model.safetensors"))  # nothing written
+    plan = ws.merge([berts["a"], berts["b"]], "linear", plan=True)
+    assert {tuple(p["weight"]) for p in plan.values()} == {(1.0, 1.0)}

@@ -48,6 +48,7 @@ def _export(args) -> None:
 
 
 def _merge(args) -> None:
+    from weightshare.merge import merge
     from weightshare.merge.config import merge_from_config, read_config
 
     kwargs = read_config(args.config)  # the whole config is checked before anything is opened
@@ -55,9 +56,28 @@ def _merge(args) -> None:
         raise ValueError("merge: --out\n  expected: a new or empty directory for the merged model (or --dry-run)")
     if args.dry_run:
         print(json.dumps({k: v for k, v in kwargs.items() if v is not None}, indent=2, default=str))
+        _print_plan(merge(**kwargs, plan=True))
         return
     merge_from_config(args.config, args.out)
     print(f"merged model ({kwargs['method']}, {len(kwargs['models'])} models) written to {args.out}")
+
+
+def _print_plan(plan: dict) -> None:
+    """The parameters that vary by tensor (gradients, filters), one line per tensor; or that none do."""
+    first = next(iter(plan.values()), {})
+    varying = [k for k in first if any(p[k] != first[k] for p in plan.values())]
+    if not varying:
+        print(f"every one of the {len(plan)} float tensors merges with the same parameters")
+        return
+    def fmt(v) -> str:
+        if isinstance(v, list):
+            return "[" + ", ".join(map(fmt, v)) + "]"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    width = max(map(len, plan))
+    print(f"{'tensor':<{width}}  " + "  ".join(varying))
+    for name, p in plan.items():
+        print(f"{name:<{width}}  " + "  ".join(fmt(p[k]) for k in varying))
 
 
 def _cotrain(args) -> None:
@@ -123,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", parents=common, help="merge models as a mergekit-style YAML config says")
     m.add_argument("config", help="YAML: merge_method, base_model, models: [{model, parameters}], parameters, dtype")
     m.add_argument("--out", required=False, help="new or empty directory for the merged model")
-    m.add_argument("--dry-run", action="store_true", help="check the config and print the merge it asks for; read no tensor")
+    m.add_argument("--dry-run", action="store_true",
+                   help="check the config and the models' headers; print the merge it asks for and the parameters "
+                        "each tensor gets where they vary; read no tensor")
     m.set_defaults(func=_merge)
 
     t = sub.add_parser("cotrain", parents=common, help="co-train one model per process from a YAML config (wraps torchrun)")

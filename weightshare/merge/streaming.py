@@ -270,7 +270,7 @@ def _side_module_problems(ref: _Model, others: list[_Model]) -> list[str]:
 
 
 def merge(models, method: str = "linear", base=None, weights=None, out: str | os.PathLike | None = None,
-          dtype: str | None = None, **params):
+          dtype: str | None = None, plan: bool = False, **params):
     """Merge ``models`` with ``method`` (a name in ``weightshare.merge.MERGE_METHODS``).
 
     ``models``: a list of model directories (Hugging Face or sentence-transformers, sharded
@@ -291,6 +291,11 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     beside ``DIR`` and renamed into place) and returns the path.  ``dtype``: ``"float32"``,
     ``"float16"`` or ``"bfloat16"`` for the merged float tensors (default: the reference
     model's own dtype); the arithmetic is float32 throughout.
+
+    ``plan=True`` stops after the checks and returns, for every float tensor, the parameters
+    it would be merged with ({name: {parameter: value}}, per-model ones as lists): what a
+    config's gradients and filters give each tensor.  It reads headers only (and a packed
+    input's stored data, to check its checksums), never writes.
     """
     from weightshare.pack import staged_dir
 
@@ -349,13 +354,18 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     if problems:
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
         raise MergeError(f"merge: {len(problems)} problem(s), nothing was read or written:\n  - " + "\n  - ".join(shown))
+    method_params = {**{k: model_params.get(k, [d] * n) for k, d in spec.model_params.items()},
+                     **{k: params.get(k, d) for k, d in spec.params.items()}}
+    if plan:
+        if not spec.tensorwise:
+            raise MergeError(f"merge: plan: {method} works on whole models; its parameters do not vary by tensor")
+        return {k: {**method_params, **(varying[k] if varying else {})} for k, (_, dt) in ref.meta.items()
+                if dt.is_floating_point}
     if not spec.tensorwise:
         states = [{k: m.read(k) for k in ref.meta} for m in inputs]
         return spec.fn(states, **{k: v for k, v in model_params.items()}, **params)
 
     out_dtype = OUT_DTYPES.get(dtype)
-    method_params = {**{k: model_params.get(k, [d] * n) for k, d in spec.model_params.items()},
-                     **{k: params.get(k, d) for k, d in spec.params.items()}}
     entries = [(k, shape, (out_dtype or dt) if dt.is_floating_point else dt) for k, (shape, dt) in ref.meta.items()]
 
     def merged():
