@@ -410,3 +410,25 @@ def test_dare_mask_stream_draws_any_span_as_the_whole_draw_does(numel, data):
     with mock.patch.object(dare, "_SKIP", data.draw(st.integers(1, 64))):  # skipping ahead in several draws
         for start, stop in asked:
             assert torch.equal(stream.uniform(start, stop), whole[start:stop]), (start, stop)
+
+
+@pytest.mark.parametrize("method", ["tsv_merge", "iso_c"])
+def test_svd_methods_stream_what_no_svd_needs_and_merge_changed_matrices_whole(monkeypatch, method):
+    from weightshare.merge import streaming
+
+    g = torch.Generator().manual_seed(0)
+    base = {"frozen.weight": torch.randn(30, 8, generator=g), "tuned.weight": torch.randn(30, 8, generator=g),
+            "norm.weight": torch.randn(100, generator=g)}
+    models = [{**base, "tuned.weight": base["tuned.weight"] + torch.randn(30, 8, generator=g),
+               "norm.weight": base["norm.weight"] + torch.randn(100, generator=g)} for _ in range(2)]
+    whole = ws.merge(models, method, base=base, scale=1.2)
+    reads = []
+    read = streaming._Model.read
+    monkeypatch.setattr(streaming._Model, "read", lambda self, name, start=None, stop=None:
+                        reads.append((name, start)) or read(self, name, start, stop))
+    monkeypatch.setattr(streaming, "CHUNK", 53)
+    pieces = ws.merge(models, method, base=base, scale=1.2)
+    assert {name for name, start in reads if start is None} == {"tuned.weight"}  # an SVD needs it whole
+    assert torch.equal(pieces["frozen.weight"], base["frozen.weight"])  # changed by no model: the base's
+    for k in whole:
+        torch.testing.assert_close(pieces[k], whole[k], rtol=0, atol=0)

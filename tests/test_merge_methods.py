@@ -379,6 +379,8 @@ EXPECTED = {
               {**GTA, "normalize": True, "rescale": True, "seed": 0}, (1, None)),
     "della_linear": (True, {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
                      {**GTA, "normalize": False, "rescale": True, "seed": 0}, (1, None)),
+    "tsv_merge": (True, {"weight": 1.0}, {"scale": 1.0}, (1, None)),
+    "iso_c": (True, {"weight": 1.0}, {"scale": 1.0}, (1, None)),
     "slerp": (False, {}, {"t": None}, (2, 2)),
     "model_stock": (True, {}, {"filter_wise": False}, (2, None)),
 }
@@ -521,3 +523,76 @@ def test_della_checks_density_and_epsilon_together():
     assert check_params(della, 2, True, {"density": [0.5, 0.9], "epsilon": [0.15, 0.15]}, {}) == [
         "density ± epsilon must lie in (0, 1); got density 0.9 with epsilon 0.15"]
     assert check_params(della, 1, True, {"epsilon": [1.5]}, {}) == ["epsilon must be in [0, 1); got 1.5"]
+
+
+# ----------------------------------------------------------------------------- TSV-Merge
+
+
+def ref_tsv(models, base, weights, scale):
+    """The authors' layout in numpy float64: each task's top r/T triplets placed in zero-padded
+    (m × r), (r,), (r × n) blocks, the padded stacks' polar factors, Δ = U_⊥ diag(S) V_⊥."""
+    b = base.double().numpy()
+    deltas = [w * (m.double().numpy() - b) for w, m in zip(weights, models)]
+    if b.ndim != 2:
+        return b + scale * np.mean(deltas, axis=0)
+    r = min(b.shape)
+    k = r // len(deltas)
+    su, ss, sv = np.zeros((b.shape[0], r)), np.zeros(r), np.zeros((r, b.shape[1]))
+    for i, d in enumerate(deltas):
+        u, s, vh = np.linalg.svd(d, full_matrices=False)
+        su[:, i * k:(i + 1) * k], ss[i * k:(i + 1) * k], sv[i * k:(i + 1) * k] = u[:, :k], s[:k], vh[:k]
+    polar = lambda a: (lambda p, _, q: p @ q)(*np.linalg.svd(a, full_matrices=False))  # noqa: E731
+    return b + scale * polar(su) @ np.diag(ss) @ polar(sv)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shape, n", [((12, 8), 2), ((8, 12), 3), ((10,), 2), ((5, 5), 5)])
+def test_tsv_merge_matches_the_authors_layout(seed, shape, n):
+    models, base = rand_models(seed, n=n, shape=shape)
+    weights = rand_weights(seed, n)
+    got = method("tsv_merge")(models, base, name="w", weight=weights, scale=1.3)
+    want = ref_tsv(models, base, weights, 1.3)
+    assert np.allclose(got.double().numpy(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_tsv_merge_of_non_interfering_task_vectors_is_their_sum():
+    # task matrices on disjoint rows and columns share no singular direction: nothing to decorrelate
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(20, 12, generator=g)
+    d1, d2 = torch.zeros(20, 12), torch.zeros(20, 12)
+    d1[:10, :6] = torch.randn(10, 6, generator=g)
+    d2[10:, 6:] = torch.randn(10, 6, generator=g)
+    got = method("tsv_merge")([base + d1, base + d2], base, name="w", weight=[1.0, 1.0])
+    torch.testing.assert_close(got, base + d1 + d2, atol=1e-5, rtol=1e-5)
+    # a matrix no model changed is the base's, bit for bit
+    assert torch.equal(method("tsv_merge")([base, base.clone()], base, name="w", weight=[1.0, 1.0]), base)
+
+
+# ----------------------------------------------------------------------------- Iso-C
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("shape, n", [((12, 8), 2), ((8, 12), 3), ((10,), 2)])
+def test_iso_c_flattens_the_spectrum_of_the_summed_task_matrix(seed, shape, n):
+    models, base = rand_models(seed, n=n, shape=shape)
+    weights = rand_weights(seed, n)
+    got = method("iso_c")(models, base, name="w", weight=weights, scale=0.7).double().numpy()
+    b = base.double().numpy()
+    total = sum(w * (m.double().numpy() - b) for w, m in zip(weights, models))
+    if b.ndim == 1:
+        want = b + 0.7 * total / n
+    else:
+        u, s, vh = np.linalg.svd(total, full_matrices=False)
+        want = b + 0.7 * s.mean() * u @ vh
+    assert np.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_iso_c_of_a_low_rank_update_stays_in_its_subspace():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(10, 6, generator=g)
+    u, v = torch.randn(10, 2, generator=g), torch.randn(2, 6, generator=g)
+    got = method("iso_c")([base + u @ v], base, name="w", weight=[1.0]) - base
+    s = torch.linalg.svdvals(got)
+    assert torch.allclose(s[:2], s[:2].mean().expand(2), rtol=1e-4) and s[2:].abs().max() < 1e-5  # flat, rank 2
+    q, _ = torch.linalg.qr(u)
+    torch.testing.assert_close(q @ (q.T @ got), got, atol=1e-5, rtol=0)  # no direction the update lacks

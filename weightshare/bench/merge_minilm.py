@@ -16,11 +16,12 @@ logistic-regression probe re-fitted on its embeddings of the training folds
 (does the merged encoder still carry what each task needs?).  "kept" is the
 share of a fine-tune's gain over the base's probe that a merge keeps, on the
 pooled test predictions; its standard error is a paired bootstrap over the
-sentences.  Methods with a ``scale`` (task arithmetic, TIES, DARE) are tried at
-``SCALES``, and each fold uses the scale that kept most (of the two tasks' worse
-share) on the *other* folds: chosen on data the fold's score never sees, as the
-task arithmetic and TIES papers choose theirs on validation data.  TIES and DARE
-keep ``DENSITY`` of each task vector, SLERP goes halfway.  References: each
+sentences.  Methods with a ``scale`` (task arithmetic, TIES, DARE, breadcrumbs,
+DELLA, TSV-Merge, Iso-C) are tried at ``SCALES`` (Iso-C at ``SCALES_BY_METHOD``),
+and each fold uses the scale that kept most (of the two tasks' worse share) on
+the *other* folds: chosen on data the fold's score never sees, as the papers
+choose theirs on validation data.  TIES, DARE, breadcrumbs and DELLA keep
+``DENSITY`` of each task vector, SLERP goes halfway.  References: each
 fine-tune, the base's probe, and two ceilings, scored and "kept" like a merge:
 one multi-task model trained on both tasks (the usual upper bound of merging,
 as in the task arithmetic and TIES papers), and both fine-tunes side by side (a
@@ -52,6 +53,10 @@ FOLDS, QUICK_FOLDS = 3, 2
 QUICK_SENTENCES = 240
 QUICK_METHODS = ("linear", "ties")  # --quick: a smoke test of both kinds (element-wise, prepared)
 DENSITY = 0.5  # TIES / DARE: keep half of each task vector (mergekit needs it set; 0.5 is its examples' value)
+# Iso-C flattens the update's spectrum to its mean singular value, a much smaller norm than the sum's: its λ
+# range is wider (the authors tune it on validation data too; in an exploratory run on one fold, kept was
+# still rising at 4)
+SCALES_BY_METHOD = {"iso_c": (2.0, 4.0, 6.0, 8.0)}
 SCALES, QUICK_SCALES = (1.0, 1.5, 2.0), (1.0,)  # λ tried where a method has one (task arithmetic's paper: 0..1 for
 # many tasks; with two fine-tunes of a few layers, larger λ amplify the features both need)
 # what each method is merged with besides λ: TIES, DARE, breadcrumbs and DELLA keep DENSITY of each task vector (task arithmetic
@@ -187,7 +192,7 @@ def configs(method: str, quick: bool = False) -> list[dict]:
     fixed = FIXED.get(method, {})
     if "scale" not in spec.params:
         return [fixed]
-    return [{**fixed, "scale": s} for s in (QUICK_SCALES if quick else SCALES)]
+    return [{**fixed, "scale": s} for s in (QUICK_SCALES if quick else SCALES_BY_METHOD.get(method, SCALES))]
 
 
 def kept_share(correct: dict, base, finetuned) -> float:
