@@ -432,3 +432,21 @@ def test_svd_methods_stream_what_no_svd_needs_and_merge_changed_matrices_whole(m
     assert torch.equal(pieces["frozen.weight"], base["frozen.weight"])  # changed by no model: the base's
     for k in whole:
         torch.testing.assert_close(pieces[k], whole[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method, per_model, glob", [
+    ("breadcrumbs_ties", {"gamma": 0.05, "density": 0.6}, {"lambda": 1.2}),
+    ("della_linear", {"epsilon": 0.1, "density": 0.5}, {"lambda": 0.8, "seed": 4}),
+])
+def test_mergekit_configs_of_breadcrumbs_and_della_equal_the_python_call(berts, tmp_path, method, per_model, glob):
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"merge_method": method, "base_model": str(berts["base"]),
+                                  "models": [{"model": str(berts["a"]), "parameters": {"weight": 0.6, **per_model}},
+                                             {"model": str(berts["b"]), "parameters": {"weight": 0.4}}],
+                                  "parameters": glob}))
+    got = ws.merge(**read_config(config))
+    other = {k: [v, MERGE_METHODS[method].model_params[k]] for k, v in per_model.items()}
+    want = ws.merge([berts["a"], berts["b"]], method, base=berts["base"], weights=[0.6, 0.4], **other,
+                    **{"scale" if k == "lambda" else k: v for k, v in glob.items()})
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
