@@ -19,7 +19,11 @@ A method with ``prepare`` first gathers its whole-tensor statistics from pieces
 model stock: the cosines) and is then element-wise too: ``fn`` is called on each
 piece with the keyword arguments ``prepare`` returned and ``span=(start, stop)``,
 the piece's place in the flattened tensor (DARE draws the mask entries of that
-span, model stock finds the rows they belong to).
+span, model stock finds the rows they belong to).  With ``rows=True`` the pieces
+hold whole rows (DELLA ranks within a row).  ``prepare`` may return ``None`` to
+have the tensor merged whole (TSV-Merge and Iso-C, whose SVD needs a changed
+matrix whole).  A parameter's value may vary by tensor (``settings.py``): ``fn``
+and ``prepare`` always get the values resolved for the tensor at hand.
 """
 
 from __future__ import annotations
