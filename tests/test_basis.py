@@ -89,7 +89,7 @@ def test_gradients_of_the_shared_basis_add_up_over_layers(form):
 
 def test_random_init_keeps_the_weight_scale():
     m = stack(n=6, out=64, inp=64)
-    std = float(torch.stack([layer.weight.std() for layer in m]).mean())
+    std = float(torch.stack([layer.weight.detach().std() for layer in m]).mean())
     ws.share_(m, ws.BasisConfig(layers="*.weight", num_bases=16, init="random"))
     got = float(torch.stack([layer.weight.detach().std() for layer in m]).mean())
     assert 0.7 < got / std < 1.4
