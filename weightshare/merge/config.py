@@ -53,7 +53,7 @@ def _fall_back(own, everyone):
     match no tensor name, the global parameter's value applies."""
     if own is None:
         return everyone
-    if everyone is None or settings.is_scalar(own) or not all(isinstance(c, dict) for c in own):
+    if everyone is None or not settings.is_conditions(own):
         return own
     return [*own, {"value": everyone}]
 

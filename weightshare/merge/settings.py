@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterator
 
-__all__ = ["is_scalar", "gradient_ok", "problems", "resolve", "leaves", "layer_positions", "per_tensor"]
+__all__ = ["is_scalar", "is_conditions", "gradient_ok", "problems", "resolve", "leaves", "layer_positions", "per_tensor"]
 
 MAX_ANCHORS = 4096  # a gradient longer than any layer stack is a mistake, not a setting
 MAX_DEPTH = 8  # conditions nest at most this deep
@@ -37,6 +37,11 @@ _CONDITION_KEYS = {"filter", "value"}
 
 def is_scalar(value) -> bool:
     return isinstance(value, (bool, int, float))
+
+
+def is_conditions(value) -> bool:
+    """A non-empty list of ``{filter, value}`` conditions (as opposed to a gradient or one value per model)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _is_number(value) -> bool:

@@ -239,7 +239,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torc
 def _per_model(value, n: int):
     """A per-model parameter as one value per model: a list is one per model, except a list of
     conditions (settings.py), which is one setting for every model."""
-    if isinstance(value, (list, tuple)) and not (value and all(isinstance(v, dict) for v in value)):
+    if isinstance(value, (list, tuple)) and not settings.is_conditions(value):
         return list(value)
     return [value] * n
 
