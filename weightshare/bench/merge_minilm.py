@@ -59,8 +59,9 @@ DENSITY = 0.5  # TIES / DARE: keep half of each task vector (mergekit needs it s
 SCALES_BY_METHOD = {"iso_c": (2.0, 4.0, 6.0, 8.0)}
 SCALES, QUICK_SCALES = (1.0, 1.5, 2.0), (1.0,)  # λ tried where a method has one (task arithmetic's paper: 0..1 for
 # many tasks; with two fine-tunes of a few layers, larger λ amplify the features both need)
-# what each method is merged with besides λ: TIES, DARE, breadcrumbs and DELLA keep DENSITY of each task vector (task arithmetic
-# accepts a density, as mergekit's does, and ignores it); SLERP goes halfway (mergekit has no default t)
+# what each method is merged with besides λ: TIES, DARE, breadcrumbs and DELLA keep DENSITY of each task vector
+# (task arithmetic accepts a density, as mergekit's does, and ignores it); SLERP goes halfway (mergekit has no
+# default t)
 FIXED = {"ties": {"density": DENSITY}, "dare_linear": {"density": DENSITY}, "dare_ties": {"density": DENSITY},
          "breadcrumbs": {"density": DENSITY}, "breadcrumbs_ties": {"density": DENSITY},  # and mergekit's gamma 0.01
          "della": {"density": DENSITY}, "della_linear": {"density": DENSITY},  # and mergekit's epsilon 0.15
