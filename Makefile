@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM = false
 
 .PHONY: setup setup-bench demo test bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py weightshare/_kmeans.c weightshare/_hash.c
+$(VENV)/.installed: pyproject.toml setup.py weightshare/_kmeans.c weightshare/_hash.c weightshare/kernels/_codebook.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch that lies on this machine's disk; a bare `torch` would pull CUDA
