@@ -135,17 +135,22 @@ def test_gpt2_with_tied_head_and_conv1d_compresses(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=500, n_positions=64,
                                bos_token_id=0, eos_token_id=0)).save_pretrained(src)
     assert main(["--quiet", "compress", str(src), "--bits", "3", "--out", str(tmp_path / "p")]) == 0
-    packed = ws.load(tmp_path / "p")
-    assert packed.lm_head.parametrizations.weight.original is packed.transformer.wte.parametrizations.weight.original
-    attn = packed.transformer.h[0].attn.c_attn  # transformers' Conv1D, weight (in, out): tables per output column
+    trainable = ws.load(tmp_path / "p", trainable=True)
+    assert trainable.lm_head.parametrizations.weight.original is trainable.transformer.wte.parametrizations.weight.original
+    attn = trainable.transformer.h[0].attn.c_attn  # transformers' Conv1D, weight (in, out): tables per output column
     assert hasattr(attn, "parametrizations") and attn.weight.shape == (32, 96)
     assert all(col.unique().numel() <= 8 for col in attn.weight.detach().t())
+    packed = ws.load(tmp_path / "p")  # the packed modules: one set of indices for the head and the embedding
+    assert packed.lm_head.indices is packed.transformer.wte.indices
+    assert type(packed.transformer.h[0].attn.c_attn).__name__ == "CodebookLinear"
+    assert torch.equal(packed.transformer.h[0].attn.c_attn.weight, attn.weight.detach())
     assert main(["--quiet", "export", str(tmp_path / "p"), "--out", str(tmp_path / "d")]) == 0
     dense = AutoModelForCausalLM.from_pretrained(str(tmp_path / "d"))
     assert dense.lm_head.weight is dense.transformer.wte.weight
     ids = torch.randint(0, 500, (2, 8))
     with torch.no_grad():
         assert torch.allclose(packed(ids).logits, dense(ids).logits, atol=1e-5)
+        assert torch.allclose(trainable(ids).logits, dense(ids).logits, atol=1e-5)
 
 
 def test_version(capsys):

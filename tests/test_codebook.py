@@ -178,5 +178,5 @@ def test_inference_decode_and_row_lookup_equal_the_plain_gather(bits, granularit
             assert torch.equal(m.weight, expect)
     tokens = torch.randint(0, 13, (4, 5))
     with torch.no_grad():
-        assert type(emb).__name__.endswith("CodebookEmbedding")
+        assert type(emb).__name__.endswith("RowLookupEmbedding")
         assert torch.equal(emb(tokens), torch.nn.functional.embedding(tokens, emb.weight))

@@ -70,7 +70,8 @@ def test_a_packed_input_is_decoded_a_tensor_at_a_time_and_merges_as_its_export(b
     from transformers import AutoModel
 
     from weightshare.merge import streaming
-    from weightshare.pack import PackedFile, export
+    from weightshare.load import export
+    from weightshare.pack import PackedFile
 
     model = AutoModel.from_pretrained(berts["a"])
     ws.share_(model, ws.CodebookConfig(bits=3, granularity="per_channel"))

@@ -127,8 +127,8 @@ def test_load_writes_nothing_and_rebuilds_exactly(sandbox, bert_packed):
     exported = ws.export(bert_packed, sandbox / "dense")
     dense = BertModel.from_pretrained(str(exported))
     ids = torch.randint(0, 64, (2, 7))
-    with torch.no_grad():
-        assert torch.equal(model(ids).last_hidden_state, dense(ids).last_hidden_state)
+    with torch.no_grad():  # the packed kernel sums in another order than F.linear
+        assert torch.allclose(model(ids).last_hidden_state, dense(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
 def test_a_claimed_huge_weight_is_refused_before_allocation(sandbox):

@@ -123,10 +123,14 @@ def test_tie_then_codebook_round_trip(tmp_path):
     ws.share_(m, ws.CodebookConfig(bits=2, granularity="per_tensor"))
     tables = m[0].parametrizations.weight.original
     assert all(layer.parametrizations.weight.original is tables for layer in m)
-    loaded = ws.load(ws.save(m, tmp_path / "tc"), model=make_stack())
+    path = ws.save(m, tmp_path / "tc")
+    loaded = ws.load(path, model=make_stack(), trainable=True)
     assert all(layer.parametrizations.weight.original is loaded[0].parametrizations.weight.original for layer in loaded)
     x = torch.randn(3, 8)
     assert torch.equal(loaded(x), m(x))
+    packed = ws.load(path, model=make_stack())  # packed modules: one set of indices for the four layers
+    assert all(layer.indices is packed[0].indices for layer in packed)
+    assert torch.allclose(packed(x), m(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -17,9 +17,9 @@ __version__ = _version("weightshare")  # the installed metadata, as `weightshare
 _EXPORTS = {
     "PackError": "weightshare.pack",
     "Report": "weightshare.report",
-    "export": "weightshare.pack",
+    "export": "weightshare.load",
     "kmeans1d": "weightshare.kmeans",
-    "load": "weightshare.pack",
+    "load": "weightshare.load",
     "materialize_": "weightshare.space",
     "merge": "weightshare.merge",
     "transfer": "weightshare.merge",

@@ -210,6 +210,37 @@ def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike, confi
             shutil.copyfile(path, target)
 
 
+QUANT_METHOD = "weightshare"  # quantization_config.quant_method of a packed model's config.json
+
+
+def mark_packed_config(config_dir: Path, weights_file: str | None) -> None:
+    """Add to ``config_dir/config.json`` what lets ``from_pretrained`` load a packed model: a
+    ``quantization_config`` naming weightshare's quantizer and (``weights_file``) the packed file to read."""
+    path = config_dir / "config.json"
+    raw = read_json(path, "config.json")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}\n  expected: a JSON object\n  got: {type(raw).__name__}")
+    raw["quantization_config"] = {"quant_method": QUANT_METHOD}
+    if weights_file:
+        raw["transformers_weights"] = weights_file
+    path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def strip_packed_config(config_dir: Path) -> None:
+    """Undo ``mark_packed_config`` in a copied ``config.json`` (an exported or merged model is dense again)."""
+    path = config_dir / "config.json"
+    if not path.is_file():
+        return
+    raw = read_json(path, "config.json")
+    if not isinstance(raw, dict):
+        return
+    quant = raw.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD:
+        raw.pop("quantization_config")
+        raw.pop("transformers_weights", None)
+        path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
 def check_relpath(value, field: str) -> str:
     """A path from a file we read, checked before it is joined to anything: relative, inside, plain.
 

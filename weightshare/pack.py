@@ -1,7 +1,9 @@
-"""The packed container: ``ws.save`` / ``ws.load`` / ``export``.
+"""The packed container: ``ws.save`` and the checked reader ``PackedFile`` (models are built in ``load.py``).
 
 A packed model is a directory: the source model's config, tokenizer and module
-files as they were, plus ``weightshare.safetensors`` holding every tensor the
+files as they were (``config.json`` gains a ``quantization_config`` naming
+weightshare, so that transformers' ``from_pretrained`` loads it through
+weightshare's quantizer), plus ``weightshare.safetensors`` holding every tensor the
 sharing maps store and every tensor no map touches, and in its metadata the
 format version and a JSON spec::
 
@@ -12,7 +14,7 @@ format version and a JSON spec::
      "checksums": {stored tensor: sha256}}
 
 This module is the container only: safetensors, metadata, checksums, aliases,
-atomic folder writes, versions.  Each sharing map (``weightshare/sharing/``)
+atomic folder writes, versions; it builds no model.  Each sharing map (``weightshare/sharing/``)
 packs, checks, installs and decodes its own entries through the registry in
 ``space.py``; nothing here knows a map by name.
 
@@ -41,9 +43,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub
-from weightshare.space import dtype_name, get_map, map_of, packable_maps, share_parametrization
+from weightshare.space import dtype_name, get_map, map_of, module_map, packable_maps
 
-__all__ = ["save", "load", "export", "read_spec", "dense_state_dict", "PackError", "FILENAME", "FORMAT_VERSION"]
+__all__ = ["save", "read_spec", "dense_state_dict", "PackedFile", "PackError", "FILENAME", "FORMAT_VERSION", "staged_dir",
+           "owned_modules"]
 
 FILENAME = "weightshare.safetensors"
 FORMAT = "weightshare"
@@ -61,7 +64,6 @@ _NAME = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_NAME = 512
 _MAX_DIMS = 8
-_BUFFER_BUDGET = 64 << 20  # unsaved buffers (position ids, rotary tables) a config.json may make us build
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # as transformers' save_pretrained
 
 
@@ -81,7 +83,7 @@ def _sha256(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def _owned_modules(model: nn.Module):
+def owned_modules(model: nn.Module):
     """(prefix, module) pairs outside parametrization internals, tied modules once per path."""
     for name, module in model.named_modules(remove_duplicate=False):
         if "parametrizations" in name.split("."):
@@ -117,7 +119,16 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
         alive.append(t)
         return key
 
-    for prefix, module in _owned_modules(inner):
+    for prefix, module in owned_modules(inner):
+        packed = module_map(module)
+        if packed is not None:  # a packed module (CodebookLinear): its map writes the entry of its weight
+            full = prefix + "weight"
+            if id(module.indices) in seen:  # a tied LM head over its embedding's indices
+                spec[full] = {"map": "alias", "of": seen[id(module.indices)]}
+            else:
+                seen[id(module.indices)] = full
+                alive.append(module.indices)
+                spec[full] = {"map": packed.name, **packed.pack_module(full, module, put)}
         if parametrize.is_parametrized(module):
             for tname, plist in module.parametrizations.items():
                 full = prefix + tname
@@ -227,6 +238,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             hub.copy_non_weight_files(source.path, tmp)
         elif source_meta["kind"] == hub.TRANSFORMERS:
             inner.config.save_pretrained(tmp)
+        if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
+            hub.mark_packed_config(tmp / source_meta["weights_subdir"], FILENAME if not source_meta["weights_subdir"] else None)
         (tmp / FILENAME).write_bytes(safetensors_save(tensors, metadata=meta))
     return path
 
@@ -525,203 +538,3 @@ def dense_state_dict(spec: dict, tensors: dict) -> dict[str, torch.Tensor]:
         if entry["map"] == "alias" and not _internal(name):
             out[name] = out[entry["of"]].clone()
     return out
-
-
-def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write the packed model at ``path`` as a plain model directory at ``dest``.
-
-    ``transformers.AutoModel.from_pretrained(dest)`` or
-    ``SentenceTransformer(dest)`` (whichever the source was) loads it unchanged.
-    Weights are written as ``save_pretrained`` writes them: one
-    ``model.safetensors``, or shards of at most ``max_shard_size`` with a
-    ``model.safetensors.index.json``; a shard index of the source is never copied.
-    Tensors are decoded shard by shard, and the folder is renamed into place at the end.
-    """
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    dest = Path(dest)
-    with PackedFile(path) as pf:
-        if pf.source["kind"] == "module":
-            raise PackError("export: this packed file holds a plain nn.Module (no config); use ws.load(path, model=...)")
-        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            raise PackError(f"export: destination exists and is not an empty directory\n  got: {str(dest)!r}\n"
-                            "  choose a new or empty directory")
-        if dest.resolve().is_relative_to(pf.root.resolve()):
-            raise PackError(f"export: destination {str(dest)!r} is inside the packed model: choose another")
-        _check_fit(_skeleton(pf), pf)  # the export must be a model its config.json describes, nothing else
-        pf.fetch_all()  # every checksum before the first byte is written
-        shapes = {name: torch.empty(shape, dtype=dtype, device="meta")
-                  for name, (shape, dtype) in pf.dense_shapes().items()}
-        try:
-            plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
-        except ValueError as exc:
-            raise PackError(f"export: max_shard_size {max_shard_size!r}: {exc}"[:300]) from None
-        with staged_dir(dest) as tmp:
-            try:
-                hub.copy_non_weight_files(pf.root, tmp, confine=True)
-            except ValueError as exc:
-                raise PackError(str(exc)) from None
-            out = tmp / pf.source["weights_subdir"]
-            out.mkdir(parents=True, exist_ok=True)
-            for filename, names in plan.filename_to_tensors.items():
-                shard = {name: pf.decode(name).contiguous() for name in names}
-                (out / filename).write_bytes(safetensors_save(shard, metadata={"format": "pt"}))
-                del shard
-            if plan.is_sharded:
-                index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
-                (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return dest
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _split(name: str) -> tuple[str, str]:
-    owner, _, attr = name.rpartition(".")
-    return owner, attr
-
-
-def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by name, tied ones under each of their names."""
-    out = {}
-    for prefix, module in _owned_modules(model):
-        for n, t in module._parameters.items():
-            if t is not None:
-                out[prefix + n] = t
-        for n, t in module._buffers.items():
-            if t is not None and n not in module._non_persistent_buffers_set:
-                out[prefix + n] = t
-    return out
-
-
-def _check_fit(inner: nn.Module, pf: PackedFile) -> None:
-    """Every entry has a place of its shape in the model and every tensor of the model an entry: all problems at once."""
-    own = _state_tensors(inner)
-    missing = [n for n in own if n not in pf.entries]
-    not_in_model, mismatched = [], []
-    for name, entry in pf.entries.items():
-        target = pf.entries[entry["of"]] if entry["map"] == "alias" else entry
-        owner_name, attr = _split(name)
-        try:
-            owner = inner.get_submodule(owner_name)
-        except AttributeError:
-            not_in_model.append(name)
-            continue
-        if parametrize.is_parametrized(owner, attr) or attr not in owner._parameters and attr not in owner._buffers:
-            not_in_model.append(name)
-            continue
-        have = tuple(getattr(owner, attr).shape)
-        if have != tuple(target["shape"]):
-            mismatched.append(f"{name}: file {tuple(target['shape'])}, model {have}")
-        if target["map"] not in ("dense", "alias"):
-            if attr not in owner._parameters:
-                mismatched.append(f"{name}: a {target['map']} map needs a parameter, the model has a buffer")
-            elif (why := get_map(target["map"]).fits(owner, attr, target)) is not None:
-                mismatched.append(f"{name}: {why}")
-        if entry["map"] == "alias" and target["map"] not in ("dense", "alias") and _split(entry["of"])[1] != attr:
-            mismatched.append(f"{name}: a shared {target['map']} map must name the same attribute as {entry['of']!r}")
-    if missing or not_in_model or mismatched:
-        raise PackError(
-            "load: the model does not match the packed file\n"
-            f"  missing in file: {missing[:5]}\n  not in model: {not_in_model[:5]}\n  does not fit: {mismatched[:5]}\n"
-            "  pass a skeleton of the architecture that was saved"
-        )
-
-
-def _install(inner: nn.Module, pf: PackedFile) -> None:
-    """Put every entry into the checked model: dense tensors as they are, maps by their own install."""
-    for name, entry in pf.entries.items():
-        owner_name, attr = _split(name)
-        owner = inner.get_submodule(owner_name)
-        if entry["map"] == "dense":
-            t = pf.fetch(name)
-            current = getattr(owner, attr)
-            if current.is_meta:  # a skeleton without memory: the read tensor becomes the model's own
-                t = t.to(current.dtype)
-                if attr in owner._parameters:
-                    owner._parameters[attr] = nn.Parameter(t, requires_grad=current.requires_grad)
-                else:
-                    owner._buffers[attr] = t
-            else:
-                with torch.no_grad():
-                    current.copy_(t)
-        elif entry["map"] != "alias":
-            get_map(entry["map"]).install(owner, attr, name, entry, pf.fetch_any)
-            pf.release(name)  # packed indices are garbage once unpacked: keep the peak low
-    for key, outer in pf.nested.items():  # the inner map goes onto the outer map's original
-        owner_name, attr = _split(outer)
-        plist = inner.get_submodule(owner_name).parametrizations[attr]
-        get_map(pf.internal[key]["map"]).install(plist, "original", key, pf.internal[key], pf.fetch)
-        pf.release(key)
-    for name, entry in pf.entries.items():
-        if entry["map"] != "alias":
-            continue
-        owner_name, attr = _split(name)
-        target_owner, target_attr = _split(entry["of"])
-        source = inner.get_submodule(target_owner)
-        if pf.entries[entry["of"]]["map"] == "dense":  # restore the tie itself, not only the value
-            setattr(inner.get_submodule(owner_name), attr, getattr(source, target_attr))
-        else:
-            share_parametrization(source, inner.get_submodule(owner_name), attr)
-
-
-def _trim_heap() -> None:
-    """Hand the reading scratch (file bytes, packed indices) back to the OS (glibc keeps freed heap otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def _skeleton(pf: PackedFile) -> nn.Module:
-    """The architecture ``config.json`` names, parameters on the meta device; every failure one PackError."""
-    sub = pf.source["weights_subdir"]
-    try:
-        config_dir = hub.inside(pf.root, sub, "spec source.weights_subdir")
-        if not (config_dir / "config.json").is_file():
-            raise ValueError(f"{pf.root}: no config.json in {sub or 'the folder'}")
-        return hub.skeleton(config_dir, len(pf.entries), _BUFFER_BUDGET + sum(math.prod(s) for _, s in pf.infos.values()))
-    except PackError:
-        raise
-    except Exception as exc:  # the config is untrusted: whatever transformers makes of it is one error
-        msg = str(exc) if isinstance(exc, ValueError) and "weights_subdir" in str(exc) else \
-            f"{pf.root}: cannot build the model from its config ({type(exc).__name__}: {exc})"
-        raise PackError(msg[:500]) from None
-
-
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a packed directory back into a model with its sharing in place.
-
-    Without ``model`` the architecture is rebuilt from the directory's
-    ``config.json`` (a transformers model, or a SentenceTransformer when the
-    source was one) with its weights on the meta device, and the stored tables,
-    indices and tensors are installed directly: no dense copy, no temporary file.
-    With ``model`` (a skeleton of the same architecture) the weights are loaded
-    into it.  Any problem with the file is one ``PackError``; a model that does
-    not fit is refused before anything is written into it.
-    """
-    with PackedFile(path) as pf:
-        kind, sub = pf.source["kind"], pf.source["weights_subdir"]
-        if model is None:
-            if kind == "module":
-                raise PackError("load: this packed file holds a plain nn.Module; pass a skeleton: ws.load(path, model=...)")
-            inner = _skeleton(pf)
-        else:
-            inner = hub.inner_model(model)
-        _check_fit(inner, pf)
-        pf.fetch_all()
-        _install(inner, pf)
-    _trim_heap()
-    if model is not None:
-        return model
-    if kind == hub.SENTENCE_TRANSFORMERS:
-        try:
-            model = hub.packed_sentence_transformer(pf.root, sub, inner)
-        except Exception as exc:
-            raise PackError(f"{pf.root}: cannot build the sentence-transformers pipeline ({type(exc).__name__}: {exc})"[:500]) from None
-    else:
-        model = inner
-    model._weightshare_source = hub.Source(kind, str(pf.root), sub)
-    return model

@@ -68,7 +68,7 @@ class Report:
 def report(model: nn.Module) -> Report:
     """Count a model as it computes (virtual) and as it is stored, with a per-tensor table."""
     from weightshare.hub import inner_model
-    from weightshare.space import map_of
+    from weightshare.space import map_of, module_map
 
     model = inner_model(model)
     uses: dict[int, int] = {}
@@ -81,6 +81,18 @@ def report(model: nn.Module) -> Report:
         if "parametrizations" in mod_name.split("."):
             continue
         prefix = mod_name + "." if mod_name else ""
+        packed_map = module_map(module)
+        if packed_map is not None:  # a packed module (CodebookLinear): its weight is the map's state
+            d = packed_map.describe_module(module)
+            key = id(module.indices)  # a tied LM head shares its embedding's indices: counted once
+            first = key not in seen
+            seen.add(key)
+            numel = _prod(d["shape"])
+            packed = d["bytes_packed"] if first else 0
+            shared_weights += numel
+            shared_bytes += packed
+            layers.append(LayerReport(prefix + "weight", tuple(d["shape"]), packed_map.name, d["detail"], numel,
+                                      d["params_stored"] if first else 0, d["bytes_dense"], packed))
         if parametrize.is_parametrized(module):
             for tname, plist in module.parametrizations.items():
                 m = map_of(plist)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Parametrization", "SharingMap", "register_map", "get_map", "map_of", "share_", "materialize_", "config_from_dict",
+__all__ = ["Parametrization", "SharingMap", "register_map", "get_map", "map_of", "module_map", "share_", "materialize_", "config_from_dict",
            "config_to_dict", "dtype_name", "match_names", "share_parametrization", "shared_parameter", "tied_groups",
            "unmeta_"]
 
@@ -42,6 +42,7 @@ class SharingMap:
     name: str = ""  # the "map" value in packed specs
     config: type | None = None  # the config dataclass ``share_`` dispatches on
     parametrizations: tuple[type, ...] = ()  # parametrization modules this map installs
+    modules: tuple[type, ...] = ()  # packed modules ``ws.load`` builds for inference (none: the parametrized form runs)
 
     def apply(self, model: nn.Module, config, filter_fn: FilterFn | None) -> None:
         raise NotImplementedError
@@ -80,6 +81,29 @@ class SharingMap:
         """The dense weight a checked entry stands for, in the entry's dtype."""
         raise NotImplementedError
 
+    # ---- packed modules (maps with a native inference form) ------------------------------
+    def build_module(self, owner: nn.Module, attr: str, name: str, entry: dict, fetch: Fetch) -> nn.Module | None:
+        """A packed module to put in place of ``owner`` for entry ``name`` (its ``attr``), or None to keep
+        the parametrized form.  Called after the owner's plain tensors (a bias) are installed."""
+        return None
+
+    def share_module(self, source: nn.Module, owner: nn.Module, attr: str) -> nn.Module | None:
+        """A packed module for ``owner`` using the state of packed module ``source`` (a weight tied to
+        the one ``source`` holds, an LM head and its embedding), or None if ``owner`` cannot take one."""
+        return None
+
+    def pack_module(self, name: str, module: nn.Module, put: Put) -> dict:
+        """The entry (without ``map``) of the weight a packed module holds, as ``pack`` writes it."""
+        raise NotImplementedError
+
+    def describe_module(self, module: nn.Module) -> dict:
+        """``describe`` for a packed module."""
+        raise NotImplementedError
+
+    def dense_module(self, module: nn.Module) -> nn.Module:
+        """The plain module a packed module stands for (``nn.Linear`` with its weight decoded), for ``materialize_``."""
+        raise NotImplementedError
+
     def describe(self, plist: parametrize.ParametrizationList, seen: set[int]) -> dict:
         """For ``ws.report``: ``detail`` (str), ``shape``, ``params_stored``, ``bytes_dense``, ``bytes_packed``.
 
@@ -116,6 +140,7 @@ class Parametrization(nn.Module):
 _MAPS: dict[str, SharingMap] = {}
 _BY_CONFIG: dict[type, SharingMap] = {}
 _BY_PARAMETRIZATION: dict[type, SharingMap] = {}
+_BY_MODULE: dict[type, SharingMap] = {}
 _CONFIGS: dict[str, type] = {}
 
 
@@ -129,6 +154,8 @@ def register_map(m: SharingMap) -> SharingMap:
         _CONFIGS[m.config.__name__] = m.config
     for cls in m.parametrizations:
         _BY_PARAMETRIZATION[cls] = m
+    for cls in m.modules:
+        _BY_MODULE[cls] = m
     return m
 
 
@@ -158,6 +185,11 @@ def map_of(plist: parametrize.ParametrizationList) -> SharingMap | None:
     if len(steps) != 1:
         return None
     return _BY_PARAMETRIZATION.get(type(steps[0]))
+
+
+def module_map(module: nn.Module) -> SharingMap | None:
+    """The map whose packed module ``module`` is (a ``CodebookLinear``), or None."""
+    return _BY_MODULE.get(type(module))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -236,6 +268,12 @@ def materialize_(model: nn.Module) -> nn.Module:
     Parametrized weights become plain parameters holding their current value;
     tied parameters get one copy per place they are used.
     """
+    # packed modules (CodebookLinear) become the plain modules they stand for, each with its own weight
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        m = module_map(module)
+        if m is not None and name:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, m.dense_module(module))
     # every value first: a parametrization shared by two modules (tied, then clustered) must still decode
     # for the second after the first is removed, and torch's leave_parametrized writes into the shared original
     modules = [m for m in model.modules() if parametrize.is_parametrized(m)]

@@ -410,9 +410,10 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
         return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, merged())}
     with staged_dir(out) as tmp:
         if ref.root is not None:
-            from weightshare.hub import copy_non_weight_files
+            from weightshare.hub import copy_non_weight_files, strip_packed_config
 
             copy_non_weight_files(ref.root, tmp, confine=ref.confine)
+            strip_packed_config(tmp / ref.weights_subdir)  # a packed reference's config: the merge is dense
         target = tmp / ref.weights_subdir
         target.mkdir(parents=True, exist_ok=True)
         write_safetensors(target / WEIGHTS, entries, merged(), metadata={"format": "pt"})

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from weightshare import kernels
 from weightshare._progress import progress
+from weightshare.modules import CodebookEmbedding, CodebookLinear
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
 from weightshare.space import (Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name, register_map,
@@ -227,8 +229,8 @@ class _Codebook(Parametrization):
         return w.view(*index.shape, -1)
 
 
-class CodebookEmbedding(nn.Embedding):
-    """An ``nn.Embedding`` whose codebook is looked up row by row at inference.
+class RowLookupEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose codebook (parametrized form) is looked up row by row at inference.
 
     Decoding a 30,000-token table to embed a batch of 32 sentences would cost
     more memory than the dense model; the rows a batch uses are a few hundred.
@@ -276,7 +278,7 @@ def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | N
         unmeta_(module, name)
     param = _Codebook(weight.shape, config, importance=importance, init=init, transposed=transposed)
     if type(module) is nn.Embedding and name == "weight":  # exact class: subclasses may have their own forward
-        module.__class__ = CodebookEmbedding
+        module.__class__ = RowLookupEmbedding
     parametrize.register_parametrization(module, name, param, unsafe=True)
     return module
 
@@ -392,10 +394,96 @@ def table_storage_dtype(tables: torch.Tensor, config: CodebookConfig) -> torch.d
 _FLOATS = {"float16", "bfloat16", "float32"}
 
 
+def _packed_kind(module: nn.Module, attr: str, transposed: bool) -> str | None:
+    """Which packed module can stand for ``module.<attr>``: "linear", "embedding", or None (keep the parametrized
+    form: other layers, subclasses with a forward of their own, an Embedding that renormalises rows)."""
+    if attr != "weight":
+        return None
+    if transposed:
+        return "linear" if is_transposed_linear(module) else None
+    if type(module) is nn.Linear:
+        return "linear"
+    if type(module) in (nn.Embedding, RowLookupEmbedding) and module.max_norm is None:
+        return "embedding"
+    return None
+
+
+def _table_storage(tables: torch.Tensor, config: CodebookConfig, weight_dtype: torch.dtype) -> torch.dtype:
+    """The narrowest of (config's table dtype, the weight's dtype, fp32) that holds ``tables`` exactly."""
+    for dtype in (TABLE_DTYPES[config.table_dtype], weight_dtype):
+        if torch.equal(tables.to(dtype).to(tables.dtype), tables):
+            return dtype
+    return torch.float32
+
+
 class CodebookMap(SharingMap):
     name = "codebook"
     config = CodebookConfig
     parametrizations = (_Codebook,)
+    modules = (CodebookLinear, CodebookEmbedding)
+
+    def build_module(self, owner, attr, name, entry, fetch):
+        transposed = bool(entry.get("transposed"))
+        kind = _packed_kind(owner, attr, transposed)
+        if kind is None or len(entry["shape"]) != 2:
+            return None
+        config = config_from_dict(entry["config"])
+        n, k = channel_layout(entry["shape"], transposed)
+        groups, _ = group_layout((n, k), config.granularity, config.group_size, name)
+        layout = kernels.Layout(n, k, config.bits, groups)
+        indices = kernels.encode_stream(fetch(f"{name}.__indices").numpy(), config.bits, n, k)
+        tables = kernels.pad_tables(fetch(f"{name}.__tables"), config.bits)
+        dtype = getattr(torch, entry["dtype"])
+        if kind == "embedding":
+            return CodebookEmbedding(indices, tables, layout, config, dtype, padding_idx=owner.padding_idx)
+        return CodebookLinear(indices, tables, layout, config, dtype, bias=owner.bias, transposed=transposed)
+
+    def share_module(self, source, owner, attr):
+        kind = _packed_kind(owner, attr, False)
+        shape = (source.layout.out_features, source.layout.in_features)
+        if kind is None or source.transposed or tuple(getattr(owner, attr).shape) != shape:
+            return None
+        args = (source.indices, source.tables, source.layout, source.config, source.weight_dtype)
+        if kind == "embedding":
+            return CodebookEmbedding(*args, padding_idx=owner.padding_idx)
+        return CodebookLinear(*args, bias=owner.bias)
+
+    def pack_module(self, name, module, put) -> dict:
+        config, layout = module.config, module.layout
+        tables = module.tables[:, : 1 << config.bits]  # 1-bit tables are padded to 4 entries in memory
+        store = _table_storage(tables, config, module.weight_dtype)
+        put(f"{name}.__tables", tables.to(store).contiguous())
+        put(f"{name}.__indices", torch.from_numpy(pack_bits(kernels.labels_of(module.indices, layout), config.bits)))
+        entry = {"shape": list(module._dense_shape()), "dtype": dtype_name(module.weight_dtype),
+                 "config": config_to_dict(config)}
+        if module.transposed:
+            entry["transposed"] = True
+        return entry
+
+    def dense_module(self, module) -> nn.Module:
+        w = kernels.decode(module.indices, module.tables, module.layout).to(module.weight_dtype)
+        if isinstance(module, CodebookEmbedding):
+            return nn.Embedding.from_pretrained(w, freeze=False, padding_idx=module.padding_idx)
+        if module.transposed:  # only a transformers model has these
+            from transformers.pytorch_utils import Conv1D
+
+            plain = Conv1D(module.out_features, module.in_features)
+            plain.weight = nn.Parameter(w.t().contiguous())
+        else:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.weight = nn.Parameter(w)
+        plain.bias = module.bias
+        return plain
+
+    def describe_module(self, module) -> dict:
+        config, layout = module.config, module.layout
+        numel = layout.out_features * layout.in_features
+        stored = layout.tables * (1 << config.bits)
+        esize = _table_storage(module.tables[:, : 1 << config.bits], config, module.weight_dtype).itemsize
+        detail = f"{config.bits}-bit {config.granularity}" + (f"({config.group_size})" if config.group_size else "")
+        return {"detail": detail + " (packed)", "shape": module._dense_shape(), "params_stored": stored,
+                "bytes_dense": numel * module.weight_dtype.itemsize,
+                "bytes_packed": packed_size(numel, config.bits) + stored * esize}
 
     def apply(self, model, config, filter_fn) -> None:
         codebook_model_(model, config, filter_fn)
