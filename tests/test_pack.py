@@ -46,7 +46,8 @@ def test_round_trip_is_bit_exact(packed_tiny):
     # packed modules sum in another order than F.linear on the decoded weight; the parametrized form is bit exact
     assert torch.allclose(tiny(x), loaded(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(tiny(x), ws.load(path, model=TinyNet(), trainable=True)(x))
-    assert ws.report(loaded).to_dict(layers=False) == ws.report(tiny).to_dict(layers=False)
+    counts = [{k: v for k, v in ws.report(m).to_dict(layers=False).items() if k != "bytes_in_memory"} for m in (loaded, tiny)]
+    assert counts[0] == counts[1]  # what is stored is the same; what is held in memory is each form's own
 
 
 def test_file_size_is_within_2_percent_of_theory(packed_tiny):

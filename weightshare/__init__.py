@@ -7,6 +7,8 @@ Names are imported on first use (PEP 562), so ``import weightshare.cli`` does
 not import torch: the CLI sets OpenMP's environment before torch loads.
 """
 
+import importlib.abc
+import importlib.util
 import sys
 import types
 from importlib import import_module
@@ -65,3 +67,41 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+
+# transformers' from_pretrained loads packed directories once weightshare's quantizer is registered
+# with it (weightshare/hf_quantizer.py).  Registering imports transformers and torch, which
+# `import weightshare` must not do (the CLI sets OpenMP's environment first): it happens when
+# transformers' quantizer registry is imported, or now if it already was.
+_REGISTRY = "transformers.quantizers.auto"
+
+
+class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when transformers' quantizer registry is imported, runs weightshare's registration after it."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _REGISTRY:
+            return None
+        sys.meta_path.remove(self)  # once, and so that find_spec below asks the real finders
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        import_module("weightshare.hf_quantizer")
+
+
+if _REGISTRY in sys.modules:
+    import_module("weightshare.hf_quantizer")
+else:
+    sys.meta_path.insert(0, _RegisterWithTransformers())

@@ -31,13 +31,15 @@ def _summary(rep) -> str:
 
 def _inspect(args) -> None:
     import weightshare as ws
+    from weightshare import kernels
 
     model = ws.load(args.dir)
     rep = ws.report(model)
     if args.json:
-        print(json.dumps(rep.to_dict(layers=True)))
+        print(json.dumps({**rep.to_dict(layers=True), "kernel": kernels.isa(), "kernel_detail": kernels.describe()}))
     else:
         print(rep)
+        print(f"kernel on this machine: {kernels.describe()}")
 
 
 def _export(args) -> None:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class PackedModule(nn.Module):
-    """Indices and tables of one codebook weight, in the kernel's layout (non-persistent buffers).
+    """Indices and tables of one codebook weight, in the kernel's layout (plain tensor attributes).
 
     ``config`` is the ``CodebookConfig`` of the packed entry, ``weight_dtype`` the
     dtype of the weight it stands for, ``transposed`` whether that weight was
@@ -37,6 +37,9 @@ class PackedModule(nn.Module):
     """
 
     _decode_warned = False
+    # while transformers' from_pretrained runs (weightshare's quantizer sets it), .weight is a meta placeholder:
+    # models' _init_weights read children's weights, and nothing of a packed model needs initialising
+    _placeholder = False
 
     def __init__(self, indices: torch.Tensor, tables: torch.Tensor, layout: kernels.Layout, config, weight_dtype: torch.dtype,
                  transposed: bool = False):
@@ -48,21 +51,28 @@ class PackedModule(nn.Module):
         self.config = config
         self.weight_dtype = weight_dtype
         self.transposed = bool(transposed)
-        # not persistent: a state_dict of the model has no codebook in it (ws.save writes them)
-        self.register_buffer("indices", indices, persistent=False)
-        self.register_buffer("tables", tables, persistent=False)
+        # Plain tensor attributes, not buffers: a state_dict has no codebook in it (ws.save writes them), and
+        # transformers' from_pretrained, which re-creates every non-persistent buffer after loading, leaves them be.
+        self.indices = indices
+        self.tables = tables
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) rounds the tables as it would round dense weights; the kernel reads them as fp32
+        # what .to() / .half() do to buffers; .to(dtype) rounds the tables as it would round dense weights,
+        # and the kernel reads them as fp32
         super()._apply(fn, recurse)
-        if self.tables.dtype != torch.float32:
-            self.weight_dtype = self.tables.dtype
-            self.tables = self.tables.float()
+        self.indices = fn(self.indices)
+        tables = fn(self.tables)
+        if tables.dtype != torch.float32:
+            self.weight_dtype = tables.dtype
+            tables = tables.float()
+        self.tables = tables
         return self
 
     @property
     def weight(self) -> torch.Tensor:
         """The decoded weight (a new tensor each time): for code that reads ``.weight``; the forward never does."""
+        if self._placeholder:
+            return torch.empty(self._dense_shape(), dtype=self.weight_dtype, device="meta")
         if not PackedModule._decode_warned:
             log.warning("%s.weight decodes the whole %s weight; the packed forward pass never does",
                         type(self).__name__, tuple(self._dense_shape()))

@@ -42,6 +42,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 from torch.nn.utils import parametrize
 
+import weightshare.sharing  # noqa: F401  (registers every map: a file names its maps, the registry knows them)
 from weightshare import hub
 from weightshare.space import dtype_name, get_map, map_of, module_map, packable_maps
 

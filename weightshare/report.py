@@ -32,6 +32,7 @@ class Report:
     bytes_packed: int  # the same model in the packed format (indices at `bits` bits, tables, untouched tensors)
     bits_per_weight: float  # packed bits per virtual weight of the mapped (codebook, ...) tensors (dense bits if none)
     layers: list[LayerReport] = field(default_factory=list)
+    bytes_in_memory: int = 0  # what the model holds now: every distinct tensor storage (packed modules' indices and tables too)
 
     def to_dict(self, layers: bool = True) -> dict:
         d = asdict(self)
@@ -51,6 +52,7 @@ class Report:
             f"bytes dense      {self.bytes_dense / mb:>11.2f} MB",
             f"bytes packed     {self.bytes_packed / mb:>11.2f} MB  ({self.bytes_dense / max(self.bytes_packed, 1):.2f}x smaller)",
             f"bits per weight  {self.bits_per_weight:>14.3f}",
+            f"bytes in memory  {self.bytes_in_memory / mb:>11.2f} MB  (what the loaded model holds)",
         ]
         if self.layers:
             w = max(len(layer.name) for layer in self.layers)
@@ -138,7 +140,28 @@ def report(model: nn.Module) -> Report:
         bpw = 8 * shared_bytes / shared_weights
     else:
         bpw = 8 * sum(r.bytes_dense for r in layers) / max(virtual, 1)
-    return Report(virtual, stored, virtual / max(stored, 1), bytes_dense, bytes_packed, bpw, layers)
+    return Report(virtual, stored, virtual / max(stored, 1), bytes_dense, bytes_packed, bpw, layers, bytes_held(model))
+
+
+def bytes_held(model: nn.Module) -> int:
+    """Bytes of every distinct tensor storage the model holds: parameters, buffers (persistent or not),
+    parametrization state and packed modules' indices and tables, each storage counted once."""
+    from weightshare.space import module_map
+
+    storages: dict[int, int] = {}
+
+    def add(t) -> None:
+        if t is not None and not t.is_meta:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+
+    for module in model.modules():
+        for t in list(module._parameters.values()) + list(module._buffers.values()):
+            add(t)
+        if module_map(module) is not None:
+            add(module.indices)
+            add(module.tables)
+    return sum(storages.values())
 
 
 def _prod(shape) -> int:

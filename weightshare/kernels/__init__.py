@@ -51,6 +51,8 @@ ENV = "WEIGHTSHARE_KERNEL"
 ISAS = ("avx512", "avx2", "portable", "torch")  # best first
 _ISA_CODE = {"portable": 0, "avx2": 1, "avx512": 2}
 COMPUTES = ("fp32", "bf16")
+# every buffer the C core writes into names its device: from_pretrained builds models under torch.device("meta")
+_CPU_DEVICE = torch.device("cpu")
 _DECODE_ROWS = 256  # rows decoded at a time on the torch path: bounds its dense temporary
 # the largest M that takes the fused decode + FMA path (decoded weights in registers);
 # above it the tile GEMM amortises decoding over many inputs
@@ -219,7 +221,8 @@ def describe() -> str:
     forced = f", forced by {ENV}" if os.environ.get(ENV, "").strip().lower() not in ("", "auto") else ""
     if path == "portable":
         return f"portable C (no SIMD: decode a row, then dot products){forced}"
-    bf16 = "available" if bf16_supported() else "not available (compute='bf16' runs exact fp32)"
+    bf16 = ("available" if bf16_supported() and path == "avx512"
+            else "not on this path (compute='bf16' runs exact fp32)")
     return (f"{path} (fused decode + FMA for M <= {fused_max(path)} input rows, decoded tile + GEMM above; "
             f"bf16 compute {bf16}; threads: {torch.get_num_threads()}){forced}")
 
@@ -261,7 +264,7 @@ def encode_stream(stream: np.ndarray, bits: int, out_features: int, in_features:
     stream = np.ascontiguousarray(stream, dtype=np.uint8).reshape(-1)
     if stream.size < (N * K * bits + 7) // 8:
         raise ValueError(f"codebook indices: {stream.size} bytes hold fewer than {N} x {K} {bits}-bit indices")
-    out = torch.empty((N, row_bytes(lbits, K)), dtype=torch.uint8)
+    out = torch.empty((N, row_bytes(lbits, K)), dtype=torch.uint8, device=_CPU_DEVICE)
     if _core is not None:
         rc = _core.ws_cb_from_stream(stream.ctypes.data, stream.size, bits, N, K, lbits, out.data_ptr())
         if rc:
@@ -283,7 +286,7 @@ def _labels_torch(indices: torch.Tensor, lbits: int, K: int) -> torch.Tensor:
         lo = b[..., :16]
         lab = torch.stack([(lo >> (2 * t)) & 3 for t in range(4)], dim=2)
         if lbits == 3:
-            shifts = torch.arange(8, dtype=torch.uint8)
+            shifts = torch.arange(8, dtype=torch.uint8, device=_CPU_DEVICE)
             hi = (b[..., 16:, None] >> shifts) & 1  # (n, blocks, 8 bytes, 8 bits): bit i of the word
             lab = lab | (hi.reshape(n, -1, 4, 16) << 2)
     else:
@@ -373,12 +376,15 @@ def _linear_impl(x, indices, tables, bias, in_features, bits, compute):
         b = bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.float().contiguous()
         if b.shape != (N,):
             raise ValueError(f"codebook linear: bias\n  expected: shape ({N},)\n  got: {tuple(b.shape)}")
+    if x2.device.type != "cpu" or (b is not None and b.device.type != "cpu"):
+        raise ValueError(f"codebook linear: the codebook kernel runs on the CPU\n  got: input on {x2.device}"
+                         + ("" if b is None else f", bias on {b.device}"))
     path = isa()
-    y = torch.empty((M, N), dtype=torch.float32)
+    y = torch.empty((M, N), dtype=torch.float32, device=_CPU_DEVICE)
     if path == "torch":
         layout = Layout(N, K, bits, tables.shape[0])
         for n0 in range(0, N, _DECODE_ROWS):
-            rows = torch.arange(n0, min(N, n0 + _DECODE_ROWS))
+            rows = torch.arange(n0, min(N, n0 + _DECODE_ROWS), device=_CPU_DEVICE)
             w = _decode_torch(indices, tables, layout, rows)
             y[:, n0:n0 + len(rows)] = F.linear(x2, w, None if b is None else b[n0:n0 + len(rows)])
     elif M:
@@ -399,6 +405,8 @@ def _rows_impl(ids, indices, tables, in_features, bits):
     layout = _layout_from(indices, tables, in_features, bits)
     N, K = layout.out_features, layout.in_features
     flat = ids.reshape(-1)
+    if flat.device.type != "cpu":
+        raise ValueError(f"codebook embedding: the codebook kernel runs on the CPU\n  got ids on {flat.device}")
     if flat.dtype != torch.int64:
         flat = flat.long()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= N):
@@ -409,7 +417,7 @@ def _rows_impl(ids, indices, tables, in_features, bits):
         out = _decode_torch(indices, tables, layout, flat)
     else:
         flat = flat.contiguous()
-        out = torch.empty((flat.numel(), K), dtype=torch.float32)
+        out = torch.empty((flat.numel(), K), dtype=torch.float32, device=_CPU_DEVICE)
         rc = _core.ws_cb_decode_rows(indices.data_ptr(), tables.data_ptr(), N, K, layout.lbits, layout.entries,
                                      layout.group, layout.table_stride, flat.data_ptr(), flat.numel(), out.data_ptr(),
                                      K, _ISA_CODE[path], torch.get_num_threads())
@@ -436,10 +444,10 @@ def _linear_backward(ctx, grad):
     g = grad.reshape(-1, N).float()
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.zeros(g.shape[0], K)
+        grad_x = torch.zeros(g.shape[0], K, device=_CPU_DEVICE)
         for n0 in range(0, N, _DECODE_ROWS):
             n1 = min(N, n0 + _DECODE_ROWS)
-            grad_x += g[:, n0:n1] @ _rows_impl(torch.arange(n0, n1), indices, tables, K, bits)
+            grad_x += g[:, n0:n1] @ _rows_impl(torch.arange(n0, n1, device=_CPU_DEVICE), indices, tables, K, bits)
         grad_x = grad_x.view(shape).to(dtype)
     if ctx.needs_input_grad[3]:
         grad_bias = g.sum(0)
@@ -467,7 +475,7 @@ def embedding(ids: torch.Tensor, indices: torch.Tensor, tables: torch.Tensor, in
 
 def decode(indices: torch.Tensor, tables: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The whole weight, fp32 (out_features, in_features): for export and inspection, never the forward pass."""
-    return embedding(torch.arange(layout.out_features), indices, tables, layout.in_features, layout.bits)
+    return embedding(torch.arange(layout.out_features, device=_CPU_DEVICE), indices, tables, layout.in_features, layout.bits)
 
 
 def pad_tables(tables: torch.Tensor, bits: int) -> torch.Tensor:

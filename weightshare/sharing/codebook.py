@@ -138,7 +138,7 @@ class _Codebook(Parametrization):
         elif init is not None:
             codes = self._encode(init[1].reshape(-1))
         else:
-            codes = torch.zeros((self.numel + 1) // 2 if self.nibbles else self.numel, dtype=torch.uint8)
+            codes = torch.zeros((self.numel + 1) // 2 if self.nibbles else self.numel, dtype=torch.uint8, device="cpu")
         self.register_buffer("codes", codes)
         self._importance = importance
 
