@@ -16,8 +16,10 @@ build the same packed modules as ``ws.load``.  The quantizer does the loading
 itself before transformers reads any tensor: the packed file is opened and fully
 checked (every field, every checksum, the fit of the model), and every entry is
 installed into the meta-device model; transformers then finds the plain tensors
-it expects.  ``WeightshareConfig(trainable=True)`` or ``compute="bf16"`` passed
-as ``quantization_config=`` choose the parametrized form or bf16 compute.
+it expects.  Loading options are not passed through ``quantization_config=``
+(transformers forwards them only for its own config classes): call
+``weightshare.modules.set_compute(model, "bf16")`` afterwards, or use
+``ws.load(path, trainable=True)`` for the parametrized form whose tables train.
 """
 
 from __future__ import annotations
@@ -38,19 +40,12 @@ log = logging.getLogger(__name__)
 
 @register_quantization_config(hub.QUANT_METHOD)
 class WeightshareConfig(QuantizationConfigMixin):
-    """What a packed ``config.json`` says (``quant_method``), and how to load it (given to ``from_pretrained``)."""
+    """What a packed ``config.json`` says: ``{"quant_method": "weightshare"}`` (the spec is in the packed file)."""
 
-    def __init__(self, quant_method: str = hub.QUANT_METHOD, compute: str = "fp32", trainable: bool = False, **kwargs):
-        from weightshare.kernels import COMPUTES
-
-        if compute not in COMPUTES:
-            raise ValueError(f"WeightshareConfig.compute\n  expected one of: {', '.join(COMPUTES)}\n  got: {compute!r}")
+    def __init__(self, quant_method: str = hub.QUANT_METHOD, **kwargs):
         self.quant_method = hub.QUANT_METHOD
-        self.compute = compute
-        self.trainable = bool(trainable)
 
     def to_dict(self) -> dict:
-        # what the packed config.json holds: how to load is the loader's choice, not the file's
         return {"quant_method": self.quant_method}
 
 
@@ -58,7 +53,7 @@ class WeightshareConfig(QuantizationConfigMixin):
 class WeightshareHfQuantizer(HfQuantizer):
     """Installs a packed file into the meta-device model that ``from_pretrained`` built."""
 
-    requires_calibration = True  # only packed directories: weightshare compress makes them
+    requires_calibration = False  # validate_environment says what to do instead, in weightshare's words
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if not self.pre_quantized:
@@ -74,7 +69,7 @@ class WeightshareHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from weightshare.load import check_fit, install
-        from weightshare.modules import PackedModule, set_compute
+        from weightshare.modules import PackedModule
         from weightshare.pack import FILENAME, PackedFile
 
         files = [Path(f) for f in checkpoint_files or []]
@@ -84,9 +79,7 @@ class WeightshareHfQuantizer(HfQuantizer):
         with PackedFile(files[0].parent) as pf:
             check_fit(model, pf)
             pf.fetch_all()
-            install(model, pf, trainable=self.quantization_config.trainable)
-        if self.quantization_config.compute != "fp32":
-            set_compute(model, self.quantization_config.compute)
+            install(model, pf)
         for m in model.modules():
             if isinstance(m, PackedModule):
                 m._placeholder = True  # until loading ends: models' _init_weights read .weight
@@ -115,4 +108,4 @@ class WeightshareHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return self.quantization_config.trainable
+        return False  # the tables are frozen in packed modules; ws.load(path, trainable=True) trains them
