@@ -87,6 +87,11 @@ def get_method(name: str) -> MergeMethod:
     return MERGE_METHODS[name]
 
 
+def _number(v) -> bool:
+    """An int or float from a config, not a bool (YAML's true is an int to Python, but no density)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def check_params(method: MergeMethod, n_models: int, has_base: bool, model_params: dict[str, list],
                  params: dict[str, Any]) -> list[str]:
     """Every problem with a method's arguments, as messages (empty: all good).  Per-model values
@@ -123,23 +128,23 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
     else:
         shaped = model_params
     for d in shaped.get("density", []):
-        if not (isinstance(d, (int, float)) and 0 < d <= 1):
+        if not (_number(d) and 0 < d <= 1):
             problems.append(f"density must be in (0, 1]; got {d!r}")
     epsilons = shaped.get("epsilon", [])
     for e in epsilons:
-        if not (isinstance(e, (int, float)) and 0 <= e < 1):
+        if not (_number(e) and 0 <= e < 1):
             problems.append(f"epsilon must be in [0, 1); got {e!r}")
     # DELLA's keep probabilities, density ± epsilon, must be probabilities: every density a setting
     # can give with every epsilon (a stricter check than per tensor, never a looser one)
     bad = {(d, e) for d in shaped.get("density", []) for e in epsilons
-           if isinstance(d, (int, float)) and isinstance(e, (int, float)) and 0 < d < 1 and 0 <= e < 1
+           if _number(d) and _number(e) and 0 < d < 1 and 0 <= e < 1
            and not (0 < d - e and d + e < 1)}
     for d, e in sorted(bad):
         problems.append(f"density ± epsilon must lie in (0, 1); got density {d!r} with epsilon {e!r}")
     for g in shaped.get("gamma", []):
-        if not (isinstance(g, (int, float)) and 0 <= g < 1):
+        if not (_number(g) and 0 <= g < 1):
             problems.append(f"gamma must be in [0, 1); got {g!r}")
     for w in shaped.get("weight", []):
-        if not (isinstance(w, (int, float)) and w == w and abs(w) != float("inf")):
+        if not (_number(w) and w == w and abs(w) != float("inf")):
             problems.append(f"weight must be a finite number; got {w!r}")
     return problems
