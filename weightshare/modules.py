@@ -104,9 +104,14 @@ class CodebookLinear(PackedModule):
             raise ValueError(f"CodebookLinear: bias\n  expected: shape ({layout.out_features},)\n  got: {tuple(bias.shape)}")
         self.bias = bias
         self.compute = compute
+        self._plan = kernels.Plan()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.indices, self.tables, self.bias, self.in_features, self.layout.bits, self.compute)
+        args = (x, self.indices, self.tables, self.bias, self.in_features, self.layout.bits, self.compute)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            return kernels.linear(*args)  # the registered op: a graph node, with its backward
+        return kernels.linear_eager(self._plan, *args)  # the same kernel, without the dispatcher's per-call cost
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bias={self.bias is not None}" + (", compute=bf16" if self.compute == "bf16" else "")

@@ -10,7 +10,7 @@ import importlib
 import json
 import os
 
-NAMES = ("kmeans", "minilm", "load", "digits-arch", "minilm-basis", "digits-mtl", "text-mtl", "merge-minilm", "soups", "cotrain")
+NAMES = ("kmeans", "minilm", "load", "digits-arch", "minilm-basis", "digits-mtl", "text-mtl", "merge-minilm", "soups", "cotrain", "runtime")
 
 
 def run(name: str, quick: bool = False, as_json: bool = False) -> dict:

@@ -143,6 +143,8 @@ def _load_core():
     lib.ws_cb_isa.argtypes = []
     lib.ws_cb_linear.restype = i32
     lib.ws_cb_linear.argtypes = [p, i64, i64, p, p, i64, i64, i32, i32, i64, i64, p, p, i64, i32, i32, i32, i32]
+    lib.ws_cb_linear_g.restype = i32
+    lib.ws_cb_linear_g.argtypes = [p, p, i64, p, p, i32, i32, i32, i32]
     lib.ws_cb_decode_rows.restype = i32
     lib.ws_cb_decode_rows.argtypes = [p, p, i64, i64, i32, i32, i64, i64, p, i64, p, i64, i32, i32]
     lib.ws_cb_from_stream.restype = i32
@@ -394,6 +396,60 @@ def _linear_impl(x, indices, tables, bias, in_features, bits, compute):
         if rc:
             raise RuntimeError(f"codebook linear: the kernel refused its arguments (code {rc})")
     y = y.view(*lead, N)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+class Plan:
+    """The checked geometry of one packed layer, reused while its indices and tables are the same tensors.
+
+    ``linear_eager`` needs no per-call validation of the buffers: the geometry was checked
+    when the plan was made, and is made again whenever either tensor changes.
+    """
+
+    __slots__ = ("key", "geometry", "n")
+
+    def __init__(self):
+        self.key = None
+
+    def get(self, indices, tables, in_features, bits):
+        key = (indices.data_ptr(), tables.data_ptr(), indices.shape, tables.shape, indices.dtype, tables.dtype,
+               indices.device, tables.device, in_features, bits)
+        if key != self.key:
+            N, lbits, entries, group, stride = _geometry(indices, tables, in_features, bits)
+            if not (indices.is_contiguous() and tables.is_contiguous()):
+                raise ValueError("codebook layer: indices and tables must be contiguous")
+            self.geometry = (ctypes.c_int64 * 8)(indices.data_ptr(), tables.data_ptr(), N, in_features, lbits, entries,
+                                                 group, stride)
+            self.n, self.key = N, key
+        return self.geometry
+
+
+def linear_eager(plan: Plan, x, indices, tables, bias, in_features: int, bits: int, compute: str = "fp32"):
+    """``linear`` for eager inference (no gradient to track, not being compiled): the kernel called directly,
+    the layer's geometry from ``plan``.  Anything unusual goes through the registered op."""
+    path = isa()
+    if (path == "torch" or x.device.type != "cpu" or x.shape[-1] != in_features
+            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
+        return linear(x, indices, tables, bias, in_features, bits, compute)
+    geometry = plan.get(indices, tables, in_features, bits)
+    N = plan.n
+    if bias is not None and bias.shape != (N,):
+        return linear(x, indices, tables, bias, in_features, bits, compute)  # the op names the problem
+    out_dtype = x.dtype
+    x2 = x.reshape(-1, in_features)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=torch.float32, device=_CPU_DEVICE)
+    if M:
+        rc = _core.ws_cb_linear_g(geometry, x2.data_ptr(), M, None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                  _ISA_CODE[path], COMPUTES.index(compute), _FUSED_MAX.get(path, 0),
+                                  torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"codebook linear: the kernel refused its arguments (code {rc})")
+    y = y.view(*x.shape[:-1], N)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 

@@ -1183,6 +1183,14 @@ int ws_cb_linear(const float *x, int64_t M, int64_t ldx, const uint8_t *idx, con
     return 0;
 }
 
+/* ws_cb_linear with the layer's geometry in one array (built once per layer by the caller): g = {indices,
+   tables, N, K, bits, entries, group, tab_stride} (pointers as integers).  Fewer arguments to convert per call. */
+int ws_cb_linear_g(const int64_t *g, const float *x, int64_t M, const float *bias, float *y, int isa, int mode,
+                   int fused_max, int nthreads) {
+    return ws_cb_linear(x, M, g[3], (const uint8_t *)(intptr_t)g[0], (const float *)(intptr_t)g[1], g[2], g[3], (int)g[4],
+                        (int)g[5], g[6], g[7], bias, y, g[2], isa, mode, fused_max, nthreads);
+}
+
 /* out[i] (K floats, row stride ldo) = row rows[i] of W decoded (rows == NULL: rows 0..count-1). */
 typedef struct {
     const layer_t *L;
