@@ -74,18 +74,25 @@ def test_fp32_equals_f_linear_on_the_decoded_weight(monkeypatch, path, layer):
         assert float((y.double() - ref).abs().max()) <= 1e-5 * max(float(ref.abs().max()), 1e-30)
 
 
-@pytest.mark.skipif(not kernels.bf16_supported(), reason="this CPU has no AVX512_BF16")
+BF16_PATHS = [p for p, ok in (("amx", kernels.amx_supported()), ("vdpbf16ps", kernels.bf16_supported())) if ok]
+
+
+@pytest.mark.skipif(not BF16_PATHS, reason="this CPU has no AVX512_BF16")
+@pytest.mark.parametrize("bf16_path", BF16_PATHS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layer=layers())
-def test_bf16_compute_is_within_bf16_rounding(monkeypatch, layer):
+def test_bf16_compute_is_within_bf16_rounding(monkeypatch, bf16_path, layer):
     n, k, bits, per_row, m, bias, seed = layer
     monkeypatch.setenv(kernels.ENV, "avx512")
+    if bf16_path == "vdpbf16ps":
+        monkeypatch.setenv("WEIGHTSHARE_NO_AMX", "1")
     rng = np.random.default_rng(seed)
     labels, tables, indices = make_layer(rng, n, k, bits, per_row)
     w = ref_weight(labels, tables, per_row).double()
     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
-    y = kernels.linear(x, indices, kernels.pad_tables(tables, bits), None, k, bits, compute="bf16")
-    ref = x.double() @ w.T
+    b = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) if bias else None
+    y = kernels.linear(x, indices, kernels.pad_tables(tables, bits), b, k, bits, compute="bf16")
+    ref = x.double() @ w.T + (0 if b is None else b.double())
     # each product rounds both factors to bf16 (relative error <= 2^-8 each), sums stay fp32
     bound = 2.0 ** -7 * (x.double().abs() @ w.abs().T) + 1e-5 * max(float(ref.abs().max()) if m else 0.0, 1e-30)
     assert bool(((y.double() - ref).abs() <= bound).all())

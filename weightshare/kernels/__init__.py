@@ -10,7 +10,9 @@ kernel (``_codebook.c``, built at install) decodes indices inside the GEMM:
   so the layer is read once at b/8 bytes per weight;
 * large M: 32 rows at a time are decoded and transposed into a tile that stays in
   L2, then a 12 x 32 register-blocked micro-kernel runs over the inputs; exact fp32
-  by default, or bf16 products with fp32 sums (``compute="bf16"``, AVX512_BF16).
+  by default, or bf16 products with fp32 sums (``compute="bf16"``): on AMX tiles where
+  the CPU has them (the decoded tile is AMX's B operand as it is), else AVX512_BF16
+  ``vdpbf16ps`` (``WEIGHTSHARE_NO_AMX=1`` forces the latter).
 
 Indices of 2, 3 and 4 bits are decoded natively from 2, 3 and 4 bits a weight;
 1-bit codebooks use the 2-bit layout (2 bits a weight in memory); 5 to 8 bits are
@@ -179,6 +181,13 @@ def bf16_supported() -> bool:
     return bool(_CPU & 4) and _core is not None
 
 
+def amx_supported() -> bool:
+    """Whether bf16 compute runs on AMX tiles here (Intel Sapphire Rapids and later, and the OS grants them).
+
+    ``WEIGHTSHARE_NO_AMX=1`` keeps bf16 compute on AVX512_BF16 instructions instead."""
+    return bool(_CPU & 8) and _core is not None
+
+
 _cached: tuple[str | None, str] = (None, "")
 _warned_missing = False
 
@@ -223,8 +232,10 @@ def describe() -> str:
     forced = f", forced by {ENV}" if os.environ.get(ENV, "").strip().lower() not in ("", "auto") else ""
     if path == "portable":
         return f"portable C (no SIMD: decode a row, then dot products){forced}"
-    bf16 = ("available" if bf16_supported() and path == "avx512"
-            else "not on this path (compute='bf16' runs exact fp32)")
+    if bf16_supported() and path == "avx512":
+        bf16 = "on AMX tiles" if amx_supported() and not os.environ.get("WEIGHTSHARE_NO_AMX") else "on AVX512_BF16"
+    else:
+        bf16 = "not on this path (compute='bf16' runs exact fp32)"
     return (f"{path} (fused decode + FMA for M <= {fused_max(path)} input rows, decoded tile + GEMM above; "
             f"bf16 compute {bf16}; threads: {torch.get_num_threads()}){forced}")
 

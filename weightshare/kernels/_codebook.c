@@ -46,7 +46,12 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define WS_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #define WS_PARALLEL_WORK 12e6 /* multiply-adds (~250 us on one core) above which a layer always splits */
@@ -980,9 +985,9 @@ static AVX512 void ukernel_512_8(const float *xp, const float *tile, int64_t kc,
     ukernel_512_h(xp, tile, kc, y, ldy, mr, nr, accumulate, bias, 8);
 }
 
-/* bf16: the fp32 tile [k][32] as bf16 pairs [k/2][32] (dword j = (w[2p][j], w[2p+1][j])), in place */
-static AVX512BF void tile_to_bf16(float *tile, int64_t kc) {
-    uint32_t *out = (uint32_t *)tile;
+/* bf16: the fp32 tile [k][32] as bf16 pairs [k/2][32] (dword j = (w[2p][j], w[2p+1][j])) into out,
+   which may be the tile itself (pair p is written after rows 2p and 2p+1 were read) */
+static AVX512BF void tile_to_bf16_into(const float *tile, int64_t kc, uint32_t *out) {
     const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     for (int64_t p = 0; p < kc / 2; p++) {
@@ -990,10 +995,12 @@ static AVX512BF void tile_to_bf16(float *tile, int64_t kc) {
             const __m512 e = _mm512_load_ps(tile + (2 * p) * NR5 + 16 * h);
             const __m512 o = _mm512_load_ps(tile + (2 * p + 1) * NR5 + 16 * h);
             const __m512 lo = _mm512_permutex2var_ps(e, lo_idx, o), hi = _mm512_permutex2var_ps(e, hi_idx, o);
-            _mm512_store_si512((__m512i *)(out + p * NR5 + 16 * h), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512((__m512i *)(out + p * NR5 + 16 * h), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
     }
 }
+
+static AVX512BF void tile_to_bf16(float *tile, int64_t kc) { tile_to_bf16_into(tile, kc, (uint32_t *)tile); }
 
 /* the fp32 panel [kc][12] as bf16 pairs [kc/2][12], in place */
 static AVX512BF void panel_to_bf16(float *xp, int64_t kc) {
@@ -1127,8 +1134,172 @@ static int cpu_has(int isa) {
     return (known >> isa) & 1;
 }
 
-/* Bit 0: AVX2+FMA, bit 1: AVX-512 (F, BW, VL, DQ), bit 2: AVX512_BF16; 0: portable C only. */
-int ws_cb_isa(void) { return (cpu_has(ISA_AVX2) ? 1 : 0) | (cpu_has(ISA_AVX512) ? 2 : 0) | (cpu_has(3) && cpu_has(ISA_AVX512) ? 4 : 0); }
+
+/* ------------------------------------------------------------------ AMX (bf16 compute, large M) */
+#ifdef WS_X86
+/* Intel AMX: 8 tile registers of 16 rows x 64 bytes; tdpbf16ps C[16x16 fp32] += A[16x32 bf16] . B[32x16 bf16],
+   B in pairs of k ("VNNI" layout): exactly the bf16 tile [k/2][32] this file already decodes into, two
+   16-column B tiles 64 bytes apart.  A is x in bf16, row-major.  Used for compute="bf16" where the CPU
+   has it (it multiplies about 16x more per cycle than AVX-512 FMAs); elsewhere bf16 uses vdpbf16ps. */
+#define AMX_GROUP_BYTES (1 << 20) /* decoded bf16 weight tiles per group: half of a 2 MB L2 */
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config_t;
+
+static int amx_usable(void) {
+    static int known = -1;
+    if (known >= 0) return known;
+    int ok = 0;
+    unsigned a, b, c, d;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 24)) && (d & (1u << 22)) && cpu_has(3) &&
+        cpu_has(ISA_AVX512)) {
+        unsigned lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        if ((lo & (3u << 17)) == (3u << 17)) { /* the OS saves tile state */
+#if defined(__linux__) && defined(SYS_arch_prctl)
+            /* Linux hands out tile state only on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) */
+            ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#endif
+        }
+    }
+    known = ok;
+    return ok;
+}
+
+static AMX void amx_configure(void) {
+    amx_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* x rows [m0, m1) as bf16, row-major with Kp columns (zero past K); rows past M are zero too */
+static AVX512BF void rows_to_bf16_amx(const float *x, int64_t ldx, int64_t m0, int64_t m1, int64_t M, int64_t K,
+                                      int64_t Kp, uint16_t *xb) {
+    for (int64_t m = m0; m < m1; m++) {
+        uint16_t *o = xb + m * Kp;
+        if (m >= M) {
+            memset(o, 0, (size_t)Kp * 2);
+            continue;
+        }
+        const float *xr = x + m * ldx;
+        for (int64_t k = 0; k < Kp; k += 32) {
+            const __m512 a = maskload16(xr + k, K - k), b = maskload16(xr + k + 16, K - k - 16);
+            _mm512_storeu_si512((__m512i *)(o + k), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+    }
+}
+
+typedef struct {
+    const gemm_t *g;
+    uint16_t *xb;
+    int64_t Mp, Kp;
+    int phase; /* 0: convert x, 1: multiply */
+} amx_ctx;
+
+static AMX void amx_block(const uint16_t *xb, int64_t Kp, const uint32_t *tile, float *y, int64_t ldy, int mr,
+                          int nr, const float *bias) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < Kp; k += 32) {
+        _tile_loadd(4, xb + k, Kp * 2);             /* A rows 0..15 */
+        _tile_loadd(5, xb + 16 * Kp + k, Kp * 2);   /* A rows 16..31 */
+        _tile_loadd(6, tile + (k / 2) * NR5, 128);  /* B columns 0..15 */
+        _tile_loadd(7, tile + (k / 2) * NR5 + 16, 128); /* B columns 16..31 */
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    float c[4][16][16];
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    const __mmask16 m0 = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
+    const __mmask16 m1 = (__mmask16)(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+    for (int r = 0; r < mr; r++) {
+        const int h = r >> 4, rr = r & 15;
+        _mm512_mask_storeu_ps(y + r * ldy, m0, _mm512_add_ps(b0, _mm512_loadu_ps(c[2 * h][rr])));
+        _mm512_mask_storeu_ps(y + r * ldy + 16, m1, _mm512_add_ps(b1, _mm512_loadu_ps(c[2 * h + 1][rr])));
+    }
+}
+
+static AMX void task_amx(void *p, int tid, int nth) {
+    const amx_ctx *a = (const amx_ctx *)p;
+    const gemm_t *g = a->g;
+    const layer_t *L = g->L;
+    if (a->phase == 0) {
+        int64_t m0, m1;
+        split(a->Mp, tid, nth, &m0, &m1);
+        rows_to_bf16_amx(g->x, g->ldx, m0, m1, g->M, L->K, a->Kp, a->xb);
+        return;
+    }
+    const int64_t ntiles = (L->N + NR5 - 1) / NR5;
+    int64_t t0, t1;
+    split(ntiles, tid, nth, &t0, &t1);
+    if (t0 >= t1) return;
+    /* tiles decoded in groups of at most AMX_GROUP_BYTES of bf16, each group reused by every 32-row block of x,
+       so that a block's A tiles stay in L1 while the group's B tiles (in L2) pass by */
+    const int64_t tile_bytes = a->Kp * NR5 * 2;
+    int64_t group = AMX_GROUP_BYTES / tile_bytes;
+    group = group < 1 ? 1 : group;
+    float *scratch = get_scratch((size_t)(a->Kp * NR5 + (group * tile_bytes) / 4));
+    if (!scratch) return;
+    uint32_t *decoded = (uint32_t *)(scratch + a->Kp * NR5);
+    amx_configure();
+    for (int64_t g0 = t0; g0 < t1; g0 += group) {
+        const int64_t g1 = t1 - g0 < group ? t1 : g0 + group;
+        for (int64_t t = g0; t < g1; t++) {
+            const int64_t n0 = t * NR5;
+            tile_512_tab[bits_slot(L->bits)](L, n0, (int)(L->N - n0 < NR5 ? L->N - n0 : NR5), 0, a->Kp, scratch);
+            tile_to_bf16_into(scratch, a->Kp, decoded + (t - g0) * (tile_bytes / 4));
+        }
+        for (int64_t m = 0; m < g->M; m += 32)
+            for (int64_t t = g0; t < g1; t++) {
+                const int64_t n0 = t * NR5;
+                amx_block(a->xb + m * a->Kp, a->Kp, decoded + (t - g0) * (tile_bytes / 4), g->y + m * g->ldy + n0,
+                          g->ldy, (int)(g->M - m < 32 ? g->M - m : 32), (int)(L->N - n0 < NR5 ? L->N - n0 : NR5),
+                          g->bias ? g->bias + n0 : NULL);
+            }
+    }
+    _tile_release();
+}
+
+/* 0 done; 1 not usable here (the caller takes the AVX-512 path) */
+static int linear_amx(const gemm_t *g, int nth) {
+    if (!amx_usable()) return 1;
+    amx_ctx a = {g, NULL, ((g->M + 31) / 32) * 32, ((g->L->K + 31) / 32) * 32, 0};
+    a.xb = (uint16_t *)aligned_alloc(64, (size_t)(((a.Mp * a.Kp * 2) + 63) / 64) * 64);
+    if (!a.xb) return 1;
+    parallel(task_amx, &a, nth);
+    a.phase = 1;
+    parallel(task_amx, &a, nth);
+    free(a.xb);
+    return 0;
+}
+#endif
+
+/* Bit 0: AVX2+FMA, bit 1: AVX-512 (F, BW, VL, DQ), bit 2: AVX512_BF16, bit 3: AMX-BF16 usable; 0: portable C only. */
+int ws_cb_isa(void) {
+    int isa = (cpu_has(ISA_AVX2) ? 1 : 0) | (cpu_has(ISA_AVX512) ? 2 : 0) | (cpu_has(3) && cpu_has(ISA_AVX512) ? 4 : 0);
+#ifdef WS_X86
+    isa |= amx_usable() ? 8 : 0;
+#endif
+    return isa;
+}
 
 static int check_layer(const layer_t *L) {
     if (L->N < 0 || L->K < 1 || L->group < 1 || L->tab_stride < 0) return -1;
@@ -1176,7 +1347,7 @@ int ws_cb_linear(const float *x, int64_t M, int64_t ldx, const uint8_t *idx, con
         g.xi = xi;
         parallel(isa == ISA_AVX512 ? task_fused_512 : task_fused_avx2, &g, nth);
         free(xi);
-    } else {
+    } else if (!(mode == MODE_BF16 && isa == ISA_AVX512 && !getenv("WEIGHTSHARE_NO_AMX") && linear_amx(&g, nth) == 0)) {
         parallel(task_tile, &g, nth);
     }
 #endif
