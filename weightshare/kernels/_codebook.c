@@ -56,6 +56,7 @@
 
 #define WS_PARALLEL_WORK 12e6 /* multiply-adds (~250 us on one core) above which a layer always splits */
 #define WS_SMALL_WORK 1e6     /* and below which it never does */
+#define PF_BYTES 4096          /* how far ahead the fused path prefetches a layer's indices */
 
 #define ISA_PORTABLE 0
 #define ISA_AVX2 1
@@ -411,7 +412,7 @@ static void task_portable(void *p, int tid, int nth) {
    length take about 24 KB, so they stay in L1 while every row of W streams past them. */
 static int64_t chunk_len(int MB, int V) {
     (void)V;
-    int64_t c = (24576 / (4 * MB)) & ~(int64_t)63;
+    int64_t c = ((MB == 1 ? 32768 : 24576) / (4 * MB)) & ~(int64_t)63; /* one input row: 8192 weights, 32 KB */
     return c < 64 ? 64 : c;
 }
 
@@ -515,6 +516,7 @@ static AVX2 INLINE void fused_avx2(const gemm_t *g, int64_t m0, int64_t n0, int6
                     left = gv;
                 }
                 left--;
+                if ((k & 63) == 0) _mm_prefetch((const char *)(row + (k >> 6) * block_bytes(BITS) + PF_BYTES), _MM_HINT_T0);
                 const __m256 w = decode8_avx2(row + (k >> 6) * block_bytes(BITS), BITS, (int)((k >> 3) & 7), &t);
                 const float *xv = xc + (k >> 3) * MB * 8;
                 for (int m = 0; m < MB; m++) acc[m] = _mm256_fmadd_ps(w, _mm256_load_ps(xv + 8 * m), acc[m]);
@@ -773,8 +775,18 @@ static AVX512 INLINE void fused_rows_512(const gemm_t *g, int64_t m0, int64_t n,
     for (int r = 0; r < R; r++)
         for (int m = 0; m < MB; m++)
             for (int s = 0; s < SETS; s++) acc[r][m][s] = _mm512_setzero_ps();
+    /* the R rows are contiguous: while they are read, the rows PF_BYTES or more ahead are prefetched in step,
+       so that a layer streamed from DRAM keeps enough reads in flight (2x the out-of-cache throughput) */
+    const int64_t group_bytes = (int64_t)R * L->row_bytes;
+    const int64_t ahead = group_bytes * (group_bytes >= PF_BYTES ? 1 : (PF_BYTES + group_bytes - 1) / group_bytes);
+    const int whole = kc0 == 0 && kc1 >= g->Kp; /* this pass reads whole rows: sweep the group ahead in order */
     for (int64_t b = kc0 / 64; b < kc1 / 64; b++) {
         const float *xb = xc + b * 64 * MB;
+        if (whole) /* R * BB bytes of the rows ahead per block of these: the next group, in address order */
+            for (int64_t off = 0; off < R * BB; off += 64)
+                _mm_prefetch((const char *)(row[0] + ahead + b * R * BB + off), _MM_HINT_T0);
+        else if ((b * BB) % 64 < BB) /* a pass over part of the rows: the same blocks of the rows ahead */
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(row[r] + ahead + b * BB), _MM_HINT_T0);
         for (int v = 0; v < 4; v++) {
             __m512 w[4];
             for (int r = 0; r < R; r++) w[r] = decode16_avx512(row[r] + b * BB, BITS, E, v, &t[r]);
