@@ -434,7 +434,8 @@ class PackedFile:
         return out
 
     def fetch(self, key: str) -> torch.Tensor:
-        """The stored tensor ``key``, read once and checked against its sha256 (the same object every time)."""
+        """The stored tensor ``key``, read once and checked against its sha256 (the same object every time;
+        a copy of its own, not a view of the file)."""
         if key not in self._cache:
             if key not in self.infos:
                 raise PackError(f"{self.file}: tensor {key!r} is missing")
@@ -446,7 +447,9 @@ class PackedFile:
                 raise PackError(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
             if _sha256(t, self.version) != self.checksums[key]:
                 raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
-            self._cache[key] = t
+            # safetensors hands out views of its mmap of the file: a model keeping one would keep the whole
+            # file mapped (and resident, every page was read for the checksum) after the file is closed
+            self._cache[key] = t.clone()
         return self._cache[key]
 
     def fetch_any(self, key: str) -> torch.Tensor:

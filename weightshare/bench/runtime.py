@@ -91,11 +91,9 @@ def weights_held(model) -> int:
         if isinstance(m, PackedModule):
             add(m.indices)
             add(m.tables)
-        packed = getattr(m, "_packed_params", None)  # torch dynamic int8: weight and bias in a packed object
-        if packed is not None and hasattr(packed, "_weight_bias"):
-            w, b = packed._weight_bias()
+        if type(m).__name__ == "LinearPackedParams":  # torch dynamic int8: weight and bias in a packed object
+            w, b = m._weight_bias()
             total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-            total += w.q_per_channel_scales().numel() * 8 if w.qscheme() in (torch.per_channel_affine,) else 8
     return total
 
 
@@ -116,7 +114,7 @@ def build(system: str, dense_dir: str, packed_dir: str):
     if system == "dense_bf16":
         model.to(torch.bfloat16)
     elif system == "dynamic_int8":
-        model[0].auto_model = torch.ao.quantization.quantize_dynamic(inner, {torch.nn.Linear}, dtype=torch.qint8)
+        torch.ao.quantization.quantize_dynamic(inner, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     elif system == "torchao_int8wo":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -128,6 +126,23 @@ def build(system: str, dense_dir: str, packed_dir: str):
         freeze(inner)
         return model, "encoded under no_grad: quanto fails under torch.inference_mode, which encode uses"
     return model, ""
+
+
+def encode_no_grad(model, texts: list[str], batch_size: int = 32):
+    """Sentence embeddings as ``SentenceTransformer.encode`` makes them (longest first, batches, original order),
+    under ``no_grad`` instead of ``inference_mode`` (which optimum-quanto's tensors cannot run under)."""
+    import numpy as np
+    import torch
+
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out = [None] * len(texts)
+    with torch.no_grad():
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            emb = model(model.preprocess([texts[i] for i in idx]))["sentence_embedding"]
+            for i, e in zip(idx, emb.float().numpy()):
+                out[i] = e
+    return np.stack(out)
 
 
 def _child() -> None:
@@ -159,8 +174,8 @@ def _child() -> None:
     t0 = time.perf_counter()
     model, note = build(system, dense_dir, packed_dir)
     load_s = time.perf_counter() - t0
-    if note:  # quanto: sentence-transformers' encode enters inference_mode; run it under no_grad instead
-        torch.inference_mode = lambda *a, **k: torch.no_grad()  # this process only
+    if note:  # quanto: sentence-transformers' encode runs under inference_mode; batch as it does, under no_grad
+        model.encode = lambda texts, batch_size=32, **_: encode_no_grad(model, texts, batch_size)
     with torch.no_grad():
         model.encode(sentences[:RSS_SENTENCES], batch_size=32, show_progress_bar=False)
         peak = (memory_kb()["VmHWM"] - before) / 1024
