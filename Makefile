@@ -37,6 +37,7 @@ bench: setup-bench
 	$(WS) bench kmeans --quick
 	$(WS) bench minilm --quick
 	$(WS) bench load --quick
+	$(WS) bench runtime --quick
 	$(WS) bench digits-arch --quick
 	$(WS) bench minilm-basis --quick
 

@@ -118,3 +118,46 @@ def test_dir_bytes(tmp_path):
     (tmp_path / "a").write_bytes(b"x" * 10)
     (tmp_path / "sub" / "b").write_bytes(b"y" * 5)
     assert dir_bytes(tmp_path) == 15
+
+
+def test_runtime_weights_held_counts_packed_tensors_once(tmp_path):
+    import weightshare as ws
+    from weightshare.bench.runtime import weights_held
+
+    lm = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64, bias=False))
+    lm[1].weight = lm[0].weight  # a tied head
+    dense = weights_held(lm)
+    assert dense == 64 * 32 * 4  # one storage for the two uses
+    ws.share_(lm, ws.CodebookConfig(bits=4))
+    skeleton = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64, bias=False))
+    skeleton[1].weight = skeleton[0].weight
+    packed = ws.load(ws.save(lm, tmp_path / "p"), model=skeleton)
+    # one set of indices (64 rows x one 32-byte block) and fp32 tables (64 x 16), shared by head and embedding
+    assert weights_held(packed) == 64 * 32 + 64 * 16 * 4
+
+
+def test_runtime_quantile_codebooks_stand_in_for_kmeans():
+    from weightshare.bench.runtime import quantile_codebooks_
+    from weightshare.modules import CodebookEmbedding, CodebookLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 64), torch.nn.Linear(64, 48))
+    model[1].weight.data = torch.randn(48, 64)
+    dense_w = model[1].weight.detach().clone()
+    quantile_codebooks_(model)
+    assert isinstance(model[0], CodebookEmbedding) and isinstance(model[1], CodebookLinear)
+    w = model[1].weight
+    assert all(row.unique().numel() <= 16 for row in w)
+    # nearest of 16 normal quantiles: about the error of a 4-bit codebook on Gaussian rows
+    assert float(((w - dense_w) ** 2).sum() / (dense_w ** 2).sum()) < 0.02
+
+
+def test_runtime_no_grad_encoder_equals_encode(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    from weightshare.bench.runtime import encode_no_grad
+
+    model = SentenceTransformer(minilm_path, device="cpu")
+    texts = ["a short one", "a somewhat longer sentence about shared weights", "mid length text"]
+    ours = encode_no_grad(model, texts, batch_size=2)
+    assert np.allclose(ours, model.encode(texts, batch_size=2), atol=1e-5)
