@@ -371,6 +371,14 @@ _lib.define("codebook_linear(Tensor x, Tensor indices, Tensor tables, Tensor? bi
 _lib.define("codebook_rows(Tensor ids, Tensor indices, Tensor tables, int in_features, int bits) -> Tensor")
 
 
+def _as_rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """x (..., K) as the kernel reads it: contiguous fp32 rows (M, K)."""
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
 def _linear_impl(x, indices, tables, bias, in_features, bits, compute):
     N, lbits, entries, group, stride = _geometry(indices, tables, in_features, bits)
     K = in_features
@@ -378,11 +386,7 @@ def _linear_impl(x, indices, tables, bias, in_features, bits, compute):
         raise ValueError(f"codebook linear: input features\n  expected: {K}\n  got: {x.shape[-1]} (input shape {tuple(x.shape)})")
     lead = x.shape[:-1]
     out_dtype = x.dtype
-    x2 = x.reshape(-1, K)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = _as_rows(x, K)
     M = x2.shape[0]
     b = None
     if bias is not None:
@@ -447,11 +451,7 @@ def linear_eager(plan: Plan, x, indices, tables, bias, in_features: int, bits: i
     if bias is not None and bias.shape != (N,):
         return linear(x, indices, tables, bias, in_features, bits, compute)  # the op names the problem
     out_dtype = x.dtype
-    x2 = x.reshape(-1, in_features)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = _as_rows(x, in_features)
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=torch.float32, device=_CPU_DEVICE)
     if M:

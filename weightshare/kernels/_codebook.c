@@ -950,10 +950,16 @@ static AVX512 void pack_panel_512(const float *x, int64_t ldx, int mr, int64_t k
     }
 }
 
+/* lanes of the two 16-wide halves of a 32-column tile that hold columns < nr */
+static AVX512 INLINE void tail_masks(int nr, __mmask16 *m0, __mmask16 *m1) {
+    *m0 = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
+    *m1 = (__mmask16)(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
+}
+
 static AVX512 INLINE void store_tile_512(__m512 c[MR5][2], float *y, int64_t ldy, int mr, int nr, int accumulate,
                                          const float *bias) {
-    const __mmask16 m0 = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
-    const __mmask16 m1 = (__mmask16)(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
+    __mmask16 m0, m1;
+    tail_masks(nr, &m0, &m1);
     __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
     if (bias && !accumulate) {
         b0 = _mm512_maskz_loadu_ps(m0, bias);
@@ -1238,8 +1244,8 @@ static AMX void amx_block(const uint16_t *xb, int64_t Kp, const uint32_t *tile, 
     _tile_stored(1, c[1], 64);
     _tile_stored(2, c[2], 64);
     _tile_stored(3, c[3], 64);
-    const __mmask16 m0 = (__mmask16)(nr >= 16 ? 0xFFFF : (1u << nr) - 1);
-    const __mmask16 m1 = (__mmask16)(nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
+    __mmask16 m0, m1;
+    tail_masks(nr, &m0, &m1);
     const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
     const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
     for (int r = 0; r < mr; r++) {
