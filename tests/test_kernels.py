@@ -218,3 +218,23 @@ def test_a_bad_kernel_choice_names_the_variable(monkeypatch):
         kernels.isa()
     monkeypatch.setenv(kernels.ENV, "auto")
     assert kernels.isa() == PATHS[0]
+
+
+def test_without_the_c_core_the_torch_path_runs_and_says_why(monkeypatch, caplog):
+    rng = np.random.default_rng(7)
+    labels, tables, indices = make_layer(rng, 33, 70, 3, 1)
+    w = ref_weight(labels, tables, 1)
+    monkeypatch.setattr(kernels, "_core", None)
+    monkeypatch.setattr(kernels, "_core_missing", "the native kernel was not built (no compiler)")
+    monkeypatch.setattr(kernels, "_cached", (None, ""))
+    monkeypatch.setattr(kernels, "_warned_missing", False)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    with caplog.at_level("WARNING"):
+        assert kernels.isa() == "torch"
+    assert "not built" in caplog.text
+    x = torch.randn(5, 70)
+    assert torch.allclose(kernels.linear(x, indices, kernels.pad_tables(tables, 3), None, 70, 3), F.linear(x, w),
+                          rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(kernels.ENV, "avx512")
+    with pytest.raises(RuntimeError, match="not built"):
+        kernels.isa()

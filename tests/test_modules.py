@@ -194,3 +194,14 @@ def test_an_embedding_that_renormalises_rows_keeps_the_parametrized_form(tmp_pat
     packed = ws.load(ws.save(model, tmp_path / "e"),
                      model=torch.nn.Sequential(torch.nn.Embedding(20, 8, max_norm=1.0), torch.nn.Linear(8, 4)))
     assert hasattr(packed[0], "parametrizations") and isinstance(packed[1], CodebookLinear)
+
+
+def test_a_packed_module_compiles_without_graph_breaks(tiny, tmp_path):
+    from tests.conftest import TinyNet
+
+    ws.share_(tiny, CodebookConfig(bits=4))
+    packed = ws.load(ws.save(tiny, tmp_path / "t"), model=TinyNet())
+    x = torch.randn(3, 16)
+    explained = torch._dynamo.explain(packed.fc1)(x)
+    assert explained.graph_break_count == 0
+    assert torch.allclose(torch.compile(packed.fc1, backend="eager")(x), tiny.fc1(x), rtol=1e-5, atol=1e-6)
