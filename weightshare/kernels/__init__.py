@@ -44,8 +44,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ENV", "ISAS", "Layout", "isa", "available", "describe", "encode_stream", "labels_of", "linear",
-           "embedding", "decode", "layout_bits", "table_entries", "row_bytes", "fused_max"]
+__all__ = ["ENV", "ISAS", "COMPUTES", "Layout", "Plan", "isa", "available", "bf16_supported", "amx_supported", "describe",
+           "encode_stream", "labels_of", "linear", "linear_eager", "embedding", "decode", "pad_tables", "layout_bits",
+           "table_entries", "row_bytes", "fused_max"]
 
 log = logging.getLogger(__name__)
 
@@ -551,8 +552,3 @@ def pad_tables(tables: torch.Tensor, bits: int) -> torch.Tensor:
     if t.shape[1] < table_entries(bits):
         t = torch.cat([t, t[:, -1:].expand(-1, table_entries(bits) - t.shape[1])], dim=1)
     return t.contiguous()
-
-
-def weight_bytes(layout: Layout) -> int:
-    """Bytes a packed layer holds for its weight: indices in the kernel's layout plus fp32 tables."""
-    return layout.out_features * layout.row_bytes + layout.tables * layout.entries * 4

@@ -25,13 +25,14 @@
  *   large M ("tile"): 32 rows are decoded and transposed into a k-major tile
  *     (weights of 32 outputs for each k) that stays in L2, then a 12 x 32
  *     broadcast micro-kernel runs over the input rows, the output written row-major;
- *     optionally in bf16 (vdpbf16ps on k-pairs) where the CPU has AVX512_BF16.
+ *     optionally in bf16: on AMX tiles where the CPU has them (the bf16 tile is AMX's
+ *     B operand as it is), else vdpbf16ps on k-pairs (AVX512_BF16).
  * Every path (portable C, AVX2, AVX-512) computes the same sums; the choice is
  * made at run time (ws_cb_isa), never at build time: no -march flags.
  *
  * Threads: a small pthread pool of our own (not OpenMP, whose runtime would be a
- * second one beside torch's), whose idle workers spin a few microseconds and
- * then sleep, so that they do not steal the cores torch's own ops run on.
+ * second one beside torch's), whose idle workers poll for 300 us, yielding the core
+ * to torch's own threads, and then sleep (see pool_spin_ns for why so long).
  *
  * Plain C with no Python API: weightshare/kernels/__init__.py loads it with ctypes.
  */
