@@ -68,7 +68,7 @@ class WeightshareHfQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from weightshare.load import check_fit, install
+        from weightshare.load import install_checked
         from weightshare.modules import PackedModule
         from weightshare.pack import FILENAME, PackedFile
 
@@ -77,9 +77,7 @@ class WeightshareHfQuantizer(HfQuantizer):
             raise ValueError(f"weightshare: a packed model is read from its {FILENAME}\n  got: {[str(f) for f in files]}\n"
                              "  load the directory weightshare compress wrote")
         with PackedFile(files[0].parent) as pf:
-            check_fit(model, pf)
-            pf.fetch_all()
-            install(model, pf)
+            install_checked(model, pf)
         for m in model.modules():
             if isinstance(m, PackedModule):
                 m._placeholder = True  # until loading ends: models' _init_weights read .weight

@@ -140,12 +140,12 @@ def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
             with torch.no_grad():
                 current.copy_(t)
     packed: set[str] = set()
+    composed = set(pf.nested.values())  # entries whose state is another map's entry
     for name, entry in pf.entries.items():
         if entry["map"] in ("dense", "alias"):
             continue
         owner_name, attr = _split(name)
-        composed = any(outer == name for outer in pf.nested.values())  # its state is another map's entry
-        if not trainable and not composed and _install_packed(inner, pf, name, entry, aliases.get(name, [])):
+        if not trainable and name not in composed and _install_packed(inner, pf, name, entry, aliases.get(name, [])):
             packed.add(name)
         else:
             get_map(entry["map"]).install(inner.get_submodule(owner_name), attr, name, entry, pf.fetch_any)
@@ -165,6 +165,13 @@ def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
             setattr(inner.get_submodule(owner_name), attr, getattr(source, target_attr))
         else:
             share_parametrization(source, inner.get_submodule(owner_name), attr)
+
+
+def install_checked(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
+    """Check that ``inner`` fits the file and every checksum holds, then install: a bad file changes nothing."""
+    check_fit(inner, pf)
+    pf.fetch_all()
+    install(inner, pf, trainable=trainable)
 
 
 def _trim_heap() -> None:
@@ -221,9 +228,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
             inner = skeleton(pf)
         else:
             inner = hub.inner_model(model)
-        check_fit(inner, pf)
-        pf.fetch_all()
-        install(inner, pf, trainable=trainable)
+        install_checked(inner, pf, trainable=trainable)
     _trim_heap()
     if compute != "fp32":
         set_compute(inner, compute)

@@ -145,15 +145,23 @@ def report(model: nn.Module) -> Report:
 
 def bytes_held(model: nn.Module) -> int:
     """Bytes of every distinct tensor storage the model holds: parameters, buffers (persistent or not),
-    parametrization state and packed modules' indices and tables, each storage counted once."""
+    parametrization state and packed modules' indices and tables, each storage counted once; tensor
+    subclasses (torchao's, quanto's quantized weights) through the plain tensors inside them."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     from weightshare.space import module_map
 
     storages: dict[int, int] = {}
 
     def add(t) -> None:
-        if t is not None and not t.is_meta:
-            st = t.untyped_storage()
-            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        if t is None or t.is_meta:
+            return
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
 
     for module in model.modules():
         for t in list(module._parameters.values()) + list(module._buffers.values()):

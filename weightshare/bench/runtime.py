@@ -58,40 +58,14 @@ ROWS = (1, 15, 512)
 # ----------------------------------------------------------------------------- sizes
 
 
-def tensor_bytes(t) -> int:
-    """Bytes a tensor holds, through tensor subclasses (torchao, quanto) to the plain tensors inside."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(t):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.untyped_storage().nbytes()
-
-
 def weights_held(model) -> int:
-    """Bytes of the model's weights in memory, each storage once (packed modules, int8 packed params too)."""
-    import torch
+    """Bytes of the model's weights in memory (``report.bytes_held``), plus torch dynamic int8's packed
+    weights, which live in script objects no tensor walk reaches."""
+    from weightshare.report import bytes_held
 
-    from weightshare.modules import PackedModule
-
-    seen, total = set(), 0
-
-    def add(t):
-        nonlocal total
-        if t is None or t.is_meta:
-            return
-        key = t.data_ptr() if not hasattr(t, "__tensor_flatten__") else id(t)
-        if key not in seen:
-            seen.add(key)
-            total += tensor_bytes(t)
-
+    total = bytes_held(model)
     for m in model.modules():
-        for t in [*m._parameters.values(), *m._buffers.values()]:
-            add(t)
-        if isinstance(m, PackedModule):
-            add(m.indices)
-            add(m.tables)
-        if type(m).__name__ == "LinearPackedParams":  # torch dynamic int8: weight and bias in a packed object
+        if type(m).__name__ == "LinearPackedParams":
             w, b = m._weight_bias()
             total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
     return total
@@ -394,7 +368,7 @@ def llm(quick: bool) -> tuple[list[dict], dict]:
     from accelerate import init_empty_weights
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from weightshare.modules import PackedModule
+    from weightshare.report import bytes_held
 
     spec = LLM_QUICK if quick else LLM
     config = LlamaConfig(**spec, max_position_embeddings=512)
@@ -416,20 +390,6 @@ def llm(quick: bool) -> tuple[list[dict], dict]:
           f"packed 4-bit in {setup:.0f} s (not timed)", flush=True)
     gbs = bandwidth_gbs()
 
-    def read_bytes(model) -> int:
-        seen, total = set(), 0
-        for m in model.modules():
-            if isinstance(m, PackedModule):
-                for t in (m.indices, m.tables):
-                    if t.data_ptr() not in seen:
-                        seen.add(t.data_ptr())
-                        total += t.numel() * t.element_size()
-            for p in m._parameters.values():
-                if p is not None and p.data_ptr() not in seen:
-                    seen.add(p.data_ptr())
-                    total += p.numel() * p.element_size()
-        return total  # one token reads every weight (the embedding through the tied head)
-
     models = {"dense_fp32": dense, "dense_bf16": bf16, "packed_4bit": packed}
     ids = torch.randint(0, config.vocab_size, (1, 16))
     steps = {name: [] for name in models}
@@ -448,7 +408,7 @@ def llm(quick: bool) -> tuple[list[dict], dict]:
     med = {name: statistics.median(v) for name, v in steps.items()}
     rows, figures = [], {"params": params, "bandwidth_gbs": gbs, "config": spec}
     for name, model in models.items():
-        b = read_bytes(model)
+        b = bytes_held(model)  # one token reads every weight (the embedding through the tied head)
         limit = b / (gbs * 1e9)
         figures[name] = {"step_ms": med[name] * 1e3, "bytes_read_gb": b / 1e9, "bandwidth_limit_ms": limit * 1e3,
                          "bandwidth_fraction": limit / med[name], "step_ratio": med[name] / med["dense_fp32"]}
