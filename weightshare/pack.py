@@ -278,16 +278,17 @@ class PackedFile:
         if not self.file.is_file():
             raise PackError(f"not a packed model: {str(path)!r} has no {FILENAME}\n  create one with `weightshare compress`")
         try:
-            self._handle = safe_open(str(self.file), framework="pt")
-            meta = self._handle.metadata() or {}
-            self.infos = {}
-            for key in self._handle.keys():
-                sl = self._handle.get_slice(key)
-                self.infos[key] = (_HEADER_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
+            with safe_open(str(self.file), framework="pt") as handle:  # the library checks the header
+                meta = handle.metadata() or {}
+                self.infos = {}
+                for key in handle.keys():
+                    sl = handle.get_slice(key)
+                    self.infos[key] = (_HEADER_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # safetensors raises its own types, and a Rust panic is a BaseException
             raise PackError(f"{self.file}: truncated or not a safetensors file ({type(exc).__name__}: {exc})"[:400]) from None
+        self._spans = self._data_spans()
         self._cache: dict[str, torch.Tensor] = {}
         try:
             self._check(meta)
@@ -439,18 +440,54 @@ class PackedFile:
         if key not in self._cache:
             if key not in self.infos:
                 raise PackError(f"{self.file}: tensor {key!r} is missing")
-            try:
-                t = self._handle.get_tensor(key)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:
-                raise PackError(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
+            t = self._read(key)
             if _sha256(t, self.version) != self.checksums[key]:
                 raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
-            # safetensors hands out views of its mmap of the file: a model keeping one would keep the whole
-            # file mapped (and resident, every page was read for the checksum) after the file is closed
-            self._cache[key] = t.clone()
+            self._cache[key] = t
         return self._cache[key]
+
+    def _data_spans(self) -> dict[str, tuple[int, int]]:
+        """Where each tensor's bytes lie in the file, from the header the library has just accepted (read again
+        here, as the file is untrusted: every span is checked against the dtype, the shape and the file size)."""
+        try:
+            size = self.file.stat().st_size
+            with open(self.file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n}")
+                header = json.loads(f.read(n))
+            spans = {}
+            for key, (dtype, shape) in self.infos.items():
+                if dtype not in _DTYPES:
+                    raise PackError(f"{self.file}: tensor {key!r} has dtype {dtype}, which weightshare does not read")
+                begin, end = header[key]["data_offsets"]
+                itemsize = torch.empty((), dtype=_DTYPES[dtype]).element_size()
+                if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+                        and 8 + n + end <= size and end - begin == math.prod(shape) * itemsize):
+                    raise ValueError(f"tensor {key!r}: data offsets {begin}..{end}")
+                spans[key] = (8 + n + begin, end - begin)
+            return spans
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise PackError(f"{self.file}: truncated or not a safetensors file ({type(exc).__name__}: {exc})"[:400]) from None
+
+    def _read(self, key: str) -> torch.Tensor:
+        """One tensor by a positioned read into memory of its own: a memory map would keep the file's pages
+        counted against the process (every page is read for the checksum) while the model holds its copy."""
+        dtype, shape = self.infos[key]
+        offset, nbytes = self._spans[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu")  # from_pretrained reads under a meta device
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                f.seek(offset)
+                view, got = memoryview(buf.numpy()), 0
+                while got < nbytes:
+                    step = f.readinto(view[got:])
+                    if not step:
+                        raise EOFError(f"{nbytes - got} bytes missing")
+                    got += step
+        except (OSError, EOFError) as exc:
+            raise PackError(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
+        return buf.view(_DTYPES[dtype]).reshape(shape)
 
     def fetch_any(self, key: str) -> torch.Tensor:
         """A stored tensor, or the tensor an internal entry stands for (decoded through its map)."""
@@ -498,9 +535,6 @@ class PackedFile:
 
     def close(self) -> None:
         self._cache.clear()
-        handle, self._handle = getattr(self, "_handle", None), None
-        if handle is not None and hasattr(handle, "__exit__"):
-            handle.__exit__(None, None, None)
 
     def __enter__(self):
         return self
