@@ -101,6 +101,8 @@ def _bad_model_dir(tmp_path, minilm_path):
          "group_size must be a positive integer"),
         (lambda t, m: ["compress", m, "--bits", "4", "--calibration", str(t / "none.txt"), "--out", str(t / "o")],
          "calibration file not found"),
+        (lambda t, m: ["compress", m, "--bits", "4", "--data-free", "--calibration", str(t / "none.txt"),
+                       "--out", str(t / "o")], "--data-free and --calibration"),
         (lambda t, m: ["inspect", str(t)], "no weightshare.safetensors"),
         (lambda t, m: ["bench", "nosuch"], "unknown benchmark"),
     ],

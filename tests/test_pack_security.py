@@ -170,7 +170,7 @@ def test_architectures_naming_no_transformers_model_class_falls_back_to_automode
 
 def test_sentence_transformers_module_types_outside_its_package_are_refused(minilm_path, tmp_path):
     out = tmp_path / "st"
-    assert main(["--quiet", "compress", minilm_path, "--bits", "2", "--granularity", "per_tensor", "--out", str(out)]) == 0
+    assert main(["--quiet", "compress", minilm_path, "--bits", "2", "--data-free", "--granularity", "per_tensor", "--out", str(out)]) == 0
     from sentence_transformers.models import Transformer
 
     model = ws.load(out)

@@ -44,7 +44,7 @@ def test_compress_keeps_the_dense_module_through_load_and_export(st_dense, tmp_p
 
     model, path = st_dense["a"]
     packed = tmp_path / "packed"
-    assert main(["--quiet", "compress", str(path), "--bits", "4", "--granularity", "per_channel",
+    assert main(["--quiet", "compress", str(path), "--bits", "4", "--data-free", "--granularity", "per_channel",
                  "--out", str(packed)]) == 0
     loaded = ws.load(packed)
     assert isinstance(loaded[2], _st_module("Dense"))

@@ -19,8 +19,13 @@ def _compress(args) -> None:
     from weightshare.compress import compress
     from weightshare.sharing.codebook import CodebookConfig
 
+    from weightshare.compress.cluster import BUILTIN
+
+    if args.data_free and args.calibration:
+        raise ValueError("compress: --data-free and --calibration\n  expected: one of them (or neither: the built-in corpus)")
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
-    _, rep, seconds = compress(args.src, args.out, config, calibration=args.calibration)
+    calibration = None if args.data_free else args.calibration or BUILTIN
+    _, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method)
     print(rep if getattr(args, "verbose", False) else _summary(rep))
     print(f"clustered in {seconds:.2f} s; packed model written to {args.out}")
 
@@ -125,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--granularity", default="per_channel", choices=["per_tensor", "per_channel", "per_group"])
     c.add_argument("--group-size", type=int, default=None, help="per_group: input weights per table")
     c.add_argument("--calibration", default=None, metavar="TEXTFILE",
-                   help="text file, one text per line: cluster with the importance of each input feature")
+                   help="text file, one text per line, that the layers are fit to (default for text models: a "
+                        "built-in deterministic corpus of 256 sentences of the Python documentation)")
+    c.add_argument("--method", default="gptq", choices=["gptq", "wkmeans"],
+                   help="with calibration: gptq fits tables and labels to each layer's inputs, block after block "
+                        "(error-compensating, the default); wkmeans weights k-means by input feature importance")
+    c.add_argument("--data-free", action="store_true", help="no calibration: plain k-means of the weights")
     c.add_argument("--out", required=True, help="output directory (new, empty, or a packed model to replace)")
     c.set_defaults(func=_compress)
 

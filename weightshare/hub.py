@@ -423,7 +423,7 @@ def sentence_encoder(path: str | os.PathLike, trainable_layers: int | None = Non
     full = SentenceTransformer(str(path), device="cpu")
     model = SentenceTransformer(modules=[m for m in full if not isinstance(m, Normalize)], device="cpu")
     if trainable_layers is not None:
-        layers = _encoder_layers(inner_model(model))
+        layers = transformer_blocks(inner_model(model))
         if not 0 <= trainable_layers <= len(layers):
             raise ValueError(f"sentence_encoder: trainable_layers\n  expected: 0..{len(layers)}\n  got: {trainable_layers}")
         for p in model.parameters():
@@ -434,7 +434,7 @@ def sentence_encoder(path: str | os.PathLike, trainable_layers: int | None = Non
     return model
 
 
-def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks: the longest ``nn.ModuleList`` in the model."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:

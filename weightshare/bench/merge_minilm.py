@@ -122,9 +122,9 @@ class Prefix:
 
 def _frozen_tensors(inner) -> dict:
     """The weights in front of the trained layers: the embeddings' and the stack's first layers'."""
-    from weightshare.hub import _encoder_layers
+    from weightshare.hub import transformer_blocks
 
-    layers = list(_encoder_layers(inner))
+    layers = list(transformer_blocks(inner))
     out = {f"embeddings.{k}": v for k, v in inner.embeddings.state_dict().items()}
     for i, layer in enumerate(layers[:len(layers) - LAYERS]):
         out.update({f"layer.{i}.{k}": v for k, v in layer.state_dict().items()})
@@ -139,12 +139,12 @@ def _embed(path: str, x: dict, batch: int = 64, prefix: Prefix | None = None, ca
     import torch
     from torch import nn
 
-    from weightshare.hub import _encoder_layers, inner_model, sentence_encoder
+    from weightshare.hub import transformer_blocks, inner_model, sentence_encoder
     from weightshare.multitask.trainer import _num_rows, _rows
 
     enc = sentence_encoder(path, trainable_layers=0).eval()
     inner = inner_model(enc)
-    layers = _encoder_layers(inner)
+    layers = transformer_blocks(inner)
     cut = len(layers) - LAYERS
     states: list = []
     if prefix is not None and prefix.fits(inner):

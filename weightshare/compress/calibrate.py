@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from weightshare._progress import progress
 from weightshare.sharing.codebook import is_transposed_linear
 
-__all__ = ["read_texts", "importance_from_texts", "input_second_moments"]
+__all__ = ["importance_from_texts", "input_second_moments", "read_texts", "sequential_codebooks_", "text_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +142,204 @@ def input_second_moments(model: nn.Module, tokenizer, texts: list[str], names: l
         hooks.append(owner.register_forward_pre_hook(hook_for(name)))
     _calibration_pass(model, tokenizer, texts, batch_size, max_length, state, hooks)
     return {n: (sums[n] / max(state["tokens"], 1)).float() for n in names if n in sums}
+
+
+# ----------------------------------------------------------------------------- sequential calibration
+
+
+class _Enough(Exception):
+    """Raised by a hook once a calibration pass has seen every input it needs: the rest of the model is skipped."""
+
+
+def text_batches(tokenizer, texts: list[str], batch_size: int = 32, max_length: int | None = None) -> list[dict]:
+    """Tokenized calibration batches (dicts a transformers model takes), longest texts truncated with a warning."""
+    if not texts:
+        raise ValueError("calibration: no texts\n  expected: at least one non-empty line of text")
+    limit = max_length or min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    batches, cut = [], 0
+    pad = getattr(tokenizer, "pad_token", None)
+    if pad is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # causal LMs have none; padding is masked out of every statistic
+    try:
+        for s in range(0, len(texts), batch_size):
+            chunk = texts[s:s + batch_size]
+            probe = tokenizer(chunk, truncation=True, max_length=limit + 1)["input_ids"]  # one over: "longer than"
+            cut += sum(len(ids) > limit for ids in probe)
+            batches.append(dict(tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt")))
+    finally:
+        if pad is None:
+            tokenizer.pad_token = None
+    if cut:
+        log.warning("calibration: %d of %d texts are longer than %d tokens and were truncated", cut, len(texts), limit)
+    return batches
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
+def _run(model: nn.Module, batches, state: dict) -> None:
+    """Every batch through ``model`` (until a hook has seen enough); ``state["mask"]`` marks real tokens."""
+    for batch in batches:
+        state["mask"] = batch["attention_mask"].bool() if isinstance(batch, dict) and "attention_mask" in batch else None
+        try:
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+        except _Enough:
+            pass
+
+
+def _rows_of(x: torch.Tensor, mask) -> torch.Tensor:
+    """A layer input as (tokens, features), padding left out."""
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        x = x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _execution_order(model: nn.Module, batch, modules: dict[str, nn.Module]) -> list[str]:
+    """Names of ``modules`` in the order one forward pass first calls them."""
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
+             for n, m in modules.items()]
+    try:
+        _run(model, [batch], {})
+    finally:
+        for h in hooks:
+            h.remove()
+    return order + [n for n in modules if n not in order]  # never called: last, calibrated on nothing
+
+
+def _stages(model: nn.Module, order: list[str]) -> list[list[str]]:
+    """Consecutive layers of one transformer block form one stage (they see the earlier blocks compressed);
+    a layer outside the blocks is a stage of its own."""
+    from weightshare.hub import transformer_blocks
+
+    try:
+        blocks = transformer_blocks(model)
+        prefix = {id(b): i for i, b in enumerate(blocks)}
+        owner_of = {}
+        for fqn, m in model.named_modules():
+            if id(m) in prefix:
+                owner_of[fqn] = prefix[id(m)]
+    except ValueError:
+        owner_of = {}
+
+    def block(name):
+        for fqn, i in owner_of.items():
+            if name.startswith(fqn + "."):
+                return i
+        return None
+
+    stages: list[list[str]] = []
+    last = object()
+    for name in order:
+        b = block(name)
+        if b is None or b != last:
+            stages.append([name])
+        else:
+            stages[-1].append(name)
+        last = b if b is not None else object()
+    return stages
+
+
+@torch.no_grad()
+def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alternations: int = 2) -> dict:
+    """Codebooks fit to calibration data, layer after layer, in place (GPTQ on a codebook).
+
+    Embeddings first, by importance-weighted k-means (token counts in ``batches``).
+    Then the Linear layers, one transformer block at a time: the inputs' second
+    moment ``H = XᵀX / n`` of each layer of the block is collected with the earlier
+    blocks already compressed (the pass stops after the block), and the layer's
+    tables and labels are fit by ``gptq.fit_codebook``.  Memory: one batch's
+    activations and the block's ``H`` matrices.  ``batches``: a list of model inputs
+    (dicts of tensors for a transformers model, tensors or tuples for any module).
+
+    Returns ``{weight name: {"objective", "nearest", "tokens"}}``: the layer objective
+    reached and that of plain nearest-entry assignment with k-means tables.
+    """
+    from weightshare.compress.gptq import fit_codebook
+    from weightshare.sharing.codebook import TABLE_DTYPES, codebook, codebook_model_
+
+    batches = list(batches)
+    if not batches:
+        raise ValueError("calibration: no batches\n  expected: at least one input batch")
+    keep = filter_fn or (lambda m, n: True)
+    chosen = {fqn: m for fqn, m in model.named_modules()
+              if (_is_linear(m) or isinstance(m, nn.Embedding)) and keep(m, fqn)
+              and not parametrize.is_parametrized(m, "weight")}
+    embedding_weights = {id(m.weight) for m in chosen.values() if isinstance(m, nn.Embedding)}
+    tied = {fqn for fqn, m in chosen.items() if isinstance(m, nn.Embedding) or id(m.weight) in embedding_weights}
+    linears = {fqn: m for fqn, m in chosen.items() if fqn not in tied}
+    was_training = model.training
+    model.eval()
+    results: dict[str, dict] = {}
+    try:
+        if tied:  # embeddings have no input activations: weighted by how often each row is looked up
+            counts, state = {}, {"mask": None}
+
+            def count(name):
+                def hook(module, args):
+                    ids, mask = args[0], state["mask"]
+                    if mask is not None and ids.shape == mask.shape:
+                        ids = ids[mask]
+                    c = torch.bincount(ids.reshape(-1), minlength=module.num_embeddings).float()
+                    counts[name] = counts.get(name, 0) + c
+                return hook
+
+            hooks = [chosen[n].register_forward_pre_hook(count(n)) for n in tied if isinstance(chosen[n], nn.Embedding)]
+            try:
+                _run(model, batches, state)
+            finally:
+                for h in hooks:
+                    h.remove()
+            importance = {f"{n}.weight": (1.0 + counts[n])[:, None].expand_as(chosen[n].weight).contiguous()
+                          for n in counts}
+            codebook_model_(model, config, filter_fn=lambda m, n: n in tied, importance=importance)
+        order = _execution_order(model, batches[0], linears)
+        stages = _stages(model, order)
+        table_dtype = TABLE_DTYPES[config.table_dtype]
+        bar = progress(total=len(order), desc=f"calibrated codebooks {config.bits}-bit", unit="layer")
+        for stage in stages:
+            sums = {n: 0 for n in stage}
+            tokens = {n: 0 for n in stage}
+            state = {"mask": None}
+            last = stage[-1]
+
+            def collect(name):
+                def hook(module, args):
+                    x = _rows_of(args[0].detach(), state["mask"]).to(torch.float64)
+                    sums[name] = sums[name] + x.t() @ x
+                    tokens[name] += x.shape[0]
+                    if name == last:
+                        raise _Enough
+                return hook
+
+            hooks = [linears[n].register_forward_pre_hook(collect(n)) for n in stage]
+            try:
+                _run(model, batches, state)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for name in stage:
+                module = linears[name]
+                transposed = is_transposed_linear(module)
+                W = module.weight.detach().t() if transposed else module.weight.detach()
+                K = W.shape[1]
+                H = sums[name] / tokens[name] if tokens[name] else torch.eye(K, dtype=torch.float64)
+                fit = fit_codebook(W, H, config.bits,
+                                   group_size=config.group_size if config.granularity == "per_group" else None,
+                                   per_tensor=config.granularity == "per_tensor", table_dtype=table_dtype,
+                                   alternations=alternations)
+                tables = fit.tables.reshape(-1, fit.tables.shape[2]).to(module.weight.dtype)
+                codebook(module, "weight", config, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
+                results[f"{name}.weight"] = {"objective": fit.objective, "nearest": fit.history[0][1],
+                                             "tokens": tokens[name]}
+                bar.update(1)
+        bar.close()
+    finally:
+        model.train(was_training)
+    return results

@@ -14,8 +14,9 @@ from pathlib import Path
 from torch import nn
 
 from weightshare import hub, pack
+from weightshare.corpus import calibration_sentences
 from weightshare.report import Report, report
-from weightshare.compress.calibrate import importance_from_texts, read_texts
+from weightshare.compress.calibrate import importance_from_texts, read_texts, sequential_codebooks_, text_batches
 from weightshare.sharing.codebook import CodebookConfig, codebook_model_, is_transposed_linear
 from weightshare.space import share_
 
@@ -29,37 +30,89 @@ def is_compressible(module: nn.Module, name: str) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding)) or is_transposed_linear(module)
 
 
-def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[str] | None = None) -> nn.Module:
+METHODS = ("gptq", "wkmeans")
+
+
+def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[str] | None = None,
+                    method: str = "gptq") -> nn.Module:
     """Cluster a loaded transformers model or SentenceTransformer in place.
 
-    With ``calibration`` texts, each weight is clustered with the importance of
-    its input features on those texts (see ``calibrate.py``); without, data-free.
+    Without ``calibration`` texts the clustering is data-free.  With them,
+    ``method="gptq"`` (the default) fits each layer's tables and labels to its inputs,
+    block after block with the earlier blocks already compressed
+    (``calibrate.sequential_codebooks_``); ``method="wkmeans"`` weights each weight's
+    k-means by the second moment of its input feature (``calibrate.importance_from_texts``).
     """
+    if method not in METHODS:
+        raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
     inner = hub.inner_model(model)
     if not calibration:
         share_(inner, config, filter_fn=is_compressible)
         return model
-    importance = importance_from_texts(inner, hub.tokenizer_of(model), calibration, filter_fn=is_compressible)
+    tokenizer = hub.tokenizer_of(model)
+    if method == "gptq":
+        limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
+        batches = text_batches(tokenizer, calibration, max_length=min(limit, 512) if isinstance(limit, int) else None)
+        sequential_codebooks_(inner, config, batches, filter_fn=is_compressible)
+        return model
+    importance = importance_from_texts(inner, tokenizer, calibration, filter_fn=is_compressible)
     codebook_model_(inner, config, filter_fn=is_compressible, importance=importance)
     return model
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def _has_tokenizer(model: nn.Module) -> bool:
+    """Whether ``model`` came with a tokenizer of its own (transformers builds an empty one from a bare
+    config, which answers every text with unknown tokens or none)."""
+    if getattr(model, "tokenizer", None) is not None:
+        return True
+    source = getattr(model, "_weightshare_source", None)
+    folder = None if source is None else Path(source.path) / source.weights_subdir
+    return folder is not None and any((folder / f).is_file() for f in _TOKENIZER_FILES)
+
+
+BUILTIN = "builtin"  # calibration="builtin": the deterministic built-in corpus (text models)
+BUILTIN_SENTENCES = 256
+
+
 def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookConfig,
-             calibration: str | os.PathLike | None = None) -> tuple[nn.Module, Report, float]:
+             calibration: str | os.PathLike | list[str] | None = None,
+             method: str = "gptq") -> tuple[nn.Module, Report, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
-    ``calibration`` is an optional text file (one text per line) for
-    data-aware clustering.  Returns ``(model, report, seconds spent clustering,
-    calibration included)``.  Everything that can be checked (config, source
-    directory, output path, calibration file) is checked before the model is loaded.
+    ``calibration``: None (data-free), a text file (one text per line), a list of
+    texts, or ``"builtin"``: the built-in deterministic corpus (256 sentences of the
+    Python standard library's documentation) for a model with a tokenizer, data-free
+    otherwise.  ``method``: see ``compress_model_``.  Returns ``(model, report,
+    seconds spent clustering, calibration included)``.  Everything that can be
+    checked (config, method, source directory, output path, calibration file) is
+    checked before the model is loaded.
     """
+    if method not in METHODS:
+        raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
     source = hub.detect(src)
     out = Path(out)
     pack._check_dest(out, source.path)
-    texts = read_texts(calibration) if calibration else None
+    builtin = isinstance(calibration, str) and calibration == BUILTIN
+    if builtin or calibration is None:
+        texts = None
+    elif isinstance(calibration, (list, tuple)):
+        texts = [str(t) for t in calibration if str(t).strip()]
+        if not texts:
+            raise ValueError("calibration: no texts\n  expected: at least one non-empty text")
+    else:
+        texts = read_texts(calibration)
     model, _, _ = hub.load_pretrained(src)
+    if builtin:
+        if _has_tokenizer(model):
+            texts = calibration_sentences(BUILTIN_SENTENCES)
+        else:
+            log.info("no tokenizer: compressing data-free (pass calibration batches through compress_model_)")
     t0 = time.perf_counter()
-    compress_model_(model, config, texts)
+    compress_model_(model, config, texts, method=method)
     seconds = time.perf_counter() - t0
     log.info("clustered in %.2f s", seconds)
     pack.save(model, out)

@@ -1,0 +1,228 @@
+"""Error-compensating codebook assignment: GPTQ's column sweep on per-row tables.
+
+A Linear layer's output error on calibration inputs X is ``tr(ΔW H ΔWᵀ)`` with
+``H = XᵀX / n`` (its Hessian, up to a constant).  Assigning each weight to its
+nearest table entry ignores H; GPTQ (Frantar et al. 2022, after Optimal Brain
+Surgeon) assigns one column at a time and pushes that column's error onto the
+columns not yet assigned, through the Cholesky factor of the damped ``H⁻¹``,
+so that later columns correct what earlier ones lost.  Here "quantize" is "the
+row's (or group's) nearest table entry"; after a sweep each row's table is
+refit by exact least squares in the H metric for the labels it got, and the two
+alternate.  Every state is scored by the layer objective and the best is kept,
+so the result is never worse than plain nearest-entry assignment with the
+starting tables (importance-weighted k-means on diag(H)).
+
+Rows are independent given H: every step is vectorised over rows; the column
+loop is sequential by nature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from weightshare.kmeans import kmeans1d_rows
+
+__all__ = ["CodebookFit", "damped", "fit_codebook", "gptq_assign", "layer_objective", "nearest_assign", "refit_tables"]
+
+DAMPING = 0.01  # of the mean diagonal, as GPTQ: keeps the Cholesky factor of a (near-)singular XᵀX finite
+BLOCK = 128  # columns per lazy batch: the updates inside a block are vectors, the block's push one GEMM
+
+
+@dataclass
+class CodebookFit:
+    """Tables (rows, groups, entries), labels (rows, K) uint8, and the layer objective of each stage."""
+
+    tables: torch.Tensor
+    labels: torch.Tensor
+    objective: float
+    history: list[tuple[str, float]]
+
+
+def damped(H: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """``H`` (float64) with columns no input ever drove made harmless and ``damping x mean(diag)`` added."""
+    H = H.detach().to(torch.float64).clone()
+    diag = torch.diagonal(H)
+    if not torch.isfinite(H).all():
+        raise ValueError("calibration statistics contain NaN or inf\n  expected: finite inputs to every layer")
+    dead = diag <= 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
+    diag[dead] = mean  # a dead column costs like an average one: its weight is kept near its own value
+    diag += damping * mean
+    return H
+
+
+def layer_objective(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((W - Ŵ) H (W - Ŵ)ᵀ)``: the layer's summed squared output error on the calibration inputs."""
+    d = (W - W_hat).to(torch.float64)
+    return float(((d @ H.to(torch.float64)) * d).sum())
+
+
+def _decode(tables: torch.Tensor, labels: torch.Tensor, col_group: torch.Tensor) -> torch.Tensor:
+    """Ŵ (rows, K) from tables (rows, groups, E), labels (rows, K) and each column's group."""
+    rows = tables.shape[0]
+    flat = tables.reshape(rows, -1)
+    index = col_group[None, :] * tables.shape[2] + labels.long()
+    return torch.gather(flat, 1, index)
+
+
+def _nearest(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of each row's table: w (rows,), t (rows, E)."""
+    return (w[:, None] - t).abs().argmin(1)
+
+
+def nearest_assign(W: torch.Tensor, tables: torch.Tensor, col_group: torch.Tensor) -> torch.Tensor:
+    """Plain assignment: every weight to its nearest table entry (rows, K) uint8."""
+    out = torch.empty(W.shape, dtype=torch.uint8)
+    for g in range(tables.shape[1]):
+        cols = (col_group == g).nonzero().flatten()
+        if cols.numel():
+            t = tables[:, g, :]
+            out[:, cols] = (W[:, cols, None] - t[:, None, :]).abs().argmin(2).to(torch.uint8)
+    return out
+
+
+def gptq_assign(W: torch.Tensor, Hd: torch.Tensor, tables: torch.Tensor, col_group: torch.Tensor,
+                block: int = BLOCK) -> torch.Tensor:
+    """Labels (rows, K) uint8 by GPTQ's sweep over columns in order of decreasing ``diag(Hd)``.
+
+    ``Hd`` is the damped Hessian (``damped``); ``tables`` (rows, groups, E) are fixed during the sweep.
+    """
+    K = W.shape[1]
+    order = torch.argsort(torch.diagonal(Hd), descending=True)  # act-order: the most driven columns first
+    Hp = Hd[order][:, order]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).to(W.dtype)
+    Wp = W[:, order].clone()
+    groups = col_group[order]
+    labels = torch.empty(W.shape, dtype=torch.uint8)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = Wp[:, i1:i2].clone()
+        E1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            t = tables[:, int(groups[i1 + i]), :].to(W.dtype)
+            w = W1[:, i]
+            idx = _nearest(w, t)
+            labels[:, order[i1 + i]] = idx.to(torch.uint8)
+            err = (w - t.gather(1, idx[:, None]).squeeze(1)) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        Wp[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return labels
+
+
+def refit_tables(W: torch.Tensor, Hd: torch.Tensor, labels: torch.Tensor, tables: torch.Tensor,
+                 col_group: torch.Tensor, ridge: float = 1e-8) -> torch.Tensor:
+    """Each table by exact least squares in the ``Hd`` metric, for fixed labels.
+
+    Per row: minimise ``(w - A t)ᵀ Hd (w - A t)`` over the table ``t``, ``A`` the one-hot
+    matrix of the labels: ``(Aᵀ Hd A) t = Aᵀ Hd w``; one table for every row (per-tensor)
+    sums the rows' systems.  One table per row (per-channel) or per tensor is exact;
+    per-group tables are refit group by group within the group's block of ``Hd`` (the
+    cross-group terms are left out: a refit step, the caller keeps the better state).
+    Entries no weight uses keep their value (a small ridge pulls them to it).
+    """
+    n_tab, n_groups, E = tables.shape
+    rows = W.shape[0]
+    Hd = Hd.to(W.dtype)
+    out = tables.clone()
+    for g in range(n_groups):
+        cols = (col_group == g).nonzero().flatten()
+        H = Hd[cols][:, cols]
+        Wg, lab = W[:, cols], labels[:, cols].long()
+        HW = Wg @ H  # (rows, k): H w for every row (H is symmetric)
+        step = max(1, (1 << 23) // max(1, cols.numel() * E))  # bounded one-hot chunks
+        Gs, rhss = [], []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            A = torch.nn.functional.one_hot(lab[r0:r1], E).to(W.dtype)  # (n, k, E)
+            G = A.transpose(1, 2) @ (H @ A)  # (n, E, E)
+            rhs = (A.transpose(1, 2) @ HW[r0:r1, :, None]).squeeze(2)  # (n, E)
+            if n_tab == 1:
+                G, rhs = G.sum(0, keepdim=True), rhs.sum(0, keepdim=True)
+            Gs.append(G.to(torch.float64))
+            rhss.append(rhs.to(torch.float64))
+        G = torch.stack(Gs).sum(0) if n_tab == 1 else torch.cat(Gs)
+        rhs = torch.stack(rhss).sum(0) if n_tab == 1 else torch.cat(rhss)
+        lam = ridge * torch.diagonal(G, dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
+        t_old = tables[:, g, :].to(torch.float64)
+        sol = torch.linalg.solve(G + torch.diag_embed(lam.expand(-1, E)), rhs + lam * t_old)
+        out[:, g, :] = sol.to(out.dtype)
+    return out
+
+
+def _sorted(tables: torch.Tensor, labels: torch.Tensor, col_group: torch.Tensor):
+    """Tables sorted along entries (as k-means leaves them) with the labels renamed to match."""
+    order = torch.argsort(tables, dim=2)
+    rank = torch.argsort(order, dim=2)  # old entry -> its new position
+    rows, E = labels.shape[0], tables.shape[2]
+    rank = rank.reshape(rank.shape[0], -1).expand(rows, -1)
+    new = torch.gather(rank, 1, col_group[None, :] * E + labels.long())
+    return torch.gather(tables, 2, order), new.to(torch.uint8)
+
+
+def fit_codebook(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
+                 per_tensor: bool = False, table_dtype: torch.dtype = torch.float16, alternations: int = 2,
+                 damping: float = DAMPING) -> CodebookFit:
+    """Tables and labels for the (rows, K) weight ``W`` given its input second moment ``H`` (K, K).
+
+    Start: importance-weighted exact k-means (importance diag(H)) and nearest labels.
+    Then GPTQ sweeps alternating with least-squares table refits; tables are rounded to
+    ``table_dtype`` before every scoring, as the packed file stores them.  Returns the
+    state with the lowest layer objective.
+    """
+    W = W.detach().to(torch.float32)
+    rows, K = W.shape
+    if H.shape != (K, K):
+        raise ValueError(f"calibration statistics: expected a ({K}, {K}) matrix for a weight of {K} columns\n"
+                         f"  got: {tuple(H.shape)}")
+    E = 1 << bits
+    Hd = damped(H, damping)
+    diag = torch.diagonal(Hd).to(torch.float32)
+    if per_tensor:
+        n_groups, gs = 1, K
+    elif group_size is None:
+        n_groups, gs = 1, K
+    else:
+        if K % group_size:
+            raise ValueError(f"group_size must divide the row length\n  expected: a divisor of {K}\n  got: {group_size}")
+        n_groups, gs = K // group_size, group_size
+    col_group = torch.arange(K) // gs
+    imp = diag[None, :].expand(rows, K)
+    if per_tensor:
+        centroids, _ = kmeans1d_rows(W.reshape(1, -1), E, weights=imp.reshape(1, -1))
+        tables = torch.from_numpy(centroids).reshape(1, 1, E)
+    else:
+        centroids, _ = kmeans1d_rows(W.reshape(rows * n_groups, gs), E, weights=imp.reshape(rows * n_groups, gs))
+        tables = torch.from_numpy(centroids).reshape(rows, n_groups, E)
+    tables = tables.to(table_dtype).to(torch.float32)
+
+    def expand(t):
+        return t.expand(rows, -1, -1) if per_tensor else t
+
+    def score(t, lab):
+        return layer_objective(W, _decode(expand(t), lab, col_group), Hd)
+
+    labels = nearest_assign(W, expand(tables), col_group)
+    best = (score(tables, labels), tables, labels)
+    history = [("nearest", best[0])]
+    for a in range(alternations):  # sweep with these tables, then the best tables for its labels
+        labels = gptq_assign(W, Hd, expand(tables), col_group)
+        history.append((f"gptq{a}", score(tables, labels)))
+        if history[-1][1] < best[0]:
+            best = (history[-1][1], tables, labels)
+        tables = refit_tables(W, Hd, labels, tables, col_group).to(table_dtype).to(torch.float32)
+        history.append((f"refit{a}", score(tables, labels)))
+        if history[-1][1] < best[0]:
+            best = (history[-1][1], tables, labels)
+    objective, tables, labels = best
+    if not math.isfinite(objective) or not torch.isfinite(tables).all():
+        raise ValueError("codebook fit produced non-finite tables\n  expected: finite weights and calibration inputs")
+    tables, labels = _sorted(tables, labels, col_group)
+    return CodebookFit(tables=tables, labels=labels, objective=objective, history=history)
