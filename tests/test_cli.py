@@ -16,7 +16,9 @@ from weightshare.pack import FILENAME
 @pytest.fixture(scope="module")
 def packed(minilm_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "mini4"
-    assert main(["--quiet", "compress", minilm_path, "--bits", "4", "--granularity", "per_channel", "--out", str(out)]) == 0
+    # the default calibration (the built-in corpus, GPTQ codebooks); fine-tuning has its own tests
+    assert main(["--quiet", "compress", minilm_path, "--bits", "4", "--granularity", "per_channel",
+                 "--finetune-steps", "0", "--out", str(out)]) == 0
     return out
 
 
@@ -103,6 +105,8 @@ def _bad_model_dir(tmp_path, minilm_path):
          "calibration file not found"),
         (lambda t, m: ["compress", m, "--bits", "4", "--data-free", "--calibration", str(t / "none.txt"),
                        "--out", str(t / "o")], "--data-free and --calibration"),
+        (lambda t, m: ["compress", m, "--bits", "4", "--finetune-steps", "-1", "--out", str(t / "o")],
+         "--finetune-steps"),
         (lambda t, m: ["inspect", str(t)], "no weightshare.safetensors"),
         (lambda t, m: ["bench", "nosuch"], "unknown benchmark"),
     ],

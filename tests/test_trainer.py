@@ -51,8 +51,37 @@ def test_sgdr_restarts_the_learning_rate():
     assert lrs[0] == 1.0 and lrs[9] < 0.05 and lrs[10] == 1.0  # a cycle of 2 epochs x 5 steps, then back to the top
 
 
+def test_warmup_then_cosine_decay_follows_the_formula():
+    import math
+
+    from weightshare.multitask.trainer import make_optimizer
+
+    cfg = TrainConfig(epochs=2, lr=0.1, schedule="cosine", warmup_steps=4)
+    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg, 10)  # 20 steps in all
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expect = [0.1 * (s + 1) / 4 if s < 4 else 0.1 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16)) for s in range(20)]
+    assert lrs == pytest.approx(expect)
+
+
+def test_on_epoch_stops_training_and_params_limits_what_moves():
+    x, y = _data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    first = model[0].weight.detach().clone()
+    seen = []
+    result = train(model, x, y, TrainConfig(epochs=10, batch_size=50, lr=1e-2), params=model[2].parameters(),
+                   on_epoch=lambda e: seen.append(e) or e == 3)
+    assert seen == [1, 2, 3] and len(result.epoch_losses) == 3 and len(result.step_seconds) == 6
+    assert torch.equal(model[0].weight, first)
+
+
 @pytest.mark.parametrize("kwargs,match", [(dict(optimizer="rmsprop"), "optimizer"), (dict(epochs=0), "epochs"),
-                                          (dict(batch_size=0), "batch_size"), (dict(lr=0), "lr")])
+                                          (dict(batch_size=0), "batch_size"), (dict(lr=0), "lr"),
+                                          (dict(schedule="linear"), "schedule"), (dict(warmup_steps=-1), "warmup")])
 def test_bad_train_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)

@@ -21,11 +21,15 @@ def _compress(args) -> None:
 
     from weightshare.compress.cluster import BUILTIN
 
+    if args.finetune_steps < 0:
+        raise ValueError(f"compress: --finetune-steps\n  expected: a non-negative integer (0 skips fine-tuning)\n"
+                         f"  got: {args.finetune_steps}")
     if args.data_free and args.calibration:
         raise ValueError("compress: --data-free and --calibration\n  expected: one of them (or neither: the built-in corpus)")
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
     calibration = None if args.data_free else args.calibration or BUILTIN
-    _, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method)
+    _, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
+                               finetune_steps=args.finetune_steps)
     print(rep if getattr(args, "verbose", False) else _summary(rep))
     print(f"clustered in {seconds:.2f} s; packed model written to {args.out}")
 
@@ -136,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with calibration: gptq fits tables and labels to each layer's inputs, block after block "
                         "(error-compensating, the default); wkmeans weights k-means by input feature importance")
     c.add_argument("--data-free", action="store_true", help="no calibration: plain k-means of the weights")
+    c.add_argument("--finetune-steps", type=int, default=150, metavar="N",
+                   help="with calibration: train the tables for about N steps to reproduce the original model's "
+                        "outputs (labels frozen; stops early when held-out calibration texts stop improving); "
+                        "0 skips it (default 150)")
     c.add_argument("--out", required=True, help="output directory (new, empty, or a packed model to replace)")
     c.set_defaults(func=_compress)
 

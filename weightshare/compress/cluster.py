@@ -6,6 +6,7 @@ the model and quantising them costs accuracy for almost no bytes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -14,10 +15,11 @@ from pathlib import Path
 from torch import nn
 
 from weightshare import hub, pack
+from weightshare.compress.finetune import FinetuneConfig, finetune_tables_
 from weightshare.corpus import calibration_sentences
 from weightshare.report import Report, report
 from weightshare.compress.calibrate import importance_from_texts, read_texts, sequential_codebooks_, text_batches
-from weightshare.sharing.codebook import CodebookConfig, codebook_model_, is_transposed_linear
+from weightshare.sharing.codebook import TABLE_DTYPES, CodebookConfig, codebook_model_, is_transposed_linear
 from weightshare.space import share_
 
 __all__ = ["compress", "compress_model_", "is_compressible"]
@@ -34,7 +36,7 @@ METHODS = ("gptq", "wkmeans")
 
 
 def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[str] | None = None,
-                    method: str = "gptq") -> nn.Module:
+                    method: str = "gptq", finetune_steps: int = 0) -> nn.Module:
     """Cluster a loaded transformers model or SentenceTransformer in place.
 
     Without ``calibration`` texts the clustering is data-free.  With them,
@@ -42,21 +44,31 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
     block after block with the earlier blocks already compressed
     (``calibrate.sequential_codebooks_``); ``method="wkmeans"`` weights each weight's
     k-means by the second moment of its input feature (``calibrate.importance_from_texts``).
+    ``finetune_steps`` > 0 then trains the tables by distillation against the model as it
+    was (``finetune.finetune_tables_``: labels frozen, early stopping on held-out texts).
     """
     if method not in METHODS:
         raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
+        raise ValueError(f"finetune_steps\n  expected: a non-negative integer\n  got: {finetune_steps!r}")
+    if finetune_steps and not calibration:
+        raise ValueError("table fine-tuning needs calibration texts\n  expected: calibration=... with finetune_steps")
     inner = hub.inner_model(model)
     if not calibration:
         share_(inner, config, filter_fn=is_compressible)
         return model
     tokenizer = hub.tokenizer_of(model)
+    limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
+    batches = text_batches(tokenizer, calibration, max_length=min(limit, 512) if isinstance(limit, int) else None)
+    original = copy.deepcopy(inner) if finetune_steps else None  # the teacher: the model as it was
     if method == "gptq":
-        limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
-        batches = text_batches(tokenizer, calibration, max_length=min(limit, 512) if isinstance(limit, int) else None)
         sequential_codebooks_(inner, config, batches, filter_fn=is_compressible)
-        return model
-    importance = importance_from_texts(inner, tokenizer, calibration, filter_fn=is_compressible)
-    codebook_model_(inner, config, filter_fn=is_compressible, importance=importance)
+    else:
+        importance = importance_from_texts(inner, tokenizer, calibration, filter_fn=is_compressible)
+        codebook_model_(inner, config, filter_fn=is_compressible, importance=importance)
+    if finetune_steps:
+        finetune_tables_(inner, original, batches, config.bits, FinetuneConfig(steps=finetune_steps),
+                         table_dtype=TABLE_DTYPES[config.table_dtype])
     return model
 
 
@@ -80,13 +92,14 @@ BUILTIN_SENTENCES = 256
 
 def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookConfig,
              calibration: str | os.PathLike | list[str] | None = None,
-             method: str = "gptq") -> tuple[nn.Module, Report, float]:
+             method: str = "gptq", finetune_steps: int = 0) -> tuple[nn.Module, Report, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
     texts, or ``"builtin"``: the built-in deterministic corpus (256 sentences of the
     Python standard library's documentation) for a model with a tokenizer, data-free
-    otherwise.  ``method``: see ``compress_model_``.  Returns ``(model, report,
+    otherwise.  ``method``, ``finetune_steps``: see ``compress_model_`` (table fine-tuning
+    is skipped, with a note, where there is no calibration).  Returns ``(model, report,
     seconds spent clustering, calibration included)``.  Everything that can be
     checked (config, method, source directory, output path, calibration file) is
     checked before the model is loaded.
@@ -111,8 +124,11 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
             texts = calibration_sentences(BUILTIN_SENTENCES)
         else:
             log.info("no tokenizer: compressing data-free (pass calibration batches through compress_model_)")
+    if finetune_steps and not texts:
+        log.info("no calibration texts: table fine-tuning skipped")
+        finetune_steps = 0
     t0 = time.perf_counter()
-    compress_model_(model, config, texts, method=method)
+    compress_model_(model, config, texts, method=method, finetune_steps=finetune_steps)
     seconds = time.perf_counter() - t0
     log.info("clustered in %.2f s", seconds)
     pack.save(model, out)

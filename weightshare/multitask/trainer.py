@@ -10,6 +10,7 @@ step-time ratios come from the same loop as the accuracies.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +23,7 @@ from weightshare._progress import progress
 __all__ = ["IGNORE", "FitResult", "delta_p", "evaluate", "fit", "TrainConfig", "TrainResult", "train", "make_optimizer", "error_rate"]
 
 OPTIMIZERS = ("gd", "sgd", "adam", "sgdr")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -34,8 +36,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     restart_epochs: int = 10  # sgdr: length of the first cosine cycle, in epochs
     seed: int = 0  # data order (and nothing else: build the model under your own seed)
+    schedule: str = "constant"  # constant | cosine (decay to 0 over all steps); gd, sgd, adam
+    warmup_steps: int = 0  # linear warm-up from 0 before the schedule
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule\n  expected one of: {SCHEDULES}\n  got: {self.schedule!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps\n  expected: a non-negative integer\n  got: {self.warmup_steps!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig.optimizer\n  expected one of: {OPTIMIZERS}\n  got: {self.optimizer!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -61,33 +69,49 @@ def make_optimizer(params, config: TrainConfig, steps_per_epoch: int):
     """(optimizer, scheduler or None) for ``config``; the scheduler steps once per optimizer step."""
     params = list(params)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay), None
-    momentum = 0.0 if config.optimizer == "gd" else config.momentum
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        momentum = 0.0 if config.optimizer == "gd" else config.momentum
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay)
     if config.optimizer == "sgdr":
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, config.restart_epochs * steps_per_epoch))
         return opt, sched
-    return opt, None
+    if config.schedule == "constant" and not config.warmup_steps:
+        return opt, None
+    total, warm = max(1, config.epochs * steps_per_epoch), config.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig | None = None,
           loss_fn: Callable = nn.functional.cross_entropy, desc: str = "train",
-          on_step: Callable[[int], object] | None = None) -> TrainResult:
+          on_step: Callable[[int], object] | None = None, params=None,
+          on_epoch: Callable[[int], bool] | None = None) -> TrainResult:
     """Train ``model`` on (x, y) in place with ``config``; returns the per-epoch losses and step times.
 
     ``on_step(k)``, if given, is called after the k-th optimizer step (k = 1, 2, ...), outside the
-    step's timing: co-training (``weightshare.merge.distributed.CoTrainer.step``) syncs there."""
+    step's timing: co-training (``weightshare.merge.distributed.CoTrainer.step``) syncs there.
+    ``params``: what the optimizer updates (default: every parameter of ``model``).
+    ``on_epoch(e)`` is called after epoch e (1, 2, ...); returning True stops training there
+    (early stopping on a held-out set)."""
     config = config or TrainConfig()
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"train: inputs and targets\n  expected: the same, non-zero number of rows\n  got: {len(x)} and {len(y)}")
     n = len(x)
     batch = n if config.batch_size is None or config.optimizer == "gd" else min(config.batch_size, n)
     steps = -(-n // batch)
-    opt, sched = make_optimizer(model.parameters(), config, steps)
+    opt, sched = make_optimizer(model.parameters() if params is None else params, config, steps)
     order = torch.Generator().manual_seed(config.seed)
     result = TrainResult()
     model.train()
-    for _ in progress(range(config.epochs), desc=desc, unit="epoch", leave=False):
+    for epoch in progress(range(config.epochs), desc=desc, unit="epoch", leave=False):
         perm = torch.randperm(n, generator=order) if batch < n else torch.arange(n)
         total = 0.0
         for s in range(steps):
@@ -104,6 +128,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
             if on_step is not None:
                 on_step(len(result.step_seconds))
         result.epoch_losses.append(total / n)
+        if on_epoch is not None and on_epoch(epoch + 1):
+            break
     model.eval()
     return result
 

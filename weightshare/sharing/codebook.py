@@ -246,6 +246,19 @@ class RowLookupEmbedding(nn.Embedding):
         return super().forward(input)
 
 
+def table_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The tables of every codebook in ``model`` (a shared table once): what table fine-tuning trains."""
+    seen, out = set(), []
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for plist in module.parametrizations.values():
+            if any(isinstance(p, _Codebook) for p in plist) and id(plist.original) not in seen:
+                seen.add(id(plist.original))
+                out.append(plist.original)
+    return out
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     # numpy's isfinite is ~10x faster than torch's on CPU; bf16 has no numpy dtype
     t = t.detach().cpu()
