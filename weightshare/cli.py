@@ -24,12 +24,22 @@ def _compress(args) -> None:
     if args.finetune_steps < 0:
         raise ValueError(f"compress: --finetune-steps\n  expected: a non-negative integer (0 skips fine-tuning)\n"
                          f"  got: {args.finetune_steps}")
+    if args.target_size is not None and args.avg_bits is not None:
+        raise ValueError("compress: --target-size and --avg-bits\n  expected: one of them")
     if args.data_free and args.calibration:
         raise ValueError("compress: --data-free and --calibration\n  expected: one of them (or neither: the built-in corpus)")
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
     calibration = None if args.data_free else args.calibration or BUILTIN
-    _, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
-                               finetune_steps=args.finetune_steps)
+    model, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
+                                   finetune_steps=args.finetune_steps, target_size=args.target_size,
+                                   avg_bits=args.avg_bits)
+    plan = getattr(model, "_weightshare_bit_plan", None)
+    if plan is not None:
+        from collections import Counter
+
+        widths = Counter(plan.bits.values())
+        print("bits per tensor: " + ", ".join(f"{n} x {b}-bit" for b, n in sorted(widths.items()))
+              + " (--verbose lists them)")
     print(rep if getattr(args, "verbose", False) else _summary(rep))
     print(f"clustered in {seconds:.2f} s; packed model written to {args.out}")
 
@@ -130,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", parents=common,
                        help="cluster a model's weights into codebooks and write a packed directory")
     c.add_argument("src", help="local transformers or sentence-transformers model directory")
-    c.add_argument("--bits", type=int, required=True, help="index bits per weight, 1..8 (tables of 2**bits)")
+    c.add_argument("--bits", type=int, default=4,
+                   help="index bits per weight, 1..8 (tables of 2**bits; default 4); a size budget overrides it")
+    c.add_argument("--target-size", default=None, metavar="SIZE",
+                   help="the packed file's size (8MB, 7.5MiB, bytes): each tensor gets the width that buys the most "
+                        "fidelity per byte; the file lands below SIZE, within 1%%")
+    c.add_argument("--avg-bits", type=float, default=None, metavar="B",
+                   help="a size budget in bits per compressed weight, tables counted (as `inspect` reports it)")
     c.add_argument("--granularity", default="per_channel", choices=["per_tensor", "per_channel", "per_group"])
     c.add_argument("--group-size", type=int, default=None, help="per_group: input weights per table")
     c.add_argument("--calibration", default=None, metavar="TEXTFILE",

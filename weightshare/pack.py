@@ -223,6 +223,22 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
     inner = hub.inner_model(model)
     _check_dest(path, source.path if source else None)
+    data, source_meta = _file_bytes(model)
+    with staged_dir(path) as tmp:
+        if source is not None:
+            hub.copy_non_weight_files(source.path, tmp)
+        elif source_meta["kind"] == hub.TRANSFORMERS:
+            inner.config.save_pretrained(tmp)
+        if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
+            hub.mark_packed_config(tmp / source_meta["weights_subdir"], FILENAME if not source_meta["weights_subdir"] else None)
+        (tmp / FILENAME).write_bytes(data)
+    return path
+
+
+def _file_bytes(model: nn.Module) -> tuple[bytes, dict]:
+    """The packed file of ``model`` as bytes, and the source it names."""
+    source: hub.Source | None = getattr(model, "_weightshare_source", None)
+    inner = hub.inner_model(model)
     tensors, spec = _collect(inner)
     checksums = {name: _sha256(t) for name, t in tensors.items()}
     if source is not None:
@@ -234,15 +250,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     spec_json = json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": spec_json,
             "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest()}
-    with staged_dir(path) as tmp:
-        if source is not None:
-            hub.copy_non_weight_files(source.path, tmp)
-        elif source_meta["kind"] == hub.TRANSFORMERS:
-            inner.config.save_pretrained(tmp)
-        if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
-            hub.mark_packed_config(tmp / source_meta["weights_subdir"], FILENAME if not source_meta["weights_subdir"] else None)
-        (tmp / FILENAME).write_bytes(safetensors_save(tensors, metadata=meta))
-    return path
+    return safetensors_save(tensors, metadata=meta), source_meta
+
+
+def file_size(model: nn.Module) -> int:
+    """The bytes of the ``weightshare.safetensors`` that ``save(model, ...)`` would write."""
+    return len(_file_bytes(model)[0])
 
 
 # ----------------------------------------------------------------------------- reading

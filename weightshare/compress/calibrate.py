@@ -178,7 +178,7 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
-def _run(model: nn.Module, batches, state: dict) -> None:
+def run_batches(model: nn.Module, batches, state: dict) -> None:
     """Every batch through ``model`` (until a hook has seen enough); ``state["mask"]`` marks real tokens."""
     for batch in batches:
         state["mask"] = batch["attention_mask"].bool() if isinstance(batch, dict) and "attention_mask" in batch else None
@@ -193,7 +193,7 @@ def _run(model: nn.Module, batches, state: dict) -> None:
             pass
 
 
-def _rows_of(x: torch.Tensor, mask) -> torch.Tensor:
+def token_rows(x: torch.Tensor, mask) -> torch.Tensor:
     """A layer input as (tokens, features), padding left out."""
     if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
         x = x[mask]
@@ -206,7 +206,7 @@ def _execution_order(model: nn.Module, batch, modules: dict[str, nn.Module]) -> 
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
              for n, m in modules.items()]
     try:
-        _run(model, [batch], {})
+        run_batches(model, [batch], {})
     finally:
         for h in hooks:
             h.remove()
@@ -247,7 +247,8 @@ def _stages(model: nn.Module, order: list[str]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alternations: int = 2) -> dict:
+def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alternations: int = 2,
+                          configs: dict | None = None) -> dict:
     """Codebooks fit to calibration data, layer after layer, in place (GPTQ on a codebook).
 
     Embeddings first, by importance-weighted k-means (token counts in ``batches``).
@@ -257,6 +258,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
     tables and labels are fit by ``gptq.fit_codebook``.  Memory: one batch's
     activations and the block's ``H`` matrices.  ``batches``: a list of model inputs
     (dicts of tensors for a transformers model, tensors or tuples for any module).
+    ``configs`` maps module names to their own ``CodebookConfig`` (mixed bits); the others get ``config``.
 
     Returns ``{weight name: {"objective", "nearest", "tokens"}}``: the layer objective
     reached and that of plain nearest-entry assignment with k-means tables.
@@ -292,17 +294,20 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
 
             hooks = [chosen[n].register_forward_pre_hook(count(n)) for n in tied if isinstance(chosen[n], nn.Embedding)]
             try:
-                _run(model, batches, state)
+                run_batches(model, batches, state)
             finally:
                 for h in hooks:
                     h.remove()
             importance = {f"{n}.weight": (1.0 + counts[n])[:, None].expand_as(chosen[n].weight).contiguous()
                           for n in counts}
-            codebook_model_(model, config, filter_fn=lambda m, n: n in tied, importance=importance)
+            configs = configs or {}
+            for cfg in {id(configs.get(n, config)): configs.get(n, config) for n in tied}.values():
+                mine = {n for n in tied if configs.get(n, config) is cfg}
+                codebook_model_(model, cfg, filter_fn=lambda m, n, mine=mine: n in mine, importance=importance)
         order = _execution_order(model, batches[0], linears)
         stages = _stages(model, order)
-        table_dtype = TABLE_DTYPES[config.table_dtype]
-        bar = progress(total=len(order), desc=f"calibrated codebooks {config.bits}-bit", unit="layer")
+        configs = configs or {}
+        bar = progress(total=len(order), desc="calibrated codebooks", unit="layer")
         for stage in stages:
             sums = {n: 0 for n in stage}
             tokens = {n: 0 for n in stage}
@@ -311,7 +316,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
 
             def collect(name):
                 def hook(module, args):
-                    x = _rows_of(args[0].detach(), state["mask"]).to(torch.float64)
+                    x = token_rows(args[0].detach(), state["mask"]).to(torch.float64)
                     sums[name] = sums[name] + x.t() @ x
                     tokens[name] += x.shape[0]
                     if name == last:
@@ -320,7 +325,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
 
             hooks = [linears[n].register_forward_pre_hook(collect(n)) for n in stage]
             try:
-                _run(model, batches, state)
+                run_batches(model, batches, state)
             finally:
                 for h in hooks:
                     h.remove()
@@ -330,12 +335,12 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
                 W = module.weight.detach().t() if transposed else module.weight.detach()
                 K = W.shape[1]
                 H = sums[name] / tokens[name] if tokens[name] else torch.eye(K, dtype=torch.float64)
-                fit = fit_codebook(W, H, config.bits,
-                                   group_size=config.group_size if config.granularity == "per_group" else None,
-                                   per_tensor=config.granularity == "per_tensor", table_dtype=table_dtype,
+                cfg = configs.get(name, config)
+                fit = fit_codebook(W, H, cfg.bits, group_size=cfg.group_size if cfg.granularity == "per_group" else None,
+                                   per_tensor=cfg.granularity == "per_tensor", table_dtype=TABLE_DTYPES[cfg.table_dtype],
                                    alternations=alternations)
                 tables = fit.tables.reshape(-1, fit.tables.shape[2]).to(module.weight.dtype)
-                codebook(module, "weight", config, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
+                codebook(module, "weight", cfg, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
                 results[f"{name}.weight"] = {"objective": fit.objective, "nearest": fit.history[0][1],
                                              "tokens": tokens[name]}
                 bar.update(1)

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from weightshare import hub, pack
+from weightshare.compress.budget import parse_size, plan_model
 from weightshare.compress.finetune import FinetuneConfig, finetune_tables_
 from weightshare.corpus import calibration_sentences
 from weightshare.report import Report, report
@@ -36,7 +37,8 @@ METHODS = ("gptq", "wkmeans")
 
 
 def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[str] | None = None,
-                    method: str = "gptq", finetune_steps: int = 0) -> nn.Module:
+                    method: str = "gptq", finetune_steps: int = 0, target_bytes: int | None = None,
+                    avg_bits: float | None = None) -> nn.Module:
     """Cluster a loaded transformers model or SentenceTransformer in place.
 
     Without ``calibration`` texts the clustering is data-free.  With them,
@@ -46,6 +48,9 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
     k-means by the second moment of its input feature (``calibrate.importance_from_texts``).
     ``finetune_steps`` > 0 then trains the tables by distillation against the model as it
     was (``finetune.finetune_tables_``: labels frozen, early stopping on held-out texts).
+    ``target_bytes`` (the packed file's size) or ``avg_bits`` (bits per compressed weight,
+    tables counted) chooses each tensor's width instead of ``config.bits`` (``budget.py``);
+    the plan is kept as ``model._weightshare_bit_plan``.
     """
     if method not in METHODS:
         raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
@@ -54,20 +59,35 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
     if finetune_steps and not calibration:
         raise ValueError("table fine-tuning needs calibration texts\n  expected: calibration=... with finetune_steps")
     inner = hub.inner_model(model)
-    if not calibration:
-        share_(inner, config, filter_fn=is_compressible)
-        return model
-    tokenizer = hub.tokenizer_of(model)
-    limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
-    batches = text_batches(tokenizer, calibration, max_length=min(limit, 512) if isinstance(limit, int) else None)
+    batches = None
+    if calibration:
+        tokenizer = hub.tokenizer_of(model)
+        limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
+        batches = text_batches(tokenizer, calibration, max_length=min(limit, 512) if isinstance(limit, int) else None)
+    configs, bits = {}, config.bits
+    if target_bytes is not None or avg_bits is not None:
+        configs, plan = plan_model(inner, config, batches, target_bytes=target_bytes, avg_bits=avg_bits,
+                                   filter_fn=is_compressible)
+        model._weightshare_bit_plan = plan
+        numels = {n: inner.get_submodule(n).weight.numel() for n in plan.bits}
+        bits = max(1, round(plan.average_bits(numels)))
     original = copy.deepcopy(inner) if finetune_steps else None  # the teacher: the model as it was
-    if method == "gptq":
-        sequential_codebooks_(inner, config, batches, filter_fn=is_compressible)
+    if batches is None and not configs:
+        share_(inner, config, filter_fn=is_compressible)
+    elif batches is not None and method == "gptq":
+        sequential_codebooks_(inner, config, batches, filter_fn=is_compressible, configs=configs)
     else:
-        importance = importance_from_texts(inner, tokenizer, calibration, filter_fn=is_compressible)
-        codebook_model_(inner, config, filter_fn=is_compressible, importance=importance)
+        importance = (importance_from_texts(inner, tokenizer, calibration, filter_fn=is_compressible)
+                      if batches is not None else None)
+        groups: dict[int, tuple[CodebookConfig, set]] = {}
+        for fqn, m in inner.named_modules():
+            if is_compressible(m, fqn):
+                cfg = configs.get(fqn, config)
+                groups.setdefault(id(cfg), (cfg, set()))[1].add(fqn)
+        for cfg, names in groups.values():
+            codebook_model_(inner, cfg, filter_fn=lambda m, n, names=names: n in names, importance=importance)
     if finetune_steps:
-        finetune_tables_(inner, original, batches, config.bits, FinetuneConfig(steps=finetune_steps),
+        finetune_tables_(inner, original, batches, bits, FinetuneConfig(steps=finetune_steps),
                          table_dtype=TABLE_DTYPES[config.table_dtype])
     return model
 
@@ -92,20 +112,26 @@ BUILTIN_SENTENCES = 256
 
 def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookConfig,
              calibration: str | os.PathLike | list[str] | None = None,
-             method: str = "gptq", finetune_steps: int = 0) -> tuple[nn.Module, Report, float]:
+             method: str = "gptq", finetune_steps: int = 0, target_size: int | str | None = None,
+             avg_bits: float | None = None) -> tuple[nn.Module, Report, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
     texts, or ``"builtin"``: the built-in deterministic corpus (256 sentences of the
     Python standard library's documentation) for a model with a tokenizer, data-free
     otherwise.  ``method``, ``finetune_steps``: see ``compress_model_`` (table fine-tuning
-    is skipped, with a note, where there is no calibration).  Returns ``(model, report,
+    is skipped, with a note, where there is no calibration).  ``target_size`` (``8MB``,
+    bytes) or ``avg_bits``: mixed widths under that budget; the written
+    ``weightshare.safetensors`` is never larger than ``target_size``.  Returns ``(model, report,
     seconds spent clustering, calibration included)``.  Everything that can be
     checked (config, method, source directory, output path, calibration file) is
     checked before the model is loaded.
     """
     if method not in METHODS:
         raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
+    if target_size is not None and avg_bits is not None:
+        raise ValueError("compress: --target-size and --avg-bits\n  expected: one of them")
+    target_bytes = parse_size(target_size) if target_size is not None else None
     source = hub.detect(src)
     out = Path(out)
     pack._check_dest(out, source.path)
@@ -128,8 +154,12 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         log.info("no calibration texts: table fine-tuning skipped")
         finetune_steps = 0
     t0 = time.perf_counter()
-    compress_model_(model, config, texts, method=method, finetune_steps=finetune_steps)
+    compress_model_(model, config, texts, method=method, finetune_steps=finetune_steps, target_bytes=target_bytes,
+                    avg_bits=avg_bits)
     seconds = time.perf_counter() - t0
+    if target_bytes is not None and (size := pack.file_size(model)) > target_bytes:  # checked before writing
+        raise ValueError(f"--target-size: the packed file would be {size:,} bytes, above {target_bytes:,}\n"
+                         "  this is a bug in the size prediction; ask for a slightly smaller size")
     log.info("clustered in %.2f s", seconds)
     pack.save(model, out)
     return model, report(model), seconds
