@@ -112,7 +112,7 @@ def _cotrain(args) -> None:
 def _bench(args) -> None:
     from weightshare.bench import run
 
-    run(args.name, quick=args.quick, as_json=args.json)
+    run(args.name, quick=args.quick, as_json=args.json, plot=args.plot)
 
 
 def _global_options(default) -> argparse.ArgumentParser:
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", metavar="NAME", help="one of:\n" + "\n".join(f"  {n}" for n in NAMES))
     b.add_argument("--quick", action="store_true", help="a run of under a minute")
     b.add_argument("--json", action="store_true", help="last line of output: one JSON object of the figures")
+    b.add_argument("--plot", default=None, metavar="PNG",
+                   help="minilm: write the size-vs-fidelity (Pareto) chart, one line per method (needs matplotlib)")
     b.set_defaults(func=_bench)
     return p
 

@@ -13,13 +13,19 @@ import os
 NAMES = ("kmeans", "minilm", "load", "digits-arch", "minilm-basis", "digits-mtl", "text-mtl", "merge-minilm", "soups", "cotrain", "runtime")
 
 
-def run(name: str, quick: bool = False, as_json: bool = False) -> dict:
+PLOTS = ("minilm",)  # the benchmarks that draw a chart (--plot FILE)
+
+
+def run(name: str, quick: bool = False, as_json: bool = False, plot: str | None = None) -> dict:
     if name not in NAMES:
         raise ValueError(f"unknown benchmark\n  expected one of: {', '.join(NAMES)}\n  got: {name!r}")
+    if plot and name not in PLOTS:
+        raise ValueError(f"bench {name}: --plot\n  expected: a benchmark that draws a chart ({', '.join(PLOTS)})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the benchmarks' subprocesses
     print(omp_wait_policy_line(os.environ["OMP_WAIT_POLICY"], _startup_environ()), flush=True)
-    figures = importlib.import_module(f"weightshare.bench.{name.replace('-', '_')}").main(quick=quick)
+    module = importlib.import_module(f"weightshare.bench.{name.replace('-', '_')}")
+    figures = module.main(quick=quick, plot=plot) if plot else module.main(quick=quick)
     if as_json:
         print(json.dumps(figures))
     return figures

