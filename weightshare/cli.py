@@ -24,8 +24,6 @@ def _compress(args) -> None:
     if args.finetune_steps < 0:
         raise ValueError(f"compress: --finetune-steps\n  expected: a non-negative integer (0 skips fine-tuning)\n"
                          f"  got: {args.finetune_steps}")
-    if args.target_size is not None and args.avg_bits is not None:
-        raise ValueError("compress: --target-size and --avg-bits\n  expected: one of them")
     if args.data_free and args.calibration:
         raise ValueError("compress: --data-free and --calibration\n  expected: one of them (or neither: the built-in corpus)")
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)

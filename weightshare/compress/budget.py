@@ -193,10 +193,12 @@ SENSITIVITY_BATCHES = 2
 
 def _outputs(model: nn.Module, batches) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """(output states, real-token mask) per batch: ``last_hidden_state`` of a transformers model, else the output."""
+    from weightshare.compress.calibrate import call
+
     out = []
     with torch.no_grad():
         for b in batches:
-            y = model(**b) if isinstance(b, dict) else model(*b) if isinstance(b, (tuple, list)) else model(b)
+            y = call(model, b)
             y = getattr(y, "last_hidden_state", None) if not isinstance(y, torch.Tensor) else y
             if y is None:
                 raise ValueError("size budget: the model's output has no last_hidden_state or tensor to compare")
@@ -247,51 +249,17 @@ def output_sensitivity(model: nn.Module, modules: dict[str, nn.Module], stats: d
 
 
 def collect_statistics(model: nn.Module, names: dict[str, nn.Module], batches) -> dict[str, torch.Tensor]:
-    """One calibration pass over the uncompressed model: H = E[x xᵀ] for each Linear, row counts for each
-    Embedding (what ``plan_bits`` measures the errors with)."""
-    from weightshare.compress.calibrate import run_batches, token_rows
+    """H = E[x xᵀ] for each Linear and row counts for each Embedding of the uncompressed model (what
+    ``plan_bits`` measures the errors with); the identity / no counts where no batch reached a module."""
+    from weightshare.compress.calibrate import layer_statistics
     from weightshare.sharing.codebook import is_transposed_linear
 
-    sums: dict[str, torch.Tensor] = {}
-    tokens: dict[str, int] = {}
-    state: dict = {"mask": None}
-
-    def linear(name):
-        def hook(module, args):
-            x = token_rows(args[0].detach(), state["mask"]).double()
-            sums[name] = sums.get(name, 0) + x.t() @ x
-            tokens[name] = tokens.get(name, 0) + x.shape[0]
-        return hook
-
-    def embedding(name):
-        def hook(module, args):
-            ids, mask = args[0], state["mask"]
-            if mask is not None and ids.shape == mask.shape:
-                ids = ids[mask]
-            sums[name] = sums.get(name, 0) + torch.bincount(ids.reshape(-1), minlength=module.num_embeddings).double()
-        return hook
-
-    hooks = [m.register_forward_pre_hook(embedding(n) if isinstance(m, nn.Embedding) else linear(n))
-             for n, m in names.items() if isinstance(m, (nn.Linear, nn.Embedding)) or is_transposed_linear(m)]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            run_batches(model, batches, state)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    out = {}
+    stats, _ = layer_statistics(model, names, batches)
     for n, m in names.items():
-        if n not in sums:
+        if n not in stats:
             K = m.weight.shape[0] if is_transposed_linear(m) else m.weight.shape[-1]
-            out[n] = torch.zeros(m.weight.shape[0]) if isinstance(m, nn.Embedding) else torch.eye(K, dtype=torch.float64)
-        elif isinstance(m, nn.Embedding):
-            out[n] = sums[n]
-        else:
-            out[n] = sums[n] / max(tokens[n], 1)
-    return out
+            stats[n] = torch.zeros(m.weight.shape[0]) if isinstance(m, nn.Embedding) else torch.eye(K, dtype=torch.float64)
+    return stats
 
 
 def plan_model(model: nn.Module, config, batches, target_bytes: int | None = None, avg_bits: float | None = None,

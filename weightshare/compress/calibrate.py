@@ -178,17 +178,21 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
 
+def call(model: nn.Module, batch):
+    """``model`` on one calibration batch: a dict of keyword inputs, a tuple of positional ones, or a tensor."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
 def run_batches(model: nn.Module, batches, state: dict) -> None:
     """Every batch through ``model`` (until a hook has seen enough); ``state["mask"]`` marks real tokens."""
     for batch in batches:
         state["mask"] = batch["attention_mask"].bool() if isinstance(batch, dict) and "attention_mask" in batch else None
         try:
-            if isinstance(batch, dict):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+            call(model, batch)
         except _Enough:
             pass
 
@@ -198,6 +202,46 @@ def token_rows(x: torch.Tensor, mask) -> torch.Tensor:
     if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
         x = x[mask]
     return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def layer_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, stop_after: str | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """One calibration pass: for each Linear of ``modules`` the second moment ``H = XᵀX / n`` (float64) of
+    its inputs over real tokens, for each Embedding how often each row is looked up.  Returns
+    ``(statistics, tokens)``; a module no batch reached has no entry.  ``stop_after``: a module whose
+    input ends the pass (the rest of the model is not run)."""
+    sums: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
+    state: dict = {"mask": None}
+
+    def hook_for(name, module):
+        def linear(mod, args):
+            x = token_rows(args[0].detach(), state["mask"]).to(torch.float64)
+            sums[name] = sums.get(name, 0) + x.t() @ x
+            tokens[name] = tokens.get(name, 0) + x.shape[0]
+            if name == stop_after:
+                raise _Enough
+
+        def embedding(mod, args):
+            ids, mask = args[0], state["mask"]
+            if mask is not None and ids.shape == mask.shape:
+                ids = ids[mask]
+            sums[name] = sums.get(name, 0) + torch.bincount(ids.reshape(-1), minlength=mod.num_embeddings).double()
+            tokens[name] = tokens.get(name, 0) + ids.numel()
+        return embedding if isinstance(module, nn.Embedding) else linear
+
+    hooks = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        run_batches(model, batches, state)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    stats = {n: sums[n] if isinstance(modules[n], nn.Embedding) else sums[n] / tokens[n] for n in sums}
+    return stats, tokens
 
 
 def _execution_order(model: nn.Module, batch, modules: dict[str, nn.Module]) -> list[str]:
@@ -281,60 +325,22 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
     results: dict[str, dict] = {}
     try:
         if tied:  # embeddings have no input activations: weighted by how often each row is looked up
-            counts, state = {}, {"mask": None}
-
-            def count(name):
-                def hook(module, args):
-                    ids, mask = args[0], state["mask"]
-                    if mask is not None and ids.shape == mask.shape:
-                        ids = ids[mask]
-                    c = torch.bincount(ids.reshape(-1), minlength=module.num_embeddings).float()
-                    counts[name] = counts.get(name, 0) + c
-                return hook
-
-            hooks = [chosen[n].register_forward_pre_hook(count(n)) for n in tied if isinstance(chosen[n], nn.Embedding)]
-            try:
-                run_batches(model, batches, state)
-            finally:
-                for h in hooks:
-                    h.remove()
-            importance = {f"{n}.weight": (1.0 + counts[n])[:, None].expand_as(chosen[n].weight).contiguous()
+            counts, _ = layer_statistics(model, {n: chosen[n] for n in tied if isinstance(chosen[n], nn.Embedding)},
+                                         batches)
+            importance = {f"{n}.weight": (1.0 + counts[n].float())[:, None].expand_as(chosen[n].weight).contiguous()
                           for n in counts}
-            configs = configs or {}
-            for cfg in {id(configs.get(n, config)): configs.get(n, config) for n in tied}.values():
-                mine = {n for n in tied if configs.get(n, config) is cfg}
-                codebook_model_(model, cfg, filter_fn=lambda m, n, mine=mine: n in mine, importance=importance)
+            codebook_model_(model, config, filter_fn=lambda m, n: n in tied, importance=importance, configs=configs)
         order = _execution_order(model, batches[0], linears)
         stages = _stages(model, order)
         configs = configs or {}
         bar = progress(total=len(order), desc="calibrated codebooks", unit="layer")
         for stage in stages:
-            sums = {n: 0 for n in stage}
-            tokens = {n: 0 for n in stage}
-            state = {"mask": None}
-            last = stage[-1]
-
-            def collect(name):
-                def hook(module, args):
-                    x = token_rows(args[0].detach(), state["mask"]).to(torch.float64)
-                    sums[name] = sums[name] + x.t() @ x
-                    tokens[name] += x.shape[0]
-                    if name == last:
-                        raise _Enough
-                return hook
-
-            hooks = [linears[n].register_forward_pre_hook(collect(n)) for n in stage]
-            try:
-                run_batches(model, batches, state)
-            finally:
-                for h in hooks:
-                    h.remove()
+            stats, tokens = layer_statistics(model, {n: linears[n] for n in stage}, batches, stop_after=stage[-1])
             for name in stage:
                 module = linears[name]
                 transposed = is_transposed_linear(module)
                 W = module.weight.detach().t() if transposed else module.weight.detach()
-                K = W.shape[1]
-                H = sums[name] / tokens[name] if tokens[name] else torch.eye(K, dtype=torch.float64)
+                H = stats[name] if name in stats else torch.eye(W.shape[1], dtype=torch.float64)
                 cfg = configs.get(name, config)
                 fit = fit_codebook(W, H, cfg.bits, group_size=cfg.group_size if cfg.granularity == "per_group" else None,
                                    per_tensor=cfg.granularity == "per_tensor", table_dtype=TABLE_DTYPES[cfg.table_dtype],
@@ -342,7 +348,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
                 tables = fit.tables.reshape(-1, fit.tables.shape[2]).to(module.weight.dtype)
                 codebook(module, "weight", cfg, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
                 results[f"{name}.weight"] = {"objective": fit.objective, "nearest": fit.history[0][1],
-                                             "tokens": tokens[name]}
+                                             "tokens": tokens.get(name, 0)}
                 bar.update(1)
         bar.close()
     finally:

@@ -79,13 +79,7 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
     else:
         importance = (importance_from_texts(inner, tokenizer, calibration, filter_fn=is_compressible)
                       if batches is not None else None)
-        groups: dict[int, tuple[CodebookConfig, set]] = {}
-        for fqn, m in inner.named_modules():
-            if is_compressible(m, fqn):
-                cfg = configs.get(fqn, config)
-                groups.setdefault(id(cfg), (cfg, set()))[1].add(fqn)
-        for cfg, names in groups.values():
-            codebook_model_(inner, cfg, filter_fn=lambda m, n, names=names: n in names, importance=importance)
+        codebook_model_(inner, config, filter_fn=is_compressible, importance=importance, configs=configs)
     if finetune_steps:
         finetune_tables_(inner, original, batches, bits, FinetuneConfig(steps=finetune_steps),
                          table_dtype=TABLE_DTYPES[config.table_dtype])

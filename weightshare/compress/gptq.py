@@ -185,9 +185,7 @@ def fit_codebook(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | 
     E = 1 << bits
     Hd = damped(H, damping)
     diag = torch.diagonal(Hd).to(torch.float32)
-    if per_tensor:
-        n_groups, gs = 1, K
-    elif group_size is None:
+    if per_tensor or group_size is None:
         n_groups, gs = 1, K
     else:
         if K % group_size:

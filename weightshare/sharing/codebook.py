@@ -333,7 +333,8 @@ def _warn_if_tables_dominate(shapes: list[tuple[tuple, bool]], config: CodebookC
 
 
 def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
-                    importance: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                    importance: dict[str, torch.Tensor] | None = None,
+                    configs: dict[str, CodebookConfig] | None = None) -> nn.Module:
     """Codebooks for every selected Linear/Embedding/Conv weight of ``model``, in place.
 
     ``importance`` maps a weight's name (``"encoder.layer.0.output.dense.weight"``)
@@ -341,9 +342,11 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     it are clustered data-free.  Every tensor is checked before any is clustered,
     so a bad tensor leaves the model untouched.  A weight tied across modules
     (an LM head and its embedding) is clustered once, with the first owner's
-    importance, and the other owners share that codebook.
+    importance, and the other owners share that codebook.  ``configs`` maps module names to
+    their own config (mixed bits); a tied weight takes its first owner's.
     """
     importance = importance or {}
+    configs = configs or {}
     spaces = _shared_spaces(model, filter_fn)
     for name, plist in spaces:  # checked with the plain weights, before anything changes
         if config.granularity == "per_channel":
@@ -365,7 +368,8 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     _warn_if_tables_dominate([(tuple(m.weight.shape), is_transposed_linear(m)) for _, m in first], config)
     for fqn, module in progress(first, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
         tied = owners[id(module.weight)][1:]
-        codebook(module, "weight", config, importance=importance.get(f"{fqn}.weight"), fqn=f"{fqn}.weight")
+        codebook(module, "weight", configs.get(fqn, config), importance=importance.get(f"{fqn}.weight"),
+                 fqn=f"{fqn}.weight")
         for other in tied:
             share_parametrization(module, other)
     for name, plist in spaces:  # composed: the codebook is over the other map's stored state
