@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import weightshare as ws
+from weightshare.bench._references import QUANTIZERS, ReferenceMissing, quantize_weights
 from weightshare.bench.kmeans import same_case
 from weightshare.bench.minilm import _palettized_bytes, weight_error
 from weightshare.compress import is_compressible
@@ -161,3 +162,29 @@ def test_runtime_no_grad_encoder_equals_encode(minilm_path):
     texts = ["a short one", "a somewhat longer sentence about shared weights", "mid length text"]
     ours = encode_no_grad(model, texts, batch_size=2)
     assert np.allclose(ours, model.encode(texts, batch_size=2), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,bits", [(n, b) for n, (_, g, _, _) in QUANTIZERS.items() for b in g])
+def test_reference_quantizers_keep_their_levels_and_count_their_scales(name, bits):
+    """Each reference quantizes every Linear/Embedding weight in place of its own format.
+
+    Dequantized, a group of ``g`` weights along a row holds at most ``2**bits``
+    distinct values, and the returned bits per weight is the code width plus
+    the group's stored metadata; other parameters are untouched.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 128), torch.nn.Linear(128, 64), torch.nn.LayerNorm(64))
+    try:
+        out, bpw, _ = quantize_weights(model, name, bits)
+    except ReferenceMissing as exc:  # the [bench] extra is not installed
+        pytest.skip(str(exc))
+    _, groups, meta_bits, _ = QUANTIZERS[name]
+    group = groups[bits]
+    assert bpw == bits + meta_bits / group
+    for before, after in ((model[0].weight, out[0].weight), (model[1].weight, out[1].weight)):
+        assert not torch.equal(before, after)
+        per_group = after.detach().reshape(-1, group)
+        distinct = max(len(torch.unique(g)) for g in per_group)
+        assert distinct <= 2**bits
+        assert float((after - before).detach().norm() / before.norm()) < {4: 0.2, 3: 0.4, 2: 0.9}[bits]
+    assert torch.equal(model[2].weight, out[2].weight) and torch.equal(model[1].bias, out[1].bias)

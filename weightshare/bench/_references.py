@@ -10,6 +10,10 @@ machine.
   weightshare compresses.
 * :func:`rtn_per_channel` - round-to-nearest uniform asymmetric quantization
   per output row, the usual "no clustering at all" baseline.
+* :func:`weight_quantizer` / :data:`QUANTIZERS` - the weight-only quantizers a
+  user would pick instead (bitsandbytes nf4, HQQ, torchao IntxWeightOnly,
+  optimum-quanto), each applied to every ``nn.Linear`` / ``nn.Embedding``
+  weight and dequantized back, with its real bits per weight.
 * :func:`kmeans1d_reference` - the optimal 1-D k-means of the ``kmeans1d``
   package (dynamic programming, globally optimal).
 * :func:`sklearn_kmeans_reference` - scikit-learn's Lloyd k-means (k-means++,
@@ -63,7 +67,9 @@ __all__ = [
     "coremltools_palettize",
     "coremltools_skipped_weights",
     "distinct_values_per_group",
+    "QUANTIZERS",
     "kmeans1d_reference",
+    "quantize_weights",
     "rtn_per_channel",
     "sklearn_kmeans_reference",
 ]
@@ -381,6 +387,104 @@ def rtn_per_channel(weight: torch.Tensor, bits: int) -> torch.Tensor:
     levels = torch.round((rows - lo) / safe_scale).clamp_(0, max_level)
     dequantized = lo + levels * scale
     return dequantized.reshape(weight.shape).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------
+# Weight-only quantizers (bitsandbytes, HQQ, torchao, optimum-quanto)
+# --------------------------------------------------------------------------
+#
+# Each entry quantizes one 2-D weight (rows = output channels, groups run
+# along a row, as every one of these libraries does for nn.Linear) with the
+# library's own code and returns the dequantized tensor. Embedding weights go
+# through the same call: a (vocab, dim) table is quantized as a Linear with
+# ``vocab`` outputs would be, which is what these libraries do for the tied
+# LM heads that share it (bitsandbytes and quanto have no embedding path).
+#
+# Bits per weight count what each format stores per group, at the width a
+# user would store it in a half-precision model: bitsandbytes keeps an fp32
+# absmax per block (no double quantization here); HQQ an fp16 scale and zero;
+# torchao's symmetric int-N a 16-bit scale (its zero points are all 0 and need
+# not be stored); quanto an fp16 scale and shift per group of 128.
+
+
+def _bnb_nf4(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=group, quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state).reshape(w.shape)
+
+
+def _hqq(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    from hqq.core.quantize import Quantizer
+
+    # HQQ's default: optimize=True (its half-quadratic solve of scale and zero).
+    wq, meta = Quantizer.quantize(w, nbits=bits, group_size=group, axis=1, device="cpu",
+                                  compute_dtype=torch.float32)
+    return Quantizer.dequantize(wq, meta).reshape(w.shape)
+
+
+def _torchao(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    dtype = getattr(torch, f"int{bits}")
+    quantize_(lin, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(group)))
+    return lin.weight.dequantize().reshape(w.shape)
+
+
+def _quanto(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    from optimum import quanto
+
+    lin = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=False))
+    lin[0].weight.data.copy_(w)
+    quanto.quantize(lin, weights={2: quanto.qint2, 4: quanto.qint4}[bits])
+    quanto.freeze(lin)
+    return lin[0].weight.dequantize().reshape(w.shape)
+
+
+# name -> (function, supported bits, group size at each bit, metadata bits per group)
+QUANTIZERS: dict[str, tuple[Any, dict[int, int], int, str]] = {
+    "bitsandbytes nf4": (_bnb_nf4, {4: 64}, 32, "bitsandbytes"),
+    "HQQ": (_hqq, {4: 64, 3: 64, 2: 16}, 32, "hqq"),
+    "torchao IntxWeightOnly": (_torchao, {4: 32, 3: 32, 2: 32}, 16, "torchao"),
+    "optimum-quanto": (_quanto, {4: 128, 2: 128}, 32, "optimum.quanto"),
+}
+
+
+def quantize_weights(model: nn.Module, name: str, bits: int) -> tuple[nn.Module, float, float]:
+    """A copy of ``model`` with every Linear/Embedding weight quantized by ``name`` and dequantized.
+
+    Returns ``(model, bits_per_weight, seconds)``; bits per weight counts the
+    codes and each group's stored scales (see the table above). Raises
+    :class:`ReferenceMissing` when the library is not installed and
+    ``ValueError`` when it has no ``bits``-bit format.
+    """
+    import copy
+    import importlib
+
+    fn, groups, meta_bits, module = QUANTIZERS[name]
+    if bits not in groups:
+        raise ValueError(f"{name} has no {bits}-bit format (it has {sorted(groups)})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise ReferenceMissing(f"{module} not installed: {_BENCH_INSTALL_HINT}") from exc
+    group = groups[bits]
+    out = copy.deepcopy(model)
+    start = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mod in _target_modules(out).values():
+            w = mod.weight
+            if w.shape[1] % group:
+                raise ValueError(f"{name}: rows of {tuple(w.shape)} do not split into groups of {group}")
+            mod.weight.copy_(fn(w.detach().float(), bits, group).to(w.dtype))
+    seconds = time.perf_counter() - start
+    return out, bits + meta_bits / group, seconds
 
 
 # --------------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""bench minilm: data-free compression of all-MiniLM-L6-v2, side by side with
-coremltools' PostTrainingPalettizer (same bits, same granularity) and per-channel
-round-to-nearest uniform quantization, in the same run.
+"""bench minilm: compression of all-MiniLM-L6-v2, side by side with
+coremltools' PostTrainingPalettizer (same bits, same granularity), per-channel
+round-to-nearest uniform quantization and the weight-only quantizers a user
+would pick instead (bitsandbytes nf4, HQQ, torchao IntxWeightOnly,
+optimum-quanto; ``_references.QUANTIZERS``, each at its own group size and
+real bits per weight), in the same run.
 
 Data-aware rows use 256 calibration sentences (a part of the corpus disjoint
 from the evaluation part): "wkmeans" weights k-means by the importance of each
@@ -26,7 +29,13 @@ import numpy as np
 import torch
 
 from weightshare.bench import table
-from weightshare.bench._references import ReferenceMissing, coremltools_palettize, rtn_per_channel
+from weightshare.bench._references import (
+    QUANTIZERS,
+    ReferenceMissing,
+    coremltools_palettize,
+    quantize_weights,
+    rtn_per_channel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +132,7 @@ def plot_pareto(rows: list[dict], path: str) -> None:
     for r in rows:
         if r.get("size_mb") and r.get("cos_mean") is not None and r["method"] != "dense fp32":
             key = r["method"].split(" budget")[0] + (" budget" if "budget" in r["method"] else "")
-            key += "" if r.get("granularity") in ("per_channel", "-") else f" ({r['granularity']})"
+            key += f" ({r['granularity']})" if r.get("granularity") == "per_tensor" else ""
             lines.setdefault(key, []).append((r["size_mb"], r["cos_mean"]))
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for key, pts in sorted(lines.items()):
@@ -205,6 +214,17 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
         sec = time.perf_counter() - t0
         rows.append({"method": "round-to-nearest", "bits": bits, "granularity": "per_channel",
                      "size_mb": _rtn_bytes(model, bits) / 1e6, "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
+        for name, (_, groups, _, _) in QUANTIZERS.items():
+            if bits not in groups or (quick and name == "HQQ"):  # HQQ's solver takes ~15 s per run
+                continue
+            try:
+                model, bpw, sec = quantize_weights(original, name, bits)
+            except ReferenceMissing as exc:
+                rows.append({"method": f"{name} missing ({exc})", "bits": bits})
+                continue
+            rows.append({"method": name, "bits": bits, "granularity": f"g{groups[bits]}", "bpw": bpw,
+                         "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
+            log.info("%s", rows[-1])
     if not quick:
         for avg in AVG_BITS:
             rows.append(_data_aware(original, reference, encode, calibration, round(avg), "gptq", finetune=150,
@@ -213,7 +233,9 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
     numel = sum(m.weight.numel() for m in original.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
     fixed = ws.report(original).bytes_dense - 4 * numel  # what every method keeps dense (norms, biases)
     for r in rows:  # one definition for every method: bits per compressed weight, scales and tables counted
-        if r.get("size_mb") and r["method"] != "dense fp32":
+        if r.get("bpw") is not None and r.get("size_mb") is None:  # the quantizers: size from their format
+            r["size_mb"] = (fixed + numel * r["bpw"] / 8) / 1e6
+        elif r.get("size_mb") and r["method"] != "dense fp32":
             r["bpw"] = 8 * (r["size_mb"] * 1e6 - fixed) / numel
     keys = ["method", "bits", "granularity", "size_mb", "bpw", "seconds", "weight_rel_err", "cos_mean", "cos_p1",
             "top10_overlap", "speedup_vs_coremltools"]
