@@ -148,7 +148,12 @@ def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
         if not trainable and name not in composed and _install_packed(inner, pf, name, entry, aliases.get(name, [])):
             packed.add(name)
         else:
-            get_map(entry["map"]).install(inner.get_submodule(owner_name), attr, name, entry, pf.fetch_any)
+            try:
+                get_map(entry["map"]).install(inner.get_submodule(owner_name), attr, name, entry, pf.fetch_any)
+            except PackError:
+                raise
+            except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
+                raise PackError(f"tensor {name!r}: cannot be installed ({exc})"[:400]) from None
         pf.release(name)  # packed indices are garbage once unpacked: keep the peak low
     for key, outer in pf.nested.items():  # the inner map goes onto the outer map's original
         owner_name, attr = _split(outer)

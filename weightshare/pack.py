@@ -584,7 +584,12 @@ def dense_state_dict(spec: dict, tensors: dict) -> dict[str, torch.Tensor]:
         if entry["map"] == "dense":
             out[name] = tensors[name]
         elif entry["map"] != "alias":
-            out[name] = get_map(entry["map"]).decode(name, entry, fetch)
+            try:
+                out[name] = get_map(entry["map"]).decode(name, entry, fetch)
+            except PackError:
+                raise
+            except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
+                raise PackError(f"tensor {name!r}: cannot be decoded ({exc})"[:400]) from None
     for name, entry in entries.items():
         if entry["map"] == "alias" and not _internal(name):
             out[name] = out[entry["of"]].clone()

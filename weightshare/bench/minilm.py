@@ -103,17 +103,18 @@ def _palettized_bytes(model, bits: int, granularity: str, lut_itemsize: int) -> 
 
 
 def _data_aware(original, reference, encode, calibration, bits: int, method: str, finetune: int = 0,
-                avg_bits: float | None = None) -> dict:
+                avg_bits: float | None = None, outliers: float = 0.0) -> dict:
     import weightshare as ws
     from weightshare.compress import compress_model_
 
     model = copy.deepcopy(original)
     t0 = time.perf_counter()
     compress_model_(model, ws.CodebookConfig(bits=bits, granularity="per_channel"), calibration, method=method,
-                    finetune_steps=finetune, avg_bits=avg_bits)
+                    finetune_steps=finetune, avg_bits=avg_bits, outliers=outliers)
     sec = time.perf_counter() - t0
     rep = ws.report(model)
-    label = f"weightshare {method}" + ("+ft" if finetune else "") + (f" budget {avg_bits} b/w" if avg_bits else "")
+    label = (f"weightshare {method}" + (f"+{outliers:.1%} outliers" if outliers else "") + ("+ft" if finetune else "")
+             + (f" budget {avg_bits} b/w" if avg_bits else ""))
     return {"method": label, "bits": "mixed" if avg_bits else bits, "granularity": "per_channel",
             "size_mb": rep.bytes_packed / 1e6, "bpw": rep.bits_per_weight, "seconds": sec,
             **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)}

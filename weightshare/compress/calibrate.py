@@ -291,8 +291,18 @@ def _stages(model: nn.Module, order: list[str]) -> list[list[str]]:
 
 
 @torch.no_grad()
+def _keep_exact(param, mask, weight: torch.Tensor, table_dtype: torch.dtype) -> int:
+    """Install the ``mask``ed weights (over the parametrization's layout) as exact outliers; their count."""
+    if mask is None:
+        return 0
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    values = weight.reshape(-1)[index].to(table_dtype).to(weight.dtype)  # the file stores them in the table dtype
+    param.set_outliers(index, values)
+    return int(index.numel())
+
+
 def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alternations: int = 2,
-                          configs: dict | None = None) -> dict:
+                          configs: dict | None = None, outliers: float = 0.0) -> dict:
     """Codebooks fit to calibration data, layer after layer, in place (GPTQ on a codebook).
 
     Embeddings first, by importance-weighted k-means (token counts in ``batches``).
@@ -303,11 +313,13 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
     activations and the block's ``H`` matrices.  ``batches``: a list of model inputs
     (dicts of tensors for a transformers model, tensors or tuples for any module).
     ``configs`` maps module names to their own ``CodebookConfig`` (mixed bits); the others get ``config``.
+    ``outliers``: the fraction of each tensor's weights kept exact beside its codebook
+    (``gptq.select_outliers``: largest ``|w|·sqrt(diag H)``, ``|w|`` in an embedding).
 
     Returns ``{weight name: {"objective", "nearest", "tokens"}}``: the layer objective
     reached and that of plain nearest-entry assignment with k-means tables.
     """
-    from weightshare.compress.gptq import fit_codebook
+    from weightshare.compress.gptq import fit_codebook, select_outliers
     from weightshare.sharing.codebook import TABLE_DTYPES, codebook, codebook_model_
 
     batches = list(batches)
@@ -329,7 +341,17 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
                                          batches)
             importance = {f"{n}.weight": (1.0 + counts[n].float())[:, None].expand_as(chosen[n].weight).contiguous()
                           for n in counts}
+            masks = {key: select_outliers(chosen[key[:-len(".weight")]].weight, None, outliers) for key in importance}
+            for key, mask in masks.items():
+                if mask is not None:
+                    importance[key] = importance[key] * ~mask  # exact weights weigh nothing in the k-means
+            dense = {key: chosen[key[:-len(".weight")]].weight.detach().clone() for key, m in masks.items() if m is not None}
             codebook_model_(model, config, filter_fn=lambda m, n: n in tied, importance=importance, configs=configs)
+            for key, weight in dense.items():
+                module = chosen[key[:-len(".weight")]]
+                cfg = (configs or {}).get(key[:-len(".weight")], config)
+                count = _keep_exact(module.parametrizations.weight[0], masks[key], weight, TABLE_DTYPES[cfg.table_dtype])
+                results[key] = {"outliers": count}
         order = _execution_order(model, batches[0], linears)
         stages = _stages(model, order)
         configs = configs or {}
@@ -342,13 +364,17 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
                 W = module.weight.detach().t() if transposed else module.weight.detach()
                 H = stats[name] if name in stats else torch.eye(W.shape[1], dtype=torch.float64)
                 cfg = configs.get(name, config)
+                W = W.contiguous()
+                mask = select_outliers(W, torch.diagonal(H).clamp_min(0)[None, :], outliers)
                 fit = fit_codebook(W, H, cfg.bits, group_size=cfg.group_size if cfg.granularity == "per_group" else None,
                                    per_tensor=cfg.granularity == "per_tensor", table_dtype=TABLE_DTYPES[cfg.table_dtype],
-                                   alternations=alternations)
+                                   alternations=alternations, outliers=mask)
                 tables = fit.tables.reshape(-1, fit.tables.shape[2]).to(module.weight.dtype)
+                W = W.clone()  # the parametrization below replaces the weight this views
                 codebook(module, "weight", cfg, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
+                count = _keep_exact(module.parametrizations.weight[0], mask, W, TABLE_DTYPES[cfg.table_dtype])
                 results[f"{name}.weight"] = {"objective": fit.objective, "nearest": fit.history[0][1],
-                                             "tokens": tokens.get(name, 0)}
+                                             "tokens": tokens.get(name, 0), "outliers": count}
                 bar.update(1)
         bar.close()
     finally:

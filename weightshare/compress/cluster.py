@@ -38,7 +38,7 @@ METHODS = ("gptq", "wkmeans")
 
 def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[str] | None = None,
                     method: str = "gptq", finetune_steps: int = 0, target_bytes: int | None = None,
-                    avg_bits: float | None = None) -> nn.Module:
+                    avg_bits: float | None = None, outliers: float = 0.0) -> nn.Module:
     """Cluster a loaded transformers model or SentenceTransformer in place.
 
     Without ``calibration`` texts the clustering is data-free.  With them,
@@ -51,6 +51,8 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
     ``target_bytes`` (the packed file's size) or ``avg_bits`` (bits per compressed weight,
     tables counted) chooses each tensor's width instead of ``config.bits`` (``budget.py``);
     the plan is kept as ``model._weightshare_bit_plan``.
+    ``outliers`` (gptq with calibration only): the fraction of each tensor's weights kept
+    exact in a sparse side tensor (dense-and-sparse); the budget counts their bytes.
     """
     if method not in METHODS:
         raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
@@ -58,6 +60,10 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
         raise ValueError(f"finetune_steps\n  expected: a non-negative integer\n  got: {finetune_steps!r}")
     if finetune_steps and not calibration:
         raise ValueError("table fine-tuning needs calibration texts\n  expected: calibration=... with finetune_steps")
+    _check_fraction(outliers)
+    if outliers and (not calibration or method != "gptq"):
+        raise ValueError("--outliers needs calibration and the gptq method\n"
+                         "  expected: --calibration FILE (or the built-in corpus) and --method gptq")
     inner = hub.inner_model(model)
     batches = None
     if calibration:
@@ -66,6 +72,13 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
         batches = text_batches(tokenizer, calibration, max_length=min(limit, 512) if isinstance(limit, int) else None)
     configs, bits = {}, config.bits
     if target_bytes is not None or avg_bits is not None:
+        side = _outlier_bytes(inner, config, outliers)  # the budget's share the outliers take
+        if target_bytes is not None:
+            target_bytes -= side
+        else:
+            numel = sum(w.numel() for w in {id(m.weight): m.weight for _, m in inner.named_modules()
+                                            if is_compressible(m, "")}.values())
+            avg_bits -= 8 * side / max(numel, 1)
         configs, plan = plan_model(inner, config, batches, target_bytes=target_bytes, avg_bits=avg_bits,
                                    filter_fn=is_compressible)
         model._weightshare_bit_plan = plan
@@ -75,7 +88,7 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
     if batches is None and not configs:
         share_(inner, config, filter_fn=is_compressible)
     elif batches is not None and method == "gptq":
-        sequential_codebooks_(inner, config, batches, filter_fn=is_compressible, configs=configs)
+        sequential_codebooks_(inner, config, batches, filter_fn=is_compressible, configs=configs, outliers=outliers)
     else:
         importance = (importance_from_texts(inner, tokenizer, calibration, filter_fn=is_compressible)
                       if batches is not None else None)
@@ -84,6 +97,20 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
         finetune_tables_(inner, original, batches, bits, FinetuneConfig(steps=finetune_steps),
                          table_dtype=TABLE_DTYPES[config.table_dtype])
     return model
+
+
+def _check_fraction(outliers) -> None:
+    if isinstance(outliers, bool) or not isinstance(outliers, (int, float)) or not 0 <= outliers < 0.5:
+        raise ValueError(f"--outliers\n  expected: a fraction of the weights in [0, 0.5), e.g. 0.005\n  got: {outliers!r}")
+
+
+def _outlier_bytes(model: nn.Module, config: CodebookConfig, fraction: float) -> int:
+    """Bytes the outliers of every compressible weight take: an int32 position and a table-dtype value each."""
+    if not fraction:
+        return 0
+    weights = {id(m.weight): m.weight for _, m in model.named_modules() if is_compressible(m, "")}
+    per = 4 + TABLE_DTYPES[config.table_dtype].itemsize
+    return sum(int(fraction * w.numel()) * per for w in weights.values())
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -107,7 +134,7 @@ BUILTIN_SENTENCES = 256
 def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookConfig,
              calibration: str | os.PathLike | list[str] | None = None,
              method: str = "gptq", finetune_steps: int = 0, target_size: int | str | None = None,
-             avg_bits: float | None = None) -> tuple[nn.Module, Report, float]:
+             avg_bits: float | None = None, outliers: float = 0.0) -> tuple[nn.Module, Report, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
@@ -115,7 +142,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     Python standard library's documentation) for a model with a tokenizer, data-free
     otherwise.  ``method``, ``finetune_steps``: see ``compress_model_`` (table fine-tuning
     is skipped, with a note, where there is no calibration).  ``target_size`` (``8MB``,
-    bytes) or ``avg_bits``: mixed widths under that budget; the written
+    bytes) or ``avg_bits``: mixed widths under that budget; ``outliers``: see ``compress_model_``; the written
     ``weightshare.safetensors`` is never larger than ``target_size``.  Returns ``(model, report,
     seconds spent clustering, calibration included)``.  Everything that can be
     checked (config, method, source directory, output path, calibration file) is
@@ -126,6 +153,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     if target_size is not None and avg_bits is not None:
         raise ValueError("compress: --target-size and --avg-bits\n  expected: one of them")
     target_bytes = parse_size(target_size) if target_size is not None else None
+    _check_fraction(outliers)
     source = hub.detect(src)
     out = Path(out)
     pack._check_dest(out, source.path)
@@ -149,7 +177,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         finetune_steps = 0
     t0 = time.perf_counter()
     compress_model_(model, config, texts, method=method, finetune_steps=finetune_steps, target_bytes=target_bytes,
-                    avg_bits=avg_bits)
+                    avg_bits=avg_bits, outliers=outliers)
     seconds = time.perf_counter() - t0
     if target_bytes is not None and (size := pack.file_size(model)) > target_bytes:  # checked before writing
         raise ValueError(f"--target-size: the packed file would be {size:,} bytes, above {target_bytes:,}\n"

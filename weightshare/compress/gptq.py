@@ -26,7 +26,8 @@ import torch
 
 from weightshare.kmeans import kmeans1d_rows
 
-__all__ = ["CodebookFit", "damped", "fit_codebook", "gptq_assign", "layer_objective", "nearest_assign", "refit_tables"]
+__all__ = ["CodebookFit", "damped", "fit_codebook", "gptq_assign", "layer_objective", "nearest_assign", "refit_tables",
+           "select_outliers"]
 
 DAMPING = 0.01  # of the mean diagonal, as GPTQ: keeps the Cholesky factor of a (near-)singular XᵀX finite
 BLOCK = 128  # columns per lazy batch: the updates inside a block are vectors, the block's push one GEMM
@@ -63,12 +64,35 @@ def layer_objective(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> fl
     return float(((d @ H.to(torch.float64)) * d).sum())
 
 
-def _decode(tables: torch.Tensor, labels: torch.Tensor, col_group: torch.Tensor) -> torch.Tensor:
-    """Ŵ (rows, K) from tables (rows, groups, E), labels (rows, K) and each column's group."""
+def _decode(tables: torch.Tensor, labels: torch.Tensor, col_group: torch.Tensor,
+            W: torch.Tensor | None = None, outliers: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ (rows, K) from tables (rows, groups, E), labels (rows, K) and each column's group;
+    where the ``outliers`` mask is set, W's own value (kept exact in the sparse side tensor)."""
     rows = tables.shape[0]
     flat = tables.reshape(rows, -1)
     index = col_group[None, :] * tables.shape[2] + labels.long()
-    return torch.gather(flat, 1, index)
+    out = torch.gather(flat, 1, index)
+    return out if outliers is None else torch.where(outliers, W, out)
+
+
+def select_outliers(W: torch.Tensor, importance: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
+    """Mask of the ``fraction`` of ``W``'s weights with the largest ``|w| · sqrt(importance)``.
+
+    ``importance`` broadcasts against W (a layer's diag(H) per column, an embedding's
+    token counts per row, None for |w| alone).  These are the weights a table serves
+    worst (far from the bulk) where the output feels them most; they are kept exact in a
+    sparse side tensor (dense-and-sparse, as SqueezeLLM).  None when no weight is chosen.
+    """
+    count = int(fraction * W.numel())
+    if count <= 0:
+        return None
+    score = W.detach().abs().float()
+    if importance is not None:
+        score = score * importance.float().clamp_min(0).sqrt()
+    top = torch.topk(score.reshape(-1), count).indices
+    mask = torch.zeros(W.numel(), dtype=torch.bool)
+    mask[top] = True
+    return mask.view(W.shape)
 
 
 def _nearest(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -88,16 +112,18 @@ def nearest_assign(W: torch.Tensor, tables: torch.Tensor, col_group: torch.Tenso
 
 
 def gptq_assign(W: torch.Tensor, Hd: torch.Tensor, tables: torch.Tensor, col_group: torch.Tensor,
-                block: int = BLOCK) -> torch.Tensor:
+                block: int = BLOCK, outliers: torch.Tensor | None = None) -> torch.Tensor:
     """Labels (rows, K) uint8 by GPTQ's sweep over columns in order of decreasing ``diag(Hd)``.
 
     ``Hd`` is the damped Hessian (``damped``); ``tables`` (rows, groups, E) are fixed during the sweep.
+    Weights in the ``outliers`` mask are kept exact: they make no error to push on.
     """
     K = W.shape[1]
     order = torch.argsort(torch.diagonal(Hd), descending=True)  # act-order: the most driven columns first
     Hp = Hd[order][:, order]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True).to(W.dtype)
     Wp = W[:, order].clone()
+    keep = None if outliers is None else outliers[:, order]
     groups = col_group[order]
     labels = torch.empty(W.shape, dtype=torch.uint8)
     for i1 in range(0, K, block):
@@ -110,7 +136,10 @@ def gptq_assign(W: torch.Tensor, Hd: torch.Tensor, tables: torch.Tensor, col_gro
             w = W1[:, i]
             idx = _nearest(w, t)
             labels[:, order[i1 + i]] = idx.to(torch.uint8)
-            err = (w - t.gather(1, idx[:, None]).squeeze(1)) / U1[i, i]
+            q = t.gather(1, idx[:, None]).squeeze(1)
+            if keep is not None:
+                q = torch.where(keep[:, i1 + i], w, q)
+            err = (w - q) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
         Wp[:, i2:] -= E1 @ U[i1:i2, i2:]
@@ -118,7 +147,7 @@ def gptq_assign(W: torch.Tensor, Hd: torch.Tensor, tables: torch.Tensor, col_gro
 
 
 def refit_tables(W: torch.Tensor, Hd: torch.Tensor, labels: torch.Tensor, tables: torch.Tensor,
-                 col_group: torch.Tensor, ridge: float = 1e-8) -> torch.Tensor:
+                 col_group: torch.Tensor, ridge: float = 1e-8, outliers: torch.Tensor | None = None) -> torch.Tensor:
     """Each table by exact least squares in the ``Hd`` metric, for fixed labels.
 
     Per row: minimise ``(w - A t)ᵀ Hd (w - A t)`` over the table ``t``, ``A`` the one-hot
@@ -127,6 +156,8 @@ def refit_tables(W: torch.Tensor, Hd: torch.Tensor, labels: torch.Tensor, tables
     per-group tables are refit group by group within the group's block of ``Hd`` (the
     cross-group terms are left out: a refit step, the caller keeps the better state).
     Entries no weight uses keep their value (a small ridge pulls them to it).
+    Weights in the ``outliers`` mask are exact and use no entry: their rows of ``A`` are
+    zero and they leave no residual.
     """
     n_tab, n_groups, E = tables.shape
     rows = W.shape[0]
@@ -136,12 +167,17 @@ def refit_tables(W: torch.Tensor, Hd: torch.Tensor, labels: torch.Tensor, tables
         cols = (col_group == g).nonzero().flatten()
         H = Hd[cols][:, cols]
         Wg, lab = W[:, cols], labels[:, cols].long()
+        free = None if outliers is None else (~outliers[:, cols]).to(W.dtype)
+        if free is not None:
+            Wg = Wg * free
         HW = Wg @ H  # (rows, k): H w for every row (H is symmetric)
         step = max(1, (1 << 23) // max(1, cols.numel() * E))  # bounded one-hot chunks
         Gs, rhss = [], []
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             A = torch.nn.functional.one_hot(lab[r0:r1], E).to(W.dtype)  # (n, k, E)
+            if free is not None:
+                A = A * free[r0:r1, :, None]
             G = A.transpose(1, 2) @ (H @ A)  # (n, E, E)
             rhs = (A.transpose(1, 2) @ HW[r0:r1, :, None]).squeeze(2)  # (n, E)
             if n_tab == 1:
@@ -169,13 +205,15 @@ def _sorted(tables: torch.Tensor, labels: torch.Tensor, col_group: torch.Tensor)
 
 def fit_codebook(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
                  per_tensor: bool = False, table_dtype: torch.dtype = torch.float16, alternations: int = 2,
-                 damping: float = DAMPING) -> CodebookFit:
+                 damping: float = DAMPING, outliers: torch.Tensor | None = None) -> CodebookFit:
     """Tables and labels for the (rows, K) weight ``W`` given its input second moment ``H`` (K, K).
 
     Start: importance-weighted exact k-means (importance diag(H)) and nearest labels.
     Then GPTQ sweeps alternating with least-squares table refits; tables are rounded to
     ``table_dtype`` before every scoring, as the packed file stores them.  Returns the
-    state with the lowest layer objective.
+    state with the lowest layer objective.  ``outliers`` (a (rows, K) bool mask,
+    ``select_outliers``) marks weights kept exact beside the codebook: they weigh
+    nothing in k-means and the refits and make no error in the sweeps.
     """
     W = W.detach().to(torch.float32)
     rows, K = W.shape
@@ -193,6 +231,10 @@ def fit_codebook(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | 
         n_groups, gs = K // group_size, group_size
     col_group = torch.arange(K) // gs
     imp = diag[None, :].expand(rows, K)
+    if outliers is not None:
+        if outliers.shape != W.shape:
+            raise ValueError(f"outliers: expected a {tuple(W.shape)} mask\n  got: {tuple(outliers.shape)}")
+        imp = imp * (~outliers)
     if per_tensor:
         centroids, _ = kmeans1d_rows(W.reshape(1, -1), E, weights=imp.reshape(1, -1))
         tables = torch.from_numpy(centroids).reshape(1, 1, E)
@@ -205,17 +247,17 @@ def fit_codebook(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | 
         return t.expand(rows, -1, -1) if per_tensor else t
 
     def score(t, lab):
-        return layer_objective(W, _decode(expand(t), lab, col_group), Hd)
+        return layer_objective(W, _decode(expand(t), lab, col_group, W, outliers), Hd)
 
     labels = nearest_assign(W, expand(tables), col_group)
     best = (score(tables, labels), tables, labels)
     history = [("nearest", best[0])]
     for a in range(alternations):  # sweep with these tables, then the best tables for its labels
-        labels = gptq_assign(W, Hd, expand(tables), col_group)
+        labels = gptq_assign(W, Hd, expand(tables), col_group, outliers=outliers)
         history.append((f"gptq{a}", score(tables, labels)))
         if history[-1][1] < best[0]:
             best = (history[-1][1], tables, labels)
-        tables = refit_tables(W, Hd, labels, tables, col_group).to(table_dtype).to(torch.float32)
+        tables = refit_tables(W, Hd, labels, tables, col_group, outliers=outliers).to(table_dtype).to(torch.float32)
         history.append((f"refit{a}", score(tables, labels)))
         if history[-1][1] < best[0]:
             best = (history[-1][1], tables, labels)

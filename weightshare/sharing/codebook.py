@@ -7,8 +7,11 @@ The map is linear in the tables, so dL/dC_g[k] is the sum of dL/dW over the
 weights assigned to k and the tables train with any optimizer.
 
 Packed entry: ``{"map": "codebook", "shape", "dtype", "config": CodebookConfig,
-"transposed"?: true}`` with tensors ``<name>.__tables`` (groups, 2**bits) and
-``<name>.__indices`` (the indices bit-packed at exactly ``bits`` bits each).
+"transposed"?: true, "outliers"?: count}`` with tensors ``<name>.__tables`` (groups, 2**bits) and
+``<name>.__indices`` (the indices bit-packed at exactly ``bits`` bits each).  With
+``outliers`` (dense-and-sparse), ``<name>.__outlier_index`` (int32/int64, strictly
+increasing flat positions over the channel layout) and ``<name>.__outlier_values``
+hold weights kept exact: they replace the table value at those positions.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from weightshare import kernels
 from weightshare._progress import progress
-from weightshare.modules import CodebookEmbedding, CodebookLinear
+from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
 from weightshare.space import (Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name, register_map,
@@ -141,6 +144,23 @@ class _Codebook(Parametrization):
             codes = torch.zeros((self.numel + 1) // 2 if self.nibbles else self.numel, dtype=torch.uint8, device="cpu")
         self.register_buffer("codes", codes)
         self._importance = importance
+        self.outliers: Outliers | None = None
+
+    def set_outliers(self, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the weights at flat ``index`` (over the layout, sorted) exact at ``values`` (frozen buffers)."""
+        self.register_buffer("outlier_index", index.to(torch.int64).contiguous())
+        self.register_buffer("outlier_values", values.detach().contiguous())
+        self._outliers()
+
+    def _outliers(self) -> Outliers | None:
+        if "outlier_index" not in self._buffers:
+            return None
+        n = self.layout[0] if self.layout else 1
+        o = self.outliers
+        if o is None or o.index is not self.outlier_index or o.values is not self.outlier_values:
+            o = self.outliers = Outliers(self.outlier_index, self.outlier_values, (n, self.numel // max(n, 1)))
+            o.index, o.values = self.outlier_index, self.outlier_values
+        return o
 
     def _encode(self, labels: torch.Tensor) -> torch.Tensor:
         if not self.nibbles:
@@ -164,11 +184,17 @@ class _Codebook(Parametrization):
         return self._unpack(0, self.numel).view(self.layout)
 
     def forward(self, tables: torch.Tensor) -> torch.Tensor:
+        o = self._outliers()
         if torch.is_grad_enabled() and tables.requires_grad:
             index = self.labels.view(self.n_groups, self.group_len).long()
-            w = torch.gather(tables, 1, index).view(self.layout)
+            w = torch.gather(tables, 1, index).view(-1)
+            if o is not None:  # out of place: the exact values carry no gradient to the tables
+                w = w.index_put((o.index,), o.values.to(w.dtype))
+            w = w.view(self.layout)
         else:
             w = self._decode(tables)
+            if o is not None:
+                w.view(-1)[o.index] = o.values.to(w.dtype)
         return w.t() if self.transposed else w
 
     def _decode(self, tables: torch.Tensor) -> torch.Tensor:
@@ -220,13 +246,16 @@ class _Codebook(Parametrization):
         else:
             labels = self.labels[index].long()
         if self.config.granularity == "per_tensor":
-            return tables[0][labels]
-        if self.config.granularity == "per_channel":
-            return torch.gather(tables[index], -1, labels)
-        per_row = self.layout[1] // self.config.group_size if len(self.layout) > 1 else 1
-        t = tables.view(self.layout[0], per_row, -1)[index]  # (*, groups per row, 2**bits)
-        w = torch.gather(t, -1, labels.view(*index.shape, per_row, self.config.group_size))
-        return w.view(*index.shape, -1)
+            w = tables[0][labels]
+        elif self.config.granularity == "per_channel":
+            w = torch.gather(tables[index], -1, labels)
+        else:
+            per_row = self.layout[1] // self.config.group_size if len(self.layout) > 1 else 1
+            t = tables.view(self.layout[0], per_row, -1)[index]  # (*, groups per row, 2**bits)
+            w = torch.gather(t, -1, labels.view(*index.shape, per_row, self.config.group_size))
+            w = w.view(*index.shape, -1)
+        o = self._outliers()
+        return w if o is None else o.lookup_(w, index)
 
 
 class RowLookupEmbedding(nn.Embedding):
@@ -433,6 +462,31 @@ def _table_storage(tables: torch.Tensor, config: CodebookConfig, weight_dtype: t
     return torch.float32
 
 
+def _outlier_tensors(name: str, index: torch.Tensor, values: torch.Tensor, config: CodebookConfig, put) -> int:
+    """Write a codebook's outliers (int32 positions where they fit); the count for the entry."""
+    numel_ok = index.numel() == 0 or int(index[-1]) < 2**31
+    put(f"{name}.__outlier_index", index.to(torch.int32 if numel_ok else torch.int64).contiguous())
+    put(f"{name}.__outlier_values", values.to(table_storage_dtype(values, config)).contiguous())
+    return int(index.numel())
+
+
+def _read_outliers(name: str, entry: dict, fetch, numel: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A file's outliers, validated (positions strictly increasing inside the weight, values finite)."""
+    if not entry.get("outliers"):
+        return None
+    index, values = fetch(f"{name}.__outlier_index"), fetch(f"{name}.__outlier_values")
+    Outliers.validate(name, index, values, numel)
+    return index.to(torch.int64), values
+
+
+def _outlier_bytes(outliers: Outliers | None, config: CodebookConfig) -> int:
+    if outliers is None:
+        return 0
+    n = outliers.index.numel()
+    index_size = 4 if n == 0 or int(outliers.index[-1]) < 2**31 else 8
+    return n * (index_size + table_storage_dtype(outliers.values, config).itemsize)
+
+
 class CodebookMap(SharingMap):
     name = "codebook"
     config = CodebookConfig
@@ -451,9 +505,13 @@ class CodebookMap(SharingMap):
         indices = kernels.encode_stream(fetch(f"{name}.__indices").numpy(), config.bits, n, k)
         tables = kernels.pad_tables(fetch(f"{name}.__tables"), config.bits)
         dtype = getattr(torch, entry["dtype"])
+        found = _read_outliers(name, entry, fetch, n * k)
+        outliers = None if found is None else Outliers(found[0], found[1].float(), (n, k))
         if kind == "embedding":
-            return CodebookEmbedding(indices, tables, layout, config, dtype, padding_idx=owner.padding_idx)
-        return CodebookLinear(indices, tables, layout, config, dtype, bias=owner.bias, transposed=transposed)
+            return CodebookEmbedding(indices, tables, layout, config, dtype, padding_idx=owner.padding_idx,
+                                     outliers=outliers)
+        return CodebookLinear(indices, tables, layout, config, dtype, bias=owner.bias, transposed=transposed,
+                              outliers=outliers)
 
     def share_module(self, source, owner, attr):
         kind = _packed_kind(owner, attr, False)
@@ -462,8 +520,8 @@ class CodebookMap(SharingMap):
             return None
         args = (source.indices, source.tables, source.layout, source.config, source.weight_dtype)
         if kind == "embedding":
-            return CodebookEmbedding(*args, padding_idx=owner.padding_idx)
-        return CodebookLinear(*args, bias=owner.bias)
+            return CodebookEmbedding(*args, padding_idx=owner.padding_idx, outliers=source.outliers)
+        return CodebookLinear(*args, bias=owner.bias, outliers=source.outliers)
 
     def pack_module(self, name, module, put) -> dict:
         config, layout = module.config, module.layout
@@ -475,10 +533,13 @@ class CodebookMap(SharingMap):
                  "config": config_to_dict(config)}
         if module.transposed:
             entry["transposed"] = True
+        if module.outliers is not None:
+            values = module.outliers.values.to(module.weight_dtype)
+            entry["outliers"] = _outlier_tensors(name, module.outliers.index, values, config, put)
         return entry
 
     def dense_module(self, module) -> nn.Module:
-        w = kernels.decode(module.indices, module.tables, module.layout).to(module.weight_dtype)
+        w = module._decoded().to(module.weight_dtype)
         if isinstance(module, CodebookEmbedding):
             return nn.Embedding.from_pretrained(w, freeze=False, padding_idx=module.padding_idx)
         if module.transposed:  # only a transformers model has these
@@ -498,9 +559,11 @@ class CodebookMap(SharingMap):
         stored = layout.tables * (1 << config.bits)
         esize = _table_storage(module.tables[:, : 1 << config.bits], config, module.weight_dtype).itemsize
         detail = f"{config.bits}-bit {config.granularity}" + (f"({config.group_size})" if config.group_size else "")
+        if module.outliers is not None:
+            detail += f" + {module.outliers.index.numel()} outliers"
         return {"detail": detail + " (packed)", "shape": module._dense_shape(), "params_stored": stored,
                 "bytes_dense": numel * module.weight_dtype.itemsize,
-                "bytes_packed": packed_size(numel, config.bits) + stored * esize}
+                "bytes_packed": packed_size(numel, config.bits) + stored * esize + _outlier_bytes(module.outliers, config)}
 
     def apply(self, model, config, filter_fn) -> None:
         codebook_model_(model, config, filter_fn)
@@ -516,12 +579,15 @@ class CodebookMap(SharingMap):
         entry = {"shape": list(cb.shape), "dtype": dtype_name(tables.dtype), "config": config_to_dict(cb.config)}
         if cb.transposed:  # labels and tables over W^T (transformers' Conv1D); makes the file version 2
             entry["transposed"] = True
+        o = cb._outliers()
+        if o is not None:
+            entry["outliers"] = _outlier_tensors(name, o.index, o.values.to(tables.dtype), cb.config, put)
         return entry
 
     def check(self, name, entry, shape, dtype):
-        extra = set(entry) - {"map", "shape", "dtype", "config", "transposed"}
+        extra = set(entry) - {"map", "shape", "dtype", "config", "transposed", "outliers"}
         if extra or "config" not in entry:
-            raise ValueError(f"codebook entry keys\n  expected: config, optional transposed\n  got: {sorted(entry)}"[:300])
+            raise ValueError(f"codebook entry keys\n  expected: config, optional transposed, outliers\n  got: {sorted(entry)}"[:300])
         if dtype not in _FLOATS:
             raise ValueError(f"codebook dtype\n  expected one of: {sorted(_FLOATS)}\n  got: {dtype!r}")
         transposed = entry.get("transposed", False)
@@ -534,8 +600,15 @@ class CodebookMap(SharingMap):
             raise ValueError(f"codebook config\n  expected: CodebookConfig\n  got: {type(config).__name__}")
         groups, _ = group_layout(channel_layout(shape, transposed), config.granularity, config.group_size, name)
         numel = math.prod(shape)
-        return {f"{name}.__tables": (_FLOATS, (groups, 1 << config.bits)),
-                f"{name}.__indices": ({"uint8"}, (packed_size(numel, config.bits),))}
+        needs = {f"{name}.__tables": (_FLOATS, (groups, 1 << config.bits)),
+                 f"{name}.__indices": ({"uint8"}, (packed_size(numel, config.bits),))}
+        if "outliers" in entry:
+            count = entry["outliers"]
+            if not _is_int(count) or not 1 <= count <= numel:
+                raise ValueError(f"{name}: bad 'outliers'\n  expected: a count of weights in 1..{numel}\n  got: {count!r}"[:300])
+            needs[f"{name}.__outlier_index"] = ({"int32", "int64"}, (count,))
+            needs[f"{name}.__outlier_values"] = (_FLOATS, (count,))
+        return needs
 
     def fits(self, module, attr, entry):
         transposed = bool(entry.get("transposed"))
@@ -557,12 +630,18 @@ class CodebookMap(SharingMap):
         else:
             _, tables, labels = self._parts(name, entry, fetch)
             init = (tables, labels)
+        outliers = _read_outliers(name, entry, fetch, math.prod(entry["shape"]))
         codebook(module, attr, config, init=init, fqn=name)
+        if outliers is not None:
+            getattr(module.parametrizations, attr)[0].set_outliers(outliers[0], outliers[1].to(init[0].dtype))
 
     def decode(self, name, entry, fetch) -> torch.Tensor:
         config, tables, labels = self._parts(name, entry, fetch)
         groups, glen = group_layout(labels.shape, config.granularity, config.group_size)
         w = torch.gather(tables.float(), 1, labels.view(groups, glen).long()).view(labels.shape)
+        outliers = _read_outliers(name, entry, fetch, w.numel())
+        if outliers is not None:
+            w.view(-1)[outliers[0]] = outliers[1].float()
         if entry.get("transposed"):
             w = w.t().contiguous()
         return w.to(getattr(torch, entry["dtype"]))
@@ -572,9 +651,12 @@ class CodebookMap(SharingMap):
         numel = math.prod(cb.shape)
         esize = table_storage_dtype(tables.detach(), cb.config).itemsize
         detail = f"{cb.config.bits}-bit {cb.config.granularity}" + (f"({cb.config.group_size})" if cb.config.group_size else "")
+        o = cb._outliers()
+        if o is not None:
+            detail += f" + {o.index.numel()} outliers"
         return {"detail": detail, "shape": cb.shape, "params_stored": tables.numel(),
                 "bytes_dense": numel * tables.element_size(),
-                "bytes_packed": packed_size(numel, cb.config.bits) + tables.numel() * esize}
+                "bytes_packed": packed_size(numel, cb.config.bits) + tables.numel() * esize + _outlier_bytes(o, cb.config)}
 
 
 register_map(CodebookMap())

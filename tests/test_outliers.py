@@ -1,0 +1,221 @@
+"""Dense-and-sparse outliers: the most sensitive weights kept exact beside their codebook.
+
+Selection against a brute-force ranking, the error-compensating fit with exact weights
+against its definition, the packed file's round trip (parametrized, packed modules,
+decoded, saved again), the packed modules against F.linear on the decoded weight, and a
+file whose outlier tensors an attacker rewrote (checksums recomputed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+import weightshare as ws
+from weightshare.compress.calibrate import sequential_codebooks_
+from weightshare.compress.gptq import _decode, damped, fit_codebook, layer_objective, refit_tables, select_outliers
+from weightshare.modules import CodebookEmbedding, CodebookLinear
+from weightshare.pack import FILENAME, PackError, _sha256
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 24)
+        self.fc1 = torch.nn.Linear(24, 48)
+        self.fc2 = torch.nn.Linear(48, 8)
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.emb(ids))))
+
+
+def _batches(n=4):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 40, (4, 12), generator=g) for _ in range(n)]
+
+
+def _net():
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.fc1.weight[5, 3] = 3.0  # far outside the row's bulk: a table would spend an entry on it
+    return net
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory):
+    net = _net()
+    sequential_codebooks_(net, ws.CodebookConfig(bits=2), _batches(), outliers=0.03)
+    return ws.save(net, tmp_path_factory.mktemp("outliers") / "net"), net
+
+
+def test_selection_is_the_top_fraction_by_magnitude_times_root_importance():
+    torch.manual_seed(0)
+    W, imp = torch.randn(7, 11), torch.rand(11)
+    mask = select_outliers(W, imp[None, :], 0.1)
+    score = (W.abs() * imp.sqrt()).reshape(-1)
+    expected = set(sorted(range(W.numel()), key=lambda i: -float(score[i]))[: int(0.1 * W.numel())])
+    assert set(mask.reshape(-1).nonzero().flatten().tolist()) == expected
+    assert select_outliers(W, None, 0.001) is None  # fewer than one weight
+
+
+def test_refit_with_exact_weights_is_least_squares_over_the_others():
+    torch.manual_seed(0)
+    W, X = torch.randn(3, 10, dtype=torch.float64), torch.randn(50, 10, dtype=torch.float64)
+    H = X.T @ X
+    labels = torch.randint(0, 4, (3, 10), dtype=torch.uint8)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, 2] = mask[1, 7] = mask[2, 0] = True
+    col_group = torch.zeros(10, dtype=torch.long)
+    tables = refit_tables(W, H, labels, torch.zeros(3, 1, 4, dtype=torch.float64), col_group, ridge=0, outliers=mask)
+    for r in range(3):  # brute force: minimise |X (w - A t) - X (exact part)|² directly
+        A = F.one_hot(labels[r].long(), 4).double() * (~mask[r]).double()[:, None]
+        target = X @ (W[r] * (~mask[r]).double())
+        t = torch.linalg.lstsq(X @ A, target).solution
+        assert torch.allclose(tables[r, 0], t, atol=1e-8)
+
+
+def test_fit_keeps_outliers_exact_and_never_loses_to_nearest():
+    torch.manual_seed(0)
+    X = torch.randn(400, 32)
+    W = torch.randn(16, 32)
+    W[3, 4] = 12.0
+    H = X.T @ X / 400
+    mask = select_outliers(W, torch.diagonal(H)[None, :], 0.02)
+    fit = fit_codebook(W, H, bits=2, outliers=mask)
+    plain = fit_codebook(W, H, bits=2)
+    W_hat = _decode(fit.tables, fit.labels, torch.zeros(32, dtype=torch.long), W, mask)
+    assert torch.equal(W_hat[mask], W[mask])
+    assert fit.objective == pytest.approx(layer_objective(W, W_hat, damped(H)), rel=1e-9)
+    assert fit.objective <= fit.history[0][1]  # never worse than nearest assignment with k-means tables
+    assert fit.objective < 0.8 * plain.objective  # the 12-sigma weight no longer costs a table entry
+
+
+def test_every_form_of_the_file_holds_the_same_weights(packed_dir, tmp_path):
+    path, net = packed_dir
+    ids = _batches(1)[0]
+    expected = net(ids)
+    packed = ws.load(path, model=Net())
+    assert isinstance(packed.fc1, CodebookLinear) and isinstance(packed.emb, CodebookEmbedding)
+    assert packed.fc1.outliers is not None and packed.fc1.outliers.index.numel() == int(0.03 * 48 * 24)
+    trainable = ws.load(path, model=Net(), trainable=True)
+    assert torch.allclose(packed(ids), expected, atol=1e-5)
+    assert torch.equal(trainable(ids), expected)
+    # the 3.0 weight is one of fc1's outliers and comes back exact in every form
+    assert float(packed.fc1.weight[5, 3]) == 3.0 and float(trainable.fc1.weight[5, 3]) == 3.0
+    dense = ws.materialize_(ws.load(path, model=Net()))
+    assert torch.allclose(dense(ids), expected, atol=1e-5)
+    again = ws.save(packed, tmp_path / "again")
+    a, b = safe_open(str(path / FILENAME), "pt"), safe_open(str(again / FILENAME), "pt")
+    assert sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    rep = ws.report(packed)
+    assert rep.bytes_packed == ws.report(trainable).bytes_packed
+    outlier_bytes = sum(6 * int(0.03 * n) for n in (40 * 24, 48 * 24, 8 * 48))  # int32 position + fp16 value
+    plain = _net()
+    sequential_codebooks_(plain, ws.CodebookConfig(bits=2), _batches())
+    assert rep.bytes_packed == ws.report(plain).bytes_packed + outlier_bytes
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (5, 24), (3, 7, 24)])
+def test_packed_linear_with_outliers_equals_f_linear_on_the_decoded_weight(packed_dir, shape):
+    path, _ = packed_dir
+    fc1 = ws.load(path, model=Net()).fc1
+    x = torch.randn(*shape, requires_grad=True)
+    y = fc1(x)
+    w = fc1.weight.detach()
+    ref = F.linear(x, w, fc1.bias)
+    assert torch.allclose(y, ref, atol=1e-5)
+    (g,) = torch.autograd.grad(y.square().sum(), x)  # adapters train through a frozen packed layer
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert torch.allclose(g, g_ref, atol=1e-4)
+
+
+def test_packed_embedding_with_outliers_looks_up_exact_rows(packed_dir):
+    path, _ = packed_dir
+    emb = ws.load(path, model=Net()).emb
+    ids = torch.tensor([[0, 39, 5, 5], [7, 0, 1, 2]])
+    assert torch.equal(emb(ids), F.embedding(ids, emb.weight.detach()))
+
+
+def _rewrite(path, edit):
+    """Edit the stored tensors and spec as an attacker would, every checksum recomputed."""
+    file = path / FILENAME
+    with safe_open(str(file), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    spec = json.loads(meta["spec"])
+    edit(tensors, spec)
+    spec["checksums"] = {k: _sha256(t) for k, t in tensors.items() if k in spec["checksums"]}
+    meta["spec"] = json.dumps(spec)
+    meta["spec_sha256"] = hashlib.sha256(meta["spec"].encode()).hexdigest()
+    file.write_bytes(st_save(tensors, metadata=meta))
+
+
+def _set(key, fn):
+    def edit(tensors, spec):
+        tensors[key] = fn(tensors[key].clone())
+    return edit
+
+
+def _count(value):
+    return lambda tensors, spec: spec["tensors"]["fc1.weight"].update(outliers=value)
+
+
+ATTACKS = {
+    "position past the end": (_set("fc1.weight.__outlier_index", lambda t: t.index_fill_(0, torch.tensor([len(t) - 1]), 48 * 24)),
+                              "outlier positions"),
+    "negative position": (_set("fc1.weight.__outlier_index", lambda t: t.index_fill_(0, torch.tensor([0]), -1)),
+                          "outlier positions"),
+    "positions out of order": (_set("fc1.weight.__outlier_index", lambda t: t.flip(0)), "outlier positions"),
+    "repeated position": (_set("fc1.weight.__outlier_index", lambda t: t.index_fill_(0, torch.tensor([1]), int(t[0]))),
+                          "outlier positions"),
+    "NaN value": (_set("fc1.weight.__outlier_values", lambda t: t.index_fill_(0, torch.tensor([0]), float("nan"))),
+                  "NaN or inf"),
+    "count above the weight": (_count(48 * 24 + 1), "outliers"),
+    "count of zero": (_count(0), "outliers"),
+    "count not a number": (_count("all"), "outliers"),
+    "count that disagrees with the tensors": (_count(3), "outlier"),
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+@pytest.mark.parametrize("trainable", [False, True])
+def test_rewritten_outliers_are_one_clear_error(packed_dir, tmp_path, attack, trainable):
+    import shutil
+
+    path, _ = packed_dir
+    shutil.copytree(path, tmp_path / "net")
+    edit, match = ATTACKS[attack]
+    _rewrite(tmp_path / "net", edit)
+    with pytest.raises(PackError, match=match):
+        ws.load(tmp_path / "net", model=Net(), trainable=trainable)
+
+
+def test_outliers_need_calibration_and_gptq(minilm_path, tmp_path):
+    from weightshare.compress import compress
+
+    with pytest.raises(ValueError, match="--outliers needs calibration"):
+        compress(minilm_path, tmp_path / "a", ws.CodebookConfig(bits=3), calibration=None, outliers=0.005)
+    with pytest.raises(ValueError, match=r"--outliers\n  expected: a fraction"):
+        compress(minilm_path, tmp_path / "b", ws.CodebookConfig(bits=3), outliers=0.7)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("attack", ["position past the end", "positions out of order", "NaN value"])
+def test_rewritten_outliers_do_not_export_or_decode(packed_dir, tmp_path, attack):
+    import shutil
+
+    from weightshare.pack import dense_state_dict, read_spec
+
+    path, _ = packed_dir
+    shutil.copytree(path, tmp_path / "net")
+    edit, match = ATTACKS[attack]
+    _rewrite(tmp_path / "net", edit)
+    with pytest.raises(PackError, match=match):
+        dense_state_dict(*read_spec(tmp_path / "net"))
