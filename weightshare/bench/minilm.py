@@ -9,7 +9,8 @@ Data-aware rows use 256 calibration sentences (a part of the corpus disjoint
 from the evaluation part): "wkmeans" weights k-means by the importance of each
 input feature; "gptq" fits tables and labels block after block with error
 compensation (``compress/gptq.py``); "+ft" adds table fine-tuning by
-distillation (150 steps, early stopping); "budget" rows choose each tensor's
+distillation (150 steps, early stopping); "outliers" rows keep 0.5 % of each
+tensor's weights exact beside the codebook (``--outliers``); "budget" rows choose each tensor's
 width under an average of bits per weight, tables counted (``--avg-bits``).  Fidelity is measured on held-out sentences of the stdlib-docstring corpus:
 cosine between original and compressed sentence embeddings (mean and 1st
 percentile) and the overlap of each sentence's 10 nearest neighbours.
@@ -40,6 +41,7 @@ from weightshare.bench._references import (
 log = logging.getLogger(__name__)
 
 AVG_BITS = (4.6, 3.55, 2.4)  # the bits-per-weight ceilings at 4, 3 and 2 bits
+OUTLIERS = 0.005  # the fraction --outliers keeps exact in the outlier rows
 
 
 def fidelity(reference: torch.Tensor, emb: torch.Tensor, k: int = 10) -> dict:
@@ -227,6 +229,10 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
                          "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
             log.info("%s", rows[-1])
     if not quick:
+        for bits in (3, 2):  # dense-and-sparse: 0.5 % of the weights exact (+0.24 b/w), then table fine-tuning
+            rows.append(_data_aware(original, reference, encode, calibration, bits, "gptq", finetune=150,
+                                    outliers=OUTLIERS))
+            log.info("%s", rows[-1])
         for avg in AVG_BITS:
             rows.append(_data_aware(original, reference, encode, calibration, round(avg), "gptq", finetune=150,
                                     avg_bits=avg))

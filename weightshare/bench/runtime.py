@@ -260,6 +260,8 @@ def layers(quick: bool) -> tuple[list[dict], dict]:
 
     from weightshare import kernels
     from weightshare.bitpack import pack_bits
+    from weightshare.modules import CodebookLinear, Outliers
+    from weightshare.sharing.codebook import CodebookConfig
 
     rng = np.random.default_rng(0)
     reps = 3 if quick else 7
@@ -270,13 +272,20 @@ def layers(quick: bool) -> tuple[list[dict], dict]:
         tables = kernels.pad_tables(torch.from_numpy(rng.standard_normal((n, 16)).astype(np.float32)), 4)
         w = kernels.decode(indices, tables, kernels.Layout(n, k, 4, n))
         wb, bias = w.bfloat16(), torch.randn(n)
+        # the same layer as a packed module, and with 0.5 % of its weights kept exact (``--outliers 0.005``)
+        layout, config = kernels.Layout(n, k, 4, n), CodebookConfig(bits=4)
+        module = CodebookLinear(indices, tables, layout, config, torch.float32, bias=torch.nn.Parameter(bias))
+        where = torch.from_numpy(np.sort(rng.choice(n * k, size=n * k // 200, replace=False)))
+        sparse = CodebookLinear(indices, tables, layout, config, torch.float32, bias=torch.nn.Parameter(bias),
+                                outliers=Outliers(where, torch.randn(where.numel()), (n, k)))
         for m in ROWS:
             x = torch.randn(m, k)
             xb = x.bfloat16()
             calls = max(3, int(3e7 / (m * n * k)))
             fns = {"dense_fp32": lambda: F.linear(x, w, bias), "dense_bf16": lambda: F.linear(xb, wb, bias.bfloat16()),
                    "packed_fp32": lambda: kernels.linear(x, indices, tables, bias, k, 4),
-                   "packed_bf16": lambda: kernels.linear(x, indices, tables, bias, k, 4, "bf16")}
+                   "packed_bf16": lambda: kernels.linear(x, indices, tables, bias, k, 4, "bf16"),
+                   "module": lambda: module(x), "module_outliers": lambda: sparse(x)}
             times = {name: [] for name in fns}
             with torch.inference_mode():
                 for fn in fns.values():
@@ -293,7 +302,8 @@ def layers(quick: bool) -> tuple[list[dict], dict]:
             rows.append({"in x out": f"{k}x{n}", "M": m, "dense_fp32_us": med["dense_fp32"] * 1e6,
                          "dense_bf16_x": med["dense_bf16"] / med["dense_fp32"],
                          "packed_fp32_us": med["packed_fp32"] * 1e6, "packed_fp32_x": med["packed_fp32"] / med["dense_fp32"],
-                         "packed_bf16_x": med["packed_bf16"] / med["dense_fp32"]})
+                         "packed_bf16_x": med["packed_bf16"] / med["dense_fp32"],
+                         "outliers_0.5%_x": med["module_outliers"] / med["module"]})
     return rows, figures
 
 

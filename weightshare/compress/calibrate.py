@@ -175,7 +175,19 @@ def text_batches(tokenizer, texts: list[str], batch_size: int = 32, max_length: 
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+    return isinstance(module, nn.Linear) or is_transposed_linear(module) or _is_conv(module)
+
+
+def _is_conv(module: nn.Module) -> bool:
+    """A Conv2d GPTQ treats as the Linear it is over unfolded patches (im2col): one group, zero padding."""
+    return type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" \
+        and not isinstance(module.padding, str)
+
+
+def _conv_rows(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A Conv2d's input as the rows its flattened weight (out, in·kh·kw) multiplies."""
+    cols = torch.nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 def call(model: nn.Module, batch):
@@ -217,7 +229,8 @@ def layer_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, s
 
     def hook_for(name, module):
         def linear(mod, args):
-            x = token_rows(args[0].detach(), state["mask"]).to(torch.float64)
+            x = args[0].detach()
+            x = (_conv_rows(mod, x) if _is_conv(mod) else token_rows(x, state["mask"])).to(torch.float64)
             sums[name] = sums.get(name, 0) + x.t() @ x
             tokens[name] = tokens.get(name, 0) + x.shape[0]
             if name == stop_after:
@@ -362,6 +375,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
                 module = linears[name]
                 transposed = is_transposed_linear(module)
                 W = module.weight.detach().t() if transposed else module.weight.detach()
+                W = W.reshape(W.shape[0], -1)  # a Conv2d's (out, in, kh, kw) as (out, in·kh·kw)
                 H = stats[name] if name in stats else torch.eye(W.shape[1], dtype=torch.float64)
                 cfg = configs.get(name, config)
                 W = W.contiguous()

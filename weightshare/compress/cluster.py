@@ -29,19 +29,22 @@ log = logging.getLogger(__name__)
 
 
 def is_compressible(module: nn.Module, name: str) -> bool:
-    """The modules post-training compression clusters: Linear (and transformers' Conv1D) and Embedding."""
-    return isinstance(module, (nn.Linear, nn.Embedding)) or is_transposed_linear(module)
+    """The modules post-training compression clusters: Linear (and transformers' Conv1D), Embedding, Conv2d."""
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)) or is_transposed_linear(module)
 
 
 METHODS = ("gptq", "wkmeans")
 
 
-def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[str] | None = None,
+def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list | None = None,
                     method: str = "gptq", finetune_steps: int = 0, target_bytes: int | None = None,
-                    avg_bits: float | None = None, outliers: float = 0.0) -> nn.Module:
-    """Cluster a loaded transformers model or SentenceTransformer in place.
+                    avg_bits: float | None = None, outliers: float = 0.0, configs: dict | None = None,
+                    dense: set[str] | frozenset = frozenset()) -> nn.Module:
+    """Cluster a loaded transformers model, SentenceTransformer or any ``nn.Module`` in place.
 
-    Without ``calibration`` texts the clustering is data-free.  With them,
+    ``calibration``: texts (a transformers model with its tokenizer) or, for any module,
+    a list of its input batches (tensors, tuples of positional inputs, dicts of keyword
+    inputs).  Without it the clustering is data-free.  With it,
     ``method="gptq"`` (the default) fits each layer's tables and labels to its inputs,
     block after block with the earlier blocks already compressed
     (``calibrate.sequential_codebooks_``); ``method="wkmeans"`` weights each weight's
@@ -53,6 +56,9 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
     the plan is kept as ``model._weightshare_bit_plan``.
     ``outliers`` (gptq with calibration only): the fraction of each tensor's weights kept
     exact in a sparse side tensor (dense-and-sparse); the budget counts their bytes.
+    ``configs`` maps module names to their own config (a recipe's ``layers``); modules in
+    ``dense`` stay uncompressed.  Linear, Embedding and Conv2d weights are compressed
+    (GPTQ treats a Conv2d as the Linear it is over its unfolded patches).
     """
     if method not in METHODS:
         raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
@@ -66,11 +72,22 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
                          "  expected: --calibration FILE (or the built-in corpus) and --method gptq")
     inner = hub.inner_model(model)
     batches = None
-    if calibration:
+    texts = calibration is not None and all(isinstance(t, str) for t in calibration)
+    if calibration is not None and not texts:  # any nn.Module: its own input batches
+        batches = list(calibration)
+        if not batches:
+            raise ValueError("calibration: no batches\n  expected: at least one input batch")
+        if method != "gptq" or finetune_steps:
+            raise ValueError("calibration batches (not texts) work with method='gptq' and finetune_steps=0\n"
+                             "  wkmeans and table fine-tuning take texts for a transformers model")
+    elif calibration:
         tokenizer = hub.tokenizer_of(model)
         limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
         batches = text_batches(tokenizer, calibration, max_length=min(limit, 512) if isinstance(limit, int) else None)
-    configs, bits = {}, config.bits
+    chosen = (lambda m, n: n not in dense and is_compressible(m, n)) if dense else is_compressible
+    configs, bits = dict(configs or {}), config.bits
+    if (target_bytes is not None or avg_bits is not None) and configs:
+        raise ValueError("a size budget and per-layer bits\n  expected: one of them (the budget chooses every width)")
     if target_bytes is not None or avg_bits is not None:
         side = _outlier_bytes(inner, config, outliers)  # the budget's share the outliers take
         if target_bytes is not None:
@@ -80,19 +97,20 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list[
                                             if is_compressible(m, "")}.values())
             avg_bits -= 8 * side / max(numel, 1)
         configs, plan = plan_model(inner, config, batches, target_bytes=target_bytes, avg_bits=avg_bits,
-                                   filter_fn=is_compressible)
+                                   filter_fn=chosen)
         model._weightshare_bit_plan = plan
         numels = {n: inner.get_submodule(n).weight.numel() for n in plan.bits}
         bits = max(1, round(plan.average_bits(numels)))
     original = copy.deepcopy(inner) if finetune_steps else None  # the teacher: the model as it was
     if batches is None and not configs:
-        share_(inner, config, filter_fn=is_compressible)
+        share_(inner, config, filter_fn=chosen)
     elif batches is not None and method == "gptq":
-        sequential_codebooks_(inner, config, batches, filter_fn=is_compressible, configs=configs, outliers=outliers)
+        sequential_codebooks_(inner, config, batches, filter_fn=chosen, configs=configs, outliers=outliers)
+        codebook_model_(inner, config, filter_fn=chosen, configs=configs)  # what GPTQ cannot take (Conv1d/3d)
     else:
-        importance = (importance_from_texts(inner, tokenizer, calibration, filter_fn=is_compressible)
+        importance = (importance_from_texts(inner, tokenizer, calibration, filter_fn=chosen)
                       if batches is not None else None)
-        codebook_model_(inner, config, filter_fn=is_compressible, importance=importance, configs=configs)
+        codebook_model_(inner, config, filter_fn=chosen, importance=importance, configs=configs)
     if finetune_steps:
         finetune_tables_(inner, original, batches, bits, FinetuneConfig(steps=finetune_steps),
                          table_dtype=TABLE_DTYPES[config.table_dtype])
