@@ -30,7 +30,7 @@ def _compress(args) -> None:
     calibration = None if args.data_free else args.calibration or BUILTIN
     model, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
                                    finetune_steps=args.finetune_steps, target_size=args.target_size,
-                                   avg_bits=args.avg_bits, outliers=args.outliers)
+                                   avg_bits=args.avg_bits, outliers=args.outliers, recipe=args.recipe)
     plan = getattr(model, "_weightshare_bit_plan", None)
     if plan is not None:
         from collections import Counter
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
                    help="with calibration (gptq): keep this fraction of each tensor's weights, the most sensitive, "
                         "exact in a sparse side tensor (0.005: +0.24 bits per weight; default 0)")
+    c.add_argument("--recipe", default=None, metavar="YAML",
+                   help="bits and granularity per layer (glob on module names), layers kept dense, and any of the "
+                        "settings above; its keys replace the flags (see weightshare/compress/recipe.py)")
     c.add_argument("--out", required=True, help="output directory (new, empty, or a packed model to replace)")
     c.set_defaults(func=_compress)
 

@@ -17,6 +17,7 @@ from torch import nn
 from weightshare import hub, pack
 from weightshare.compress.budget import parse_size, plan_model
 from weightshare.compress.finetune import FinetuneConfig, finetune_tables_
+from weightshare.compress.recipe import apply_settings, read_recipe, resolve
 from weightshare.corpus import calibration_sentences
 from weightshare.report import Report, report
 from weightshare.compress.calibrate import importance_from_texts, read_texts, sequential_codebooks_, text_batches
@@ -152,7 +153,8 @@ BUILTIN_SENTENCES = 256
 def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookConfig,
              calibration: str | os.PathLike | list[str] | None = None,
              method: str = "gptq", finetune_steps: int = 0, target_size: int | str | None = None,
-             avg_bits: float | None = None, outliers: float = 0.0) -> tuple[nn.Module, Report, float]:
+             avg_bits: float | None = None, outliers: float = 0.0,
+             recipe: str | os.PathLike | None = None) -> tuple[nn.Module, Report, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
@@ -160,12 +162,22 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     Python standard library's documentation) for a model with a tokenizer, data-free
     otherwise.  ``method``, ``finetune_steps``: see ``compress_model_`` (table fine-tuning
     is skipped, with a note, where there is no calibration).  ``target_size`` (``8MB``,
-    bytes) or ``avg_bits``: mixed widths under that budget; ``outliers``: see ``compress_model_``; the written
+    bytes) or ``avg_bits``: mixed widths under that budget; ``outliers``: see ``compress_model_``;
+    ``recipe``: a YAML file (``recipe.py``) whose keys replace these arguments and which
+    sets bits and granularity per layer and keeps layers dense; the written
     ``weightshare.safetensors`` is never larger than ``target_size``.  Returns ``(model, report,
     seconds spent clustering, calibration included)``.  Everything that can be
     checked (config, method, source directory, output path, calibration file) is
     checked before the model is loaded.
     """
+    plan = None
+    if recipe is not None:  # checked whole before anything else
+        plan = read_recipe(recipe)
+        config = plan.base_config(config)
+        given = apply_settings(plan, calibration=calibration, method=method, finetune_steps=finetune_steps,
+                               target_size=target_size, avg_bits=avg_bits, outliers=outliers)
+        calibration, method, finetune_steps = given["calibration"], given["method"], given["finetune_steps"]
+        target_size, avg_bits, outliers = given["target_size"], given["avg_bits"], given["outliers"]
     if method not in METHODS:
         raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
     if target_size is not None and avg_bits is not None:
@@ -185,6 +197,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     else:
         texts = read_texts(calibration)
     model, _, _ = hub.load_pretrained(src)
+    configs, dense = resolve(plan, hub.inner_model(model), config, is_compressible) if plan else ({}, set())
     if builtin:
         if _has_tokenizer(model):
             texts = calibration_sentences(BUILTIN_SENTENCES)
@@ -195,7 +208,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         finetune_steps = 0
     t0 = time.perf_counter()
     compress_model_(model, config, texts, method=method, finetune_steps=finetune_steps, target_bytes=target_bytes,
-                    avg_bits=avg_bits, outliers=outliers)
+                    avg_bits=avg_bits, outliers=outliers, configs=configs, dense=dense)
     seconds = time.perf_counter() - t0
     if target_bytes is not None and (size := pack.file_size(model)) > target_bytes:  # checked before writing
         raise ValueError(f"--target-size: the packed file would be {size:,} bytes, above {target_bytes:,}\n"
