@@ -53,3 +53,22 @@ def test_model_without_codebooks_is_refused(minilm):
         finetune_tables_(minilm[0].auto_model, minilm[0].auto_model, batches, bits=4)
     with pytest.raises(ValueError, match="FinetuneConfig.holdout"):
         FinetuneConfig(holdout=1.5)
+
+
+def test_norms_option_trains_layernorms_unrounded_and_nothing_else(minilm):
+    original = minilm[0].auto_model
+    student = copy.deepcopy(original)
+    ws.set_progress(False)
+    ws.share_(student, ws.CodebookConfig(bits=2), filter_fn=is_compressible)
+    norm_ids = {id(p) for m in student.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    table_ids = {id(t) for t in table_parameters(student)}
+    before = {n: t.detach().clone() for n, t in student.named_parameters()}
+    batches = text_batches(minilm.tokenizer, calibration_sentences(40), batch_size=8, max_length=64)
+    r = finetune_tables_(student, original, batches, bits=2,
+                         config=FinetuneConfig(steps=30, batch_size=8, holdout=0.2, norms=True))
+    assert r["holdout_loss_after"] < r["holdout_loss_before"]
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    by_name = dict(student.named_parameters())
+    assert any(id(by_name[n]) in norm_ids for n in moved)  # LayerNorms learned
+    assert all(id(by_name[n]) in norm_ids | table_ids for n in moved)  # biases and the rest did not move
+    assert any(not torch.equal(by_name[n], by_name[n].half().float()) for n in moved if id(by_name[n]) in norm_ids)

@@ -30,7 +30,8 @@ def _compress(args) -> None:
     calibration = None if args.data_free else args.calibration or BUILTIN
     model, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
                                    finetune_steps=args.finetune_steps, target_size=args.target_size,
-                                   avg_bits=args.avg_bits, outliers=args.outliers, recipe=args.recipe)
+                                   avg_bits=args.avg_bits, outliers=args.outliers, recipe=args.recipe,
+                                   finetune_norms=args.finetune_norms)
     plan = getattr(model, "_weightshare_bit_plan", None)
     if plan is not None:
         from collections import Counter
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with calibration: train the tables for about N steps to reproduce the original model's "
                         "outputs (labels frozen; stops early when held-out calibration texts stop improving); "
                         "0 skips it (default 150)")
+    c.add_argument("--finetune-norms", action="store_true",
+                   help="while fine-tuning the tables, train the LayerNorm weights and biases too (stored dense)")
     c.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
                    help="with calibration (gptq): keep this fraction of each tensor's weights, the most sensitive, "
                         "exact in a sparse side tensor (0.005: +0.24 bits per weight; default 0)")

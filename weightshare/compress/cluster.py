@@ -40,7 +40,7 @@ METHODS = ("gptq", "wkmeans")
 def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list | None = None,
                     method: str = "gptq", finetune_steps: int = 0, target_bytes: int | None = None,
                     avg_bits: float | None = None, outliers: float = 0.0, configs: dict | None = None,
-                    dense: set[str] | frozenset = frozenset()) -> nn.Module:
+                    dense: set[str] | frozenset = frozenset(), finetune_norms: bool = False) -> nn.Module:
     """Cluster a loaded transformers model, SentenceTransformer or any ``nn.Module`` in place.
 
     ``calibration``: texts (a transformers model with its tokenizer) or, for any module,
@@ -51,7 +51,8 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
     (``calibrate.sequential_codebooks_``); ``method="wkmeans"`` weights each weight's
     k-means by the second moment of its input feature (``calibrate.importance_from_texts``).
     ``finetune_steps`` > 0 then trains the tables by distillation against the model as it
-    was (``finetune.finetune_tables_``: labels frozen, early stopping on held-out texts).
+    was (``finetune.finetune_tables_``: labels frozen, early stopping on held-out texts), and with
+    ``finetune_norms`` the LayerNorm weights and biases too.
     ``target_bytes`` (the packed file's size) or ``avg_bits`` (bits per compressed weight,
     tables counted) chooses each tensor's width instead of ``config.bits`` (``budget.py``);
     the plan is kept as ``model._weightshare_bit_plan``.
@@ -113,7 +114,7 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
                       if batches is not None else None)
         codebook_model_(inner, config, filter_fn=chosen, importance=importance, configs=configs)
     if finetune_steps:
-        finetune_tables_(inner, original, batches, bits, FinetuneConfig(steps=finetune_steps),
+        finetune_tables_(inner, original, batches, bits, FinetuneConfig(steps=finetune_steps, norms=finetune_norms),
                          table_dtype=TABLE_DTYPES[config.table_dtype])
     return model
 
@@ -154,7 +155,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
              calibration: str | os.PathLike | list[str] | None = None,
              method: str = "gptq", finetune_steps: int = 0, target_size: int | str | None = None,
              avg_bits: float | None = None, outliers: float = 0.0,
-             recipe: str | os.PathLike | None = None) -> tuple[nn.Module, Report, float]:
+             recipe: str | os.PathLike | None = None, finetune_norms: bool = False) -> tuple[nn.Module, Report, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
@@ -175,8 +176,10 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         plan = read_recipe(recipe)
         config = plan.base_config(config)
         given = apply_settings(plan, calibration=calibration, method=method, finetune_steps=finetune_steps,
-                               target_size=target_size, avg_bits=avg_bits, outliers=outliers)
+                               target_size=target_size, avg_bits=avg_bits, outliers=outliers,
+                               finetune_norms=finetune_norms)
         calibration, method, finetune_steps = given["calibration"], given["method"], given["finetune_steps"]
+        finetune_norms = given["finetune_norms"]
         target_size, avg_bits, outliers = given["target_size"], given["avg_bits"], given["outliers"]
     if method not in METHODS:
         raise ValueError(f"compression method\n  expected one of: {', '.join(METHODS)}\n  got: {method!r}")
@@ -208,7 +211,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         finetune_steps = 0
     t0 = time.perf_counter()
     compress_model_(model, config, texts, method=method, finetune_steps=finetune_steps, target_bytes=target_bytes,
-                    avg_bits=avg_bits, outliers=outliers, configs=configs, dense=dense)
+                    avg_bits=avg_bits, outliers=outliers, configs=configs, dense=dense, finetune_norms=finetune_norms)
     seconds = time.perf_counter() - t0
     if target_bytes is not None and (size := pack.file_size(model)) > target_bytes:  # checked before writing
         raise ValueError(f"--target-size: the packed file would be {size:,} bytes, above {target_bytes:,}\n"

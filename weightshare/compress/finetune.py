@@ -32,6 +32,7 @@ class FinetuneConfig:
     holdout: float = 0.125  # fraction of the calibration texts that only decides when to stop
     patience: int = 1  # epochs without a better held-out loss before stopping
     seed: int = 0
+    norms: bool = False  # also train the LayerNorm weights and biases (stored dense: exact in the file)
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "patience"):
@@ -101,10 +102,13 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list[dict],
     from weightshare.sharing.codebook import table_parameters
 
     config = config or FinetuneConfig()
-    params = table_parameters(model)
-    if not params:
+    tables = table_parameters(model)
+    if not tables:
         raise ValueError("table fine-tuning: the model has no codebook tables\n  expected: a model clustered "
                          "with ws.share_ / compress (parametrized, not loaded as packed modules)")
+    norms = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)] \
+        if config.norms else []
+    params = tables + norms
     x = _stack(batches)
     n = x.shape[0]
     n_val = max(1, int(round(n * config.holdout)))
@@ -157,9 +161,10 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list[dict],
     finally:
         for p in model.parameters():
             p.requires_grad_(requires.get(id(p), True))
+    is_table = {id(p) for p in tables}
     with torch.no_grad():
-        for p, best in zip(params, state["tables"]):
-            p.copy_(best.to(table_dtype).to(p.dtype))  # what the packed file will hold
+        for p, best in zip(params, state["tables"]):  # tables rounded to what the packed file will hold
+            p.copy_(best.to(table_dtype).to(p.dtype) if id(p) in is_table else best)
     after = holdout_loss()
     log.info("table fine-tuning: %d steps, held-out loss %.5f -> %.5f", len(result.step_seconds), before, after)
     return {"steps": len(result.step_seconds), "epochs": state["epochs"], "holdout_loss_before": before,

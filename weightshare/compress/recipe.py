@@ -7,6 +7,7 @@
     calibration: texts.txt       # a text file, builtin (the default) or none (data-free)
     method: gptq
     finetune_steps: 150
+    finetune_norms: false        # also train the LayerNorms while fine-tuning the tables
     outliers: 0.005
     layers:                      # the first entry whose glob matches a module's name applies
       - match: "encoder.layer.*.attention.*"
@@ -38,7 +39,7 @@ __all__ = ["Recipe", "apply_settings", "read_recipe", "resolve"]
 
 MAX_RECIPE_BYTES = 1 << 20
 _CONFIG_KEYS = {"bits", "granularity", "group_size", "table_dtype"}
-_RUN_KEYS = {"calibration", "method", "finetune_steps", "outliers", "target_size", "avg_bits"}
+_RUN_KEYS = {"calibration", "method", "finetune_steps", "finetune_norms", "outliers", "target_size", "avg_bits"}
 _TOP = _CONFIG_KEYS | _RUN_KEYS | {"layers", "dense"}
 _LAYER_KEYS = {"match"} | _CONFIG_KEYS
 
@@ -100,6 +101,8 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     if "outliers" in s and (isinstance(s["outliers"], bool) or not isinstance(s["outliers"], (int, float))
                             or not 0 <= s["outliers"] < 0.5):
         problems.append(f"outliers: {s['outliers']!r}, expected a fraction in [0, 0.5), e.g. 0.005")
+    if "finetune_norms" in s and not isinstance(s["finetune_norms"], bool):
+        problems.append(f"finetune_norms: {s['finetune_norms']!r}, expected true or false")
     if "calibration" in s and not isinstance(s["calibration"], str):
         problems.append(f"calibration: {s['calibration']!r}, expected a text file, builtin or none")
     if "avg_bits" in s and (isinstance(s["avg_bits"], bool) or not isinstance(s["avg_bits"], (int, float))):
