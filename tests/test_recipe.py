@@ -89,3 +89,22 @@ def test_a_recipe_naming_missing_layers_fails_before_any_work(bert_dir, tmp_path
 
     assert re.search(match, err) and "layers are named like: embeddings.word_embeddings" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_recipe_reads_and_fits_minilm(tmp_path, minilm_path):
+    import re
+    from pathlib import Path
+
+    from weightshare import hub
+    from weightshare.compress import is_compressible
+    from weightshare.compress.recipe import resolve
+    from weightshare.sharing.codebook import CodebookConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "dense:" in b]
+    recipe = read_recipe(_write(tmp_path, block))
+    model, _, _ = hub.load_pretrained(minilm_path)
+    configs, dense = resolve(recipe, hub.inner_model(model), recipe.base_config(CodebookConfig()), is_compressible)
+    assert dense == {"pooler.dense"}
+    assert configs["encoder.layer.5.attention.self.value"].bits == 4
+    assert configs["embeddings.word_embeddings"].group_size == 64 and configs["embeddings.word_embeddings"].bits == 3
