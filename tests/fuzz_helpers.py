@@ -523,3 +523,33 @@ class Sandbox:
                 what = "created" if a is None else "removed" if b is None else "changed"
                 out.append(f"{what}: {key}")
         return out
+
+
+def rewrite_packed(folder: Path, edit) -> None:
+    """Rewrite a packed folder's file as an attacker who recomputes every checksum would.
+
+    ``edit(tensors, spec)`` changes the stored tensors and the spec in place; each stored
+    tensor's sha256 and the spec's own are then recomputed, so what a test exercises is
+    every defence behind the checksums.
+    """
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save as st_save
+
+    from weightshare.pack import FILENAME, _sha256
+
+    file = Path(folder) / FILENAME
+    with safe_open(str(file), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    spec = json.loads(meta["spec"])
+    before = {k: _sha256(t) for k, t in tensors.items()}
+    edit(tensors, spec)
+    for key, t in tensors.items():  # only what the edit changed: a file may use an older checksum version
+        if key in spec.get("checksums", {}) and _sha256(t) != before.get(key):
+            spec["checksums"][key] = _sha256(t)
+    meta["spec"] = json.dumps(spec)
+    meta["spec_sha256"] = hashlib.sha256(meta["spec"].encode()).hexdigest()
+    file.write_bytes(st_save(tensors, metadata=meta))

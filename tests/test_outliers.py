@@ -8,20 +8,17 @@ file whose outlier tensors an attacker rewrote (checksums recomputed).
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 
 import weightshare as ws
 from weightshare.compress.calibrate import sequential_codebooks_
 from weightshare.compress.gptq import _decode, damped, fit_codebook, layer_objective, refit_tables, select_outliers
 from weightshare.modules import CodebookEmbedding, CodebookLinear
-from weightshare.pack import FILENAME, PackError, _sha256
+from tests import fuzz_helpers as fh
+from weightshare.pack import FILENAME, PackError
 
 
 class Net(torch.nn.Module):
@@ -143,20 +140,6 @@ def test_packed_embedding_with_outliers_looks_up_exact_rows(packed_dir):
     assert torch.equal(emb(ids), F.embedding(ids, emb.weight.detach()))
 
 
-def _rewrite(path, edit):
-    """Edit the stored tensors and spec as an attacker would, every checksum recomputed."""
-    file = path / FILENAME
-    with safe_open(str(file), "pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    spec = json.loads(meta["spec"])
-    edit(tensors, spec)
-    spec["checksums"] = {k: _sha256(t) for k, t in tensors.items() if k in spec["checksums"]}
-    meta["spec"] = json.dumps(spec)
-    meta["spec_sha256"] = hashlib.sha256(meta["spec"].encode()).hexdigest()
-    file.write_bytes(st_save(tensors, metadata=meta))
-
-
 def _set(key, fn):
     def edit(tensors, spec):
         tensors[key] = fn(tensors[key].clone())
@@ -192,7 +175,7 @@ def test_rewritten_outliers_are_one_clear_error(packed_dir, tmp_path, attack, tr
     path, _ = packed_dir
     shutil.copytree(path, tmp_path / "net")
     edit, match = ATTACKS[attack]
-    _rewrite(tmp_path / "net", edit)
+    fh.rewrite_packed(tmp_path / "net", edit)
     with pytest.raises(PackError, match=match):
         ws.load(tmp_path / "net", model=Net(), trainable=trainable)
 
@@ -216,6 +199,6 @@ def test_rewritten_outliers_do_not_export_or_decode(packed_dir, tmp_path, attack
     path, _ = packed_dir
     shutil.copytree(path, tmp_path / "net")
     edit, match = ATTACKS[attack]
-    _rewrite(tmp_path / "net", edit)
+    fh.rewrite_packed(tmp_path / "net", edit)
     with pytest.raises(PackError, match=match):
         dense_state_dict(*read_spec(tmp_path / "net"))

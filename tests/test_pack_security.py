@@ -5,7 +5,6 @@ gets its own readable case, plus what a user sees on disk (modes, sharding,
 folders that appear whole or not at all).
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -14,10 +13,9 @@ import stat
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as st_save
 
 import weightshare as ws
+from tests import fuzz_helpers as fh
 from weightshare.cli import main
 from weightshare.pack import FILENAME
 
@@ -59,16 +57,8 @@ def sandbox(bert_packed, tmp_path):
 
 
 def _edit_spec(path, fn):
-    file = path / FILENAME
-    with safe_open(str(file), "pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    spec = json.loads(meta["spec"])
-    fn(spec)
-    meta["spec"] = json.dumps(spec)
     # an attacker rewrites the spec's checksum too: what is tested here is every defence behind it
-    meta["spec_sha256"] = hashlib.sha256(meta["spec"].encode()).hexdigest()
-    file.write_bytes(st_save(tensors, metadata=meta))
+    fh.rewrite_packed(path, lambda tensors, spec: fn(spec))
 
 
 def _set_subdir(value):

@@ -33,11 +33,11 @@ from pathlib import Path
 
 from torch import nn
 
+from weightshare._yaml import read_yaml
 from weightshare.sharing.codebook import CodebookConfig
 
 __all__ = ["Recipe", "apply_settings", "read_recipe", "resolve"]
 
-MAX_RECIPE_BYTES = 1 << 20
 _CONFIG_KEYS = {"bits", "granularity", "group_size", "table_dtype"}
 _RUN_KEYS = {"calibration", "method", "finetune_steps", "finetune_norms", "outliers", "target_size", "avg_bits"}
 _TOP = _CONFIG_KEYS | _RUN_KEYS | {"layers", "dense"}
@@ -71,15 +71,11 @@ def _config(base: CodebookConfig, overrides: dict, where: str) -> CodebookConfig
 
 def read_recipe(path: str | os.PathLike) -> Recipe:
     """The recipe in ``path``, every key and value checked; all problems in one ``ValueError``."""
-    import yaml
-
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            raise ValueError(f"--recipe {path}: larger than {MAX_RECIPE_BYTES} bytes: not a recipe")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"--recipe {path}: not a readable YAML file ({type(exc).__name__}: {exc})"[:400]) from None
+        raw = read_yaml(path, "recipe")
+    except ValueError as exc:
+        raise ValueError(f"--recipe {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"--recipe {path}\n  expected: a mapping (bits:, layers:, dense:, ...)\n"
                          f"  got: {type(raw).__name__}")

@@ -36,13 +36,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from weightshare._yaml import read_yaml
 from weightshare.merge import settings
 from weightshare.merge.registry import get_method
 from weightshare.merge.streaming import OUT_DTYPES, MergeError, merge
 
 __all__ = ["read_config", "merge_from_config"]
 
-MAX_CONFIG_BYTES = 1 << 20
 _TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "int8_mask"}
 _RENAMED = {"lambda": "scale"}
 _STORAGE_ONLY = {"int8_mask"}  # no effect on the numbers
@@ -60,15 +60,8 @@ def _fall_back(own, everyone):
 
 def read_config(path: str | os.PathLike) -> dict:
     """The merge a config asks for, as ``merge`` keyword arguments; every problem in one ``MergeError``."""
-    import yaml
-
     path = Path(path)
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise MergeError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a merge config")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise MergeError(f"{path}: not a readable YAML file ({type(exc).__name__}: {exc})"[:400]) from None
+    raw = read_yaml(path, "merge config", MergeError)
     if not isinstance(raw, dict):
         raise MergeError(f"{path}\n  expected: a mapping with merge_method and models\n  got: {type(raw).__name__}")
     problems = [f"unsupported key {k!r} (supported: {', '.join(sorted(_TOP))})" for k in raw if k not in _TOP]
