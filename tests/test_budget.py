@@ -37,7 +37,7 @@ def test_plan_is_optimal_on_a_small_problem_and_fits():
     groups = {n: w.shape[0] for n, w in weights.items()}
     cands = (1, 2, 3, 4)
     budget = 100 + sum(codebook_bytes(w.numel(), groups[n], 3) for n, w in weights.items())
-    plan = plan_bits(weights, stats, budget, fixed_bytes=100, n_groups=groups, n_tensors=0, candidates=cands)
+    plan = plan_bits(weights, stats, budget, fixed_bytes=100, n_groups=groups, header_bytes=0, candidates=cands)
     cost = lambda a: 100 + sum(codebook_bytes(weights[n].numel(), groups[n], b) for n, b in a.items())  # noqa: E731
     err = lambda a: sum(plan.errors[n][b] for n, b in a.items())  # noqa: E731
     best = min((dict(zip(weights, bs)) for bs in itertools.product(cands, repeat=3) if cost(dict(zip(weights, bs))) <= budget),

@@ -118,7 +118,7 @@ class PackedModule(nn.Module):
             tables = tables.float()
         self.tables = tables
         if self.outliers is not None:
-            self.outliers = self.outliers.to(lambda t: fn(t) if t.is_floating_point() else t)
+            self.outliers = self.outliers.to(fn)  # fn converts only floating tensors' dtype, moves every tensor
             self.outliers.values = self.outliers.values.float()
             self._outliers_changed()
         return self

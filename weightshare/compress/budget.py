@@ -30,7 +30,11 @@ CANDIDATES = tuple(range(1, 9))
 SENSITIVITY_BITS = (1, 2)  # the widths each tensor is tried at, alone, to weigh tensors against each other
 MEASURED_BITS = 6  # widest width whose weight error is measured
 SAMPLE_ROWS = 96  # rows per tensor the weight error is measured on (seeded): a mean over 96 x K weights
-HEADER_BYTES_PER_TENSOR = 420  # the safetensors header and the spec per stored tensor (MiniLM: 361)
+# The file's header (safetensors' JSON and the spec in its metadata), per stored tensor and per spec entry,
+# measured on MiniLM and a tiny BERT packed with and without outliers (0.5-1.8 % above the real headers):
+# a stored tensor's name appears twice (its header entry, its checksum) beside ~150 bytes of fields, an
+# entry's name once beside ~60 bytes (a dense tensor) or ~240 (a codebook, its config included).
+HEADER_PER_TENSOR, HEADER_PER_ENTRY, HEADER_PER_CODEBOOK = 150, 60, 180
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -83,18 +87,18 @@ def _hull(costs: list[int], errs: list[float]) -> list[int]:
 
 
 def plan_bits(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], target_bytes: int, fixed_bytes: int,
-              n_groups: dict[str, int], n_tensors: int, candidates=CANDIDATES, table_itemsize: int = 2,
+              n_groups: dict[str, int], header_bytes: int, candidates=CANDIDATES, table_itemsize: int = 2,
               seed: int = 0, sensitivity: dict[str, dict[int, float]] | None = None) -> BitPlan:
     """Widths for ``weights`` (name -> (rows, K) in the codebook's row layout) under ``target_bytes``.
 
     ``stats``: per name, H (K, K) for a Linear or row counts (rows,) for an Embedding.
     ``fixed_bytes``: what is stored dense (norms, biases); ``n_groups``: tables per tensor;
-    ``n_tensors``: tensors in the packed file (for the header's share of the size).
+    ``header_bytes``: the file's header (``header_size``).
     ``sensitivity``: per name and width in ``SENSITIVITY_BITS``, the model's output error with that tensor
     alone at that width; each tensor's error curve is scaled to the widest of them at or below each width
     (measured where measured), so that errors of different tensors add up in one unit.
     """
-    header = HEADER_BYTES_PER_TENSOR * n_tensors
+    header = header_bytes
     costs = {n: [codebook_bytes(w.numel(), n_groups[n], b, table_itemsize) for b in candidates]
              for n, w in weights.items()}
     low = fixed_bytes + header + sum(c[0] for c in costs.values())
@@ -179,13 +183,22 @@ def plan_bits(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], 
 
 
 def average_bits_target(avg_bits: float, weights: dict[str, torch.Tensor], n_groups: dict[str, int],
-                        fixed_bytes: int, n_tensors: int, table_itemsize: int = 2) -> int:
+                        fixed_bytes: int, header_bytes: int, table_itemsize: int = 2) -> int:
     """The file size that ``--avg-bits B`` means: B bits per compressed weight, tables counted in B (as
     ``inspect`` counts bits per weight), plus the dense tensors and the header."""
     if not (isinstance(avg_bits, (int, float)) and math.isfinite(avg_bits) and avg_bits > 0):
         raise ValueError(f"--avg-bits\n  expected: a positive number of bits per weight\n  got: {avg_bits!r}")
     numel = sum(w.numel() for w in weights.values())
-    return int(fixed_bytes + HEADER_BYTES_PER_TENSOR * n_tensors + avg_bits * numel / 8)
+    return int(fixed_bytes + header_bytes + avg_bits * numel / 8)
+
+
+def header_size(dense: list[str], codebooks: list[str], outliers: bool) -> int:
+    """The packed file's header for these dense tensors and codebook weights (names as in the state_dict)."""
+    suffixes = ("__tables", "__indices") + (("__outlier_index", "__outlier_values") if outliers else ())
+    stored = [*dense, *(f"{w}.{s}" for w in codebooks for s in suffixes)]
+    entries = [*dense, *codebooks]
+    return (sum(2 * len(n) + HEADER_PER_TENSOR for n in stored) + sum(len(n) + HEADER_PER_ENTRY for n in entries)
+            + HEADER_PER_CODEBOOK * len(codebooks))
 
 
 SENSITIVITY_BATCHES = 2
@@ -257,17 +270,20 @@ def collect_statistics(model: nn.Module, names: dict[str, nn.Module], batches) -
     stats, _ = layer_statistics(model, names, batches)
     for n, m in names.items():
         if n not in stats:
-            K = m.weight.shape[0] if is_transposed_linear(m) else m.weight.shape[-1]
+            K = m.weight.shape[0] if is_transposed_linear(m) else m.weight[0].numel()  # a Conv2d's in·kh·kw
             stats[n] = torch.zeros(m.weight.shape[0]) if isinstance(m, nn.Embedding) else torch.eye(K, dtype=torch.float64)
     return stats
 
 
 def plan_model(model: nn.Module, config, batches, target_bytes: int | None = None, avg_bits: float | None = None,
-               filter_fn=None) -> tuple[dict, BitPlan]:
+               filter_fn=None, outliers: float = 0.0) -> tuple[dict, BitPlan]:
     """Per-module ``CodebookConfig`` (``config`` with its own ``bits``) for a size budget on ``model``.
 
     ``batches``: calibration inputs (``calibrate.text_batches``), or None for weight-space errors
     (H = I, every row alike).  Modules that share one weight (a tied LM head) get one config.
+    ``outliers``: the fraction of each weight kept exact beside its codebook (``--outliers``): their
+    bytes (an int32 position and a table-dtype value each, two more tensors) are a fixed cost; under
+    ``avg_bits`` they count inside the average, as ``inspect`` counts them.
     """
     from dataclasses import replace
 
@@ -279,7 +295,7 @@ def plan_model(model: nn.Module, config, batches, target_bytes: int | None = Non
     owners: dict[int, list[str]] = {}
     modules: dict[str, nn.Module] = {}
     for fqn, m in model.named_modules():
-        if (isinstance(m, (nn.Linear, nn.Embedding)) or is_transposed_linear(m)) and keep(m, fqn):
+        if (isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)) or is_transposed_linear(m)) and keep(m, fqn):
             owners.setdefault(id(m.weight), []).append(fqn)
             modules[fqn] = m
     # one tensor per shared weight, its first owner an Embedding where there is one (its rows are looked up)
@@ -296,13 +312,15 @@ def plan_model(model: nn.Module, config, batches, target_bytes: int | None = Non
         n_groups[n] = group_layout(channel_layout(m.weight.shape, is_transposed_linear(m)), config.granularity,
                                    config.group_size, f"{n}.weight")[0]
     chosen_ids = {id(modules[n].weight) for n in first}
-    seen, fixed, n_tensors = set(), 0, 2 * len(first)  # a codebook stores indices and tables
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
-        if id(t) in seen or id(t) in chosen_ids:
+    seen, fixed, dense = set(), 0, []
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or id(t) in chosen_ids or name not in persistent:
             continue
         seen.add(id(t))
         fixed += t.numel() * t.element_size()
-        n_tensors += 1
+        dense.append(name)
+    header = header_size(dense, [f"{n}.weight" for n in first], bool(outliers))
     sensitivity = None
     if batches is None:
         stats = {n: (torch.zeros(w.shape[0]) if isinstance(modules[n], nn.Embedding)
@@ -312,8 +330,9 @@ def plan_model(model: nn.Module, config, batches, target_bytes: int | None = Non
         sensitivity = output_sensitivity(model, {n: modules[n] for n in first}, stats, batches[:SENSITIVITY_BATCHES])
     itemsize = torch.empty((), dtype=TABLE_DTYPES[config.table_dtype]).element_size()
     if avg_bits is not None:
-        target_bytes = average_bits_target(avg_bits, weights, n_groups, fixed, n_tensors, itemsize)
-    plan = plan_bits(weights, stats, target_bytes, fixed, n_groups, n_tensors, table_itemsize=itemsize,
+        target_bytes = average_bits_target(avg_bits, weights, n_groups, fixed, header, itemsize)
+    fixed += sum(int(outliers * w.numel()) for w in weights.values()) * (4 + itemsize)
+    plan = plan_bits(weights, stats, target_bytes, fixed, n_groups, header, table_itemsize=itemsize,
                      sensitivity=sensitivity)
     configs = {}
     for n, names in first.items():

@@ -91,15 +91,8 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
     if (target_bytes is not None or avg_bits is not None) and configs:
         raise ValueError("a size budget and per-layer bits\n  expected: one of them (the budget chooses every width)")
     if target_bytes is not None or avg_bits is not None:
-        side = _outlier_bytes(inner, config, outliers)  # the budget's share the outliers take
-        if target_bytes is not None:
-            target_bytes -= side
-        else:
-            numel = sum(w.numel() for w in {id(m.weight): m.weight for _, m in inner.named_modules()
-                                            if is_compressible(m, "")}.values())
-            avg_bits -= 8 * side / max(numel, 1)
         configs, plan = plan_model(inner, config, batches, target_bytes=target_bytes, avg_bits=avg_bits,
-                                   filter_fn=chosen)
+                                   filter_fn=chosen, outliers=outliers)
         model._weightshare_bit_plan = plan
         numels = {n: inner.get_submodule(n).weight.numel() for n in plan.bits}
         bits = max(1, round(plan.average_bits(numels)))
@@ -122,15 +115,6 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
 def _check_fraction(outliers) -> None:
     if isinstance(outliers, bool) or not isinstance(outliers, (int, float)) or not 0 <= outliers < 0.5:
         raise ValueError(f"--outliers\n  expected: a fraction of the weights in [0, 0.5), e.g. 0.005\n  got: {outliers!r}")
-
-
-def _outlier_bytes(model: nn.Module, config: CodebookConfig, fraction: float) -> int:
-    """Bytes the outliers of every compressible weight take: an int32 position and a table-dtype value each."""
-    if not fraction:
-        return 0
-    weights = {id(m.weight): m.weight for _, m in model.named_modules() if is_compressible(m, "")}
-    per = 4 + TABLE_DTYPES[config.table_dtype].itemsize
-    return sum(int(fraction * w.numel()) * per for w in weights.values())
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
