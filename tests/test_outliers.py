@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from safetensors import safe_open
 
 import weightshare as ws
+from weightshare import kernels
 from weightshare.compress.calibrate import sequential_codebooks_
 from weightshare.compress.gptq import _decode, damped, fit_codebook, layer_objective, refit_tables, select_outliers
 from weightshare.modules import CodebookEmbedding, CodebookLinear
@@ -232,3 +235,38 @@ def test_outliers_under_a_budget_land_below_it_and_run_packed(tmp_path):
     ids = batches[0]["input_ids"]
     a, b = packed(input_ids=ids).last_hidden_state, trainable(input_ids=ids).last_hidden_state
     assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", kernels.available())
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 40), k=st.integers(1, 70), m=st.integers(0, 9), density=st.floats(0.0, 0.3),
+       seed=st.integers(0, 2**16))
+def test_sparse_add_equals_the_dense_product_on_every_path(monkeypatch, path, n, k, m, density, seed):
+    """kernels.sparse_add_ (native loop, or torch's sparse product where forced) against x @ Sᵀ dense."""
+    from weightshare.modules import Outliers
+
+    monkeypatch.setenv(kernels.ENV, path)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n * k, generator=g) < density
+    index = mask.nonzero().flatten()
+    o = Outliers(index, torch.randn(index.numel(), generator=g), (n, k))
+    dense = torch.zeros(n * k)
+    dense[index] = o.values
+    csr = torch.sparse_csr_tensor(o.crow, o.cols, o.values, (n, k))
+    x, y = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    expected = y.double() + x.double() @ dense.view(n, k).double().t()
+    with torch.no_grad():
+        got = kernels.sparse_add_(y.clone(), x, o.crow, o.cols, o.values, csr)
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", kernels.available())
+def test_packed_linear_with_outliers_at_inference_on_every_path(packed_dir, monkeypatch, path):
+    monkeypatch.setenv(kernels.ENV, path)
+    path_, _ = packed_dir
+    fc1 = ws.load(path_, model=Net()).fc1
+    w = fc1.weight.detach()
+    for shape in ((1, 24), (7, 24), (2, 3, 24)):
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            assert torch.allclose(fc1(x), F.linear(x, w, fc1.bias), atol=1e-5)

@@ -179,7 +179,8 @@ class CodebookLinear(PackedModule):
         if o is not None:
             table_values = kernels.embedding(o.rows, self.indices, self.tables, self.in_features, self.layout.bits)
             delta = o.values.float() - table_values.gather(1, o.cols[:, None]).squeeze(1)
-            self._sparse = torch.sparse_csr_tensor(o.crow, o.cols, delta, o.shape, check_invariants=True)
+            self._delta = delta.contiguous()
+            self._sparse = torch.sparse_csr_tensor(o.crow, o.cols, self._delta, o.shape, check_invariants=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.indices, self.tables, self.bias, self.in_features, self.layout.bits, self.compute)
@@ -190,8 +191,10 @@ class CodebookLinear(PackedModule):
             y = kernels.linear_eager(self._plan, *args)  # the same kernel, without the dispatcher's per-call cost
         if self._sparse is None:
             return y
-        x2 = x.reshape(-1, self.in_features).float()
-        return y + torch.sparse.mm(self._sparse, x2.t()).t().reshape(y.shape).to(y.dtype)
+        o = self.outliers
+        out = kernels.sparse_add_(y.reshape(-1, self.out_features), x.reshape(-1, self.in_features), o.crow, o.cols,
+                                  self._delta, self._sparse)
+        return out.view(y.shape)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bias={self.bias is not None}" + (", compute=bf16" if self.compute == "bf16" else "")

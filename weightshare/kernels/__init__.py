@@ -156,6 +156,8 @@ def _load_core():
     lib.ws_cb_to_labels.argtypes = [p, i32, i64, i64, p]
     lib.ws_cb_row_bytes.restype = i64
     lib.ws_cb_row_bytes.argtypes = [i32, i64]
+    lib.ws_sparse_add.restype = None
+    lib.ws_sparse_add.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.ws_cb_set_spin.restype = None
     lib.ws_cb_set_spin.argtypes = [i32]
     return lib, ""
@@ -544,6 +546,20 @@ def embedding(ids: torch.Tensor, indices: torch.Tensor, tables: torch.Tensor, in
 def decode(indices: torch.Tensor, tables: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The whole weight, fp32 (out_features, in_features): for export and inspection, never the forward pass."""
     return embedding(torch.arange(layout.out_features, device=_CPU_DEVICE), indices, tables, layout.in_features, layout.bits)
+
+
+def sparse_add_(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
+                csr: torch.Tensor) -> torch.Tensor:
+    """``y += x · Sᵀ`` for the CSR matrix S (crow, col int64; val fp32; ``csr`` the same as a torch tensor):
+    x (M, K), y (M, N), fp32 and contiguous, no gradient, for the native loop; torch's sparse product otherwise."""
+    M, K = x.shape
+    if (_core is not None and isa() != "torch" and x.dtype == y.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous() and y.is_contiguous() and not (torch.is_grad_enabled() and
+                                                                    (x.requires_grad or y.requires_grad))):
+        _core.ws_sparse_add(x.data_ptr(), M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(), y.shape[1], y.data_ptr())
+        return y
+    product = torch.sparse.mm(csr, x.t().to(csr.dtype)).t().to(y.dtype)
+    return y + product if y.requires_grad else y.add_(product)  # out of place where autograd records it
 
 
 def pad_tables(tables: torch.Tensor, bits: int) -> torch.Tensor:

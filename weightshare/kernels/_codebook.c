@@ -186,6 +186,48 @@ void ws_cb_to_labels(const uint8_t *idx, int bits, int64_t N, int64_t K, uint8_t
         for (int64_t k = 0; k < K; k++) labels[n * K + k] = (uint8_t)label_at(idx + n * rb, bits, k);
 }
 
+/* Dense-and-sparse outliers: y (M x N) += x (M x K) . S^T, S in CSR (row pointer crow[N+1], columns,
+   values).  A few thousand entries per layer.  One row of x: a short dot product per output over x's
+   row, which stays in L1.  More rows: SB rows of x at a time, transposed so that each entry's SB
+   inputs are contiguous and the inner loop is SB independent multiply-adds (vectorised by the
+   compiler at any ISA level) instead of one dependent chain per row. */
+#define WS_SB 16
+void ws_sparse_add(const float *x, int64_t M, int64_t K, const int64_t *crow, const int64_t *col,
+                   const float *val, int64_t N, float *y) {
+    float *xt = M > 1 ? (float *)malloc((size_t)(K + N) * WS_SB * sizeof(float)) : NULL;
+    if (xt == NULL) { /* one row, or no memory: the plain loop */
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = x + m * K;
+            float *yr = y + m * N;
+            for (int64_t r = 0; r < N; r++) {
+                float acc = 0.0f;
+                for (int64_t j = crow[r]; j < crow[r + 1]; j++) acc += val[j] * xr[col[j]];
+                yr[r] += acc;
+            }
+        }
+        return;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += WS_SB) {
+        const int64_t mb = M - m0 < WS_SB ? M - m0 : WS_SB;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t i = 0; i < WS_SB; i++) xt[k * WS_SB + i] = i < mb ? x[(m0 + i) * K + k] : 0.0f;
+        float *yt = xt + K * WS_SB; /* the block's sums, (N, SB): written in order, added to y row by row */
+        for (int64_t r = 0; r < N; r++) {
+            float acc[WS_SB] = {0};
+            for (int64_t j = crow[r]; j < crow[r + 1]; j++) {
+                const float v = val[j], *xc = xt + col[j] * WS_SB;
+                for (int i = 0; i < WS_SB; i++) acc[i] += v * xc[i];
+            }
+            memcpy(yt + r * WS_SB, acc, sizeof acc);
+        }
+        for (int64_t i = 0; i < mb; i++) {
+            float *yr = y + (m0 + i) * N;
+            for (int64_t r = 0; r < N; r++) yr[r] += yt[r * WS_SB + i];
+        }
+    }
+    free(xt);
+}
+
 /* ------------------------------------------------------------------ thread pool */
 
 typedef void (*task_fn)(void *ctx, int tid, int nth);
