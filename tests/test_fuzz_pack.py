@@ -59,7 +59,7 @@ from weightshare.pack import read_spec
 TOTAL_EXAMPLES = int(os.environ.get("WS_FUZZ_EXAMPLES", "400"))
 # share of the budget per (mutation family, model); the spec is where most of the logic is
 SHARES = {"spec": 2, "header": 1, "bytes": 1}
-MODELS = ["tiny", "tied", "bert", "composed"]
+MODELS = ["tiny", "tied", "bert", "composed", "outliers"]
 
 
 def budget(family: str) -> int:
@@ -187,11 +187,24 @@ def _build_composed(root: Path) -> Packed:
     return _finish("composed", path, _plain_state_dict(net), _composed_net, exports=False)
 
 
+def _build_outliers(root: Path) -> Packed:
+    """Codebooks with dense-and-sparse outliers (positions and exact values beside each codebook)."""
+    from weightshare.compress import compress_model_
+
+    torch.manual_seed(0)
+    net = TinyNet()
+    g = torch.Generator().manual_seed(0)
+    compress_model_(net, ws.CodebookConfig(bits=2), [torch.randint(0, 50, (4, 6), generator=g) for _ in range(2)],
+                    outliers=0.05)
+    path = ws.save(net, root / "outliers")
+    return _finish("outliers", path, _plain_state_dict(net), TinyNet, exports=False)
+
+
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-pack")
     return {"tiny": _build_tiny(root), "tied": _build_tied(root), "bert": _build_bert(root),
-            "composed": _build_composed(root)}
+            "composed": _build_composed(root), "outliers": _build_outliers(root)}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -172,15 +172,14 @@ class CodebookLinear(PackedModule):
         self._outliers_changed()
 
     def _outliers_changed(self) -> None:
-        # y = x·(W_codebook + S)ᵀ: S, the outliers' corrections to the table values, is a CSR matrix whose
+        # y = x·(W_codebook + S)ᵀ: S, the outliers' corrections to the table values (_delta), is a CSR matrix whose
         # product is a sparse add after the kernel (a few thousand multiply-adds per row of x at 0.5 %)
-        self._sparse = None
+        self._delta = None
         o = self.outliers
         if o is not None:
             table_values = kernels.embedding(o.rows, self.indices, self.tables, self.in_features, self.layout.bits)
             delta = o.values.float() - table_values.gather(1, o.cols[:, None]).squeeze(1)
             self._delta = delta.contiguous()
-            self._sparse = torch.sparse_csr_tensor(o.crow, o.cols, self._delta, o.shape, check_invariants=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = (x, self.indices, self.tables, self.bias, self.in_features, self.layout.bits, self.compute)
@@ -189,11 +188,11 @@ class CodebookLinear(PackedModule):
             y = kernels.linear(*args)  # the registered op: a graph node, with its backward
         else:
             y = kernels.linear_eager(self._plan, *args)  # the same kernel, without the dispatcher's per-call cost
-        if self._sparse is None:
+        if self._delta is None:
             return y
         o = self.outliers
         out = kernels.sparse_add_(y.reshape(-1, self.out_features), x.reshape(-1, self.in_features), o.crow, o.cols,
-                                  self._delta, self._sparse)
+                                  self._delta)
         return out.view(y.shape)
 
     def extra_repr(self) -> str:

@@ -548,17 +548,20 @@ def decode(indices: torch.Tensor, tables: torch.Tensor, layout: Layout) -> torch
     return embedding(torch.arange(layout.out_features, device=_CPU_DEVICE), indices, tables, layout.in_features, layout.bits)
 
 
-def sparse_add_(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
-                csr: torch.Tensor) -> torch.Tensor:
-    """``y += x · Sᵀ`` for the CSR matrix S (crow, col int64; val fp32; ``csr`` the same as a torch tensor):
-    x (M, K), y (M, N), fp32 and contiguous, no gradient, for the native loop; torch's sparse product otherwise."""
+def sparse_add_(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """``y += x · Sᵀ`` for the CSR matrix S (row pointer ``crow``, columns ``col``, int64; values ``val``, fp32):
+    x (M, K), y (M, N); the native loop for fp32, contiguous, gradient-free inputs, torch's sparse product
+    otherwise (the forced torch path, autograd: gradients reach x)."""
     M, K = x.shape
+    N = y.shape[1]
     if (_core is not None and isa() != "torch" and x.dtype == y.dtype == torch.float32 and x.device.type == "cpu"
             and x.is_contiguous() and y.is_contiguous() and not (torch.is_grad_enabled() and
                                                                     (x.requires_grad or y.requires_grad))):
-        _core.ws_sparse_add(x.data_ptr(), M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(), y.shape[1], y.data_ptr())
+        _core.ws_sparse_add(x.data_ptr(), M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(), N, y.data_ptr())
         return y
-    product = torch.sparse.mm(csr, x.t().to(csr.dtype)).t().to(y.dtype)
+    # built per call, not kept: a module holding a sparse tensor could not be deep-copied
+    csr = torch.sparse_csr_tensor(crow, col, val, (N, K))
+    product = torch.sparse.mm(csr, x.t().to(val.dtype)).t().to(y.dtype)
     return y + product if y.requires_grad else y.add_(product)  # out of place where autograd records it
 
 
