@@ -287,7 +287,8 @@ def plan_model(model: nn.Module, config, batches, target_bytes: int | None = Non
     """
     from dataclasses import replace
 
-    from weightshare.sharing.codebook import TABLE_DTYPES, channel_layout, group_layout, is_transposed_linear
+    from weightshare.sharing.codebook import (TABLE_DTYPES, channel_layout, group_layout, is_transposed_linear,
+                                              outlier_bytes)
 
     if (target_bytes is None) == (avg_bits is None):
         raise ValueError("size budget\n  expected: one of --target-size or --avg-bits")
@@ -331,7 +332,7 @@ def plan_model(model: nn.Module, config, batches, target_bytes: int | None = Non
     itemsize = torch.empty((), dtype=TABLE_DTYPES[config.table_dtype]).element_size()
     if avg_bits is not None:
         target_bytes = average_bits_target(avg_bits, weights, n_groups, fixed, header, itemsize)
-    fixed += sum(int(outliers * w.numel()) for w in weights.values()) * (4 + itemsize)
+    fixed += sum(outlier_bytes(int(outliers * w.numel()), w.numel(), config) for w in weights.values())
     plan = plan_bits(weights, stats, target_bytes, fixed, n_groups, header, table_itemsize=itemsize,
                      sensitivity=sensitivity)
     configs = {}

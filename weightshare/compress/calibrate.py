@@ -352,19 +352,18 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
         if tied:  # embeddings have no input activations: weighted by how often each row is looked up
             counts, _ = layer_statistics(model, {n: chosen[n] for n in tied if isinstance(chosen[n], nn.Embedding)},
                                          batches)
-            importance = {f"{n}.weight": (1.0 + counts[n].float())[:, None].expand_as(chosen[n].weight).contiguous()
-                          for n in counts}
-            masks = {key: select_outliers(chosen[key[:-len(".weight")]].weight, None, outliers) for key in importance}
-            for key, mask in masks.items():
-                if mask is not None:
-                    importance[key] = importance[key] * ~mask  # exact weights weigh nothing in the k-means
-            dense = {key: chosen[key[:-len(".weight")]].weight.detach().clone() for key, m in masks.items() if m is not None}
+            masks = {n: select_outliers(chosen[n].weight, None, outliers) for n in counts}
+            importance = {}
+            for n in counts:
+                imp = (1.0 + counts[n].float())[:, None].expand_as(chosen[n].weight)
+                # exact weights weigh nothing in the k-means
+                importance[f"{n}.weight"] = imp.contiguous() if masks[n] is None else imp * ~masks[n]
+            exact = {n: chosen[n].weight.detach().clone() for n, m in masks.items() if m is not None}
             codebook_model_(model, config, filter_fn=lambda m, n: n in tied, importance=importance, configs=configs)
-            for key, weight in dense.items():
-                module = chosen[key[:-len(".weight")]]
-                cfg = (configs or {}).get(key[:-len(".weight")], config)
-                count = _keep_exact(module.parametrizations.weight[0], masks[key], weight, TABLE_DTYPES[cfg.table_dtype])
-                results[key] = {"outliers": count}
+            for n, weight in exact.items():
+                cfg = (configs or {}).get(n, config)
+                count = _keep_exact(chosen[n].parametrizations.weight[0], masks[n], weight, TABLE_DTYPES[cfg.table_dtype])
+                results[f"{n}.weight"] = {"outliers": count}
         order = _execution_order(model, batches[0], linears)
         stages = _stages(model, order)
         configs = configs or {}

@@ -159,7 +159,6 @@ class _Codebook(Parametrization):
         o = self.outliers
         if o is None or o.index is not self.outlier_index or o.values is not self.outlier_values:
             o = self.outliers = Outliers(self.outlier_index, self.outlier_values, (n, self.numel // max(n, 1)))
-            o.index, o.values = self.outlier_index, self.outlier_values
         return o
 
     def _encode(self, labels: torch.Tensor) -> torch.Tensor:
@@ -462,10 +461,20 @@ def _table_storage(tables: torch.Tensor, config: CodebookConfig, weight_dtype: t
     return torch.float32
 
 
-def _outlier_tensors(name: str, index: torch.Tensor, values: torch.Tensor, config: CodebookConfig, put) -> int:
-    """Write a codebook's outliers (int32 positions where they fit); the count for the entry."""
-    numel_ok = index.numel() == 0 or int(index[-1]) < 2**31
-    put(f"{name}.__outlier_index", index.to(torch.int32 if numel_ok else torch.int64).contiguous())
+def outlier_index_dtype(numel: int) -> torch.dtype:
+    """How a codebook's outlier positions are stored: int32 where every position fits."""
+    return torch.int32 if numel <= 2**31 else torch.int64
+
+
+def outlier_bytes(count: int, numel: int, config: CodebookConfig) -> int:
+    """What ``count`` outliers of a ``numel``-weight codebook take in the file: a position and a table-dtype value each."""
+    return count * (outlier_index_dtype(numel).itemsize + TABLE_DTYPES[config.table_dtype].itemsize)
+
+
+def _outlier_tensors(name: str, index: torch.Tensor, values: torch.Tensor, numel: int, config: CodebookConfig,
+                     put) -> int:
+    """Write a codebook's outliers; the count for the entry."""
+    put(f"{name}.__outlier_index", index.to(outlier_index_dtype(numel)).contiguous())
     put(f"{name}.__outlier_values", values.to(table_storage_dtype(values, config)).contiguous())
     return int(index.numel())
 
@@ -479,12 +488,11 @@ def _read_outliers(name: str, entry: dict, fetch, numel: int) -> tuple[torch.Ten
     return index.to(torch.int64), values
 
 
-def _outlier_bytes(outliers: Outliers | None, config: CodebookConfig) -> int:
+def _outlier_bytes(outliers: Outliers | None, numel: int, config: CodebookConfig) -> int:
     if outliers is None:
         return 0
-    n = outliers.index.numel()
-    index_size = 4 if n == 0 or int(outliers.index[-1]) < 2**31 else 8
-    return n * (index_size + table_storage_dtype(outliers.values, config).itemsize)
+    values = table_storage_dtype(outliers.values, config).itemsize  # off the table grid: stored wider
+    return outliers.index.numel() * (outlier_index_dtype(numel).itemsize + values)
 
 
 class CodebookMap(SharingMap):
@@ -535,7 +543,8 @@ class CodebookMap(SharingMap):
             entry["transposed"] = True
         if module.outliers is not None:
             values = module.outliers.values.to(module.weight_dtype)
-            entry["outliers"] = _outlier_tensors(name, module.outliers.index, values, config, put)
+            entry["outliers"] = _outlier_tensors(name, module.outliers.index, values, layout.out_features
+                                                 * layout.in_features, config, put)
         return entry
 
     def dense_module(self, module) -> nn.Module:
@@ -563,7 +572,7 @@ class CodebookMap(SharingMap):
             detail += f" + {module.outliers.index.numel()} outliers"
         return {"detail": detail + " (packed)", "shape": module._dense_shape(), "params_stored": stored,
                 "bytes_dense": numel * module.weight_dtype.itemsize,
-                "bytes_packed": packed_size(numel, config.bits) + stored * esize + _outlier_bytes(module.outliers, config)}
+                "bytes_packed": packed_size(numel, config.bits) + stored * esize + _outlier_bytes(module.outliers, numel, config)}
 
     def apply(self, model, config, filter_fn) -> None:
         codebook_model_(model, config, filter_fn)
@@ -581,7 +590,7 @@ class CodebookMap(SharingMap):
             entry["transposed"] = True
         o = cb._outliers()
         if o is not None:
-            entry["outliers"] = _outlier_tensors(name, o.index, o.values.to(tables.dtype), cb.config, put)
+            entry["outliers"] = _outlier_tensors(name, o.index, o.values.to(tables.dtype), cb.numel, cb.config, put)
         return entry
 
     def check(self, name, entry, shape, dtype):
@@ -656,7 +665,7 @@ class CodebookMap(SharingMap):
             detail += f" + {o.index.numel()} outliers"
         return {"detail": detail, "shape": cb.shape, "params_stored": tables.numel(),
                 "bytes_dense": numel * tables.element_size(),
-                "bytes_packed": packed_size(numel, cb.config.bits) + tables.numel() * esize + _outlier_bytes(o, cb.config)}
+                "bytes_packed": packed_size(numel, cb.config.bits) + tables.numel() * esize + _outlier_bytes(o, numel, cb.config)}
 
 
 register_map(CodebookMap())
