@@ -145,20 +145,28 @@ def test_row_lookup_decodes_only_the_asked_rows(monkeypatch, path):
         kernels.embedding(torch.tensor([50]), indices, kernels.pad_tables(tables, 3), 40, 3)
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("m,n,k,bits", [(200, 512, 768, 4),  # the tile path, split over threads
+                                        (1, 8195, 1536, 4), (5, 2051, 1536, 3), (16, 1031, 1024, 2)])  # the fused path
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, path, m, n, k, bits):
+    # layers large enough to split over threads; the fused path hands out chunks of rows as threads go,
+    # and N is odd so that the last chunk is short and not a multiple of the four rows decoded together
+    monkeypatch.setenv(kernels.ENV, path)
     rng = np.random.default_rng(3)
-    labels, tables, indices = make_layer(rng, 512, 768, 4, 1)  # large enough to split over threads
-    tab = kernels.pad_tables(tables, 4)
-    x = torch.randn(200, 768)
+    labels, tables, indices = make_layer(rng, n, k, bits, 1)
+    tab = kernels.pad_tables(tables, bits)
+    x = torch.randn(m, k)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = kernels.linear(x, indices, tab, None, 768, 4)
+        one = kernels.linear(x, indices, tab, None, k, bits)
         torch.set_num_threads(2)
-        two = kernels.linear(x, indices, tab, None, 768, 4)
+        two = kernels.linear(x, indices, tab, None, k, bits)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)  # each output is summed by one thread in a fixed order
+    ref = F.linear(x.double(), ref_weight(labels, tables, 1).double())
+    assert (two.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_gradients_reach_the_input_and_bias():
