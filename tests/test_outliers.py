@@ -268,6 +268,31 @@ def test_sparse_add_equals_the_dense_product_on_every_path(monkeypatch, path, n,
     assert torch.allclose(got.double(), expected, atol=1e-5)
 
 
+def test_sparse_add_over_threads_equals_one_thread_and_the_dense_product():
+    """Blocks of 16 rows of x split over threads (107 rows: a short last block), against one thread and x @ Sᵀ."""
+    from weightshare.modules import Outliers
+
+    g = torch.Generator().manual_seed(5)
+    n, k, m = 300, 400, 107
+    index = (torch.rand(n * k, generator=g) < 0.05).nonzero().flatten()  # 6000 entries x 107 rows: splits
+    o = Outliers(index, torch.randn(index.numel(), generator=g), (n, k))
+    dense = torch.zeros(n * k)
+    dense[index] = o.values
+    x, y = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g)
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = kernels.sparse_add_(y.clone(), x, o.crow, o.cols, o.values)
+            torch.set_num_threads(2)
+            two = kernels.sparse_add_(y.clone(), x, o.crow, o.cols, o.values)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    expected = y.double() + x.double() @ dense.view(n, k).double().t()
+    assert torch.allclose(two.double(), expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("path", kernels.available())
 def test_packed_linear_with_outliers_at_inference_on_every_path(packed_dir, monkeypatch, path):
     monkeypatch.setenv(kernels.ENV, path)

@@ -157,7 +157,7 @@ def _load_core():
     lib.ws_cb_row_bytes.restype = i64
     lib.ws_cb_row_bytes.argtypes = [i32, i64]
     lib.ws_sparse_add.restype = None
-    lib.ws_sparse_add.argtypes = [p, i64, i64, p, p, p, i64, p]
+    lib.ws_sparse_add.argtypes = [p, i64, i64, p, p, p, i64, p, i32]
     lib.ws_cb_set_spin.restype = None
     lib.ws_cb_set_spin.argtypes = [i32]
     return lib, ""
@@ -557,7 +557,8 @@ def sparse_add_(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch
     if (_core is not None and isa() != "torch" and x.dtype == y.dtype == torch.float32 and x.device.type == "cpu"
             and x.is_contiguous() and y.is_contiguous() and not (torch.is_grad_enabled() and
                                                                     (x.requires_grad or y.requires_grad))):
-        _core.ws_sparse_add(x.data_ptr(), M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(), N, y.data_ptr())
+        _core.ws_sparse_add(x.data_ptr(), M, K, crow.data_ptr(), col.data_ptr(), val.data_ptr(), N, y.data_ptr(),
+                            torch.get_num_threads())
         return y
     # built per call, not kept: a module holding a sparse tensor could not be deep-copied
     csr = torch.sparse_csr_tensor(crow, col, val, (N, K))

@@ -193,40 +193,33 @@ void ws_cb_to_labels(const uint8_t *idx, int bits, int64_t N, int64_t K, uint8_t
    inputs are contiguous and the inner loop is SB independent multiply-adds (vectorised by the
    compiler at any ISA level) instead of one dependent chain per row. */
 #define WS_SB 16
-void ws_sparse_add(const float *x, int64_t M, int64_t K, const int64_t *crow, const int64_t *col,
-                   const float *val, int64_t N, float *y) {
-    float *xt = M > 1 ? (float *)malloc((size_t)(K + N) * WS_SB * sizeof(float)) : NULL;
-    if (xt == NULL) { /* one row, or no memory: the plain loop */
-        for (int64_t m = 0; m < M; m++) {
-            const float *xr = x + m * K;
-            float *yr = y + m * N;
-            for (int64_t r = 0; r < N; r++) {
-                float acc = 0.0f;
-                for (int64_t j = crow[r]; j < crow[r + 1]; j++) acc += val[j] * xr[col[j]];
-                yr[r] += acc;
-            }
-        }
-        return;
+/* one row of x: a short dot product per output */
+static void sparse_row(const float *xr, const int64_t *crow, const int64_t *col, const float *val, int64_t N, float *yr) {
+    for (int64_t r = 0; r < N; r++) {
+        float acc = 0.0f;
+        for (int64_t j = crow[r]; j < crow[r + 1]; j++) acc += val[j] * xr[col[j]];
+        yr[r] += acc;
     }
-    for (int64_t m0 = 0; m0 < M; m0 += WS_SB) {
-        const int64_t mb = M - m0 < WS_SB ? M - m0 : WS_SB;
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t i = 0; i < WS_SB; i++) xt[k * WS_SB + i] = i < mb ? x[(m0 + i) * K + k] : 0.0f;
-        float *yt = xt + K * WS_SB; /* the block's sums, (N, SB): written in order, added to y row by row */
-        for (int64_t r = 0; r < N; r++) {
-            float acc[WS_SB] = {0};
-            for (int64_t j = crow[r]; j < crow[r + 1]; j++) {
-                const float v = val[j], *xc = xt + col[j] * WS_SB;
-                for (int i = 0; i < WS_SB; i++) acc[i] += v * xc[i];
-            }
-            memcpy(yt + r * WS_SB, acc, sizeof acc);
+}
+
+/* rows [m0, m0 + mb) of x (mb <= SB) transposed into xt (K x SB), sums into yt (N x SB), then added to y */
+static void sparse_block(const float *x, int64_t m0, int64_t mb, int64_t K, const int64_t *crow, const int64_t *col,
+                         const float *val, int64_t N, float *y, float *xt) {
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t i = 0; i < WS_SB; i++) xt[k * WS_SB + i] = i < mb ? x[(m0 + i) * K + k] : 0.0f;
+    float *yt = xt + K * WS_SB; /* the block's sums, (N, SB): written in order, added to y row by row */
+    for (int64_t r = 0; r < N; r++) {
+        float acc[WS_SB] = {0};
+        for (int64_t j = crow[r]; j < crow[r + 1]; j++) {
+            const float v = val[j], *xc = xt + col[j] * WS_SB;
+            for (int i = 0; i < WS_SB; i++) acc[i] += v * xc[i];
         }
-        for (int64_t i = 0; i < mb; i++) {
-            float *yr = y + (m0 + i) * N;
-            for (int64_t r = 0; r < N; r++) yr[r] += yt[r * WS_SB + i];
-        }
+        memcpy(yt + r * WS_SB, acc, sizeof acc);
     }
-    free(xt);
+    for (int64_t i = 0; i < mb; i++) {
+        float *yr = y + (m0 + i) * N;
+        for (int64_t r = 0; r < N; r++) yr[r] += yt[r * WS_SB + i];
+    }
 }
 
 /* ------------------------------------------------------------------ thread pool */
@@ -410,6 +403,46 @@ static float *get_scratch(size_t floats) {
 /* ------------------------------------------------------------------ portable C */
 
 /* the group of weight k, for k in the zero-padded tail as well (which keeps the row's last table) */
+/* Dense-and-sparse outliers: y (M x N) += x (M x K) . S^T, S in CSR (row pointer crow[N+1], columns,
+   values).  A few thousand entries per layer.  One row of x: a short dot product per output over x's
+   row, which stays in L1.  More rows: SB rows of x at a time, transposed so that each entry's SB
+   inputs are contiguous and the inner loop is SB independent multiply-adds (vectorised by the
+   compiler at any ISA level) instead of one dependent chain per row; the blocks split over threads. */
+typedef struct {
+    const float *x;
+    int64_t M, K, N;
+    const int64_t *crow, *col;
+    const float *val;
+    float *y;
+} sparse_ctx;
+
+static void task_sparse(void *p, int tid, int nth) {
+    sparse_ctx *c = (sparse_ctx *)p;
+    int64_t b0, b1;
+    split((c->M + WS_SB - 1) / WS_SB, tid, nth, &b0, &b1);
+    if (b0 >= b1) return;
+    float *xt = get_scratch((size_t)(c->K + c->N) * WS_SB);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t m0 = b * WS_SB, mb = c->M - m0 < WS_SB ? c->M - m0 : WS_SB;
+        if (xt)
+            sparse_block(c->x, m0, mb, c->K, c->crow, c->col, c->val, c->N, c->y, xt);
+        else /* no memory for the transposed block: the plain loop */
+            for (int64_t m = m0; m < m0 + mb; m++) sparse_row(c->x + m * c->K, c->crow, c->col, c->val, c->N, c->y + m * c->N);
+    }
+}
+
+void ws_sparse_add(const float *x, int64_t M, int64_t K, const int64_t *crow, const int64_t *col,
+                   const float *val, int64_t N, float *y, int nthreads) {
+    if (M == 1) {
+        sparse_row(x, crow, col, val, N, y);
+        return;
+    }
+    sparse_ctx c = {x, M, K, N, crow, col, val, y};
+    const double work = (double)crow[N] * (double)M; /* multiply-adds */
+    const int nth = nthreads > 1 && work >= WS_SMALL_WORK / 4 && M > WS_SB ? nthreads : 1;
+    parallel(task_sparse, &c, nth);
+}
+
 static inline int64_t last_group(const layer_t *L, int64_t k) {
     const int64_t g = k / L->group, last = L->K / L->group - 1;
     return g < last ? g : last;
