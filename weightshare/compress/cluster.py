@@ -51,7 +51,8 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
     (``calibrate.sequential_codebooks_``); ``method="wkmeans"`` weights each weight's
     k-means by the second moment of its input feature (``calibrate.importance_from_texts``).
     ``finetune_steps`` > 0 then trains the tables by distillation against the model as it
-    was (``finetune.finetune_tables_``: labels frozen, early stopping on held-out texts), and with
+    was (``finetune.finetune_tables_``: labels frozen, early stopping on held-out texts or batches;
+    any module's output is matched by relative squared error), and with
     ``finetune_norms`` the LayerNorm weights and biases too.
     ``target_bytes`` (the packed file's size) or ``avg_bits`` (bits per compressed weight,
     tables counted) chooses each tensor's width instead of ``config.bits`` (``budget.py``);
@@ -79,9 +80,9 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
         batches = list(calibration)
         if not batches:
             raise ValueError("calibration: no batches\n  expected: at least one input batch")
-        if method != "gptq" or finetune_steps:
-            raise ValueError("calibration batches (not texts) work with method='gptq' and finetune_steps=0\n"
-                             "  wkmeans and table fine-tuning take texts for a transformers model")
+        if method != "gptq":
+            raise ValueError("calibration batches (not texts) work with method='gptq'\n"
+                             "  wkmeans takes texts for a transformers model")
     elif calibration:
         tokenizer = hub.tokenizer_of(model)
         limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
@@ -108,7 +109,7 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
         codebook_model_(inner, config, filter_fn=chosen, importance=importance, configs=configs)
     if finetune_steps:
         finetune_tables_(inner, original, batches, bits, FinetuneConfig(steps=finetune_steps, norms=finetune_norms),
-                         table_dtype=TABLE_DTYPES[config.table_dtype])
+                         table_dtype=TABLE_DTYPES[config.table_dtype], texts=texts)
     return model
 
 

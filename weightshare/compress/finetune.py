@@ -3,8 +3,10 @@
 After clustering, every codebook's tables are trained (Adam, warm-up and cosine decay, through the one
 training loop, ``multitask/trainer.train``) so that the compressed model's last hidden states match
 the original model's on the calibration texts: loss = token-mean (1 − cos) of the states plus
-(1 − cos) of their masked mean (the sentence embedding of a mean-pooling model).  A held-out slice
-of the calibration texts stops training once its loss stops falling, and the best tables are kept:
+(1 − cos) of their masked mean (the sentence embedding of a mean-pooling model).  Any other module,
+calibrated on its own input batches, matches the original's outputs by relative squared error
+(scale-free: logits and features alike).  A held-out slice of the calibration texts (or batches)
+stops training once its loss stops falling, and the best tables are kept:
 untuned training at 4 bits overfit and lowered the 1st-percentile cosine.  Tables end rounded to the
 dtype the packed file stores, so that what was validated is what is written.
 """
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from weightshare.compress.calibrate import call
 
 __all__ = ["FinetuneConfig", "finetune_tables_", "learning_rate"]
 
@@ -91,10 +95,49 @@ def _stack(batches: list[dict]) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def finetune_tables_(model: nn.Module, original: nn.Module, batches: list[dict], bits: int,
-                     config: FinetuneConfig | None = None, table_dtype: torch.dtype = torch.float16) -> dict:
-    """Train the codebook tables of ``model`` (a transformers model, clustered in parametrized form) to
-    reproduce ``original``'s last hidden states on ``batches`` (``calibrate.text_batches``); in place.
+def _first_tensor(out) -> torch.Tensor:
+    """A module's output as one tensor: itself, the first tensor of a tuple, or of a dict / ModelOutput
+    (``last_hidden_state``, ``logits``, ... whichever comes first)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise ValueError(f"table fine-tuning: the model returned {type(out).__name__}\n  expected: a tensor, or a "
+                     "tuple / dict whose first tensor is the output to match")
+
+
+class _BatchStudent(nn.Module):
+    """Any module as ``train`` sees it: rows are numbers of the user's calibration batches, the output is
+    the concatenation of the module's outputs on them (eval mode: deterministic targets)."""
+
+    def __init__(self, inner: nn.Module, batches: list):
+        super().__init__()
+        self.inner, self.batches = inner, batches
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.inner.eval()
+        return self
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_first_tensor(call(self.inner, self.batches[int(i)])).flatten() for i in idx])
+
+
+def _relative_error(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||h - t||² / ||t||²: scale-free, for logits and features alike."""
+    return (h - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
+
+
+def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits: int,
+                     config: FinetuneConfig | None = None, table_dtype: torch.dtype = torch.float16,
+                     texts: bool = True) -> dict:
+    """Train the codebook tables of ``model`` (clustered in parametrized form) to reproduce ``original``
+    on ``batches``; in place.  ``texts``: a transformers model on ``calibrate.text_batches`` (last hidden
+    states matched by cosine, per token and mean-pooled); else any module on its own input batches
+    (tensors, tuples, dicts; its output, or its first tensor, matched by relative squared error), a
+    held-out share of the batches deciding when to stop.
 
     Returns ``{"steps", "epochs", "holdout_loss_before", "holdout_loss_after", "lr"}``.
     """
@@ -109,22 +152,31 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list[dict],
     norms = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)] \
         if config.norms else []
     params = tables + norms
-    x = _stack(batches)
+    original.eval()
+    if texts:
+        x = _stack(batches)
+        with torch.no_grad():
+            targets = []
+            for i in range(0, x.shape[0], 32):
+                xb = x[i:i + 32]
+                h = _Student(original)(xb)
+                targets.append(torch.cat([h, xb[:, 1, :, None].to(h.dtype)], -1))
+            y = torch.cat(targets)
+        student, loss_fn, unit, chunk = _Student(model), _loss, "calibration texts", 32
+    else:
+        x = torch.arange(len(batches))
+        with torch.no_grad():
+            teacher = [_first_tensor(out).detach().flatten() for out in
+                       (call(original, b) for b in batches)]
+        y = x
+        student, unit, chunk = _BatchStudent(model, batches), "calibration batches", 1
+        loss_fn = lambda h, idx: _relative_error(h, torch.cat([teacher[int(i)] for i in idx]))  # noqa: E731
     n = x.shape[0]
     n_val = max(1, int(round(n * config.holdout)))
     if n - n_val < 1:
-        raise ValueError(f"table fine-tuning: {n} calibration texts\n  expected: at least 2 (one is held out)")
+        raise ValueError(f"table fine-tuning: {n} {unit}\n  expected: at least 2 (one is held out)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     val, tr = perm[:n_val], perm[n_val:]
-    with torch.no_grad():
-        original.eval()
-        targets = []
-        for i in range(0, n, 32):
-            xb = x[i:i + 32]
-            h = _Student(original)(xb)
-            targets.append(torch.cat([h, xb[:, 1, :, None].to(h.dtype)], -1))
-        y = torch.cat(targets)
-    student = _Student(model)
     requires = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -133,10 +185,10 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list[dict],
 
     def holdout_loss() -> float:
         with torch.no_grad():
-            return float(sum(_loss(student(x[val[i:i + 32]]), y[val[i:i + 32]]) * len(val[i:i + 32])
-                             for i in range(0, n_val, 32)) / n_val)
+            return float(sum(loss_fn(student(x[val[i:i + chunk]]), y[val[i:i + chunk]]) * len(val[i:i + chunk])
+                             for i in range(0, n_val, chunk)) / n_val)
 
-    batch = min(config.batch_size, len(tr))
+    batch = min(config.batch_size if texts else 1, len(tr))  # a calibration batch is already a batch
     steps_per_epoch = -(-len(tr) // batch)
     epochs = max(1, -(-config.steps // steps_per_epoch))
     lr = config.lr or learning_rate(bits)
@@ -157,7 +209,7 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list[dict],
                                                           schedule="cosine", warmup_steps=min(config.warmup_steps,
                                                                                                epochs * steps_per_epoch),
                                                           seed=config.seed),
-                       loss_fn=_loss, desc="table fine-tuning", params=params, on_epoch=on_epoch)
+                       loss_fn=loss_fn, desc="table fine-tuning", params=params, on_epoch=on_epoch)
     finally:
         for p in model.parameters():
             p.requires_grad_(requires.get(id(p), True))

@@ -22,8 +22,11 @@ native too, from one byte a weight (vpermt2ps for 32 and 64 entries, a gather fo
 The path is chosen at run time from the CPU (``isa()``), and can be forced with
 ``WEIGHTSHARE_KERNEL=avx512|avx2|portable|torch`` (``torch``: decode a block of
 rows with torch ops and ``F.linear`` it, the path taken when the C core could not
-be built).  Threads follow ``torch.get_num_threads()``; layers below about 1.5 M
-multiply-adds run on one thread, since waking a thread costs several microseconds.
+be built).  Threads follow ``torch.get_num_threads()``; layers below 1 M
+multiply-adds run on one thread, and up to 12 M only while the workers are still
+polling (waking a sleeping thread costs 60-100 us on a virtual machine); the fused
+path hands rows out in chunks as threads go, so a thread that starts late or runs
+slower than its partner does not hold the layer up.
 
 The ops ``torch.ops.weightshare.codebook_linear`` and ``codebook_rows`` are
 registered with ``torch.library`` (with fake kernels), so they run under
