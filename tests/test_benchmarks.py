@@ -188,3 +188,28 @@ def test_reference_quantizers_keep_their_levels_and_count_their_scales(name, bit
         assert distinct <= 2**bits
         assert float((after - before).detach().norm() / before.norm()) < {4: 0.2, 3: 0.4, 2: 0.9}[bits]
     assert torch.equal(model[2].weight, out[2].weight) and torch.equal(model[1].bias, out[1].bias)
+
+
+def test_coremltools_skm_reference_palettizes_every_weight_from_its_sensitivity(minilm_path):
+    """The SKMPalettizer reference: every Linear / Embedding weight of the copy holds at most 2**bits values,
+    the original is untouched, and the sensitivity (SimCSE gradients on the texts) moved the tables away from
+    the data-free palettizer's."""
+    from sentence_transformers import SentenceTransformer
+
+    from weightshare.bench._references import coremltools_palettize, coremltools_skm_palettize
+
+    model = SentenceTransformer(minilm_path, device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    texts = [f"sentence {i} about weights shared between layers" for i in range(8)]
+    try:
+        skm, _ = coremltools_skm_palettize(model, 1, "per_tensor", texts, batch_size=4)
+        free, _ = coremltools_palettize(model, 1, "per_tensor")
+    except ReferenceMissing as exc:  # the [bench] extra is not installed
+        pytest.skip(str(exc))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    weights = {n: m.weight for n, m in skm[0].auto_model.named_modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    expected = sum(isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) for m in model[0].auto_model.modules())
+    assert len(weights) == expected == 40 and all(len(torch.unique(w)) <= 2 for w in weights.values())
+    q = skm[0].auto_model.encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(q, free[0].auto_model.encoder.layer[0].attention.self.query.weight)

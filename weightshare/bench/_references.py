@@ -8,6 +8,8 @@ machine.
   palettization (k-means LUT per tensor / per group of output rows) of every
   ``nn.Linear`` and ``nn.Embedding`` weight, the same set of weights
   weightshare compresses.
+* :func:`coremltools_skm_palettize` - coremltools' data-aware SKMPalettizer
+  (k-means weighted by squared gradients of a loss on calibration data).
 * :func:`rtn_per_channel` - round-to-nearest uniform asymmetric quantization
   per output row, the usual "no clustering at all" baseline.
 * :func:`weight_quantizer` / :data:`QUANTIZERS` - the weight-only quantizers a
@@ -65,6 +67,7 @@ from torch import nn
 __all__ = [
     "ReferenceMissing",
     "coremltools_palettize",
+    "coremltools_skm_palettize",
     "coremltools_skipped_weights",
     "distinct_values_per_group",
     "QUANTIZERS",
@@ -320,6 +323,55 @@ def coremltools_palettize(
         seconds,
     )
     return palettized, seconds
+
+
+def _simcse_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Unsupervised SimCSE (Gao et al. 2021): each sentence encoded twice with dropout on, InfoNCE over
+    the batch at temperature 0.05; mean pooling, as the sentence-transformers model pools."""
+    model.train()
+    mask = batch["attention_mask"][..., None].float()
+    one, two = model(**batch), model(**batch)
+    a, b = ((o.last_hidden_state * mask).sum(1) / mask.sum(1) for o in (one, two))
+    sim = nn.functional.cosine_similarity(a[:, None], b[None], dim=-1) / 0.05
+    loss = nn.functional.cross_entropy(sim, torch.arange(len(a)))
+    pooler = [o.pooler_output for o in (one, two) if getattr(o, "pooler_output", None) is not None]
+    # coremltools reads a gradient of every parameter: the unused pooler gets zeros
+    return loss + sum(0.0 * p.sum() for p in pooler)
+
+
+def coremltools_skm_palettize(model, bits: int, granularity: str, texts: list[str],
+                              batch_size: int = 16) -> tuple[nn.Module, float]:
+    """Palettize a copy of a SentenceTransformer with coremltools' SKMPalettizer (sensitive k-means,
+    Apple's data-aware post-training palettizer: k-means weighted by the squared gradients of a loss on
+    calibration data, a Fisher-information estimate).  A sentence embedder has no training loss of its
+    own, so the loss is unsupervised SimCSE on ``texts`` (:func:`_simcse_loss`).  The same weights as
+    :func:`coremltools_palettize` (every ``nn.Linear`` / ``nn.Embedding``), LUT in the weight's dtype.
+
+    Returns ``(palettized_copy, seconds)``; raises :class:`ReferenceMissing` without coremltools.
+    """
+    import copy
+
+    ct_granularity, ct_group_size = _resolve_granularity(granularity, None)
+    api = _palettization_api()
+    out = copy.deepcopy(model)
+    inner = out[0].auto_model
+    targets = _target_modules(inner)
+    module_config = api.ModuleSKMPalettizerConfig(n_bits=bits, granularity=ct_granularity, group_size=ct_group_size)
+    config = api.SKMPalettizerConfig(module_name_configs={re.escape(name): module_config for name in targets},
+                                     calibration_nsamples=len(texts))
+    tok = model.tokenizer
+    batches = [dict(tok(texts[i:i + batch_size], padding=True, truncation=True, return_tensors="pt"))
+               for i in range(0, len(texts), batch_size)]
+    with _quiet_coremltools(capture_stderr=True):
+        start = time.perf_counter()
+        palettized = api.SKMPalettizer(inner, config).compress(dataloader=batches, loss_fn=_simcse_loss,
+                                                               num_kmeans_workers=1, inplace=True)
+        seconds = time.perf_counter() - start
+    palettized.eval()
+    _strip_coreml_metadata(palettized)
+    _check_palettized(palettized, bits, ct_group_size, set())
+    out[0].auto_model = palettized
+    return out, seconds
 
 
 def _strip_coreml_metadata(model: nn.Module) -> None:

@@ -1,5 +1,7 @@
 """bench minilm: compression of all-MiniLM-L6-v2, side by side with
-coremltools' PostTrainingPalettizer (same bits, same granularity), per-channel
+coremltools' PostTrainingPalettizer (same bits, same granularity) and, in full
+runs, its data-aware SKMPalettizer (per tensor at 4, 3 and 2 bits, sensitivity
+from an unsupervised SimCSE loss on the calibration sentences), per-channel
 round-to-nearest uniform quantization and the weight-only quantizers a user
 would pick instead (bitsandbytes nf4, HQQ, torchao IntxWeightOnly,
 optimum-quanto; ``_references.QUANTIZERS``, each at its own group size and
@@ -34,6 +36,7 @@ from weightshare.bench._references import (
     QUANTIZERS,
     ReferenceMissing,
     coremltools_palettize,
+    coremltools_skm_palettize,
     quantize_weights,
     rtn_per_channel,
 )
@@ -211,6 +214,18 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
                 why = "full runs only" if quick else "not run: 8 bits did not finish in 30 min"
                 rows.append({"method": f"coremltools ({why})", "bits": bits, "granularity": gran})
                 continue
+            if gran == "per_tensor" and bits <= 4 and not quick:
+                # Apple's data-aware palettizer on the same calibration texts (~130 s a run; per_channel
+                # would take ~450 s a width); the loss it takes gradients of is unsupervised SimCSE
+                try:
+                    cm, cm_sec = coremltools_skm_palettize(original, bits, gran, calibration)
+                    rows.append({"method": "coremltools SKM", "bits": bits, "granularity": gran,
+                                 "size_mb": _palettized_bytes(original, bits, gran, lut_itemsize=4) / 1e6,
+                                 "seconds": cm_sec, **fidelity(reference, encode(cm)),
+                                 "weight_rel_err": weight_error(original, cm)})
+                    log.info("%s", rows[-1])
+                except ReferenceMissing as exc:
+                    rows.append({"method": f"coremltools SKM missing ({exc})", "bits": bits, "granularity": gran})
             try:
                 cm, cm_sec = coremltools_palettize(original, bits, gran)
                 rows.append({"method": "coremltools", "bits": bits, "granularity": gran,
