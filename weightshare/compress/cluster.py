@@ -68,7 +68,8 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
     if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
         raise ValueError(f"finetune_steps\n  expected: a non-negative integer\n  got: {finetune_steps!r}")
     if finetune_steps and not calibration:
-        raise ValueError("table fine-tuning needs calibration texts\n  expected: calibration=... with finetune_steps")
+        raise ValueError("table fine-tuning needs calibration data\n"
+                         "  expected: calibration=... (texts, or the module's input batches) with finetune_steps")
     _check_fraction(outliers)
     if outliers and (not calibration or method != "gptq"):
         raise ValueError("--outliers needs calibration and the gptq method\n"
