@@ -215,8 +215,8 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
                 rows.append({"method": f"coremltools ({why})", "bits": bits, "granularity": gran})
                 continue
             if gran == "per_tensor" and bits <= 4 and not quick:
-                # Apple's data-aware palettizer on the same calibration texts (~130 s a run; per_channel
-                # would take ~450 s a width); the loss it takes gradients of is unsupervised SimCSE
+                # Apple's data-aware palettizer on the same calibration texts (50-130 s a run, so per tensor
+                # only); the loss it takes gradients of is unsupervised SimCSE
                 try:
                     cm, cm_sec = coremltools_skm_palettize(original, bits, gran, calibration)
                     rows.append({"method": "coremltools SKM", "bits": bits, "granularity": gran,
