@@ -57,8 +57,7 @@
 
 #define WS_PARALLEL_WORK 12e6 /* multiply-adds (~250 us on one core) above which a layer always splits */
 #define WS_SMALL_WORK 1e6     /* and below which it never does */
-#define PF_BYTES 8192         /* how far ahead the fused path prefetches a layer's indices */
-static int64_t pf_bytes = PF_BYTES;
+#define PF_BYTES 4096          /* how far ahead the fused path prefetches a layer's indices */
 
 #define ISA_PORTABLE 0
 #define ISA_AVX2 1
@@ -379,7 +378,6 @@ static int pool_ready(int want) {
     return 0;
 }
 
-void ws_cb_set_prefetch(int bytes) { pf_bytes = bytes < 64 ? 64 : bytes; }
 void ws_cb_set_spin(int microseconds) { pool_spin_ns = microseconds < 0 ? 0 : (int64_t)microseconds * 1000; }
 
 static void split(int64_t n, int tid, int nth, int64_t *a, int64_t *b) {
@@ -402,7 +400,6 @@ static float *get_scratch(size_t floats) {
 
 /* ------------------------------------------------------------------ portable C */
 
-/* the group of weight k, for k in the zero-padded tail as well (which keeps the row's last table) */
 /* Dense-and-sparse outliers: y (M x N) += x (M x K) . S^T, S in CSR (row pointer crow[N+1], columns,
    values).  A few thousand entries per layer.  One row of x: a short dot product per output over x's
    row, which stays in L1.  More rows: SB rows of x at a time, transposed so that each entry's SB
@@ -443,6 +440,7 @@ void ws_sparse_add(const float *x, int64_t M, int64_t K, const int64_t *crow, co
     parallel(task_sparse, &c, nth);
 }
 
+/* the group of weight k, for k in the zero-padded tail as well (which keeps the row's last table) */
 static inline int64_t last_group(const layer_t *L, int64_t k) {
     const int64_t g = k / L->group, last = L->K / L->group - 1;
     return g < last ? g : last;
@@ -597,7 +595,7 @@ static AVX2 INLINE void fused_avx2(const gemm_t *g, int64_t m0, int64_t n0, int6
                     left = gv;
                 }
                 left--;
-                if ((k & 63) == 0) _mm_prefetch((const char *)(row + (k >> 6) * block_bytes(BITS) + pf_bytes), _MM_HINT_T0);
+                if ((k & 63) == 0) _mm_prefetch((const char *)(row + (k >> 6) * block_bytes(BITS) + PF_BYTES), _MM_HINT_T0);
                 const __m256 w = decode8_avx2(row + (k >> 6) * block_bytes(BITS), BITS, (int)((k >> 3) & 7), &t);
                 const float *xv = xc + (k >> 3) * MB * 8;
                 for (int m = 0; m < MB; m++) acc[m] = _mm256_fmadd_ps(w, _mm256_load_ps(xv + 8 * m), acc[m]);
@@ -628,16 +626,11 @@ static int bits_slot(int bits) { return bits == 2 ? 0 : bits == 3 ? 1 : bits == 
 static void task_fused(void *p, int tid, int nth, const fused_fn tab[4][16], int mb_max) {
     const gemm_t *g = (const gemm_t *)p;
     const int64_t N = g->L->N;
-    if (nth == 1) {
-        int64_t n0, n1;
-        split(N, tid, nth, &n0, &n1);
-        for (int64_t m0 = 0; m0 < g->M && n0 < n1; m0 += mb_max)
-            tab[bits_slot(g->L->bits)][g->M - m0 < mb_max ? g->M - m0 - 1 : mb_max - 1](g, m0, n0, n1);
-        return;
-    }
-    /* Rows in chunks claimed as threads go: a static half each leaves one thread waiting whenever the
-       other starts late or runs slower (a busy neighbour, a core shared with torch's threads) */
-    int64_t chunk = (N / (8 * nth)) & ~(int64_t)3;
+    (void)tid;
+    /* Rows in chunks claimed as threads go (one thread: one chunk of all rows): a static half each
+       leaves one thread waiting whenever the other starts late or runs slower (a busy neighbour, a
+       core shared with torch's threads) */
+    int64_t chunk = nth == 1 ? N : (N / (8 * nth)) & ~(int64_t)3;
     chunk = chunk < 16 ? 16 : chunk;
     for (;;) {
         const int64_t n0 = atomic_fetch_add_explicit(g->next, chunk, memory_order_relaxed);
@@ -871,7 +864,7 @@ static AVX512 INLINE void fused_rows_512(const gemm_t *g, int64_t m0, int64_t n,
     /* the R rows are contiguous: while they are read, the rows PF_BYTES or more ahead are prefetched in step,
        so that a layer streamed from DRAM keeps enough reads in flight (2x the out-of-cache throughput) */
     const int64_t group_bytes = (int64_t)R * L->row_bytes;
-    const int64_t ahead = group_bytes * (group_bytes >= pf_bytes ? 1 : (pf_bytes + group_bytes - 1) / group_bytes);
+    const int64_t ahead = group_bytes * (group_bytes >= PF_BYTES ? 1 : (PF_BYTES + group_bytes - 1) / group_bytes);
     const int whole = kc0 == 0 && kc1 >= g->Kp; /* this pass reads whole rows: sweep the group ahead in order */
     for (int64_t b = kc0 / 64; b < kc1 / 64; b++) {
         const float *xb = xc + b * 64 * MB;
