@@ -42,8 +42,9 @@ def ref_weight(labels, tables, tables_per_row):
 
 
 def groups_of(k):
-    """Tables per row that divide k: one per row, and groups of 16 (SIMD-sized), 8 and odd sizes where they fit."""
-    return sorted({1} | {k // g for g in (16, 32, 8, 5, 3) if k % g == 0 and k // g > 1})
+    """Tables per row that divide k: one per row, and groups of whole 64-blocks (AVX2's byte-plane path), 16
+    (SIMD-sized), 8 and odd sizes where they fit."""
+    return sorted({1} | {k // g for g in (128, 64, 16, 32, 8, 5, 3) if k % g == 0 and k // g > 1})
 
 
 @st.composite
@@ -113,6 +114,24 @@ def test_paths_agree_on_3d_bf16_and_strided_inputs(monkeypatch, path):
     yb = kernels.linear(xb, indices, tab, None, 160, 4)
     assert yb.dtype == torch.bfloat16
     assert torch.allclose(yb.float(), F.linear(xb.float(), w), rtol=1e-2, atol=1e-2)  # one bf16 rounding of y
+
+
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("k,per_row", [(256, 0), (256, 1), (256, 2), (256, 4), (200, 1), (384, 3)])
+def test_every_input_count_of_the_fused_path_on_whole_block_groups(monkeypatch, path, bits, k, per_row):
+    """The small-M kernels for each number of inputs (1..17: every pass size and a split pass), on one table
+    per tensor, per row, and per group of whole 64-weight blocks (where AVX2 reloads its byte planes)."""
+    monkeypatch.setenv(kernels.ENV, path)
+    rng = np.random.default_rng(bits * 1000 + k + per_row)
+    labels, tables, indices = make_layer(rng, 37, k, bits, per_row)
+    w = ref_weight(labels, tables, per_row).double()
+    b = torch.from_numpy(rng.standard_normal(37).astype(np.float32))
+    for m in range(1, 18):
+        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+        y = kernels.linear(x, indices, kernels.pad_tables(tables, bits), b, k, bits)
+        ref = x.double() @ w.T + b.double()
+        assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (m, k, per_row)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -4,10 +4,13 @@ A packed layer holds W (N x K) as b-bit indices into fp32 tables (one per output
 row, per group of a row, or one per tensor) and never as fp32 weights.  The
 kernel (``_codebook.c``, built at install) decodes indices inside the GEMM:
 
-* small M (a query of a few tokens, an LLM decode step): each row is decoded 16
-  weights at a time into registers by a register-table lookup (AVX-512
-  ``vpermps``; AVX2 two 8-entry lookups and a blend) and FMA'd against the inputs,
-  so the layer is read once at b/8 bytes per weight;
+* small M (a query of a few tokens, an LLM decode step): each row is decoded into
+  registers and FMA'd against up to 8 inputs a pass, so the layer is read once at b/8
+  bytes per weight.  AVX-512 looks 16 weights up in a one-register table
+  (``vpermps``); AVX2 holds a table of up to 16 entries as four byte planes and looks
+  32 weights up with four ``vpshufb`` (exact fp32, assembled by unpacks: 12 shuffles
+  for 32 weights where two 8-entry ``vpermps`` and a blend take about 20), the inputs
+  laid out in the order that decode produces;
 * large M: 32 rows at a time are decoded and transposed into a tile that stays in
   L2, then a 12 x 32 register-blocked micro-kernel runs over the inputs; exact fp32
   by default, or bf16 products with fp32 sums (``compute="bf16"``): on AMX tiles where
@@ -62,7 +65,7 @@ _CPU_DEVICE = torch.device("cpu")
 _DECODE_ROWS = 256  # rows decoded at a time on the torch path: bounds its dense temporary
 # the largest M that takes the fused decode + FMA path (decoded weights in registers);
 # above it the tile GEMM amortises decoding over many inputs
-_FUSED_MAX = {"avx512": 16, "avx2": 8}
+_FUSED_MAX = {"avx512": 16, "avx2": 16}
 
 
 def layout_bits(bits: int) -> int:

@@ -20,8 +20,10 @@
  * (tab_stride = 0 for one table per tensor; group = K for one table per row).
  *
  * Strategies:
- *   small M ("fused"): each row's indices are decoded into registers 16 weights at
- *     a time and FMA'd against up to 8 input rows; the layer is read once.
+ *   small M ("fused"): each row's indices are decoded into registers and FMA'd against
+ *     up to 8 input rows a pass; the layer is read once per pass.  AVX-512 looks 16
+ *     weights up in a one-register table (vpermps); AVX2 looks 32 up in the table's
+ *     four byte planes (vpshufb) and assembles their fp32 values with unpacks.
  *   large M ("tile"): 32 rows are decoded and transposed into a k-major tile
  *     (weights of 32 outputs for each k) that stays in L2, then a 12 x 32
  *     broadcast micro-kernel runs over the input rows, the output written row-major;
@@ -495,13 +497,19 @@ static int64_t chunk_len(int MB, int V) {
     return c < 64 ? 64 : c;
 }
 
-/* x rows [m0, m0 + mb) as [Kp/V][mb][V] (zero past K), the fused path's input */
-static void interleave_rows(const float *x, int64_t ldx, int64_t m0, int mb, int64_t K, int64_t Kp, int V, float *out) {
+/* x rows [m0, m0 + mb) as [Kp/V][mb][V] (zero past K), the fused path's input.  `order` (or NULL for the
+   natural one): the weight of a 64-block that each of its 64 positions holds, the order in which the AVX2
+   byte-plane decode produces weights, so that the kernel's loads of x need no shuffle. */
+static void interleave_rows(const float *x, int64_t ldx, int64_t m0, int mb, int64_t K, int64_t Kp, int V,
+                            const uint8_t *order, float *out) {
     for (int64_t k0 = 0; k0 < Kp; k0 += V)
         for (int m = 0; m < mb; m++) {
             const float *xr = x + (m0 + m) * ldx;
             float *o = out + (k0 * mb) + m * V;
-            for (int j = 0; j < V; j++) o[j] = k0 + j < K ? xr[k0 + j] : 0.f;
+            for (int j = 0; j < V; j++) {
+                const int64_t k = order ? (k0 & ~(int64_t)63) + order[(k0 + j) & 63] : k0 + j;
+                o[j] = k < K ? xr[k] : 0.f;
+            }
         }
 }
 
@@ -510,50 +518,77 @@ static void interleave_rows(const float *x, int64_t ldx, int64_t m0, int mb, int
 
 #define AVX2 __attribute__((target("avx2,fma")))
 
-typedef struct {
-    __m256 a, b; /* 4 bits: entries 0-7, 8-15; 2-3 bits: low 4 entries twice, high 4 twice */
-    const float *p;
-} lut256_t;
+#define INLINE inline __attribute__((always_inline))
+typedef void (*fused_fn)(const gemm_t *, int64_t, int64_t, int64_t);
 
-static AVX2 inline lut256_t lut256_load(const float *p, int bits) {
-    lut256_t t;
-    t.p = p;
-    if (bits == 4) {
-        t.a = _mm256_loadu_ps(p);
-        t.b = _mm256_loadu_ps(p + 8);
-    } else if (bits == 2 || bits == 3) {
-        t.a = _mm256_broadcast_ps((const __m128 *)p);
-        t.b = bits == 3 ? _mm256_broadcast_ps((const __m128 *)(p + 4)) : t.a;
-    } else {
-        t.a = t.b = _mm256_setzero_ps();
-    }
-    return t;
+/* Byte planes, the AVX2 decode of 2-, 3- and 4-bit indices.  A table of up to 16 fp32 entries is held as four
+   16-byte planes, plane j holding byte j of every entry (in both 128-bit lanes), so one vpshufb looks up byte j
+   of 32 weights and eight unpacks assemble their fp32 values: 12 shuffles for 32 weights, exact, where the
+   two-vpermps-and-blend lookup takes about 20 (and vpermps is the slower shuffle on AMD's cores).  The
+   weights come out in an order of their own (PLANE_ORDER); the fused path lays out x in that order. */
+static AVX2 INLINE void planes_avx2(const float *t, const int E, __m256i P[4]) {
+    const __m128i bytes = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    __m128i q[4]; /* q[i] dword j: byte j of entries 4i..4i+3 */
+    for (int i = 0; i < 4; i++)
+        q[i] = 4 * i < E ? _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(t + 4 * i)), bytes) : _mm_setzero_si128();
+    const __m128i a = _mm_unpacklo_epi32(q[0], q[1]), b = _mm_unpacklo_epi32(q[2], q[3]);
+    const __m128i c = _mm_unpackhi_epi32(q[0], q[1]), d = _mm_unpackhi_epi32(q[2], q[3]);
+    P[0] = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(a, b));
+    P[1] = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(a, b));
+    P[2] = _mm256_broadcastsi128_si256(_mm_unpacklo_epi64(c, d));
+    P[3] = _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(c, d));
 }
 
-/* Weights 8u..8u+7 of a 64-block (u = 0..7). */
-static AVX2 inline __m256 decode8_avx2(const uint8_t *blk, int bits, int u, const lut256_t *t) {
-    if (bits == 4) {
-        /* sub-block s = u/4; within it: u%4 = 0: bytes 0-7 low, 1: bytes 8-15 low, 2: 0-7 high, 3: 8-15 high */
-        const int s = u >> 2, q = u & 3;
-        __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 16 * s + 8 * (q & 1))));
-        if (q >= 2) d = _mm256_srli_epi32(d, 4);
-        const __m256 lo = _mm256_permutevar8x32_ps(t->a, d), hi = _mm256_permutevar8x32_ps(t->b, d);
-        return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(d, 28)));
-    }
-    if (bits == 2 || bits == 3) {
-        const int tt = u >> 1, h = u & 1; /* weights 16tt + 8h + i */
-        __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * h)));
-        d = _mm256_srlv_epi32(d, _mm256_set1_epi32(2 * tt));
-        __m256 w = _mm256_permutevar8x32_ps(t->a, d);
-        if (bits == 3) {
-            const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-            const __m256i hb = _mm256_and_si256(_mm256_set1_epi32(blk[16 + u]), bit);
-            w = _mm256_blendv_ps(w, _mm256_permutevar8x32_ps(t->b, d), _mm256_castsi256_ps(_mm256_cmpeq_epi32(hb, bit)));
+/* 32 table indices (bytes < 16; lane 0 weights A..A+15, lane 1 weights B..B+15) to fp32 weights:
+   w[i] = weights A+4i..A+4i+3 then B+4i..B+4i+3 */
+static AVX2 INLINE void lookup32_avx2(const __m256i I, const __m256i P[4], __m256 w[4]) {
+    const __m256i b0 = _mm256_shuffle_epi8(P[0], I), b1 = _mm256_shuffle_epi8(P[1], I);
+    const __m256i b2 = _mm256_shuffle_epi8(P[2], I), b3 = _mm256_shuffle_epi8(P[3], I);
+    const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+    w[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+    w[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+    w[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+    w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+/* bit 2 of 32 weights (bit i of `bits32` is weight i: 0..15 to lane 0, 16..31 to lane 1) as 4 or 0 per byte */
+static AVX2 INLINE __m256i high_bit_avx2(uint32_t bits32) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i h = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits32), spread), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(h, bit), _mm256_set1_epi8(4));
+}
+
+/* The two index vectors of a 64-block (2, 3 or 4 bits): I[0] covers positions 0-31 of PLANE_ORDER, I[1] 32-63. */
+static AVX2 INLINE void block_indices_avx2(const uint8_t *p, const int BITS, __m256i I[2]) {
+    if (BITS == 4) { /* lane 0 of a load is sub-block 0 (weights 0-15 low nibbles, 16-31 high), lane 1 sub-block 1 */
+        const __m256i v = _mm256_loadu_si256((const __m256i *)p), m = _mm256_set1_epi8(15);
+        I[0] = _mm256_and_si256(v, m);                         /* weights 0-15 | 32-47 */
+        I[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);   /* weights 16-31 | 48-63 */
+    } else { /* byte j holds weight 16t + j in bits 2t..2t+1 */
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)), m = _mm256_set1_epi8(3);
+        I[0] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), m); /* 0-15 | 16-31 */
+        I[1] = _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), m); /* 32-47 | 48-63 */
+        if (BITS == 3) {
+            uint64_t hb;
+            memcpy(&hb, p + 16, 8);
+            I[0] = _mm256_or_si256(I[0], high_bit_avx2((uint32_t)hb));
+            I[1] = _mm256_or_si256(I[1], high_bit_avx2((uint32_t)(hb >> 32)));
         }
-        return w;
     }
-    const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * u)));
-    return _mm256_i32gather_ps(t->p, d, 4);
+}
+
+/* PLANE_ORDER[lb][j]: the weight of a 64-block at position j of block64_avx2's output (lb: 0 for 2-3 bits, 1 for 4) */
+static uint8_t PLANE_ORDER[2][64];
+static void plane_order_init(void) {
+    static const int first[2][4] = {{0, 16, 32, 48}, {0, 32, 16, 48}}; /* A, B of I0, then of I1 */
+    for (int lb = 0; lb < 2; lb++)
+        for (int j = 0; j < 64; j++) {
+            const int v = j / 8, l = j % 8, half = v / 4, i = v % 4;
+            PLANE_ORDER[lb][j] = (uint8_t)(first[lb][2 * half + (l >= 4)] + 4 * i + (l & 3));
+        }
 }
 
 static AVX2 inline float hsum256(__m256 v) {
@@ -569,41 +604,141 @@ static AVX2 inline __m256 maskload8(const float *p, int64_t left) {
     return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left), lane));
 }
 
-#define INLINE inline __attribute__((always_inline))
-typedef void (*fused_fn)(const gemm_t *, int64_t, int64_t, int64_t);
+/* Small M on AVX2, 2-4 bits with one table per row (or per tensor) or groups of whole 64-blocks: R rows of W
+   decoded 32 weights at a time by byte planes and FMA'd against MB input rows (x in PLANE_ORDER). */
+static AVX2 INLINE void fused_rows_avx2(const gemm_t *g, int64_t m0, int64_t n, int64_t kc0, int64_t kc1, const int BITS,
+                                        const int MB, const int R) {
+    const layer_t *L = g->L;
+    const int E = L->entries, BB = block_bytes(BITS);
+    /* one set of accumulators unless a single one would carry the whole FMA chain (more sets spill on AVX2's
+       16 registers and measured slower) */
+    const int SETS = R * MB >= 2 ? 1 : 2;
+    const float *xc = g->xi + m0 * g->Kp;
+    const uint8_t *row[2];
+    const float *rt[2];
+    __m256i P[2][4];
+    const int64_t gb = L->group == L->K ? INT64_MAX : L->group / 64; /* blocks per table */
+    for (int r = 0; r < R; r++) {
+        row[r] = L->idx + (n + r) * L->row_bytes;
+        rt[r] = L->tab + (n + r) * L->tab_stride;
+        planes_avx2(rt[r] + (gb == INT64_MAX ? 0 : (kc0 / 64 / gb) * E), E, P[r]);
+    }
+    __m256 acc[2][8][2];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++)
+            for (int s = 0; s < SETS; s++) acc[r][m][s] = _mm256_setzero_ps();
+    const int64_t group_bytes = (int64_t)R * L->row_bytes;
+    const int64_t ahead = group_bytes * (group_bytes >= PF_BYTES ? 1 : (PF_BYTES + group_bytes - 1) / group_bytes);
+    const int whole = kc0 == 0 && kc1 >= g->Kp;
+    for (int64_t b = kc0 / 64; b < kc1 / 64; b++) {
+        if (gb != INT64_MAX && b % gb == 0 && b > kc0 / 64)
+            for (int r = 0; r < R; r++) planes_avx2(rt[r] + (b / gb) * E, E, P[r]);
+        if (whole)
+            for (int64_t off = 0; off < R * BB; off += 64)
+                _mm_prefetch((const char *)(row[0] + ahead + b * R * BB + off), _MM_HINT_T0);
+        else if ((b * BB) % 64 < BB)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(row[r] + ahead + b * BB), _MM_HINT_T0);
+        const float *xb = xc + b * 64 * MB;
+        for (int r = 0; r < R; r++) {
+            __m256i I[2];
+            block_indices_avx2(row[r] + b * BB, BITS, I);
+            for (int h = 0; h < 2; h++) { /* 32 weights at a time: fewer vectors live than a whole block */
+                __m256 w[4];
+                lookup32_avx2(I[h], P[r], w);
+                for (int v = 0; v < 4; v++)
+                    for (int m = 0; m < MB; m++) {
+                        const int u = 4 * h + v;
+                        acc[r][m][u % SETS] = _mm256_fmadd_ps(w[v], _mm256_load_ps(xb + (u * MB + m) * 8), acc[r][m][u % SETS]);
+                    }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) {
+            __m256 a = acc[r][m][0];
+            for (int s = 1; s < SETS; s++) a = _mm256_add_ps(a, acc[r][m][s]);
+            float *yv = g->y + (m0 + m) * g->ldy + n + r;
+            *yv = hsum256(a) + (kc0 ? *yv : g->bias ? g->bias[n + r] : 0.f);
+        }
+}
 
-/* Small M on AVX2: as the AVX-512 version below, 8 weights a vector, up to 8 input rows a pass. */
+/* Weights 8u..8u+7 of a 64-block (u = 0..7) in natural order, one vector: the table lookup for 5-8-bit
+   tables (a gather) and for groups that are not whole blocks (two 8-entry vpermps and a blend). */
+static AVX2 inline __m256 decode8_avx2(const uint8_t *blk, int bits, int u, const float *t) {
+    if (bits == 4) {
+        /* sub-block s = u/4; within it: u%4 = 0: bytes 0-7 low, 1: bytes 8-15 low, 2: 0-7 high, 3: 8-15 high */
+        const int s = u >> 2, q = u & 3;
+        __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 16 * s + 8 * (q & 1))));
+        if (q >= 2) d = _mm256_srli_epi32(d, 4);
+        const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t), d);
+        const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8), d);
+        return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(d, 28)));
+    }
+    if (bits == 2 || bits == 3) {
+        const int tt = u >> 1, h = u & 1; /* weights 16tt + 8h + i */
+        __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * h)));
+        d = _mm256_and_si256(_mm256_srlv_epi32(d, _mm256_set1_epi32(2 * tt)), _mm256_set1_epi32(3));
+        if (bits == 3) {
+            const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            const __m256i hb = _mm256_and_si256(_mm256_set1_epi32(blk[16 + u]), bit);
+            d = _mm256_or_si256(d, _mm256_and_si256(_mm256_cmpeq_epi32(hb, bit), _mm256_set1_epi32(4)));
+        }
+        /* 2 bits: a table of 4 entries (not 8 to load) */
+        return _mm256_permutevar8x32_ps(bits == 3 ? _mm256_loadu_ps(t) : _mm256_broadcast_ps((const __m128 *)t), d);
+    }
+    const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8 * u)));
+    return _mm256_i32gather_ps(t, d, 4);
+}
+
+/* one row whose table changes inside a block, or 5-8-bit tables: one vector at a time, x in natural order */
+static AVX2 INLINE void fused_vec_avx2(const gemm_t *g, int64_t m0, int64_t n, int64_t kc0, int64_t kc1, const int BITS,
+                                       const int MB) {
+    const layer_t *L = g->L;
+    const int64_t K = L->K;
+    const float *xc = g->xi + m0 * g->Kp;
+    const uint8_t *row = L->idx + n * L->row_bytes;
+    const float *rt = L->tab + n * L->tab_stride;
+    const int SETS = MB >= 4 ? 1 : 2;
+    __m256 acc[8][2];
+    for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    const int64_t gv = L->group == K ? INT64_MAX : L->group / 8;
+    int64_t gi = last_group(L, kc0), left = gv == INT64_MAX ? gv : gv - (kc0 % L->group) / 8;
+    const float *t = rt + gi * L->entries;
+    for (int64_t k = kc0; k < kc1; k += 8) {
+        if (left == 0) {
+            gi = last_group(L, k);
+            t = rt + gi * L->entries;
+            left = gv;
+        }
+        left--;
+        if ((k & 63) == 0) _mm_prefetch((const char *)(row + (k >> 6) * block_bytes(BITS) + PF_BYTES), _MM_HINT_T0);
+        const __m256 w = decode8_avx2(row + (k >> 6) * block_bytes(BITS), BITS, (int)((k >> 3) & 7), t);
+        const float *xv = xc + (k >> 3) * MB * 8;
+        const int s = SETS == 1 ? 0 : (int)((k >> 3) & 1);
+        for (int m = 0; m < MB; m++) acc[m][s] = _mm256_fmadd_ps(w, _mm256_load_ps(xv + 8 * m), acc[m][s]);
+    }
+    for (int m = 0; m < MB; m++) {
+        float *yv = g->y + (m0 + m) * g->ldy + n;
+        const __m256 a = SETS == 1 ? acc[m][0] : _mm256_add_ps(acc[m][0], acc[m][1]);
+        *yv = hsum256(a) + (kc0 ? *yv : g->bias ? g->bias[n] : 0.f);
+    }
+}
+
+/* whether the AVX2 fused path decodes this layer by byte planes (x then laid out in PLANE_ORDER) */
+static int planes_fit(const layer_t *L) { return L->bits != 8 && (L->group == L->K || L->group % 64 == 0); }
+
 static AVX2 INLINE void fused_avx2(const gemm_t *g, int64_t m0, int64_t n0, int64_t n1, const int BITS, const int MB) {
     const layer_t *L = g->L;
-    const int64_t K = L->K, Kp = g->Kp;
     const int64_t KCH = chunk_len(MB, 8);
-    const float *xc = g->xi + m0 * Kp;
-    for (int64_t kc0 = 0; kc0 < Kp; kc0 += KCH) {
-        const int64_t kc1 = Kp - kc0 < KCH ? Kp : kc0 + KCH;
-        const int64_t gv = L->group == K ? INT64_MAX : L->group / 8;
-        for (int64_t n = n0; n < n1; n++) {
-            const uint8_t *row = L->idx + n * L->row_bytes;
-            const float *rt = L->tab + n * L->tab_stride;
-            __m256 acc[8];
-            for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
-            int64_t gi = last_group(L, kc0), left = gv == INT64_MAX ? gv : gv - (kc0 % L->group) / 8;
-            lut256_t t = lut256_load(rt + gi * L->entries, BITS);
-            for (int64_t k = kc0; k < kc1; k += 8) {
-                if (left == 0) {
-                    gi = last_group(L, k);
-                    t = lut256_load(rt + gi * L->entries, BITS);
-                    left = gv;
-                }
-                left--;
-                if ((k & 63) == 0) _mm_prefetch((const char *)(row + (k >> 6) * block_bytes(BITS) + PF_BYTES), _MM_HINT_T0);
-                const __m256 w = decode8_avx2(row + (k >> 6) * block_bytes(BITS), BITS, (int)((k >> 3) & 7), &t);
-                const float *xv = xc + (k >> 3) * MB * 8;
-                for (int m = 0; m < MB; m++) acc[m] = _mm256_fmadd_ps(w, _mm256_load_ps(xv + 8 * m), acc[m]);
-            }
-            for (int m = 0; m < MB; m++) {
-                float *yv = g->y + (m0 + m) * g->ldy + n;
-                *yv = hsum256(acc[m]) + (kc0 ? *yv : g->bias ? g->bias[n] : 0.f);
-            }
+    for (int64_t kc0 = 0; kc0 < g->Kp; kc0 += KCH) {
+        const int64_t kc1 = g->Kp - kc0 < KCH ? g->Kp : kc0 + KCH;
+        int64_t n = n0;
+        if (BITS != 8 && planes_fit(L)) {
+            const int R = MB <= 4 ? 2 : 1;
+            for (; n + R <= n1; n += R) fused_rows_avx2(g, m0, n, kc0, kc1, BITS, MB, R);
+            for (; n < n1; n++) fused_rows_avx2(g, m0, n, kc0, kc1, BITS, MB, 1);
+        } else {
+            for (; n < n1; n++) fused_vec_avx2(g, m0, n, kc0, kc1, BITS, MB);
         }
     }
 }
@@ -668,7 +803,7 @@ static AVX2 inline void transpose8(__m256 r[8]) {
 #define DECODE_TILE_AVX2(BITS)                                                                                   \
     static AVX2 void tile_avx2_##BITS(const layer_t *L, int64_t n0, int nr, int64_t k0, int64_t kc, float *tile) { \
         for (int half = 0; half < 2; half++) {                                                                   \
-            lut256_t t[8] = {0};                                                                                 \
+            const float *t[8] = {0};                                                                             \
             const uint8_t *rows[8];                                                                              \
             const float *rt[8];                                                                                  \
             for (int r = 0; r < 8; r++) {                                                                        \
@@ -681,12 +816,12 @@ static AVX2 inline void transpose8(__m256 r[8]) {
                 const int64_t gi = last_group(L, k);                                                             \
                 if (gi != gcur) {                                                                                \
                     for (int r = 0; r < 8; r++)                                                                  \
-                        if (rows[r]) t[r] = lut256_load(rt[r] + gi * L->entries, BITS);                          \
+                        if (rows[r]) t[r] = rt[r] + gi * L->entries;                                             \
                     gcur = gi;                                                                                   \
                 }                                                                                                \
                 __m256 v[8];                                                                                     \
                 for (int r = 0; r < 8; r++)                                                                      \
-                    v[r] = rows[r] ? decode8_avx2(rows[r] + (k >> 6) * block_bytes(BITS), BITS, (int)((k >> 3) & 7), &t[r]) \
+                    v[r] = rows[r] ? decode8_avx2(rows[r] + (k >> 6) * block_bytes(BITS), BITS, (int)((k >> 3) & 7), t[r]) \
                                    : _mm256_setzero_ps();                                                        \
                 transpose8(v);                                                                                   \
                 for (int j = 0; j < 8; j++) _mm256_store_ps(tile + (k - k0 + j) * NR2 + 8 * half, v[j]);         \
@@ -713,25 +848,38 @@ static AVX2 void pack_panel_avx2(const float *x, int64_t ldx, int mr, int64_t k0
     }
 }
 
-/* y[0..mr)[0..nr) (+)= panel · tile over kc: 6 x 16 accumulators in 12 registers */
+/* y[0..mr)[0..nr) (+)= panel · tile over kc: 6 x 16 accumulators in 12 registers.  Named variables, not an
+   array: GCC keeps an array of twelve vectors in memory and stores all of them on every k (2.5x slower). */
 static AVX2 void ukernel_avx2(const float *xp, const float *tile, int64_t kc, float *y, int64_t ldy, int mr, int nr,
                               int accumulate, const float *bias) {
-    __m256 c[6][2];
-    for (int m = 0; m < 6; m++) c[m][0] = c[m][1] = _mm256_setzero_ps();
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t k = 0; k < kc; k++) {
         const __m256 w0 = _mm256_load_ps(tile + k * NR2), w1 = _mm256_load_ps(tile + k * NR2 + 8);
-        for (int m = 0; m < 6; m++) {
-            const __m256 xv = _mm256_broadcast_ss(xp + k * 6 + m);
-            c[m][0] = _mm256_fmadd_ps(xv, w0, c[m][0]);
-            c[m][1] = _mm256_fmadd_ps(xv, w1, c[m][1]);
-        }
+        const float *xk = xp + k * 6;
+        __m256 xv = _mm256_broadcast_ss(xk);
+        c00 = _mm256_fmadd_ps(xv, w0, c00), c01 = _mm256_fmadd_ps(xv, w1, c01);
+        xv = _mm256_broadcast_ss(xk + 1);
+        c10 = _mm256_fmadd_ps(xv, w0, c10), c11 = _mm256_fmadd_ps(xv, w1, c11);
+        xv = _mm256_broadcast_ss(xk + 2);
+        c20 = _mm256_fmadd_ps(xv, w0, c20), c21 = _mm256_fmadd_ps(xv, w1, c21);
+        xv = _mm256_broadcast_ss(xk + 3);
+        c30 = _mm256_fmadd_ps(xv, w0, c30), c31 = _mm256_fmadd_ps(xv, w1, c31);
+        xv = _mm256_broadcast_ss(xk + 4);
+        c40 = _mm256_fmadd_ps(xv, w0, c40), c41 = _mm256_fmadd_ps(xv, w1, c41);
+        xv = _mm256_broadcast_ss(xk + 5);
+        c50 = _mm256_fmadd_ps(xv, w0, c50), c51 = _mm256_fmadd_ps(xv, w1, c51);
     }
-    float buf[16];
+    float buf[6][16];
+    _mm256_storeu_ps(buf[0], c00), _mm256_storeu_ps(buf[0] + 8, c01);
+    _mm256_storeu_ps(buf[1], c10), _mm256_storeu_ps(buf[1] + 8, c11);
+    _mm256_storeu_ps(buf[2], c20), _mm256_storeu_ps(buf[2] + 8, c21);
+    _mm256_storeu_ps(buf[3], c30), _mm256_storeu_ps(buf[3] + 8, c31);
+    _mm256_storeu_ps(buf[4], c40), _mm256_storeu_ps(buf[4] + 8, c41);
+    _mm256_storeu_ps(buf[5], c50), _mm256_storeu_ps(buf[5] + 8, c51);
     for (int m = 0; m < mr; m++) {
-        _mm256_storeu_ps(buf, c[m][0]);
-        _mm256_storeu_ps(buf + 8, c[m][1]);
         float *yr = y + m * ldy;
-        for (int j = 0; j < nr; j++) yr[j] = (accumulate ? yr[j] : (bias ? bias[j] : 0.f)) + buf[j];
+        for (int j = 0; j < nr; j++) yr[j] = (accumulate ? yr[j] : (bias ? bias[j] : 0.f)) + buf[m][j];
     }
 }
 #endif /* WS_X86 */
@@ -851,7 +999,7 @@ static AVX512 INLINE void fused_rows_512(const gemm_t *g, int64_t m0, int64_t n,
     const int E = L->entries, BB = block_bytes(BITS);
     const int SETS = R * MB >= 8 ? 1 : 2; /* fewer than 8 accumulators: two sets break the latency chain */
     const float *xc = g->xi + m0 * g->Kp;
-    const uint8_t *row[4];
+    const uint8_t *row[2];
     lut512_t t[4];
     for (int r = 0; r < R; r++) {
         row[r] = L->idx + (n + r) * L->row_bytes;
@@ -1439,7 +1587,8 @@ int ws_cb_linear(const float *x, int64_t M, int64_t ldx, const uint8_t *idx, con
     /* Waking a sleeping thread costs 60-100 us on a virtual machine, a polling one about 1 us.  Large
        layers always split; mid-size ones split only if the workers are polling (else they run on one
        thread and wake the workers for the next layer); small ones never do. */
-    const double work = (double)M * (double)N * (double)K;
+    /* AVX2's fused path spends more on decoding a weight than on one multiply-add: count it (about three) */
+    const double work = (double)N * (double)K * ((double)M + (isa == ISA_AVX2 && M <= fused_max ? 3.0 : 0.0));
     int nth = nthreads < 1 ? 1 : nthreads;
     if (work < WS_SMALL_WORK || N < 64 || (work < WS_PARALLEL_WORK && !pool_ready(nth - 1))) nth = 1;
     if (isa == ISA_PORTABLE) {
@@ -1451,8 +1600,11 @@ int ws_cb_linear(const float *x, int64_t M, int64_t ldx, const uint8_t *idx, con
         const int V = isa == ISA_AVX512 ? 16 : 8, MBX = 8; /* the fused kernels' passes of input rows */
         float *xi = (float *)aligned_alloc(64, (size_t)((M * g.Kp * 4 + 63) / 64) * 64);
         if (!xi) return -3;
+        static pthread_once_t order_once = PTHREAD_ONCE_INIT;
+        pthread_once(&order_once, plane_order_init);
+        const uint8_t *order = isa == ISA_AVX2 && planes_fit(&L) ? PLANE_ORDER[bits == 4] : NULL;
         for (int64_t m0 = 0; m0 < M; m0 += MBX)
-            interleave_rows(x, ldx, m0, (int)(M - m0 < MBX ? M - m0 : MBX), K, g.Kp, V, xi + m0 * g.Kp);
+            interleave_rows(x, ldx, m0, (int)(M - m0 < MBX ? M - m0 : MBX), K, g.Kp, V, order, xi + m0 * g.Kp);
         g.xi = xi;
         parallel(isa == ISA_AVX512 ? task_fused_512 : task_fused_avx2, &g, nth);
         free(xi);
