@@ -77,7 +77,7 @@ class WeightshareHfQuantizer(HfQuantizer):
             raise ValueError(f"weightshare: a packed model is read from its {FILENAME}\n  got: {[str(f) for f in files]}\n"
                              "  load the directory weightshare compress wrote")
         with PackedFile(files[0].parent) as pf:
-            install_checked(model, pf)
+            install_checked(model, pf, own=True)  # from_pretrained's own model: dropped if this raises
         for m in model.modules():
             if isinstance(m, PackedModule):
                 m._placeholder = True  # until loading ends: models' _init_weights read .weight

@@ -172,10 +172,19 @@ def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
             share_parametrization(source, inner.get_submodule(owner_name), attr)
 
 
-def install_checked(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
-    """Check that ``inner`` fits the file and every checksum holds, then install: a bad file changes nothing."""
+def install_checked(inner: nn.Module, pf: PackedFile, trainable: bool = False, own: bool = False) -> None:
+    """Check that ``inner`` fits the file and every checksum holds, then install: a bad file changes nothing.
+
+    ``own``: ``inner`` was built for this load and is dropped if it fails (a skeleton, transformers'
+    ``from_pretrained`` model).  Then the checksums are checked by streaming the file and each tensor is read
+    again as it is installed, so that the load's peak holds the model and one tensor, not the model and the
+    whole file.  A user's model instead waits until every tensor is read and checked, so that a file that
+    changes under the load cannot leave it half written."""
     check_fit(inner, pf)
-    pf.fetch_all()
+    if own:
+        pf.verify()
+    else:
+        pf.fetch_all()
     install(inner, pf, trainable=trainable)
 
 
@@ -233,7 +242,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
             inner = skeleton(pf)
         else:
             inner = hub.inner_model(model)
-        install_checked(inner, pf, trainable=trainable)
+        install_checked(inner, pf, trainable=trainable, own=model is None)
     _trim_heap()
     if compute != "fp32":
         set_compute(inner, compute)

@@ -521,6 +521,33 @@ class PackedFile:
         for key in self.infos:
             self.fetch(key)
 
+    def verify(self, chunk: int = 1 << 20) -> None:
+        """Check every stored tensor's sha256 by reading it through in chunks, keeping none of it: a corrupted file
+        is refused before anything is written, at a peak of one chunk instead of the whole file (``fetch`` reads
+        and checks each tensor again when it is used)."""
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                for key, (dtype, shape) in self.infos.items():
+                    if key in self._cache:
+                        continue
+                    offset, left = self._spans[key]
+                    h = hashlib.sha256()
+                    if self.version >= 3:
+                        h.update(f"{dtype}{list(shape)}".encode())
+                    f.seek(offset)
+                    while left:
+                        step = f.readinto(view[:min(chunk, left)])
+                        if not step:
+                            raise EOFError(f"{left} bytes of {key!r} missing")
+                        h.update(view[:step])
+                        left -= step
+                    if h.hexdigest() != self.checksums[key]:
+                        raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
+        except (OSError, EOFError) as exc:
+            raise PackError(f"{self.file}: cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
+
     def release(self, entry: str) -> None:
         """Forget the read tensors of an installed entry that no later entry needs (the model keeps what it uses).
 

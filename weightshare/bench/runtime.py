@@ -275,6 +275,8 @@ def layers(quick: bool) -> tuple[list[dict], dict]:
         # the same layer as a packed module, and with 0.5 % of its weights kept exact (``--outliers 0.005``)
         layout, config = kernels.Layout(n, k, 4, n), CodebookConfig(bits=4)
         module = CodebookLinear(indices, tables, layout, config, torch.float32, bias=torch.nn.Parameter(bias))
+        module_bf16 = CodebookLinear(indices, tables, layout, config, torch.float32, bias=torch.nn.Parameter(bias),
+                                     compute="bf16")
         where = torch.from_numpy(np.sort(rng.choice(n * k, size=n * k // 200, replace=False)))
         sparse = CodebookLinear(indices, tables, layout, config, torch.float32, bias=torch.nn.Parameter(bias),
                                 outliers=Outliers(where, torch.randn(where.numel()), (n, k)))
@@ -283,9 +285,10 @@ def layers(quick: bool) -> tuple[list[dict], dict]:
             xb = x.bfloat16()
             calls = max(3, int(3e7 / (m * n * k)))
             fns = {"dense_fp32": lambda: F.linear(x, w, bias), "dense_bf16": lambda: F.linear(xb, wb, bias.bfloat16()),
-                   "packed_fp32": lambda: kernels.linear(x, indices, tables, bias, k, 4),
-                   "packed_bf16": lambda: kernels.linear(x, indices, tables, bias, k, 4, "bf16"),
-                   "module": lambda: module(x), "module_outliers": lambda: sparse(x)}
+                   # the packed module, as a loaded model runs it (the registered op adds the dispatcher's cost,
+                   # which only autograd and torch.compile pay)
+                   "packed_fp32": lambda: module(x), "packed_bf16": lambda: module_bf16(x),
+                   "module_outliers": lambda: sparse(x)}
             times = {name: [] for name in fns}
             with torch.inference_mode():
                 for fn in fns.values():
@@ -303,7 +306,7 @@ def layers(quick: bool) -> tuple[list[dict], dict]:
                          "dense_bf16_x": med["dense_bf16"] / med["dense_fp32"],
                          "packed_fp32_us": med["packed_fp32"] * 1e6, "packed_fp32_x": med["packed_fp32"] / med["dense_fp32"],
                          "packed_bf16_x": med["packed_bf16"] / med["dense_fp32"],
-                         "outliers_0.5%_x": med["module_outliers"] / med["module"]})
+                         "outliers_0.5%_x": med["module_outliers"] / med["packed_fp32"]})
     return rows, figures
 
 

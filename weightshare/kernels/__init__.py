@@ -152,8 +152,6 @@ def _load_core():
     lib.ws_cb_isa.argtypes = []
     lib.ws_cb_linear.restype = i32
     lib.ws_cb_linear.argtypes = [p, i64, i64, p, p, i64, i64, i32, i32, i64, i64, p, p, i64, i32, i32, i32, i32]
-    lib.ws_cb_linear_g.restype = i32
-    lib.ws_cb_linear_g.argtypes = [p, p, i64, p, p, i32, i32, i32, i32]
     lib.ws_cb_decode_rows.restype = i32
     lib.ws_cb_decode_rows.argtypes = [p, p, i64, i64, i32, i32, i64, i64, p, i64, p, i64, i32, i32]
     lib.ws_cb_from_stream.restype = i32
@@ -166,6 +164,7 @@ def _load_core():
     lib.ws_sparse_add.argtypes = [p, i64, i64, p, p, p, i64, p, i32]
     lib.ws_cb_set_spin.restype = None
     lib.ws_cb_set_spin.argtypes = [i32]
+    lib.linear_g = _codebook_core.linear_g  # the per-layer call, without ctypes' argument conversion
     return lib, ""
 
 
@@ -430,47 +429,48 @@ class Plan:
     when the plan was made, and is made again whenever either tensor changes.
     """
 
-    __slots__ = ("key", "geometry", "n")
+    __slots__ = ("indices", "tables", "key", "geometry", "address", "n")
 
     def __init__(self):
-        self.key = None
+        self.indices = self.tables = self.key = None
 
-    def get(self, indices, tables, in_features, bits):
+    def get(self, indices, tables, in_features, bits) -> tuple[int, int]:
+        """(address of the geometry array, out_features), checked."""
         key = (indices.data_ptr(), tables.data_ptr(), indices.shape, tables.shape, indices.dtype, tables.dtype,
-               indices.device, tables.device, in_features, bits)
-        if key != self.key:
-            N, lbits, entries, group, stride = _geometry(indices, tables, in_features, bits)
-            if not (indices.is_contiguous() and tables.is_contiguous()):
-                raise ValueError("codebook layer: indices and tables must be contiguous")
+               in_features, bits)
+        if indices is not self.indices or tables is not self.tables or key != self.key:
+            N, lbits, entries, group, stride = _geometry(indices, tables, in_features, bits)  # devices too
             self.geometry = (ctypes.c_int64 * 8)(indices.data_ptr(), tables.data_ptr(), N, in_features, lbits, entries,
                                                  group, stride)
-            self.n, self.key = N, key
-        return self.geometry
+            self.address = ctypes.addressof(self.geometry)
+            self.n, self.key, self.indices, self.tables = N, key, indices, tables
+        return self.address, self.n
 
 
 def linear_eager(plan: Plan, x, indices, tables, bias, in_features: int, bits: int, compute: str = "fp32"):
     """``linear`` for eager inference (no gradient to track, not being compiled): the kernel called directly,
-    the layer's geometry from ``plan``.  Anything unusual goes through the registered op."""
+    the layer's geometry from ``plan``.  Anything unusual goes through the registered op.
+
+    This runs once per layer per forward pass, so it does as little as it can: an fp32, contiguous CPU input
+    of any number of leading dimensions is read where it lies (about 8 us of Python and torch in all)."""
     path = isa()
-    if (path == "torch" or x.device.type != "cpu" or x.shape[-1] != in_features
-            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
+    if x.dtype in (torch.bfloat16, torch.float16) and x.is_cpu and path != "torch":  # a model cast with .to(dtype)
+        return linear_eager(plan, x.float(), indices, tables, bias, in_features, bits, compute).to(x.dtype)
+    if (path == "torch" or x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu
+            or x.shape[-1] != in_features or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
+                                                                    or not bias.is_cpu))):
         return linear(x, indices, tables, bias, in_features, bits, compute)
-    geometry = plan.get(indices, tables, in_features, bits)
-    N = plan.n
+    address, N = plan.get(indices, tables, in_features, bits)
     if bias is not None and bias.shape != (N,):
         return linear(x, indices, tables, bias, in_features, bits, compute)  # the op names the problem
-    out_dtype = x.dtype
-    x2 = _as_rows(x, in_features)
-    M = x2.shape[0]
-    y = torch.empty((M, N), dtype=torch.float32, device=_CPU_DEVICE)
+    M = x.numel() // in_features
+    y = torch.empty((*x.shape[:-1], N), dtype=torch.float32, device=_CPU_DEVICE)
     if M:
-        rc = _core.ws_cb_linear_g(geometry, x2.data_ptr(), M, None if bias is None else bias.data_ptr(), y.data_ptr(),
-                                  _ISA_CODE[path], COMPUTES.index(compute), _FUSED_MAX.get(path, 0),
-                                  torch.get_num_threads())
+        rc = _core.linear_g(address, x.data_ptr(), M, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                            _ISA_CODE[path], COMPUTES.index(compute), _FUSED_MAX.get(path, 0), torch.get_num_threads())
         if rc:
             raise RuntimeError(f"codebook linear: the kernel refused its arguments (code {rc})")
-    y = y.view(*x.shape[:-1], N)
-    return y if out_dtype == torch.float32 else y.to(out_dtype)
+    return y
 
 
 def _linear_fake(x, indices, tables, bias, in_features, bits, compute):
@@ -489,7 +489,7 @@ def _rows_impl(ids, indices, tables, in_features, bits):
         raise IndexError(f"index out of range in self (codebook embedding of {N} rows; got ids "
                          f"{int(flat.min())}..{int(flat.max())})")
     path = isa()
-    if path in ("torch", "avx2"):  # row decoding is memory-bound: the torch gather is as good as a SIMD one
+    if path == "torch":
         out = _decode_torch(indices, tables, layout, flat)
     else:
         flat = flat.contiguous()

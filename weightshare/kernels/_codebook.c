@@ -36,7 +36,8 @@
  * second one beside torch's), whose idle workers poll for 300 us, yielding the core
  * to torch's own threads, and then sleep (see pool_spin_ns for why so long).
  *
- * Plain C with no Python API: weightshare/kernels/__init__.py loads it with ctypes.
+ * Plain C loaded with ctypes by weightshare/kernels/__init__.py, but for one METH_FASTCALL entry (the
+ * per-layer call, where ctypes' argument conversion would cost as much as a small layer).
  */
 #include <Python.h>
 #include <pthread.h>
@@ -442,6 +443,9 @@ void ws_sparse_add(const float *x, int64_t M, int64_t K, const int64_t *crow, co
     parallel(task_sparse, &c, nth);
 }
 
+/* whether AVX2 decodes this layer by byte planes (2-4 bits, one table per whole 64-weight blocks) */
+static int planes_fit(const layer_t *L) { return L->bits != 8 && (L->group == L->K || L->group % 64 == 0); }
+
 /* the group of weight k, for k in the zero-padded tail as well (which keeps the row's last table) */
 static inline int64_t last_group(const layer_t *L, int64_t k) {
     const int64_t g = k / L->group, last = L->K / L->group - 1;
@@ -723,9 +727,6 @@ static AVX2 INLINE void fused_vec_avx2(const gemm_t *g, int64_t m0, int64_t n, i
         *yv = hsum256(a) + (kc0 ? *yv : g->bias ? g->bias[n] : 0.f);
     }
 }
-
-/* whether the AVX2 fused path decodes this layer by byte planes (x then laid out in PLANE_ORDER) */
-static int planes_fit(const layer_t *L) { return L->bits != 8 && (L->group == L->K || L->group % 64 == 0); }
 
 static AVX2 INLINE void fused_avx2(const gemm_t *g, int64_t m0, int64_t n0, int64_t n1, const int BITS, const int MB) {
     const layer_t *L = g->L;
@@ -1652,6 +1653,39 @@ static AVX512 void decode_row_512(const layer_t *L, int64_t n, float *out) {
 }
 #endif
 
+#ifdef WS_X86
+/* a row decoded by byte planes (2-4 bits, tables per row or per whole blocks), stored in natural order: each
+   vector of the lookup is two runs of 4 weights, one per 128-bit half */
+static AVX2 void decode_row_avx2(const layer_t *L, int64_t n, float *out) {
+    static const int first[2][4] = {{0, 16, 32, 48}, {0, 32, 16, 48}}; /* as PLANE_ORDER */
+    const int lb = L->bits == 4, BB = block_bytes(L->bits);
+    const uint8_t *row = L->idx + n * L->row_bytes;
+    const float *rt = L->tab + n * L->tab_stride;
+    const int64_t gb = L->group == L->K ? INT64_MAX : L->group / 64;
+    __m256i P[4];
+    float tail[64];
+    for (int64_t b = 0; b * 64 < L->K; b++) {
+        if (b == 0 || (gb != INT64_MAX && b % gb == 0)) planes_avx2(rt + (gb == INT64_MAX ? 0 : b / gb) * L->entries, L->entries, P);
+        __m256i I[2];
+        switch (L->bits) {
+        case 2: block_indices_avx2(row + b * BB, 2, I); break;
+        case 3: block_indices_avx2(row + b * BB, 3, I); break;
+        default: block_indices_avx2(row + b * BB, 4, I);
+        }
+        float *o = L->K - b * 64 >= 64 ? out + b * 64 : tail;
+        for (int h = 0; h < 2; h++) {
+            __m256 w[4];
+            lookup32_avx2(I[h], P, w);
+            for (int i = 0; i < 4; i++) {
+                _mm_storeu_ps(o + first[lb][2 * h] + 4 * i, _mm256_castps256_ps128(w[i]));
+                _mm_storeu_ps(o + first[lb][2 * h + 1] + 4 * i, _mm256_extractf128_ps(w[i], 1));
+            }
+        }
+        if (o == tail) memcpy(out + b * 64, tail, (size_t)(L->K - b * 64) * sizeof(float));
+    }
+}
+#endif
+
 static void task_decode(void *p, int tid, int nth) {
     const decode_ctx *c = (const decode_ctx *)p;
     int64_t i0, i1;
@@ -1661,6 +1695,10 @@ static void task_decode(void *p, int tid, int nth) {
 #ifdef WS_X86
         if (c->isa == ISA_AVX512) {
             decode_row_512(c->L, n, c->out + i * c->ldo);
+            continue;
+        }
+        if (c->isa == ISA_AVX2) {
+            decode_row_avx2(c->L, n, c->out + i * c->ldo);
             continue;
         }
 #endif
@@ -1679,13 +1717,38 @@ int ws_cb_decode_rows(const uint8_t *idx, const float *tab, int64_t N, int64_t K
     if (!rows && count > N) return -1;
     if (isa != ISA_PORTABLE && !cpu_has(isa)) return -2;
     if (isa == ISA_AVX512 && group != K && group % 16) isa = ISA_PORTABLE;
-    if (isa == ISA_AVX2) isa = ISA_PORTABLE; /* row decoding is memory-bound: the scalar loop is near it */
+    if (isa == ISA_AVX2 && !planes_fit(&L)) isa = ISA_PORTABLE;
     decode_ctx c = {&L, rows, count, out, ldo, isa};
     const int nth = (double)count * (double)K < 2e5 ? 1 : nthreads;
     parallel(task_decode, &c, nth);
     return 0;
 }
 
-/* setuptools builds this as an extension module; nothing is exported to Python itself. */
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_codebook_core", NULL, -1, NULL};
+/* setuptools builds this as an extension module.  Everything is called through ctypes but the one call made
+   per layer per forward pass: linear_g(geometry, x, M, bias, y, isa, mode, fused_max, nthreads) (addresses
+   as integers, bias 0 for none) is ws_cb_linear_g as a METH_FASTCALL function, because a ctypes call with
+   nine converted arguments costs about 6 us, as long as a small layer takes.  The GIL is released. */
+static PyObject *py_linear_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "linear_g takes 9 integer arguments");
+        return NULL;
+    }
+    long long v[9];
+    for (int i = 0; i < 9; i++) {
+        v[i] = PyLong_AsLongLong(args[i]);
+        if (v[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ws_cb_linear_g((const int64_t *)(intptr_t)v[0], (const float *)(intptr_t)v[1], v[2],
+                        v[3] ? (const float *)(intptr_t)v[3] : NULL, (float *)(intptr_t)v[4], (int)v[5], (int)v[6],
+                        (int)v[7], (int)v[8]);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+static PyMethodDef methods[] = {{"linear_g", (PyCFunction)(void (*)(void))py_linear_g, METH_FASTCALL, NULL},
+                                {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_codebook_core", NULL, -1, methods};
 PyMODINIT_FUNC PyInit__codebook_core(void) { return PyModule_Create(&module); }
