@@ -1,6 +1,11 @@
 # Two entry points: `make demo` (set up, compress the bundled MiniLM, print the report)
 # and `make test` (set up, run the tests).  Everything installs into .venv.
-PYTHON ?= python3.11
+# Overridable: `make test PYTHON=python3.12`; on a machine without a local CPU wheel of torch,
+# `make test TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU build from PyTorch's index
+# (a bare `pip install torch` on Linux takes the CUDA build, several GB).
+PYTHON      ?= $(shell command -v python3.11 || command -v python3)
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 WS      = $(VENV)/bin/weightshare
@@ -10,10 +15,11 @@ export TOKENIZERS_PARALLELISM = false
 .PHONY: setup setup-bench demo test bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py weightshare/_kmeans.c weightshare/_hash.c weightshare/kernels/_codebook.c
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "weightshare needs Python >= 3.11: make PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch that lies on this machine's disk; a bare `torch` would pull CUDA
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first and pinned: TORCH_INDEX picks the CPU wheel index where no local CPU wheel answers
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

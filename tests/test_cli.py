@@ -67,7 +67,7 @@ def test_transformers_directory_round_trip(minilm_path, tmp_path, dtype):
     AutoModel.from_pretrained(minilm_path).to(dtype).save_pretrained(src)
     from weightshare import hub
 
-    model, _, _ = hub.load_pretrained(src)
+    model = hub.load_pretrained(src)
     assert model.dtype == dtype
     ws.share_(model, ws.CodebookConfig(bits=3, granularity="per_tensor"), filter_fn=ws.compress.is_compressible)
     ws.save(model, tmp_path / "p")

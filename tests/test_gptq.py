@@ -141,7 +141,7 @@ def minilm(minilm_path):
 def calibrated(minilm_path):
     from weightshare.hub import load_pretrained
 
-    model, _, _ = load_pretrained(minilm_path)  # knows its source folder: ws.save can write it
+    model = load_pretrained(minilm_path)  # knows its source folder: ws.save can write it
     texts = calibration_sentences(48)
     batches = text_batches(model.tokenizer, texts, batch_size=16)
     ws.set_progress(False)

@@ -329,3 +329,17 @@ def test_a_changed_spec_is_refused_even_when_it_still_fits_the_tensors(packed_ti
              fix_spec_checksum=False)
     with pytest.raises(ws.PackError, match="checksum mismatch for the sharing spec"):
         ws.load(path, model=TinyNet())
+
+
+def test_the_model_inside_a_sentence_transformer_saves_a_complete_folder(tmp_path, minilm_path):
+    """load_pretrained returns the model; saving the transformers model inside it (what a codebook was applied
+    to) writes the same complete folder: tokenizer and pooling are not lost."""
+    from weightshare.hub import inner_model, load_pretrained
+
+    model = load_pretrained(minilm_path)
+    inner = inner_model(model)
+    ws.share_(inner, ws.CodebookConfig(bits=2), filter_fn=lambda m, n: n.endswith("layer.5.output.dense"))
+    ws.save(inner, tmp_path / "p")
+    assert (tmp_path / "p" / "tokenizer.json").is_file() and (tmp_path / "p" / "modules.json").is_file()
+    emb = ws.load(tmp_path / "p").encode(["weight sharing"])
+    assert emb.shape == (1, 384)

@@ -12,6 +12,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "net-3bit" / "weightshare.safetensors").is_file()
+    assert (tmp_path / "out" / "mini-encoder-4bit" / "tokenizer.json").is_file()  # a complete folder
 
 
 def test_readme_cotrain_config_is_valid(tmp_path):

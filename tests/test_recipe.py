@@ -103,7 +103,7 @@ def test_the_readme_recipe_reads_and_fits_minilm(tmp_path, minilm_path):
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "dense:" in b]
     recipe = read_recipe(_write(tmp_path, block))
-    model, _, _ = hub.load_pretrained(minilm_path)
+    model = hub.load_pretrained(minilm_path)
     configs, dense = resolve(recipe, hub.inner_model(model), recipe.base_config(CodebookConfig()), is_compressible)
     assert dense == {"pooler.dense"}
     assert configs["encoder.layer.5.attention.self.value"].bits == 4

@@ -109,12 +109,13 @@ def model_class(config):
     return None
 
 
-def load_pretrained(src: str | os.PathLike) -> tuple[nn.Module, nn.Module, Source]:
-    """Load a model directory.
+def load_pretrained(src: str | os.PathLike) -> nn.Module:
+    """Load a local model directory: a ``SentenceTransformer``, or the transformers class its
+    ``config.json`` names, in eval mode on the CPU.
 
-    Returns ``(model, inner, source)``: ``model`` is what the user works with
-    (a SentenceTransformer or a transformers model), ``inner`` the transformers
-    model whose weights are shared, ``source`` where its files are.
+    The model remembers where its files are, so that ``ws.save`` writes a complete packed
+    directory (config, tokenizer, pooling and other modules) from it, or from the transformers
+    model inside it (``inner_model(model)``, the model whose weights are shared).
     """
     source = detect(src)
     config_dir = Path(source.path) / source.weights_subdir
@@ -130,8 +131,9 @@ def load_pretrained(src: str | os.PathLike) -> tuple[nn.Module, nn.Module, Sourc
         cls = model_class(config_dir) or AutoModel
         model = inner = cls.from_pretrained(str(source.path))
     model.eval()
-    model._weightshare_source = source  # ws.save copies config/tokenizer files from here
-    return model, inner, source
+    # ws.save copies config/tokenizer/module files from here, whichever of the two it is handed
+    model._weightshare_source = inner._weightshare_source = source
+    return model
 
 
 def inner_model(model: nn.Module) -> nn.Module:

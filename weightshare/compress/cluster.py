@@ -185,7 +185,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
             raise ValueError("calibration: no texts\n  expected: at least one non-empty text")
     else:
         texts = read_texts(calibration)
-    model, _, _ = hub.load_pretrained(src)
+    model = hub.load_pretrained(src)
     configs, dense = resolve(plan, hub.inner_model(model), config, is_compressible) if plan else ({}, set())
     if builtin:
         if _has_tokenizer(model):
