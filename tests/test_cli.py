@@ -229,3 +229,31 @@ def test_compress_verbose_prints_the_per_tensor_table(tmp_path, capsys, where):
     finally:
         logging.getLogger("weightshare").setLevel(level)  # main() configures logging for a whole process
     assert "attn.c_attn.weight" in capsys.readouterr().out
+
+
+def test_compress_records_how_it_was_made(tmp_path):
+    """The packed folder holds the run's settings as a recipe that compress accepts (and that makes the same
+    tensors again), and a model card in place of the source's."""
+    from transformers import BertConfig, BertModel
+
+    from weightshare.compress.recipe import read_recipe
+    from weightshare.pack import PackedFile
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "src")
+    (tmp_path / "src" / "README.md").write_text("the source's own card")
+    out = tmp_path / "p"
+    assert main(["--quiet", "compress", str(tmp_path / "src"), "--bits", "3", "--granularity", "per_group",
+                 "--group-size", "16", "--data-free", "--out", str(out)]) == 0
+    plan = read_recipe(out / "weightshare_recipe.yml")
+    assert plan.config == {"bits": 3, "granularity": "per_group", "group_size": 16}
+    assert plan.settings == {"calibration": "none", "finetune_steps": 0, "finetune_norms": False, "outliers": 0.0}
+    card = (out / "README.md").read_text()
+    assert "weightshare compress" in card and "bits per compressed weight" in card
+    assert main(["--quiet", "compress", str(tmp_path / "src"), "--recipe", str(out / "weightshare_recipe.yml"),
+                 "--out", str(tmp_path / "again")]) == 0
+    first, again = (out / FILENAME).read_bytes(), (tmp_path / "again" / FILENAME).read_bytes()
+    n = int.from_bytes(first[:8], "little")  # the header's metadata order is safetensors' own (a hash map)
+    assert first[8 + n:] == again[8 + n:]  # the same tensors, byte for byte
+    assert PackedFile(out).spec == PackedFile(tmp_path / "again").spec

@@ -453,3 +453,25 @@ def test_mergekit_configs_of_breadcrumbs_and_della_equal_the_python_call(berts, 
                     **{"scale" if k == "lambda" else k: v for k, v in glob.items()})
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_a_merge_records_itself_and_its_dtype(berts, tmp_path):
+    """The output's config.json names the merged dtype (transformers loads bf16 as bf16); mergekit_config.yml holds
+    the merge with every parameter resolved and makes the same model again; the model card says how it was made."""
+    from transformers import AutoModel
+
+    from weightshare.merge.config import merge_from_config
+
+    out = ws.merge([berts["a"], berts["b"]], "ties", base=berts["base"], weights=[0.7, 0.3], density=[0.3, 0.5],
+                   scale=0.9, dtype="bfloat16", out=tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    assert next(AutoModel.from_pretrained(out).parameters()).dtype == torch.bfloat16
+    recorded = read_config(out / "mergekit_config.yml")
+    assert recorded["method"] == "ties" and recorded["weights"] == [0.7, 0.3] and recorded["density"] == [0.3, 0.5]
+    assert recorded["scale"] == 0.9 and recorded["normalize"] is True  # ties' default, resolved
+    again = merge_from_config(out / "mergekit_config.yml", tmp_path / "again")
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    card = (out / "README.md").read_text()
+    assert "ties" in card and str(berts["a"]) in card and "weightshare" in card

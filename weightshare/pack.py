@@ -210,7 +210,7 @@ def staged_dir(dest: str | os.PathLike):
         raise
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | None = None) -> Path:
     """Write ``model`` as a packed directory at ``path`` and return the path.
 
     ``model`` is a transformers model or SentenceTransformer (its config,
@@ -218,6 +218,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     from with weightshare), or any ``nn.Module`` (then ``ws.load`` needs a
     skeleton module).  The folder is built beside ``path`` and renamed into
     place, so an existing packed model is replaced whole or not at all.
+    ``records``: text files (name -> text) written at the folder's top, in place of
+    the source's (how the model was made: a model card, the recipe).
     """
     path = Path(path)
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
@@ -232,6 +234,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
             hub.mark_packed_config(tmp / source_meta["weights_subdir"], FILENAME if not source_meta["weights_subdir"] else None)
         (tmp / FILENAME).write_bytes(data)
+        for name, text in (records or {}).items():
+            (tmp / name).write_text(text)
     return path
 
 

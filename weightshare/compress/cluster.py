@@ -203,5 +203,39 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         raise ValueError(f"--target-size: the packed file would be {size:,} bytes, above {target_bytes:,}\n"
                          "  this is a bug in the size prediction; ask for a slightly smaller size")
     log.info("clustered in %.2f s", seconds)
-    pack.save(model, out)
-    return model, report(model), seconds
+    rep = report(model)
+    settings = {"bits": config.bits, "granularity": config.granularity, "group_size": config.group_size,
+                # texts handed over in Python have no name a recipe could give
+                "calibration": "builtin" if builtin else "none" if texts is None else None
+                if isinstance(calibration, (list, tuple)) else str(calibration),
+                "method": method if texts else None, "finetune_steps": finetune_steps,
+                "finetune_norms": finetune_norms, "outliers": outliers, "target_size": target_size,
+                "avg_bits": avg_bits}  # every setting a rerun would otherwise take from the flags' defaults
+    pack.save(model, out, records=compress_records(src, settings, plan, rep, seconds))
+    return model, rep, seconds
+
+
+def compress_records(src, settings: dict, plan, rep, seconds: float) -> dict[str, str]:
+    """How a packed model was made: ``weightshare_recipe.yml`` (a recipe ``--recipe`` accepts, every setting the
+    run used) and a model card ``README.md`` in place of the source's."""
+    import yaml
+    from importlib.metadata import version
+
+    recipe = {k: v for k, v in settings.items() if v is not None}
+    if plan is not None:
+        if plan.layers:
+            recipe["layers"] = [{"match": glob, **over} for glob, over in plan.layers]
+        if plan.dense:
+            recipe["dense"] = list(plan.dense)
+    text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None)
+    card = "\n".join([
+        "---", "tags: [weightshare, codebook, palettization]", "---", "",
+        f"# {Path(str(src)).name}, compressed to codebooks", "",
+        f"Made with weightshare {version('weightshare')} from `{src}` (`weightshare compress`) in {seconds:.0f} s: "
+        f"{rep.bits_per_weight:.2f} bits per compressed weight, tables counted; {rep.bytes_packed / 1e6:.2f} MB "
+        f"packed. It loads with `weightshare.load(DIR)`, or, once `weightshare` is imported, with transformers' "
+        "`from_pretrained` or `SentenceTransformer(DIR)`; `weightshare export DIR --out DENSE` writes a plain "
+        "model.", "",
+        "Settings (`weightshare_recipe.yml`; `weightshare compress SRC --recipe weightshare_recipe.yml` makes it "
+        "again):", "", "```yaml", text.rstrip(), "```", ""])
+    return {"weightshare_recipe.yml": text, "README.md": card}

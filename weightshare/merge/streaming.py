@@ -417,4 +417,55 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
         target = tmp / ref.weights_subdir
         target.mkdir(parents=True, exist_ok=True)
         write_safetensors(target / WEIGHTS, entries, merged(), metadata={"format": "pt"})
+        floats = [dt for _, _, dt in entries if dt.is_floating_point]
+        if floats:
+            _set_config_dtype(target / "config.json", floats[0])
+        _record(tmp, method, models, base, model_params, params, spec, dtype)
     return Path(out)
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """The merged weights' dtype in ``config.json``, which transformers and sentence-transformers load them as."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]  # transformers 5 writes dtype
+    for k in keys:
+        config[k] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _describe_input(m) -> str:
+    return str(m) if isinstance(m, (str, os.PathLike)) else f"<{type(m).__name__} in memory>"
+
+
+def _record(folder: Path, method: str, models, base, model_params: dict, params: dict, spec, dtype) -> None:
+    """How the merge was made, as mergekit records it: ``mergekit_config.yml`` (the merge in mergekit's YAML, every
+    parameter resolved to the value used) and a model card ``README.md`` in place of the source's."""
+    import yaml
+    from importlib.metadata import version
+
+    renamed = {"scale": "lambda"}  # this file speaks mergekit's names
+    entries = []
+    for i, m in enumerate(models):
+        per = {k: v[i] for k, v in model_params.items()}
+        entries.append({"model": _describe_input(m), **({"parameters": per} if per else {})})
+    glob = {renamed.get(k, k): params.get(k, d) for k, d in spec.params.items()}
+    if base is None and method == "slerp":  # mergekit names slerp's t = 0 end as its base_model
+        base = models[0]
+    config = {"merge_method": method, **({"base_model": _describe_input(base)} if base is not None else {}),
+              "models": entries, **({"parameters": glob} if glob else {}), **({"dtype": dtype} if dtype else {})}
+    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    (folder / "mergekit_config.yml").write_text(text)
+    library = "sentence-transformers" if (folder / "modules.json").is_file() else "transformers"
+    lines = ["---", f"library_name: {library}", "tags: [merge, weightshare]", "---", "",
+             f"# A {method} merge", "",
+             f"This model was made with [weightshare](https://pypi.org/project/weightshare/) {version('weightshare')} "
+             f"(`weightshare merge`), method `{method}` ({spec.source}).", ""]
+    if base is not None:
+        lines += [f"Base model: `{_describe_input(base)}`", ""]
+    lines += ["Models merged:", ""] + [f"- `{e['model']}`" for e in entries] + [
+        "", "Configuration (`mergekit_config.yml`; `weightshare merge mergekit_config.yml --out DIR` makes it again):",
+        "", "```yaml", text.rstrip(), "```", ""]
+    (folder / "README.md").write_text("\n".join(lines))
