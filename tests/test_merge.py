@@ -475,3 +475,24 @@ def test_a_merge_records_itself_and_its_dtype(berts, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     card = (out / "README.md").read_text()
     assert "ties" in card and str(berts["a"]) in card and "weightshare" in card
+
+
+def test_a_filter_that_matches_no_tensor_warns_or_with_strict_is_refused(berts, tmp_path, caplog):
+    """mergekit's SLERP example filters on self_attn / mlp, which a BERT has not: said, never silently ignored."""
+    from weightshare.cli import main
+
+    t = [{"filter": "self_attn", "value": 0.2}, {"filter": "attention", "value": 0.3}, {"value": 0.5}]
+    with caplog.at_level("WARNING", logger="weightshare.merge.streaming"):
+        plan = ws.merge([berts["a"], berts["b"]], "slerp", t=t, plan=True)
+    assert plan["encoder.layer.0.attention.self.query.weight"]["t"] == 0.3
+    assert "t[0].filter 'self_attn' matches no tensor name" in caplog.text and "attention'" not in caplog.text
+    with pytest.raises(MergeError, match="t\\[0\\].filter 'self_attn'"):
+        ws.merge([berts["a"], berts["b"]], "slerp", t=t, plan=True, strict=True)
+    config = tmp_path / "slerp.yaml"
+    config.write_text(json.dumps({"merge_method": "slerp", "base_model": str(berts["a"]),
+                                  "models": [{"model": str(berts["a"])}, {"model": str(berts["b"])}],
+                                  "parameters": {"t": t}}))
+    assert main(["merge", str(config), "--dry-run", "--strict"]) == 2
+    assert main(["merge", str(config), "--out", str(tmp_path / "m"), "--strict"]) == 2
+    assert not (tmp_path / "m").exists()
+    assert main(["--quiet", "merge", str(config), "--out", str(tmp_path / "m")]) == 0

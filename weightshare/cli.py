@@ -76,9 +76,9 @@ def _merge(args) -> None:
         raise ValueError("merge: --out\n  expected: a new or empty directory for the merged model (or --dry-run)")
     if args.dry_run:
         print(json.dumps({k: v for k, v in kwargs.items() if v is not None}, indent=2, default=str))
-        _print_plan(merge(**kwargs, plan=True))
+        _print_plan(merge(**kwargs, plan=True, strict=args.strict))
         return
-    merge_from_config(args.config, args.out)
+    merge_from_config(args.config, args.out, strict=args.strict)
     print(f"merged model ({kwargs['method']}, {len(kwargs['models'])} models) written to {args.out}")
 
 
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dry-run", action="store_true",
                    help="check the config and the models' headers; print the merge it asks for and the parameters "
                         "each tensor gets where they vary; read no tensor")
+    m.add_argument("--strict", action="store_true",
+                   help="a parameter's filter that matches no tensor name is an error (default: a warning)")
     m.set_defaults(func=_merge)
 
     t = sub.add_parser("cotrain", parents=common, help="co-train one model per process from a YAML config (wraps torchrun)")

@@ -147,6 +147,6 @@ def read_config(path: str | os.PathLike) -> dict:
     return kwargs
 
 
-def merge_from_config(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Run the merge a mergekit-style config describes, streaming the result to ``out``."""
-    return merge(**read_config(path), out=out)
+def merge_from_config(path: str | os.PathLike, out: str | os.PathLike, strict: bool = False) -> Path:
+    """Run the merge a mergekit-style config describes, streaming the result to ``out`` (``strict``: see ``merge``)."""
+    return merge(**read_config(path), out=out, strict=strict)

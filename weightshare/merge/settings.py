@@ -28,7 +28,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterator
 
-__all__ = ["is_scalar", "is_conditions", "gradient_ok", "problems", "resolve", "leaves", "layer_positions", "per_tensor"]
+__all__ = ["is_scalar", "is_conditions", "gradient_ok", "problems", "resolve", "leaves", "layer_positions", "per_tensor",
+           "unmatched_filters"]
 
 MAX_ANCHORS = 4096  # a gradient longer than any layer stack is a mistake, not a setting
 MAX_DEPTH = 8  # conditions nest at most this deep
@@ -104,6 +105,20 @@ def resolve(value, name: str, t: float):
         if f is None or f == "*" or f in name:
             return resolve(cond["value"], name, t)
     return None
+
+
+def unmatched_filters(value, names, where: str) -> list[str]:
+    """The conditions of a setting whose ``filter`` occurs in none of ``names``: almost always a filter written
+    for another architecture (``self_attn`` on a BERT), which mergekit silently skips."""
+    if is_scalar(value) or value is None or not is_conditions(value):
+        return []
+    found = []
+    for i, cond in enumerate(value):
+        f = cond.get("filter")
+        if f is not None and f != "*" and not any(f in n for n in names):
+            found.append(f"{where}[{i}].filter {f!r} matches no tensor name (e.g. {next(iter(names), '')!r})")
+        found += unmatched_filters(cond.get("value"), names, f"{where}[{i}].value")
+    return found
 
 
 def leaves(value) -> Iterator[Any]:

@@ -24,6 +24,7 @@ weight, and must be in every input with one shape.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -37,6 +38,8 @@ from weightshare.pack import _HEADER_DTYPES
 from weightshare.pack import FILENAME as PACKED_FILENAME
 
 __all__ = ["MergeError", "merge", "open_model", "write_safetensors"]
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -270,7 +273,7 @@ def _side_module_problems(ref: _Model, others: list[_Model]) -> list[str]:
 
 
 def merge(models, method: str = "linear", base=None, weights=None, out: str | os.PathLike | None = None,
-          dtype: str | None = None, plan: bool = False, **params):
+          dtype: str | None = None, plan: bool = False, strict: bool = False, **params):
     """Merge ``models`` with ``method`` (a name in ``weightshare.merge.MERGE_METHODS``).
 
     ``models``: a list of model directories (Hugging Face or sentence-transformers, sharded
@@ -291,6 +294,9 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     beside ``DIR`` and renamed into place) and returns the path.  ``dtype``: ``"float32"``,
     ``"float16"`` or ``"bfloat16"`` for the merged float tensors (default: the reference
     model's own dtype); the arithmetic is float32 throughout.
+
+    A ``{filter, value}`` condition whose filter occurs in no tensor name is a warning that names
+    it (mergekit skips it silently); with ``strict=True`` it is one of the problems.
 
     ``plan=True`` stops after the checks and returns, for every float tensor, the parameters
     it would be merged with ({name: {parameter: value}}, per-model ones as lists): what a
@@ -347,6 +353,15 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     if ref is not None and ref.root is not None:
         problems += _side_module_problems(ref, [m for m in opened if m is not None and m is not ref])
     varying = None  # gradients and filters (settings.py): every tensor's own values, resolved from names alone
+    if ref is not None and not param_problems:
+        names = [k for k, (_, dt) in ref.meta.items() if dt.is_floating_point]
+        unmatched = [u for k, v in params.items() for u in settings.unmatched_filters(v, names, k)]
+        unmatched += [u for k, vs in model_params.items() for i, v in enumerate(vs)
+                      for u in settings.unmatched_filters(v, names, f"models[{i}].{k}")]
+        if strict:
+            problems += unmatched
+        for u in [] if strict else unmatched:
+            log.warning("merge: %s; its value is never used (--strict makes this an error)", u)
     if ref is not None and spec.tensorwise and not param_problems:
         varying, unresolved = settings.per_tensor([k for k, (_, dt) in ref.meta.items() if dt.is_floating_point],
                                                   spec.params, spec.model_params, params, model_params)
