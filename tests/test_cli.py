@@ -95,18 +95,21 @@ def _bad_model_dir(tmp_path, minilm_path):
     [
         (lambda t, m: ["compress", str(t / "missing"), "--bits", "4", "--out", str(t / "o")], "model directory not found"),
         (lambda t, m: ["compress", str(t), "--bits", "4", "--out", str(t / "o")], "not a model directory"),
-        (lambda t, m: ["compress", str(_bad_model_dir(t, m)), "--bits", "4", "--out", str(t / "o")], "unknown model type"),
-        (lambda t, m: ["compress", m, "--bits", "9", "--out", str(t / "o")], "bits must be an integer in 1..8"),
+        (lambda t, m: ["compress", str(_bad_model_dir(t, m)), "--bits", "4", "--out", str(t / "o")], "unknown model_type"),
+        (lambda t, m: ["compress", m, "--bits", "9", "--out", str(t / "o")], "--bits 9: expected 1..8"),
         (lambda t, m: ["compress", m, "--bits", "4", "--granularity", "per_group", "--group-size", "5",
-                       "--out", str(t / "o")], "group_size must divide"),
+                       "--data-free", "--out", str(t / "o")], "--group-size 5 does not divide its rows of 384"),
         (lambda t, m: ["compress", m, "--bits", "4", "--granularity", "per_group", "--out", str(t / "o")],
-         "group_size must be a positive integer"),
+         "--granularity per_group needs --group-size"),
         (lambda t, m: ["compress", m, "--bits", "4", "--calibration", str(t / "none.txt"), "--out", str(t / "o")],
          "calibration file not found"),
         (lambda t, m: ["compress", m, "--bits", "4", "--data-free", "--calibration", str(t / "none.txt"),
                        "--out", str(t / "o")], "--data-free and --calibration"),
         (lambda t, m: ["compress", m, "--bits", "4", "--finetune-steps", "-1", "--out", str(t / "o")],
          "--finetune-steps"),
+        (lambda t, m: ["compress", m, "--target-size", "8XB", "--out", str(t / "o")], "--target-size '8XB': expected"),
+        (lambda t, m: ["export", str(t / "p"), "--max-shard-size", "0", "--out", str(t / "o")],
+         "--max-shard-size 0: expected a positive size"),
         (lambda t, m: ["inspect", str(t)], "no weightshare.safetensors"),
         (lambda t, m: ["bench", "nosuch"], "unknown benchmark"),
     ],
@@ -117,6 +120,8 @@ def test_bad_input_one_clear_error(minilm_path, tmp_path, capsys, make_args, mat
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # nothing half-written
+    # in the command line's words, said once
+    assert "CodebookConfig" not in err and "filter_fn" not in err and f"error: {args[0]}:" not in err
 
 
 def test_tampered_file_exit_code_in_a_real_process(packed, tmp_path):

@@ -15,17 +15,46 @@ import sys
 from importlib.metadata import version
 
 
+def _check_compress_flags(args) -> None:
+    """Every flag that can be checked alone, in the flag's own words, before anything is loaded."""
+    from weightshare.compress.budget import parse_size
+
+    if not 1 <= args.bits <= 8:
+        raise ValueError(f"--bits {args.bits}: expected 1..8 (index bits per weight; tables have 2**bits entries)")
+    if args.granularity == "per_group" and args.group_size is None:
+        raise ValueError("--granularity per_group needs --group-size G (input weights that share one table)")
+    if args.group_size is not None and args.granularity != "per_group":
+        raise ValueError(f"--group-size {args.group_size} goes with --granularity per_group "
+                         f"(got --granularity {args.granularity})")
+    if args.group_size is not None and args.group_size < 1:
+        raise ValueError(f"--group-size {args.group_size}: expected a positive number of weights")
+    if args.finetune_steps < 0:
+        raise ValueError(f"--finetune-steps {args.finetune_steps}: expected 0 or more (0 skips fine-tuning)")
+    if args.data_free and args.calibration:
+        raise ValueError("--data-free and --calibration: expected one of them (or neither: the built-in corpus)")
+    if args.target_size is not None and args.avg_bits is not None:
+        raise ValueError("--target-size and --avg-bits: expected one of them")
+    if args.target_size is not None:
+        parse_size(args.target_size, "--target-size")
+    if args.avg_bits is not None and not 0 < args.avg_bits <= 32:
+        raise ValueError(f"--avg-bits {args.avg_bits}: expected a number of bits per weight above 0")
+    if not 0 <= args.outliers < 1:
+        raise ValueError(f"--outliers {args.outliers}: expected a fraction of the weights, 0 <= f < 1 (0.005: 0.5 %)")
+
+
+# library messages that name a Python field where the command line has a flag
+_FLAG_WORDS = (("CodebookConfig.bits", "--bits"), ("CodebookConfig.group_size", "--group-size"),
+               ("group_size=", "--group-size "), ("max_shard_size", "--max-shard-size"),
+               ("give this tensor another granularity", "give this tensor its own in a --recipe layers: entry"))
+
+
 def _compress(args) -> None:
     from weightshare.compress import compress
     from weightshare.sharing.codebook import CodebookConfig
 
     from weightshare.compress.cluster import BUILTIN
 
-    if args.finetune_steps < 0:
-        raise ValueError(f"compress: --finetune-steps\n  expected: a non-negative integer (0 skips fine-tuning)\n"
-                         f"  got: {args.finetune_steps}")
-    if args.data_free and args.calibration:
-        raise ValueError("compress: --data-free and --calibration\n  expected: one of them (or neither: the built-in corpus)")
+    _check_compress_flags(args)
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
     calibration = None if args.data_free else args.calibration or BUILTIN
     model, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
@@ -62,6 +91,11 @@ def _inspect(args) -> None:
 
 def _export(args) -> None:
     import weightshare as ws
+    from weightshare.compress.budget import parse_size
+
+    if isinstance(args.max_shard_size, str) and args.max_shard_size.strip().isdigit():
+        args.max_shard_size = int(args.max_shard_size)  # bytes, as save_pretrained takes them
+    parse_size(args.max_shard_size, "--max-shard-size")  # before the model is opened
 
     ws.export(args.dir, args.out, max_shard_size=args.max_shard_size)
     print(f"dense model written to {args.out}")
@@ -235,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.disable_progress_bar()
     try:
         args.func(args)
-    except ValueError as exc:  # bad input: one clear message, no traceback
-        print(f"weightshare {args.command}: error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # bad input: one clear message, no traceback, in the command line's words
+        message = str(exc).removeprefix(f"{args.command}: ")  # said once, by the prefix below
+        for python, flag in _FLAG_WORDS:
+            message = message.replace(python, flag)
+        print(f"weightshare {args.command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine said no (permissions, disk full): say what and where
         print(f"weightshare {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)

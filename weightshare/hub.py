@@ -83,12 +83,11 @@ def _check_model_type(config_dir: Path) -> None:
     except ValueError as exc:
         raise ValueError(f"{config_dir / 'config.json'} is not valid JSON ({exc})") from None
     if model_type not in CONFIG_MAPPING:
-        known = sorted(CONFIG_MAPPING.keys())
-        raise ValueError(
-            f"unknown model type in {config_dir / 'config.json'}\n"
-            f"  expected: a model_type transformers knows ({len(known)} of them, e.g. {', '.join(known[:12])}, ...)\n"
-            f"  got: {model_type!r}"
-        )
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "a model_type transformers knows"
+        raise ValueError(f"{config_dir / 'config.json'}: unknown model_type {model_type!r}: {hint}")
 
 
 def model_class(config):

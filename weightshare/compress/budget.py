@@ -45,10 +45,10 @@ def parse_size(value: str | int, flag: str = "--target-size") -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
         if not m or m.group(2).upper() not in _UNITS:
-            raise ValueError(f"{flag}\n  expected: a size such as 8MB, 7.5MiB or 8000000 (bytes)\n  got: {value!r}")
+            raise ValueError(f"{flag} {value!r}: expected a size such as 8MB, 7.5MiB or 8000000 (bytes)")
         n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if n <= 0:
-        raise ValueError(f"{flag}\n  expected: a positive size\n  got: {value!r}")
+        raise ValueError(f"{flag} {value!r}: expected a positive size such as 8MB")
     return n
 
 

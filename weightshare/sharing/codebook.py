@@ -106,11 +106,8 @@ def group_layout(shape: torch.Size | tuple, granularity: str, group_size: int | 
     if granularity == "per_channel":
         return rows, row_len
     if row_len % group_size:
-        raise ValueError(
-            f"{name}: group_size must divide the row length\n"
-            f"  expected: a divisor of {row_len} (shape {tuple(shape)})\n  got: group_size={group_size}\n"
-            "  choose another group_size or exclude this tensor with filter_fn"
-        )
+        raise ValueError(f"{name}: group_size={group_size} does not divide its rows of {row_len} weights (shape "
+                         f"{tuple(shape)}): choose a divisor of {row_len}, or give this tensor another granularity")
     return rows * (row_len // group_size), group_size
 
 
