@@ -461,7 +461,7 @@ def test_breadcrumbs_counts_on_small_tensors_and_defaults():
     torch.testing.assert_close(method("breadcrumbs")(models, base, name="w", weight=[1, 1]),
                                method("task_arithmetic")(models, base, name="w", weight=[1, 1]))
     problems = check_params(MERGE_METHODS["breadcrumbs"], 2, True, {"gamma": [0.01, 1.0]}, {})
-    assert problems == ["gamma must be in [0, 1); got 1.0"]
+    assert problems == ["gamma must be in [0, 1); got 1.0 (in gamma[1])"]
 
 
 # ----------------------------------------------------------------------------- DELLA
@@ -522,7 +522,7 @@ def test_della_checks_density_and_epsilon_together():
     assert check_params(della, 2, True, {"density": [0.5, 0.8], "epsilon": [0.15, 0.1]}, {}) == []
     assert check_params(della, 2, True, {"density": [0.5, 0.9], "epsilon": [0.15, 0.15]}, {}) == [
         "density ± epsilon must lie in (0, 1); got density 0.9 with epsilon 0.15"]
-    assert check_params(della, 1, True, {"epsilon": [1.5]}, {}) == ["epsilon must be in [0, 1); got 1.5"]
+    assert check_params(della, 1, True, {"epsilon": [1.5]}, {}) == ["epsilon must be in [0, 1); got 1.5 (in epsilon[0])"]
 
 
 # ----------------------------------------------------------------------------- TSV-Merge

@@ -72,7 +72,8 @@ def test_malformed_settings_are_named():
         assert any(want in p for p in problems), (want, problems)
     # every value a setting can take is range-checked, its anchors and its conditions' values
     problems = check_params(ties, 2, True, {"density": [[0.2, 1.5], [{"filter": "a", "value": 0.0}]]}, {})
-    assert sorted(problems) == ["density must be in (0, 1]; got 0.0", "density must be in (0, 1]; got 1.5"]
+    assert sorted(problems) == ["density must be in (0, 1]; got 0.0 (in density[1])",
+                                "density must be in (0, 1]; got 1.5 (in density[0])"]
 
 
 def test_a_per_layer_gradient_merges_as_one_number_per_tensor():

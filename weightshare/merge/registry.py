@@ -124,16 +124,26 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
             found = [p for w, v in zip(where, values) if v is not None for p in settings.problems(v, w, ok)]
             problems += found
             if not found:
-                shaped[key] = [leaf for v in values for leaf in settings.leaves(v)]
+                shaped[key] = [(w, leaf) for w, v in zip(where, values) for leaf in settings.leaves(v)]
     else:
-        shaped = model_params
-    for d in shaped.get("density", []):
-        if not (_number(d) and 0 < d <= 1):
-            problems.append(f"density must be in (0, 1]; got {d!r}")
+        shaped = {k: [(f"{k}[{i}]", v) for i, v in enumerate(vs)] for k, vs in model_params.items()}
+    # each out-of-range value once, saying where it was given (density[1]: the second model's)
+    named: dict[str, dict] = {}
+    for k, pairs in shaped.items():
+        for where, v in pairs:
+            named.setdefault(k, {}).setdefault(v, []).append(where)
+    shaped = {k: list(by_value) for k, by_value in named.items()}
+
+    def out_of_range(key: str, ok, rule: str) -> None:
+        for v, wheres in named.get(key, {}).items():
+            if not ok(v):
+                given = ", ".join(dict.fromkeys(wheres))
+                problems.append(f"{key} must be {rule}; got {v!r} (in {given})" if given != key else
+                                f"{key} must be {rule}; got {v!r}")
+
+    out_of_range("density", lambda d: _number(d) and 0 < d <= 1, "in (0, 1]")
     epsilons = shaped.get("epsilon", [])
-    for e in epsilons:
-        if not (_number(e) and 0 <= e < 1):
-            problems.append(f"epsilon must be in [0, 1); got {e!r}")
+    out_of_range("epsilon", lambda e: _number(e) and 0 <= e < 1, "in [0, 1)")
     # DELLA's keep probabilities, density ± epsilon, must be probabilities: every density a setting
     # can give with every epsilon (a stricter check than per tensor, never a looser one)
     bad = {(d, e) for d in shaped.get("density", []) for e in epsilons
@@ -141,10 +151,6 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
            and not (0 < d - e and d + e < 1)}
     for d, e in sorted(bad):
         problems.append(f"density ± epsilon must lie in (0, 1); got density {d!r} with epsilon {e!r}")
-    for g in shaped.get("gamma", []):
-        if not (_number(g) and 0 <= g < 1):
-            problems.append(f"gamma must be in [0, 1); got {g!r}")
-    for w in shaped.get("weight", []):
-        if not (_number(w) and w == w and abs(w) != float("inf")):
-            problems.append(f"weight must be a finite number; got {w!r}")
+    out_of_range("gamma", lambda g: _number(g) and 0 <= g < 1, "in [0, 1)")
+    out_of_range("weight", lambda w: _number(w) and w == w and abs(w) != float("inf"), "a finite number")
     return problems
