@@ -584,14 +584,16 @@ static AVX2 INLINE void block_indices_avx2(const uint8_t *p, const int BITS, __m
     }
 }
 
-/* PLANE_ORDER[lb][j]: the weight of a 64-block at position j of block64_avx2's output (lb: 0 for 2-3 bits, 1 for 4) */
+/* The first weight of each 16-weight lane run of a block's two index vectors (lb: 0 for 2-3 bits, 1 for 4):
+   A and B of I[0], then of I[1]. */
+static const int PLANE_FIRST[2][4] = {{0, 16, 32, 48}, {0, 32, 16, 48}};
+/* PLANE_ORDER[lb][j]: the weight of a 64-block at position j of the byte-plane decode's output */
 static uint8_t PLANE_ORDER[2][64];
 static void plane_order_init(void) {
-    static const int first[2][4] = {{0, 16, 32, 48}, {0, 32, 16, 48}}; /* A, B of I0, then of I1 */
     for (int lb = 0; lb < 2; lb++)
         for (int j = 0; j < 64; j++) {
             const int v = j / 8, l = j % 8, half = v / 4, i = v % 4;
-            PLANE_ORDER[lb][j] = (uint8_t)(first[lb][2 * half + (l >= 4)] + 4 * i + (l & 3));
+            PLANE_ORDER[lb][j] = (uint8_t)(PLANE_FIRST[lb][2 * half + (l >= 4)] + 4 * i + (l & 3));
         }
 }
 
@@ -1657,7 +1659,6 @@ static AVX512 void decode_row_512(const layer_t *L, int64_t n, float *out) {
 /* a row decoded by byte planes (2-4 bits, tables per row or per whole blocks), stored in natural order: each
    vector of the lookup is two runs of 4 weights, one per 128-bit half */
 static AVX2 void decode_row_avx2(const layer_t *L, int64_t n, float *out) {
-    static const int first[2][4] = {{0, 16, 32, 48}, {0, 32, 16, 48}}; /* as PLANE_ORDER */
     const int lb = L->bits == 4, BB = block_bytes(L->bits);
     const uint8_t *row = L->idx + n * L->row_bytes;
     const float *rt = L->tab + n * L->tab_stride;
@@ -1677,8 +1678,8 @@ static AVX2 void decode_row_avx2(const layer_t *L, int64_t n, float *out) {
             __m256 w[4];
             lookup32_avx2(I[h], P, w);
             for (int i = 0; i < 4; i++) {
-                _mm_storeu_ps(o + first[lb][2 * h] + 4 * i, _mm256_castps256_ps128(w[i]));
-                _mm_storeu_ps(o + first[lb][2 * h + 1] + 4 * i, _mm256_extractf128_ps(w[i], 1));
+                _mm_storeu_ps(o + PLANE_FIRST[lb][2 * h] + 4 * i, _mm256_castps256_ps128(w[i]));
+                _mm_storeu_ps(o + PLANE_FIRST[lb][2 * h + 1] + 4 * i, _mm256_extractf128_ps(w[i], 1));
             }
         }
         if (o == tail) memcpy(out + b * 64, tail, (size_t)(L->K - b * 64) * sizeof(float));
