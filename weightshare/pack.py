@@ -72,13 +72,20 @@ class PackError(ValueError):
     """A packed model that cannot be read: names the tensor or field and the problem."""
 
 
-def _sha256(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
-    """The checksum of a stored tensor: its dtype, shape and bytes (bytes only in files before version 3)."""
+def _checksum(dtype: str, shape, chunks, version: int = FORMAT_VERSION) -> str:
+    """The checksum of a stored tensor: its dtype, shape and bytes (bytes only in files before version 3);
+    ``chunks``: its bytes, in pieces."""
     h = hashlib.sha256()
     if version >= 3:
-        h.update(f"{dtype_name(t.dtype)}{list(t.shape)}".encode())
-    h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        h.update(f"{dtype}{list(shape)}".encode())
+    for chunk in chunks:
+        h.update(chunk)
     return h.hexdigest()
+
+
+def _sha256(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
+    """The checksum of a stored tensor held in memory."""
+    return _checksum(dtype_name(t.dtype), t.shape, [t.contiguous().reshape(-1).view(torch.uint8).numpy().data], version)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -536,18 +543,18 @@ class PackedFile:
                 for key, (dtype, shape) in self.infos.items():
                     if key in self._cache:
                         continue
-                    offset, left = self._spans[key]
-                    h = hashlib.sha256()
-                    if self.version >= 3:
-                        h.update(f"{dtype}{list(shape)}".encode())
+                    offset, nbytes = self._spans[key]
                     f.seek(offset)
-                    while left:
-                        step = f.readinto(view[:min(chunk, left)])
-                        if not step:
-                            raise EOFError(f"{left} bytes of {key!r} missing")
-                        h.update(view[:step])
-                        left -= step
-                    if h.hexdigest() != self.checksums[key]:
+
+                    def pieces(left=nbytes, key=key):
+                        while left:
+                            step = f.readinto(view[:min(chunk, left)])
+                            if not step:
+                                raise EOFError(f"{left} bytes of {key!r} missing")
+                            yield view[:step]
+                            left -= step
+
+                    if _checksum(dtype, shape, pieces(), self.version) != self.checksums[key]:
                         raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
         except (OSError, EOFError) as exc:
             raise PackError(f"{self.file}: cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
