@@ -38,6 +38,9 @@ def _check_compress_flags(args) -> None:
         parse_size(args.target_size, "--target-size")
     if args.avg_bits is not None and not 0 < args.avg_bits <= 32:
         raise ValueError(f"--avg-bits {args.avg_bits}: expected a number of bits per weight above 0")
+    if (args.text_field or args.label_field) and not args.eval:
+        raise ValueError("--text-field / --label-field name fields of the --eval file: give --eval FILE")
+    _check_eval_flags(args)
     if not 0 <= args.outliers < 1:
         raise ValueError(f"--outliers {args.outliers}: expected a fraction of the weights, 0 <= f < 1 (0.005: 0.5 %)")
 
@@ -55,6 +58,11 @@ def _compress(args) -> None:
     from weightshare.compress.cluster import BUILTIN
 
     _check_compress_flags(args)
+    texts = labels = None
+    if args.eval:  # read before the model loads: a bad file costs nothing
+        from weightshare.evaluate import read_data
+
+        texts, labels = read_data(args.eval, args.text_field, args.label_field, flag="--eval")
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
     calibration = None if args.data_free else args.calibration or BUILTIN
     model, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
@@ -70,6 +78,30 @@ def _compress(args) -> None:
               + " (--verbose lists them)")
     print(rep if getattr(args, "verbose", False) else _summary(rep))
     print(f"clustered in {seconds:.2f} s; packed model written to {args.out}")
+    if args.eval:
+        args.dir, args.reference, args.data, args.json = args.out, args.src, args.eval, False
+        try:
+            _eval(args, texts=texts, labels=labels)
+        except ValueError as exc:  # said of the file this command took as --eval
+            raise ValueError(str(exc).replace("--data", "--eval")) from None
+
+
+def _check_eval_flags(args) -> None:
+    if args.k < 1:
+        raise ValueError(f"--k {args.k}: expected 1 or more nearest neighbours")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected 1 or more texts")
+
+
+def _eval(args, texts=None, labels=None) -> None:
+    from weightshare.evaluate import evaluate, open_model, read_data
+
+    if texts is None:
+        _check_eval_flags(args)
+        texts, labels = read_data(args.data, args.text_field, args.label_field)  # before any model loads
+    result = evaluate(open_model(args.dir, "PACKED"), open_model(args.reference, "--reference"), texts, labels,
+                      k=args.k, batch_size=args.batch_size)
+    print(json.dumps(result.to_dict()) if args.json else result)
 
 
 def _summary(rep) -> str:
@@ -161,6 +193,15 @@ def _global_options(default) -> argparse.ArgumentParser:
     return g
 
 
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-field", default=None, metavar="NAME",
+                   help="csv/jsonl: the field holding the text (default: text, sentence, sentence1, content or prompt)")
+    p.add_argument("--label-field", default=None, metavar="NAME",
+                   help="csv/jsonl: the field holding the label (default: label, labels, class or target, if present)")
+    p.add_argument("--k", type=int, default=10, help="embedding models: nearest neighbours compared (default 10)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from weightshare.bench import NAMES  # the package is already imported: weightshare.cli lives in it
 
@@ -202,7 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits and granularity per layer (glob on module names), layers kept dense, and any of the "
                         "settings above; its keys replace the flags (see weightshare/compress/recipe.py)")
     c.add_argument("--out", required=True, help="output directory (new, empty, or a packed model to replace)")
+    c.add_argument("--eval", default=None, metavar="FILE",
+                   help="at the end, measure the packed model against SRC on FILE, as `weightshare eval` does")
+    _data_options(c)
     c.set_defaults(func=_compress)
+
+    v = sub.add_parser("eval", parents=common,
+                       help="measure a compressed model against the model it came from, on your data")
+    v.add_argument("dir", metavar="PACKED", help="the compressed model (a packed directory, or any model directory)")
+    v.add_argument("--reference", required=True, metavar="SRC", help="the model it was made from")
+    v.add_argument("--data", required=True, metavar="FILE",
+                   help="one text per line; or .csv / .jsonl with a text field (and a label field for classifiers)")
+    v.add_argument("--json", action="store_true", help="one JSON object")
+    _data_options(v)
+    v.set_defaults(func=_eval)
 
     i = sub.add_parser("inspect", parents=common, help="report of a packed model")
     i.add_argument("dir")

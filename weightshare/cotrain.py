@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import torch.distributed as dist
 
-    from weightshare.bench import table
+    from weightshare.report import table
     from weightshare.merge.distributed import CoTrainError
 
     log = (lambda m: print(m, flush=True)) if rank == 0 and not args.quiet else None

@@ -10,6 +10,8 @@ import importlib
 import json
 import os
 
+from weightshare.report import table  # noqa: F401 - the one table helper, also for the library's reports
+
 NAMES = ("kmeans", "minilm", "load", "digits-arch", "minilm-basis", "digits-mtl", "text-mtl", "merge-minilm", "soups", "cotrain", "runtime")
 
 
@@ -55,22 +57,3 @@ def _startup_environ() -> dict[str, str] | None:
     except OSError:
         return None
     return dict(i.decode(errors="replace").partition("=")[::2] for i in items if b"=" in i)
-
-
-def table(rows: list[dict], title: str = "") -> str:
-    """Plain-text table of dicts sharing keys (floats to 4 significant digits)."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "-" if v is None else str(v)
-
-    cells = [[fmt(r.get(k)) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = [title] if title else []
-    lines.append("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from weightshare.bench import table
+from weightshare.evaluate import embedding_fidelity as fidelity
 from weightshare.bench._references import (
     QUANTIZERS,
     ReferenceMissing,
@@ -46,19 +47,6 @@ log = logging.getLogger(__name__)
 AVG_BITS = (4.6, 3.55, 2.4)  # the issue's bits-per-weight ceilings at 4, 3 and 2 bits
 OUTLIERS = 0.005  # the fraction --outliers keeps exact in the outlier rows
 PLOT_MAX_MB = 16  # the chart's right edge: past the 4-bit sizes every method is above 0.99
-
-
-def fidelity(reference: torch.Tensor, emb: torch.Tensor, k: int = 10) -> dict:
-    """Cosine statistics and top-k neighbour overlap between two (N, d) embedding sets."""
-    cos = torch.nn.functional.cosine_similarity(reference, emb, dim=1).double().numpy()
-    a = torch.nn.functional.normalize(reference, dim=1)
-    b = torch.nn.functional.normalize(emb, dim=1)
-    sa, sb = a @ a.t(), b @ b.t()
-    sa.fill_diagonal_(-2)
-    sb.fill_diagonal_(-2)
-    na, nb = sa.topk(k, dim=1).indices, sb.topk(k, dim=1).indices
-    overlap = np.mean([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(na, nb)])
-    return {"cos_mean": float(cos.mean()), "cos_p1": float(np.percentile(cos, 1)), "top10_overlap": float(overlap)}
 
 
 def weight_error(original: torch.nn.Module, model: torch.nn.Module) -> float:

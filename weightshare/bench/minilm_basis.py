@@ -26,7 +26,7 @@ import os
 import tempfile
 
 from weightshare.bench import table
-from weightshare.bench.minilm import fidelity
+from weightshare.evaluate import embedding_fidelity as fidelity
 
 KINDS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
          "intermediate.dense", "output.dense")
