@@ -44,20 +44,19 @@ class Report:
         return json.dumps(self.to_dict())
 
     def __str__(self) -> str:
-        mb = 1e6
         lines = [
             f"params virtual   {self.params_virtual:>14,}",
             f"params stored    {self.params_stored:>14,}",
             f"sharing ratio    {self.sharing_ratio:>14.2f}x",
-            f"bytes dense      {self.bytes_dense / mb:>11.2f} MB",
-            f"bytes packed     {self.bytes_packed / mb:>11.2f} MB  ({self.bytes_dense / max(self.bytes_packed, 1):.2f}x smaller)",
+            f"bytes dense      {_size(self.bytes_dense)}",
+            f"bytes packed     {_size(self.bytes_packed)}  ({self.bytes_dense / max(self.bytes_packed, 1):.2f}x smaller)",
             f"bits per weight  {self.bits_per_weight:>14.3f}",
-            f"bytes in memory  {self.bytes_in_memory / mb:>11.2f} MB  (what the loaded model holds)",
+            f"bytes in memory  {_size(self.bytes_in_memory)}  (what the loaded model holds)",
         ]
         if self.layers:
             w = max(len(layer.name) for layer in self.layers)
             lines.append("")
-            lines.append(f"{'tensor':<{w}}  {'shape':<14} {'map':<9} {'detail':<20} {'virtual':>11} {'stored':>11} {'packed KB':>10}")
+            lines.append(f"{'tensor':<{w}}  {'shape':<14} {'map':<9} {'detail':<20} {'virtual':>11} {'stored':>11} {'packed kB':>10}")
             for r in self.layers:
                 shape = "x".join(map(str, r.shape))
                 lines.append(
@@ -65,6 +64,14 @@ class Report:
                     f"{r.params_stored:>11,} {r.bytes_packed / 1e3:>10.1f}"
                 )
         return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    """Bytes in the unit that shows them (decimal, as the sizes --target-size takes): 11 characters and the unit."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:>11.2f} {unit}"
+    return f"{n:>11,} B"
 
 
 def report(model: nn.Module) -> Report:

@@ -578,8 +578,10 @@ class CodebookMap(SharingMap):
         cb, tables = plist[0], plist.original.detach()
         store = table_storage_dtype(tables, cb.config)
         if store != TABLE_DTYPES[cb.config.table_dtype]:
-            log.warning("%s: tables moved off the %s grid (trained?): stored as %s to stay exact",
-                        name, cb.config.table_dtype, dtype_name(store))
+            # trained tables: keeping them exact is the right thing and costs a few bytes a table,
+            # nothing the user must act on (the report counts the wider tables)
+            log.info("%s: tables moved off the %s grid (trained?): stored as %s to stay exact",
+                     name, cb.config.table_dtype, dtype_name(store))
         put(f"{name}.__tables", tables.to(store).contiguous())
         put(f"{name}.__indices", torch.from_numpy(pack_bits(cb.labels.numpy(), cb.config.bits)))
         entry = {"shape": list(cb.shape), "dtype": dtype_name(tables.dtype), "config": config_to_dict(cb.config)}
