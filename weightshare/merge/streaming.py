@@ -202,7 +202,10 @@ def open_model(source, label: str | None = None) -> _Model:
         if path.is_file() and path.suffix == ".safetensors":
             return _safetensors_files(str(path), {"": path})
         if not path.exists():
-            raise ValueError(f"{str(path)!r}: no such file or directory")
+            # mergekit's rule, kept so that its configs run unchanged: a relative path is taken from the
+            # directory the command runs in, not the config's; the error says which directory that was
+            where = "" if path.is_absolute() else f" (relative paths are taken from the current directory, {os.getcwd()})"
+            raise ValueError(f"{str(source)!r}: no such file or directory{where}")
         raise ValueError(f"{str(path)!r}\n  expected: a model directory or a .safetensors file")
     raise ValueError(f"a model to merge\n  expected: a path, a state dict or an nn.Module\n  got: {type(source).__name__}")
 
