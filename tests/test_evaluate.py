@@ -218,3 +218,16 @@ def test_eval_bad_input_is_one_line_before_loading(lm, minilm_path, tmp_path, ca
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_quiet_eval_says_nothing_but_the_report(lm, tmp_path):
+    import subprocess
+    import sys
+
+    src, packed = lm
+    (tmp_path / "t.txt").write_text("hello world\nweight sharing\n")
+    proc = subprocess.run([sys.executable, "-m", "weightshare.cli", "--quiet", "eval", str(packed), "--reference",
+                           str(src), "--data", str(tmp_path / "t.txt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress bar (transformers' "Loading weights" either), no library warning
+    assert "perplexity" in proc.stdout

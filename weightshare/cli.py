@@ -51,6 +51,9 @@ _FLAG_WORDS = (("CodebookConfig.bits", "--bits"), ("CodebookConfig.group_size", 
                ("give this tensor another granularity", "give this tensor its own in a --recipe layers: entry"))
 
 
+_IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
+
+
 def _compress(args) -> None:
     from weightshare.compress import compress
     from weightshare.sharing.codebook import CodebookConfig
@@ -313,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s: %(message)s")
     if verbose:  # our own info messages, not every library's
         logging.getLogger("weightshare").setLevel(logging.INFO)
+    else:  # what other libraries say about themselves on import (torchao's missing CUDA kernels, torch's
+        # deprecations seen while torchao loads, through transformers' quantizers) is nothing a user can act on
+        for name in _IMPORT_CHATTER:
+            logging.getLogger(name).setLevel(logging.ERROR)
     import weightshare as ws
 
     ws.set_progress(not quiet)
