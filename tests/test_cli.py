@@ -262,3 +262,27 @@ def test_compress_records_how_it_was_made(tmp_path):
     n = int.from_bytes(first[:8], "little")  # the header's metadata order is safetensors' own (a hash map)
     assert first[8 + n:] == again[8 + n:]  # the same tensors, byte for byte
     assert PackedFile(out).spec == PackedFile(tmp_path / "again").spec
+
+
+def test_inspect_without_config_reads_the_file_alone(packed, tmp_path, capsys):
+    """A packed file without config.json (or a plain nn.Module's) is reported from the file; where a model can be
+    built, the file's counts equal the built model's."""
+    from weightshare.report import report_file
+
+    want, got = ws.report(ws.load(packed)), report_file(packed)
+    for key in ("params_virtual", "params_stored", "bytes_dense", "bytes_packed", "bits_per_weight"):
+        assert getattr(got, key) == getattr(want, key), key
+    assert [(r.name, r.map, r.detail, r.params_stored, r.bytes_packed) for r in got.layers] == \
+        [(r.name, r.map, r.detail.removesuffix(" (packed)"), r.params_stored, r.bytes_packed) for r in want.layers]
+    # hashed buckets clustered into a table (a map's state made by another map) and a plain nn.Module
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))  # noqa: E731
+    net = ws.share_(ws.share_(make(), ws.HashConfig(compression=1 / 8)), ws.CodebookConfig(bits=3, granularity="per_tensor"))
+    ws.save(net, tmp_path / "hc")
+    r = ws.report(net)
+    capsys.readouterr()
+    assert main(["--quiet", "inspect", str(tmp_path / "hc"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["from_file_only"] is True
+    for key in ("params_virtual", "params_stored", "bytes_packed", "bits_per_weight"):
+        assert printed[key] == pytest.approx(getattr(r, key)), key

@@ -115,12 +115,21 @@ def _inspect(args) -> None:
     import weightshare as ws
     from weightshare import kernels
 
-    model = ws.load(args.dir)
-    rep = ws.report(model)
+    from weightshare.pack import PackedFile
+    from weightshare.report import report_file
+
+    with PackedFile(args.dir) as pf:  # a model is built where its config is there to build it from
+        sub = pf.source["weights_subdir"]
+        buildable = pf.source["kind"] != "module" and (pf.root / sub / "config.json").is_file()
+    rep = ws.report(ws.load(args.dir)) if buildable else report_file(args.dir)
     if args.json:
-        print(json.dumps({**rep.to_dict(layers=True), "kernel": kernels.isa(), "kernel_detail": kernels.describe()}))
+        print(json.dumps({**rep.to_dict(layers=True), "kernel": kernels.isa(), "kernel_detail": kernels.describe(),
+                          "from_file_only": not buildable}))
     else:
         print(rep)
+        if not buildable:
+            print("(read from the packed file alone: no config.json to build the model from; buffers count as "
+                  "dense tensors, bytes in memory as 0)")
         print(f"kernel on this machine: {kernels.describe()}")
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Report", "LayerReport", "report", "table"]
+__all__ = ["Report", "LayerReport", "report", "report_file", "table"]
 
 
 @dataclass
@@ -148,6 +148,63 @@ def report(model: nn.Module) -> Report:
     else:
         bpw = 8 * sum(r.bytes_dense for r in layers) / max(virtual, 1)
     return Report(virtual, stored, virtual / max(stored, 1), bytes_dense, bytes_packed, bpw, layers, bytes_held(model))
+
+
+def report_file(path) -> Report:
+    """The report of a packed directory from its file alone: no model is built, so no ``config.json`` is needed
+    (``weightshare inspect`` on a plain ``nn.Module``'s packed file, or one without its config).
+
+    Counts as ``report`` does, per stored entry: a tensor's virtual parameters are its shape's, an alias (a
+    tied LM head) adds uses but stores nothing; a map's stored parameters are the floats of its own tensors
+    (tables; a nested map's too), its packed bytes every byte of them (indices, tables, outliers).  Unlike
+    ``report``, persistent buffers count as dense tensors (the file does not tell them apart) and nothing is
+    held in memory.
+    """
+    from weightshare.pack import PackedFile, _DTYPES
+
+    with PackedFile(path) as pf:
+        def nbytes(key: str) -> int:
+            dtype, shape = pf.infos[key]
+            return _prod(shape) * _DTYPES[dtype].itemsize
+
+        def floats(key: str) -> int:
+            dtype, shape = pf.infos[key]
+            return _prod(shape) if _DTYPES[dtype].is_floating_point else 0
+
+        own = {name: set(keys) for name, keys in pf.keys_of.items()}
+        for inner, outer in pf.nested.items():  # a map's state made by another map: its tensors are the outer's
+            own[outer] = (own.get(outer, set()) - {inner}) | own.pop(inner, set())
+        layers, shared_weights, shared_bytes = [], 0, 0
+        for name, entry in pf.entries.items():
+            target = pf.entries[entry["of"]] if entry["map"] == "alias" else entry
+            shape, size = tuple(target["shape"]), _DTYPES[target["dtype"]].itemsize
+            numel = _prod(shape)
+            if entry["map"] == "dense":
+                layers.append(LayerReport(name, shape, "dense", "", numel, numel, numel * size, nbytes(name)))
+                continue
+            keys = own.get(name, set())
+            stored, packed = sum(floats(k) for k in keys), sum(nbytes(k) for k in keys)
+            if entry["map"] == "alias":
+                detail, kind = f"tied to {entry['of']}", pf.entries[entry["of"]]["map"]
+            else:
+                detail, kind = _config_detail(entry.get("config") or {}), entry["map"]
+            if kind != "dense":
+                shared_weights += numel
+                shared_bytes += packed
+            layers.append(LayerReport(name, shape, kind, detail, numel, stored, numel * size, packed))
+    virtual, stored = sum(r.params_virtual for r in layers), sum(r.params_stored for r in layers)
+    bytes_dense = sum(r.bytes_dense for r in layers)
+    bpw = 8 * shared_bytes / shared_weights if shared_weights else 8 * bytes_dense / max(virtual, 1)
+    return Report(virtual, stored, virtual / max(stored, 1), bytes_dense, sum(r.bytes_packed for r in layers), bpw,
+                  layers, 0)
+
+
+def _config_detail(config: dict) -> str:
+    """A map's config in the report's words: "4-bit per_channel", "4-bit per_group(64)", else its fields."""
+    if "bits" in config and "granularity" in config:
+        group = f"({config['group_size']})" if config.get("group_size") else ""
+        return f"{config['bits']}-bit {config['granularity']}{group}"
+    return " ".join(f"{k}={v}" for k, v in config.items() if k not in ("type", "version") and v is not None)
 
 
 def bytes_held(model: nn.Module) -> int:
