@@ -286,3 +286,17 @@ def test_inspect_without_config_reads_the_file_alone(packed, tmp_path, capsys):
     assert printed["from_file_only"] is True
     for key in ("params_virtual", "params_stored", "bytes_packed", "bits_per_weight"):
         assert printed[key] == pytest.approx(getattr(r, key)), key
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["bench", "nope"], "unknown benchmark: expected one of: kmeans"),
+    (["compress", "/nonexistent-model", "--out", "x"], "model directory not found: got: '/nonexistent-model'"),
+    (["inspect", "/"], "not a packed model"),
+    (["compress", "/nonexistent-model", "--bits", "9", "--out", "x"], "--bits 9: expected 1..8"),
+])
+def test_cli_errors_are_one_line(argv, words, capsys):
+    capsys.readouterr()
+    assert main(["--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"weightshare {argv[0]}: error: ") and words in err
+    assert err.count("\n") == 1 and "Error" not in err and "CodebookConfig" not in err, err

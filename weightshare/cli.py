@@ -214,6 +214,14 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
 
 
+def _one_line(message: str) -> str:
+    """A library message ("what\n  expected: ...\n  got: ...") as one line; a list of problems keeps one line each."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1 or any(line.startswith("- ") for line in lines):
+        return message
+    return lines[0].rstrip(":") + ": " + "; ".join(lines[1:])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from weightshare.bench import NAMES  # the package is already imported: weightshare.cli lives in it
 
@@ -343,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).removeprefix(f"{args.command}: ")  # said once, by the prefix below
         for python, flag in _FLAG_WORDS:
             message = message.replace(python, flag)
-        print(f"weightshare {args.command}: error: {message}", file=sys.stderr)
+        print(f"weightshare {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine said no (permissions, disk full): say what and where
         print(f"weightshare {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
