@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=common, formatter_class=argparse.RawTextHelpFormatter,  # names unbroken
                        help=f"run a benchmark ({', '.join(NAMES)}) side by side with its references")
     b.add_argument("name", metavar="NAME", help="one of:\n" + "\n".join(f"  {n}" for n in NAMES))
-    b.add_argument("--quick", action="store_true", help="a run of under a minute")
+    b.add_argument("--quick", action="store_true", help="a run of under 45 s on 2 cores: fewer repetitions, "
+                   "epochs or sentences (each benchmark says what it cut)")
     b.add_argument("--json", action="store_true", help="last line of output: one JSON object of the figures")
     b.add_argument("--plot", default=None, metavar="PNG",
                    help="minilm: write the size-vs-fidelity (Pareto) chart, one line per method (needs matplotlib)")
