@@ -163,6 +163,9 @@ def test_minilm_eval_on_own_text_and_compress_eval(minilm_path, tmp_path, capsys
                  "--eval", str(tmp_path / "texts.txt")]) == 0
     printed = capsys.readouterr().out
     assert "sentence-transformers model on 150 texts" in printed and "top10_overlap" in printed
+    card = (out / "README.md").read_text()  # the model card says what was measured, as printed
+    cos = float(printed.split("top10_overlap")[1].split()[2])
+    assert "Measured against" in card and f"cos_mean {cos:.4g}" in card
     assert main(["--quiet", "eval", str(out), "--reference", minilm_path, "--data", str(tmp_path / "texts.txt"),
                  "--json"]) == 0
     got = json.loads(capsys.readouterr().out)

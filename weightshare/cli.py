@@ -40,7 +40,6 @@ def _check_compress_flags(args) -> None:
         raise ValueError(f"--avg-bits {args.avg_bits}: expected a number of bits per weight above 0")
     if (args.text_field or args.label_field) and not args.eval:
         raise ValueError("--text-field / --label-field name fields of the --eval file: give --eval FILE")
-    _check_eval_flags(args)
     if not 0 <= args.outliers < 1:
         raise ValueError(f"--outliers {args.outliers}: expected a fraction of the weights, 0 <= f < 1 (0.005: 0.5 %)")
 
@@ -68,10 +67,16 @@ def _compress(args) -> None:
         texts, labels = read_data(args.eval, args.text_field, args.label_field, flag="--eval")
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
     calibration = None if args.data_free else args.calibration or BUILTIN
-    model, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
-                                   finetune_steps=args.finetune_steps, target_size=args.target_size,
-                                   avg_bits=args.avg_bits, outliers=args.outliers, recipe=args.recipe,
-                                   finetune_norms=args.finetune_norms)
+    try:
+        model, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
+                                       finetune_steps=args.finetune_steps, target_size=args.target_size,
+                                       avg_bits=args.avg_bits, outliers=args.outliers, recipe=args.recipe,
+                                       finetune_norms=args.finetune_norms,
+                                       evaluate_on=None if texts is None else (texts, labels))
+    except ValueError as exc:
+        if not args.eval:
+            raise
+        raise ValueError(str(exc).replace("--data", "--eval")) from None  # the measurement's data file is --eval here
     plan = getattr(model, "_weightshare_bit_plan", None)
     if plan is not None:
         from collections import Counter
@@ -81,12 +86,9 @@ def _compress(args) -> None:
               + " (--verbose lists them)")
     print(rep if getattr(args, "verbose", False) else _summary(rep))
     print(f"clustered in {seconds:.2f} s; packed model written to {args.out}")
-    if args.eval:
-        args.dir, args.reference, args.data, args.json = args.out, args.src, args.eval, False
-        try:
-            _eval(args, texts=texts, labels=labels)
-        except ValueError as exc:  # said of the file this command took as --eval
-            raise ValueError(str(exc).replace("--data", "--eval")) from None
+    evaluation = getattr(model, "_weightshare_evaluation", None)
+    if evaluation is not None:
+        print(evaluation)
 
 
 def _check_eval_flags(args) -> None:
@@ -96,12 +98,11 @@ def _check_eval_flags(args) -> None:
         raise ValueError(f"--batch-size {args.batch_size}: expected 1 or more texts")
 
 
-def _eval(args, texts=None, labels=None) -> None:
+def _eval(args) -> None:
     from weightshare.evaluate import evaluate, open_model, read_data
 
-    if texts is None:
-        _check_eval_flags(args)
-        texts, labels = read_data(args.data, args.text_field, args.label_field)  # before any model loads
+    _check_eval_flags(args)
+    texts, labels = read_data(args.data, args.text_field, args.label_field)  # before any model loads
     result = evaluate(open_model(args.dir, "PACKED"), open_model(args.reference, "--reference"), texts, labels,
                       k=args.k, batch_size=args.batch_size)
     print(json.dumps(result.to_dict()) if args.json else result)
@@ -210,8 +211,6 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    help="csv/jsonl: the field holding the text (default: text, sentence, sentence1, content or prompt)")
     p.add_argument("--label-field", default=None, metavar="NAME",
                    help="csv/jsonl: the field holding the label (default: label, labels, class or target, if present)")
-    p.add_argument("--k", type=int, default=10, help="embedding models: nearest neighbours compared (default 10)")
-    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
 
 
 def _one_line(message: str) -> str:
@@ -275,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, metavar="FILE",
                    help="one text per line; or .csv / .jsonl with a text field (and a label field for classifiers)")
     v.add_argument("--json", action="store_true", help="one JSON object")
+    v.add_argument("--k", type=int, default=10, help="embedding models: nearest neighbours compared (default 10)")
+    v.add_argument("--batch-size", type=int, default=32, help="texts per forward pass (default 32)")
     _data_options(v)
     v.set_defaults(func=_eval)
 

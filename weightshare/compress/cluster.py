@@ -141,7 +141,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
              calibration: str | os.PathLike | list[str] | None = None,
              method: str = "gptq", finetune_steps: int = 0, target_size: int | str | None = None,
              avg_bits: float | None = None, outliers: float = 0.0,
-             recipe: str | os.PathLike | None = None, finetune_norms: bool = False) -> tuple[nn.Module, Report, float]:
+             recipe: str | os.PathLike | None = None, finetune_norms: bool = False,
+             evaluate_on: tuple[list[str], list | None] | None = None) -> tuple[nn.Module, Report, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
@@ -152,7 +153,9 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     bytes) or ``avg_bits``: mixed widths under that budget; ``outliers``: see ``compress_model_``;
     ``recipe``: a YAML file (``recipe.py``) whose keys replace these arguments and which
     sets bits and granularity per layer and keeps layers dense; the written
-    ``weightshare.safetensors`` is never larger than ``target_size``.  Returns ``(model, report,
+    ``weightshare.safetensors`` is never larger than ``target_size``.  ``evaluate_on``: ``(texts, labels or
+    None)`` to measure the compressed model against ``src`` (``weightshare.evaluate``) before it is written; the
+    result goes into the model card and onto the model as ``_weightshare_evaluation``.  Returns ``(model, report,
     seconds spent clustering, calibration included)``.  Everything that can be
     checked (config, method, source directory, output path, calibration file) is
     checked before the model is loaded.
@@ -211,11 +214,17 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
                 "method": method if texts else None, "finetune_steps": finetune_steps,
                 "finetune_norms": finetune_norms, "outliers": outliers, "target_size": target_size,
                 "avg_bits": avg_bits}  # every setting a rerun would otherwise take from the flags' defaults
-    pack.save(model, out, records=compress_records(src, settings, plan, rep, seconds))
+    evaluation = None
+    if evaluate_on is not None:
+        from weightshare.evaluate import evaluate
+
+        evaluation = evaluate(model, hub.load_pretrained(src), *evaluate_on)
+        model._weightshare_evaluation = evaluation
+    pack.save(model, out, records=compress_records(src, settings, plan, rep, seconds, evaluation))
     return model, rep, seconds
 
 
-def compress_records(src, settings: dict, plan, rep, seconds: float) -> dict[str, str]:
+def compress_records(src, settings: dict, plan, rep, seconds: float, evaluation=None) -> dict[str, str]:
     """How a packed model was made: ``weightshare_recipe.yml`` (a recipe ``--recipe`` accepts, every setting the
     run used) and a model card ``README.md`` in place of the source's."""
     import yaml
@@ -238,4 +247,8 @@ def compress_records(src, settings: dict, plan, rep, seconds: float) -> dict[str
         "model.", "",
         "Settings (`weightshare_recipe.yml`; `weightshare compress SRC --recipe weightshare_recipe.yml` makes it "
         "again):", "", "```yaml", text.rstrip(), "```", ""])
+    if evaluation is not None:
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.metrics.items())
+        card += (f"\nMeasured against `{src}` on {evaluation.texts} texts (`weightshare eval`, {evaluation.kind}): "
+                 f"{figures}.\n")
     return {"weightshare_recipe.yml": text, "README.md": card}
