@@ -12,7 +12,7 @@ WS      = $(VENV)/bin/weightshare
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup setup-bench demo test bench clean
+.PHONY: setup setup-bench demo test test-readme bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py weightshare/_kmeans.c weightshare/_hash.c weightshare/kernels/_codebook.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "weightshare needs Python >= 3.11: make PYTHON=python3.11")'
@@ -38,6 +38,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# every command block of README.md as written, in a clean shell (about 10 min; not part of `make test`)
+test-readme: setup
+	$(PY) -m pytest -q -m readme_commands tests/test_readme.py
 
 bench: setup-bench
 	$(WS) bench kmeans --quick

@@ -1,7 +1,9 @@
-"""The README's Python example runs as written."""
+"""The README runs as written: its Python blocks (here), and its command blocks (make test-readme)."""
 
 import re
 from pathlib import Path
+
+import pytest
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
@@ -37,3 +39,47 @@ def test_readme_merge_config_is_read_as_mergekit_reads_it(tmp_path):
     assert settings.resolve(t, "model.layers.1.self_attn.q_proj.weight", 0.25) == 0.5
     assert settings.resolve(t, "model.layers.2.mlp.up_proj.weight", 0.5) == 0.7
     assert settings.resolve(t, "model.norm.weight", 0.0) == 0.5
+
+
+def _tiny_llama(path, seed):
+    """A 5-layer Llama from a config with seeded weights: the names (self_attn, mlp) the README's SLERP filters name."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(path)
+
+
+@pytest.mark.readme_commands
+def test_readme_commands_run_as_written(tmp_path):
+    """Every ```sh block, in order, in one shell: a clean environment (no venv on PATH until the README's own
+    ``source .venv/bin/activate``), in a fresh directory holding only the venv and the files the README says
+    the user brings (merge.yaml and its two models, cotrain.yaml), each taken from the README's own blocks."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    text = (root / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3 and blocks[0].startswith("source .venv/bin/activate")
+    venv = Path(sys.prefix)  # the venv running the tests, where the README's .venv would be
+    (tmp_path / ".venv").symlink_to(venv)
+    for name, key in (("merge.yaml", "merge_method:"), ("cotrain.yaml", "workers:")):
+        (config,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if key in b]
+        (tmp_path / name).write_text(config)
+    _tiny_llama(tmp_path / "ft-a", 0)  # the user's two fine-tunes in the README's merge.yaml
+    _tiny_llama(tmp_path / "ft-b", 1)
+    script = "set -euo pipefail\n" + "\n".join(blocks)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8"}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    for made in ("mini4/weightshare.safetensors", "mini4-dense/config.json", "mini4-shards/model.safetensors.index.json",
+                 "mini3/weightshare.safetensors", "mini-8mb/weightshare.safetensors", "mini4-free/weightshare.safetensors",
+                 "pareto.png", "merged/mergekit_config.yml", "m/config.json"):
+        assert (out / made).exists(), made
+    assert (out / "mini-8mb" / "weightshare.safetensors").stat().st_size <= 8_000_000
+    assert "top10_overlap" in proc.stdout  # the eval report
+    assert (tmp_path / "cotrain.json").is_file()
