@@ -213,3 +213,13 @@ def test_coremltools_skm_reference_palettizes_every_weight_from_its_sensitivity(
     assert len(weights) == expected == 40 and all(len(torch.unique(w)) <= 2 for w in weights.values())
     q = skm[0].auto_model.encoder.layer[0].attention.self.query.weight
     assert not torch.equal(q, free[0].auto_model.encoder.layer[0].attention.self.query.weight)
+
+
+def test_bench_package_imports_without_torch():
+    """The CLI imports weightshare.bench (for its names) before it sets OMP_WAIT_POLICY; torch must not load
+    by then, or every benchmark runs with spin-waiting OpenMP threads (a step 8x slower on a busy machine)."""
+    import subprocess
+    import sys
+
+    code = "import sys, weightshare.bench, weightshare.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
+
+from weightshare._table import table  # noqa: F401 - the one table helper, public here
 from torch.nn.utils import parametrize
 
 __all__ = ["Report", "LayerReport", "report", "report_file", "table"]
@@ -241,22 +243,3 @@ def _prod(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def table(rows: list[dict], title: str = "") -> str:
-    """Plain-text table of dicts sharing keys (floats to 4 significant digits)."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "-" if v is None else str(v)
-
-    cells = [[fmt(r.get(k)) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = [title] if title else []
-    lines.append("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)

@@ -10,7 +10,7 @@ import importlib
 import json
 import os
 
-from weightshare.report import table  # noqa: F401 - the one table helper, also for the library's reports
+from weightshare._table import table  # noqa: F401 - torch-free: this package is imported before torch loads
 
 NAMES = ("kmeans", "minilm", "load", "digits-arch", "minilm-basis", "digits-mtl", "text-mtl", "merge-minilm", "soups", "cotrain", "runtime")
 
