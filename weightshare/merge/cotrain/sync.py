@@ -1,4 +1,4 @@
-"""Co-training: N workers, each with its own model, optimizer and data, average a shared subset.
+"""Co-training's sync: N workers, each with its own model, optimizer and data, average a shared subset.
 
 Each worker declares which of its model's parameters are shared, and under what name,
 with a map of glob patterns ``{model parameter pattern: shared name pattern}``; each
@@ -129,7 +129,8 @@ class CoTrainer:
     def __init__(self, model: nn.Module, shared: Mapping[str, str], every: int = 1, outer: OuterSGD | None = None,
                  steps: int | None = None, timeout: float = 60.0, broadcast: bool = True):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"co-training: every\n  expected: a positive integer (steps between syncs)\n  got: {every!r}")
+            raise ValueError(f"co-training: every\n  expected: a positive integer (steps between syncs)"
+                             f"\n  got: {every!r}")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise ValueError(f"co-training: steps\n  expected: a positive integer or None\n  got: {steps!r}")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
@@ -206,7 +207,8 @@ class CoTrainer:
                 "outer": None if self.outer is None else (self.outer.lr, self.outer.momentum, self.outer.nesterov),
                 "model": type(self.model).__name__}
         everyone: list = [None] * self.world
-        self._collective("the check of the shared subsets", lambda: dist.all_gather_object(everyone, mine, group=self.group))
+        self._collective("the check of the shared subsets",
+                         lambda: dist.all_gather_object(everyone, mine, group=self.group))
         problems = []
 
         def show(r, entry):
@@ -230,7 +232,8 @@ class CoTrainer:
         for key in ("every", "steps", "outer"):
             values = [e[key] for e in everyone]
             if len(set(values)) > 1:
-                problems.append(f"{key} differs across workers: " + ", ".join(f"rank {r} {v}" for r, v in enumerate(values)))
+                problems.append(f"{key} differs across workers: "
+                                + ", ".join(f"rank {r} {v}" for r, v in enumerate(values)))
         if problems:
             raise ValueError("co-training: the workers' shared subsets do not agree\n  " + "\n  ".join(problems))
 
@@ -248,7 +251,8 @@ class CoTrainer:
     def _broadcast(self) -> None:
         for _, names in self._groups:
             buf = self._flat(names)
-            self._collective("the broadcast of rank 0's shared values", lambda: dist.broadcast(buf, 0, group=self.group))
+            self._collective("the broadcast of rank 0's shared values",
+                             lambda: dist.broadcast(buf, 0, group=self.group))
             self._write(names, buf)
             self.bytes_broadcast += buf.numel() * buf.element_size()
 
