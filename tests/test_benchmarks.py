@@ -2,6 +2,7 @@
 
 import copy
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,67 @@ def test_every_benchmark_is_registered_and_importable():
     assert {"kmeans", "minilm", "load"} <= set(NAMES)
     for name in NAMES:
         assert callable(importlib.import_module(f"weightshare.bench.{name.replace('-', '_')}").main)
+
+
+BENCH_DIR = Path(ws.__file__).parent / "bench"
+
+
+def test_the_benchmarks_are_the_benchmark_files_in_the_readme_order():
+    """Found by file: every non-underscore module in weightshare/bench/ is one, named after its file, listed in
+    the order of the README's benchmark table (each file's ORDER)."""
+    import re
+
+    from weightshare.bench import NAMES, PLOTS
+
+    files = {f.stem.replace("_", "-") for f in BENCH_DIR.glob("*.py") if not f.name.startswith("_")}
+    assert set(NAMES) == files and len(NAMES) == len(files)
+    assert "references" not in NAMES and "-references" not in NAMES  # _references.py is a helper
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("| `weightshare bench ...` |")[1].split("\n\n")[0]
+    assert tuple(re.findall(r"^\| `([a-z-]+)` \|", table, re.M)) == NAMES
+    assert PLOTS == ("minilm",)
+
+
+TOY = """
+ORDER = 5
+
+def main(quick: bool = False) -> dict:
+    print("toy benchmark table")
+    return {"quick": quick, "rows": 1}
+"""
+
+
+def test_a_benchmark_file_added_to_the_package_path_is_listed_and_runs(tmp_path, monkeypatch, capsys):
+    """Adding a benchmark is adding one file: dropped on ``weightshare.bench.__path__``, it is listed (by its
+    ORDER, before kmeans), runs through ``run`` with its JSON line, and helpers (``_*.py``) are not listed."""
+    import json
+    import sys
+
+    import weightshare.bench as bench
+
+    (tmp_path / "toy_bench.py").write_text(TOY)
+    (tmp_path / "toy_chart.py").write_text("def main(quick=False, plot=None):\n    return {'plot': plot}\n")
+    (tmp_path / "_toy_helper.py").write_text("raise AssertionError('a helper is never imported to list it')\n")
+    monkeypatch.setattr(bench, "__path__", [*bench.__path__, str(tmp_path)])
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        found = bench.discover()
+        assert list(found)[0] == "toy-bench" and list(found)[-1] == "toy-chart"  # no ORDER: last
+        assert "toy-helper" not in found and "-toy-helper" not in found
+        assert found["toy-chart"].draws_chart and not found["toy-bench"].draws_chart
+        capsys.readouterr()
+        assert bench.run("toy-bench", quick=True, as_json=True) == {"quick": True, "rows": 1}
+        out = capsys.readouterr().out.splitlines()
+        assert "toy benchmark table" in out and json.loads(out[-1]) == {"quick": True, "rows": 1}
+        assert bench.run("toy-chart", plot="c.png") == {"plot": "c.png"}
+        with pytest.raises(ValueError, match=r"draws a chart \(minilm, toy-chart\)"):
+            bench.run("toy-bench", plot="c.png")
+        (tmp_path / "toy_bench.py").write_text("ORDER = 'first'\n" + TOY)
+        with pytest.raises(ValueError, match="toy_bench.py: ORDER\n  expected: a number"):
+            bench.discover()
+    finally:
+        for name in ("toy_bench", "toy_chart"):
+            sys.modules.pop(f"weightshare.bench.{name}", None)
 
 
 def test_omp_wait_policy_line():
