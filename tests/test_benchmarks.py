@@ -127,6 +127,49 @@ def test_a_benchmark_file_added_to_the_package_path_is_listed_and_runs(tmp_path,
             sys.modules.pop(f"weightshare.bench.{name}", None)
 
 
+def imported_modules(path: Path, package: str):
+    """(line, module) for every module an import statement in ``path`` names (inside functions too), relative
+    imports resolved against ``package``; ``from a import b`` names both ``a`` and ``a.b``."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            start = parts[:len(parts) - node.level + 1] if node.level else []  # level 1: this package
+            base = ".".join(start + ([node.module] if node.module else []))
+            yield node.lineno, base
+            yield from ((node.lineno, f"{base}.{a.name}") for a in node.names)
+
+
+def test_no_library_module_imports_a_benchmark():
+    """weightshare.bench depends on the library, never the reverse: only bench/ itself and the CLI (which runs
+    them) may import it."""
+    root = BENCH_DIR.parent.parent
+    edges = {}  # "file:line" -> the first benchmark module that statement names
+    for path in sorted(BENCH_DIR.parent.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[1] == "bench" or rel.as_posix() == "weightshare/cli.py":
+            continue
+        for line, module in imported_modules(path, ".".join(rel.parent.parts)):
+            if module == "weightshare.bench" or module.startswith("weightshare.bench."):
+                edges.setdefault(f"{rel}:{line}", module)
+    assert not edges, "the library imports a benchmark (move what it needs into the library):\n" + "\n".join(
+        f"{where} imports {module}" for where, module in edges.items())
+
+
+def test_the_import_walk_sees_every_form_of_import(tmp_path):
+    code = ("import weightshare.bench.kmeans as k\n"
+            "def f():\n    from weightshare import bench\n"
+            "from ..bench import cotrain\n"
+            "from . import zoo\n")
+    (tmp_path / "m.py").write_text(code)
+    got = set(imported_modules(tmp_path / "m.py", "weightshare.merge"))
+    assert {(1, "weightshare.bench.kmeans"), (3, "weightshare.bench"), (4, "weightshare.bench.cotrain"),
+            (5, "weightshare.merge.zoo")} <= got
+
+
 def test_omp_wait_policy_line():
     from weightshare.bench import _startup_environ, omp_wait_policy_line
 
