@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from weightshare._progress import progress
+from weightshare.multitask.models import batch_size_of
 
-__all__ = ["IGNORE", "FitResult", "delta_p", "evaluate", "fit", "TrainConfig", "TrainResult", "train", "make_optimizer", "error_rate"]
+__all__ = ["IGNORE", "FitResult", "delta_p", "evaluate", "fit", "TrainConfig", "TrainResult", "train", "make_optimizer",
+           "error_rate", "fold_splits", "num_rows", "select_rows"]
 
 OPTIMIZERS = ("gd", "sgd", "adam", "sgdr")
 SCHEDULES = ("constant", "cosine")
@@ -180,7 +182,7 @@ def delta_p(multi: dict[str, float], single: dict[str, float], higher_is_better:
     return 100.0 * total / len(multi)
 
 
-def _splits(y_first: torch.Tensor, cv: int | None, validation: float, seed: int):
+def fold_splits(y_first: torch.Tensor, cv: int | None, validation: float, seed: int):
     """(train, test) index arrays: k stratified folds, or one stratified holdout (scikit-learn's splitters)."""
     import numpy as np
     from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -204,17 +206,16 @@ def _splits(y_first: torch.Tensor, cv: int | None, validation: float, seed: int)
 IGNORE = -100  # a task's label for rows it has no label for (cross_entropy's ignore_index)
 
 
-def _num_rows(x) -> int:
-    from weightshare.multitask.models import _batch_size
-
-    rows = _batch_size(x)
+def num_rows(x) -> int:
+    """Rows of ``fit``'s inputs (``batch_size_of``), or an error that says what inputs it takes."""
+    rows = batch_size_of(x)
     if rows is None:
         raise ValueError("fit: inputs\n  expected: a tensor, or a dict of tensors with one row per sample "
                          f"(a tokenizer's output)\n  got: {type(x).__name__}")
     return rows
 
 
-def _rows(x, idx: torch.Tensor):
+def select_rows(x, idx: torch.Tensor):
     """Rows ``idx`` of the inputs.  Tokenizer output (a dict with an ``attention_mask``) is cut to
     the longest sequence in the batch: padding the whole data set to its longest sentence would
     make every batch pay for it."""
@@ -253,11 +254,11 @@ def evaluate(model: nn.Module, x, targets: dict[str, torch.Tensor], rows=None, b
     """Each task's accuracy over its labelled ``rows`` (default: all), in batches of ``batch_size``
     (a transformer on a whole held-out set at once is not cheap)."""
     model.eval()
-    rows = torch.arange(_num_rows(x)) if rows is None else torch.as_tensor(rows)
+    rows = torch.arange(num_rows(x)) if rows is None else torch.as_tensor(rows)
     correct = {t: 0 for t in targets}
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        out = model(_rows(x, chunk))
+        out = model(select_rows(x, chunk))
         for t in targets:
             correct[t] += int((out[t].argmax(-1) == targets[t][chunk]).sum())
     return {t: correct[t] / max(1, int((targets[t][rows] != IGNORE).sum())) for t in targets}
@@ -297,7 +298,7 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
         raise ValueError(f"fit: unknown method\n  expected one of: {', '.join(sorted(METHODS))}\n  got: {method!r}")
     if not targets:
         raise ValueError("fit: targets\n  expected: at least one task's labels")
-    rows = _num_rows(x)
+    rows = num_rows(x)
     for t, y in targets.items():
         if len(y) != rows:
             raise ValueError(f"fit: task {t!r} has {len(y)} labels for {rows} inputs")
@@ -306,7 +307,7 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
     tasks = list(targets)
     result = FitResult(method)
     epoch_seconds = []
-    for fold, (train_idx, test_idx) in enumerate(_splits(targets[tasks[0]], cv, validation, config.seed)):
+    for fold, (train_idx, test_idx) in enumerate(fold_splits(targets[tasks[0]], cv, validation, config.seed)):
         for t in tasks:
             for part, part_idx in (("training", train_idx), ("held-out", test_idx)):
                 if not bool((targets[t][torch.as_tensor(part_idx)] != IGNORE).any()):
@@ -346,7 +347,7 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
                     idx = idx[rank::world]
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                out = model(_rows(x, idx))
+                out = model(select_rows(x, idx))
                 losses = []
                 for i, t in enumerate(tasks):
                     if out[t].shape[0] != len(idx):
