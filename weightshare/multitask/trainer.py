@@ -20,6 +20,7 @@ from torch import nn
 
 from weightshare._progress import progress
 from weightshare.multitask.models import batch_size_of
+from weightshare.multitask.weighting import METHODS, Step, aggregate
 
 __all__ = ["IGNORE", "FitResult", "delta_p", "evaluate", "fit", "TrainConfig", "TrainResult", "train", "make_optimizer",
            "error_rate", "fold_splits", "num_rows", "select_rows"]
@@ -273,7 +274,8 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
     whose heads are named as ``targets``; ``targets`` maps each task to its class labels for
     the rows of ``x``.  ``method`` is any name in ``METHODS``: gradient aggregators combine the
     per-task gradients of the shared parameters (``aggregate``), loss weighting methods weight
-    the losses.  ``cv``: a number of folds (stratified on the first task's labels), explicit
+    the losses; ``method_params`` go to the aggregator, or to the ``LossWeighting`` it builds.
+    ``cv``: a number of folds (stratified on the first task's labels), explicit
     (train, test) index pairs, or ``None`` for one stratified holdout of ``validation``.
     ``keep_models=True`` keeps each fold's trained model in ``result.models``.
 
@@ -289,9 +291,6 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
     for every non-linear method); all other gradients are averaged.  Pass the plain model,
     not a DistributedDataParallel wrapper.  Batches must split evenly across processes.
     """
-    from weightshare.multitask.aggregators import METHODS, aggregate
-    from weightshare.multitask.loss_weighting import dwa, gradnorm, rlw, uw
-
     config = config or TrainConfig()
     world, rank = _world()
     if method not in METHODS:
@@ -302,8 +301,9 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
     for t, y in targets.items():
         if len(y) != rows:
             raise ValueError(f"fit: task {t!r} has {len(y)} labels for {rows} inputs")
-    # EW's aggregate is the gradient of the summed losses: one backward pass, not one per task
-    kind = "loss" if method == "ew" else METHODS[method].kind
+    # a method with a LossWeighting (loss methods, and EW: the gradient of the summed losses in one backward
+    # pass, not one per task) trains on the total loss it gives; any other aggregates the per-task gradients
+    entry = METHODS[method]
     tasks = list(targets)
     result = FitResult(method)
     epoch_seconds = []
@@ -319,26 +319,19 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
         if set(getattr(model, "tasks", tasks)) != set(tasks):
             raise ValueError(f"fit: the model's heads {sorted(model.tasks)} are not the tasks {sorted(tasks)}")
         shared = [p for p in model.shared_parameters()]
-        extra = []
-        log_vars = None
-        if method == "uw":
-            log_vars = nn.Parameter(torch.zeros(len(tasks)))
-            extra = [log_vars]
+        # the weighting's own random draws (RLW): seeded from the config, the same on every process
+        weighting = None if entry.weighting is None else \
+            entry.weighting(len(tasks), torch.Generator().manual_seed(config.seed + 1), **method_params)
+        extra = [] if weighting is None else list(weighting.parameters())
         tr = torch.as_tensor(train_idx)
         n = len(tr)
         batch = n if config.batch_size is None or config.optimizer == "gd" else min(config.batch_size, n)
         steps = -(-n // batch)
         opt, sched = make_optimizer(list(model.parameters()) + extra, config, steps)
         order = torch.Generator().manual_seed(config.seed)
-        rng = torch.Generator().manual_seed(config.seed + 1)
-        weights = torch.ones(len(tasks))
-        history: list[torch.Tensor] = []
-        initial = None
         model.train()
         for _ in progress(range(config.epochs), desc=f"{method} fold {fold + 1}", unit="epoch", leave=False):
             t_epoch = time.perf_counter()
-            if method == "dwa":
-                weights = dwa(history) if history else torch.ones(len(tasks))
             sums = torch.zeros(len(tasks))
             perm = tr[torch.randperm(n, generator=order)]
             for s in range(steps):
@@ -366,9 +359,7 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
                 L = torch.stack(losses)
                 L_global = _all_reduce_mean(L) if world > 1 else L.detach()  # the same on every process
                 sums += L_global * len(idx) * world
-                if initial is None:
-                    initial = L_global.clone()
-                if kind == "gradient":
+                if weighting is None:
                     grads = [torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True) for loss in losses]
                     G = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                                                 for g, p in zip(gs, shared)]) for gs in grads])
@@ -381,20 +372,11 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
                         p.grad = d[offset:offset + p.numel()].view_as(p).clone()
                         offset += p.numel()
                 else:
-                    if method == "rlw":
-                        weights = rlw(len(tasks), rng)
-                    elif method == "gradnorm":
-                        last = shared[-1]
-                        last_grads = [torch.autograd.grad(loss, last, retain_graph=True)[0] for loss in losses]
-                        if world > 1:
-                            last_grads = [_all_reduce_mean(g) for g in last_grads]
-                        norms = torch.stack([g.norm() for g in last_grads])
-                        weights = gradnorm(weights, norms, L_global / initial.clamp(min=1e-12))
-                    total = uw(L, log_vars) if method == "uw" else (weights * L).sum()
-                    total.backward()
+                    norms = lambda: _grad_norms(losses, shared[-1], world)  # noqa: E731
+                    weighting.total_loss(Step(L, L_global, norms)).backward()
                 if world > 1:
                     for p in model.parameters():
-                        if p.grad is not None and not any(p is q for q in shared if kind == "gradient"):
+                        if p.grad is not None and not any(p is q for q in shared if weighting is None):
                             p.grad = _all_reduce_mean(p.grad)
                     for p in extra:
                         if p.grad is not None:
@@ -403,7 +385,8 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
                 if sched is not None:
                     sched.step()
                 result.step_seconds.append(time.perf_counter() - t0)
-            history.append(sums / n)
+            if weighting is not None:
+                weighting.on_epoch_end(sums / n)
             epoch_seconds.append(time.perf_counter() - t_epoch)
         result.folds.append(evaluate(model, x, targets, test_idx, batch))
         result.splits.append((train_idx, test_idx))
@@ -411,3 +394,11 @@ def fit(model_factory: Callable[[], nn.Module], x: torch.Tensor, targets: dict[s
             result.models.append(model)
     result.seconds_per_epoch = sum(epoch_seconds) / len(epoch_seconds)
     return result
+
+
+def _grad_norms(losses: list, weight: torch.Tensor, world: int) -> torch.Tensor:
+    """(tasks,) ||∇_W L_t|| of one parameter W, averaged over processes before the norm."""
+    grads = [torch.autograd.grad(loss, weight, retain_graph=True)[0] for loss in losses]
+    if world > 1:
+        grads = [_all_reduce_mean(g) for g in grads]
+    return torch.stack([g.norm() for g in grads])
