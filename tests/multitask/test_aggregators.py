@@ -139,7 +139,7 @@ def test_aligned_mtl_direction_ignores_one_task_gradient_scale_when_tasks_are_or
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_same_methods_as_torchjd(seed):
-    # torchjd (in the [bench] extra) implements five of these; where both are exact they agree
+    # torchjd (in the [test] extra) implements five of these; where both are exact they agree
     aggregation = pytest.importorskip("torchjd.aggregation")
     pytest.importorskip("quadprog")
     G = random_G(3, n=8, seed=seed)
