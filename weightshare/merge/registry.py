@@ -1,4 +1,4 @@
-"""The one registry of merge methods: each file in ``weightshare/merge/`` registers one method.
+"""The one registry of merge methods: each file in ``weightshare/merge/methods/`` registers one method.
 
 A *tensorwise* method merges one tensor at a time, so a merge streams through
 checkpoints without holding a whole model:
@@ -80,7 +80,7 @@ def register_merge(name: str, *, source: str, needs_base: bool = False, model_pa
 
 
 def get_method(name: str) -> MergeMethod:
-    import weightshare.merge  # noqa: F401  (importing the package registers every method)
+    import weightshare.merge.methods  # noqa: F401  (importing the package registers every method)
 
     if name not in MERGE_METHODS:
         raise ValueError(f"unknown merge method\n  expected one of: {', '.join(sorted(MERGE_METHODS))}\n  got: {name!r}")

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from weightshare.merge.registry import register_merge
-from weightshare.merge.task_arithmetic import per_model
-from weightshare.merge.tsv_merge import svd_prepare
+from weightshare.merge.methods.task_arithmetic import per_model
+from weightshare.merge.methods.tsv_merge import svd_prepare
 
 __all__ = ["iso_c"]
 

@@ -22,9 +22,9 @@ import hashlib
 import torch
 
 from weightshare.merge.registry import register_merge
-from weightshare.merge.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model, rescale_l1,
+from weightshare.merge.methods.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model, rescale_l1,
                                                task_vectors)
-from weightshare.merge.ties import elect_sign
+from weightshare.merge.methods.ties import elect_sign
 
 __all__ = ["dare_linear", "dare_ties", "drop_and_rescale", "mask_generator", "MaskStream"]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from weightshare.merge.registry import register_merge
-from weightshare.merge.task_arithmetic import per_model
+from weightshare.merge.methods.task_arithmetic import per_model
 
 __all__ = ["tsv_merge", "orthogonal_factor", "svd_prepare"]
 

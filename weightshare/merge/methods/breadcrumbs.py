@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from weightshare.merge.registry import register_merge
-from weightshare.merge.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model,
+from weightshare.merge.methods.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model,
                                                task_vectors)
-from weightshare.merge.ties import elect_sign, kth_largest_rows
+from weightshare.merge.methods.ties import elect_sign, kth_largest_rows
 
 __all__ = ["breadcrumbs", "breadcrumbs_ties", "counts", "cut"]
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from weightshare.merge.dare import MaskStream, drop_and_rescale
+from weightshare.merge.methods.dare import MaskStream, drop_and_rescale
 from weightshare.merge.registry import register_merge, row_length
-from weightshare.merge.task_arithmetic import GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model, task_vectors
-from weightshare.merge.ties import elect_sign
+from weightshare.merge.methods.task_arithmetic import GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model, task_vectors
+from weightshare.merge.methods.ties import elect_sign
 
 __all__ = ["della", "della_linear", "keep_probabilities"]
 

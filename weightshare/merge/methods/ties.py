@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from weightshare.merge.registry import register_merge
-from weightshare.merge.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model,
+from weightshare.merge.methods.task_arithmetic import (GTA_MODEL_PARAMS, combine, gta_params, l1_factor, per_model,
                                                rescale_l1, task_vectors)
 
 __all__ = ["ties", "trim", "trim_at", "elect_sign"]
