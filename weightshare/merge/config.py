@@ -13,9 +13,9 @@ A config for a method we have runs unchanged::
     dtype: float16
 
 mergekit's ``lambda`` is ``scale`` here (``lambda`` is a Python keyword); for
-``slerp`` the ``base_model`` is the t = 0 end, as in mergekit.  A parameter may
-vary by tensor, with mergekit's gradients over the layers and ``filter``
-conditions on tensor names (``settings.py``)::
+``slerp`` the ``base_model`` is the t = 0 end, as in mergekit (a method registered with a
+``base_endpoint``).  A parameter may vary by tensor, with mergekit's gradients over the
+layers and ``filter`` conditions on tensor names (``settings.py``)::
 
     merge_method: slerp
     base_model: ./ft-a
@@ -46,6 +46,7 @@ __all__ = ["read_config", "merge_from_config"]
 _TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "int8_mask"}
 _RENAMED = {"lambda": "scale"}
 _STORAGE_ONLY = {"int8_mask"}  # no effect on the numbers
+_COUNTS = {2: "two", 3: "three"}  # a model count in words, as the messages say it
 
 
 def _fall_back(own, everyone):
@@ -123,9 +124,11 @@ def read_config(path: str | os.PathLike) -> dict:
     if dtype is not None and dtype not in OUT_DTYPES:
         problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
     paths = [m for m, _ in entries]
-    if method_name == "slerp":
-        if base is None or base not in paths or len(paths) != 2:
-            problems.append("slerp: expected two models, one of them named as base_model (the t = 0 end)")
+    if method is not None and method.base_endpoint:  # mergekit's base_model is one end of the interpolation
+        count = method.models[0]
+        if base is None or base not in paths or len(paths) != count:
+            problems.append(f"{method_name}: expected {_COUNTS.get(count, count)} models, one of them named as "
+                            f"base_model ({method.base_endpoint})")
         else:
             paths = [base] + [p for p in paths if p != base]
             entries = sorted(entries, key=lambda e: e[0] != base)
