@@ -59,6 +59,26 @@ def _fall_back(own, everyone):
     return [*own, {"value": everyone}]
 
 
+def _place_base(method, base: str | None, entries: list, problems: list[str]) -> tuple[str | None, list]:
+    """(base, model entries) as ``merge`` takes them, from mergekit's ``base_model``: one end of the
+    interpolation for a method with a ``base_endpoint`` (slerp: the first model), not used by a method
+    without task vectors (mergekit's linear averages a base listed among the models), else the base
+    of the task vectors (and, listed among the models, not one of them)."""
+    paths = [m for m, _ in entries]
+    if method is not None and method.base_endpoint:
+        count = method.models[0]
+        if base is None or base not in paths or len(paths) != count:
+            problems.append(f"{method.name}: expected {_COUNTS.get(count, count)} models, one of them named as "
+                            f"base_model ({method.base_endpoint})")
+            return base, entries
+        return None, sorted(entries, key=lambda e: e[0] != base)
+    if method is not None and not method.needs_base:
+        return None, entries
+    if base is not None and base in paths:
+        return base, [e for e in entries if e[0] != base]
+    return base, entries
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The merge a config asks for, as ``merge`` keyword arguments; every problem in one ``MergeError``."""
     path = Path(path)
@@ -123,20 +143,7 @@ def read_config(path: str | os.PathLike) -> dict:
     dtype = raw.get("out_dtype", raw.get("dtype"))
     if dtype is not None and dtype not in OUT_DTYPES:
         problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
-    paths = [m for m, _ in entries]
-    if method is not None and method.base_endpoint:  # mergekit's base_model is one end of the interpolation
-        count = method.models[0]
-        if base is None or base not in paths or len(paths) != count:
-            problems.append(f"{method_name}: expected {_COUNTS.get(count, count)} models, one of them named as "
-                            f"base_model ({method.base_endpoint})")
-        else:
-            paths = [base] + [p for p in paths if p != base]
-            entries = sorted(entries, key=lambda e: e[0] != base)
-            base = None
-    elif method is not None and not method.needs_base:  # mergekit's linear averages a base listed among the models
-        base = None
-    elif base is not None and base in paths:  # task vectors: the base listed among the models is not one of them
-        entries = [e for e in entries if e[0] != base]
+    base, entries = _place_base(method, base, entries, problems)
     if problems:
         raise MergeError(f"{path}: {len(problems)} problem(s), nothing was read:\n  - " + "\n  - ".join(problems))
     kwargs: dict = {"models": [m for m, _ in entries], "method": method_name, "base": base, "dtype": dtype}
