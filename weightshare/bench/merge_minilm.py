@@ -222,6 +222,9 @@ def _bootstrap_se(merged, base, finetuned, draws: int, seed: int = 0) -> float:
     return float(np.std(shares, ddof=1)) if len(shares) > 1 else float("nan")
 
 
+ORDER = 90  # its place in `weightshare bench --help` (the README's order)
+
+
 def main(quick: bool = False) -> dict:
     import numpy as np
     import torch

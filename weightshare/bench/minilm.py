@@ -160,6 +160,9 @@ def plot_pareto(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+ORDER = 20  # its place in `weightshare bench --help` (the README's order)
+
+
 def main(quick: bool = False, plot: str | None = None) -> dict:
     from sentence_transformers import SentenceTransformer
 

@@ -492,6 +492,9 @@ def llm(quick: bool) -> tuple[list[dict], dict]:
     return rows, figures
 
 
+ORDER = 40  # its place in `weightshare bench --help` (the README's order)
+
+
 def main(quick: bool = False) -> dict:
     from weightshare import kernels
 

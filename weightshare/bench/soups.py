@@ -125,6 +125,9 @@ def repeat(seed: int, pre_epochs: int, ft_epochs: int, split) -> tuple[dict, dic
     return family(fine_tunes, val, test), family(controls, val, test), labels
 
 
+ORDER = 100  # its place in `weightshare bench --help` (the README's order)
+
+
 def main(quick: bool = False) -> dict:
     from weightshare._progress import progress
 

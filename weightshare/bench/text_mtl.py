@@ -46,6 +46,9 @@ def _bytes(model, trainable: bool = False) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable)
 
 
+ORDER = 80  # its place in `weightshare bench --help` (the README's order)
+
+
 def main(quick: bool = False) -> dict:
     import torch
 

@@ -3,7 +3,7 @@ mergekit configs, weight transfer and model soups.
 
 Importing this package registers every method in ``MERGE_METHODS`` (``registry.py``), by
 importing every file of ``methods/``: adding a method is adding one file there.
-Co-training (``distributed.py``) imports torch.distributed and is imported on use.
+Co-training (``cotrain/``) imports torch.distributed and is imported on use.
 """
 
 import weightshare.merge.methods  # noqa: F401  (registers every method)

@@ -152,7 +152,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     """Train ``model`` on (x, y) in place with ``config``; returns the per-epoch losses and step times.
 
     ``on_step(k)``, if given, is called after the k-th optimizer step (k = 1, 2, ...), outside the
-    step's timing: co-training (``weightshare.merge.distributed.CoTrainer.step``) syncs there.
+    step's timing: co-training (``weightshare.merge.cotrain.CoTrainer.step``) syncs there.
     ``params``: what the optimizer updates (default: every parameter of ``model``).
     ``on_epoch(e)`` is called after epoch e (1, 2, ...); returning True stops training there
     (early stopping on a held-out set)."""

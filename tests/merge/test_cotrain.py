@@ -1,4 +1,4 @@
-"""Co-training (weightshare.merge.distributed, weightshare.cotrain) on real gloo process groups on localhost.
+"""Co-training (weightshare.merge.cotrain: sync, config, launcher, worker) on real gloo process groups on localhost.
 
 Every multi-process test has a timeout: a process that does not answer in time fails
 the test and is killed, never hangs it.
@@ -129,7 +129,7 @@ def numpy_state(model) -> dict:
 def _scenarios(rank: int) -> dict:
     import torch.distributed as dist
 
-    from weightshare.merge.distributed import CoTrainer, OuterSGD
+    from weightshare.merge.cotrain import CoTrainer, OuterSGD
     from weightshare.multitask.trainer import TrainConfig, train
 
     world = dist.get_world_size()
@@ -202,7 +202,7 @@ def _faults(rank: int) -> dict:
     """The last rank stalls past the timeout, then (in a new co-training group) dies; the others report."""
     import torch.distributed as dist
 
-    from weightshare.merge.distributed import CoTrainer, CoTrainError
+    from weightshare.merge.cotrain import CoTrainer, CoTrainError
 
     last = rank == dist.get_world_size() - 1
     out = {}
@@ -309,7 +309,7 @@ def test_a_worker_that_stalls_or_dies_makes_the_others_stop_with_a_clear_error(g
 
 
 def test_shared_names_maps_patterns_with_their_stars():
-    from weightshare.merge.distributed import shared_names
+    from weightshare.merge.cotrain import shared_names
 
     assert shared_names(Net(), SHARED) == {"inp.weight": "proj.weight", "inp.bias": "proj.bias",
                                            "out.weight": "head.weight"}
@@ -317,7 +317,7 @@ def test_shared_names_maps_patterns_with_their_stars():
 
 
 def test_shared_names_reports_every_problem_at_once():
-    from weightshare.merge.distributed import shared_names
+    from weightshare.merge.cotrain import shared_names
 
     with pytest.raises(ValueError) as e:
         shared_names(Net(), {"enc.*": "x.*", "inp.*": "proj.*", "*.weight": "w.*", "out.bias": "one", "mid.bias": "one",
@@ -332,7 +332,7 @@ def test_shared_names_reports_every_problem_at_once():
 
 
 def test_cotrainer_needs_a_process_group_and_sane_arguments():
-    from weightshare.merge.distributed import CoTrainer, OuterSGD
+    from weightshare.merge.cotrain import CoTrainer, OuterSGD
 
     with pytest.raises(ValueError, match="initialised torch.distributed process group"):
         CoTrainer(Net(), SHARED)
@@ -340,6 +340,17 @@ def test_cotrainer_needs_a_process_group_and_sane_arguments():
         CoTrainer(Net(), SHARED, every=0)
     with pytest.raises(ValueError, match="momentum"):
         OuterSGD(momentum=1.0)
+
+
+def test_the_readme_names_reach_the_package():
+    """README, Co-training: ``weightshare.merge.distributed.CoTrainer`` and ``torchrun -m weightshare.cotrain``."""
+    import weightshare.cotrain as entry
+    from weightshare.merge import cotrain
+    from weightshare.merge.distributed import CoTrainer, CoTrainError, OuterSGD, shared_names
+
+    assert (CoTrainer, CoTrainError, OuterSGD, shared_names) == (cotrain.CoTrainer, cotrain.CoTrainError,
+                                                                 cotrain.OuterSGD, cotrain.shared_names)
+    assert entry.main is cotrain.main
 
 
 def test_train_calls_on_step_after_every_step():
@@ -352,8 +363,9 @@ def test_train_calls_on_step_after_every_step():
 
 
 def test_bench_models_share_the_projection_and_head_shapes():
-    from weightshare.bench.cotrain import MODELS, SHARED as BENCH_SHARED, digits_parts
-    from weightshare.merge.distributed import shared_names
+    from weightshare.bench.cotrain import SHARED as BENCH_SHARED
+    from weightshare.merge.cotrain import shared_names
+    from weightshare.merge.cotrain.zoo import MODELS, digits_parts
 
     cnn, gru = MODELS["cnn"](32), MODELS["gru"](32)
     shapes = [{s: tuple(dict(m.named_parameters())[n].shape) for n, s in shared_names(m, BENCH_SHARED).items()}
@@ -385,7 +397,7 @@ def write(tmp_path, cfg, name="c.yaml"):
 
 
 def test_a_good_config_reads_with_its_defaults(tmp_path):
-    from weightshare.cotrain import check, read_config
+    from weightshare.merge.cotrain import check, read_config
 
     cfg = read_config(write(tmp_path, {**GOOD, "outer": {"lr": 0.5}}))
     assert cfg.sync_every == 2 and cfg.outer.lr == 0.5 and cfg.outer.momentum == 0.9 and cfg.outer.nesterov
@@ -397,7 +409,7 @@ def test_a_good_config_reads_with_its_defaults(tmp_path):
 def test_the_docstring_example_config_is_valid():
     import yaml
 
-    import weightshare.cotrain as ct
+    from weightshare.merge.cotrain import config as ct
 
     example = ct.__doc__.split("Example::")[1]
     cfg = ct.parse_config(yaml.safe_load(example))
@@ -405,7 +417,7 @@ def test_the_docstring_example_config_is_valid():
 
 
 def test_config_problems_are_reported_at_once_unknown_keys_by_name(tmp_path):
-    from weightshare.cotrain import read_config
+    from weightshare.merge.cotrain import read_config
 
     bad = {"sync_evry": 2, "seeds": "0", "test_size": 2, "outer": {"lr": -1, "beta": 1},
            "workers": [{"model": "resnet", "shared": {"proj.*": "proj.*"}, "train": {"lr": "fast", "epoch": 3}},
@@ -425,7 +437,7 @@ def test_config_problems_are_reported_at_once_unknown_keys_by_name(tmp_path):
 
 
 def test_config_file_errors(tmp_path):
-    from weightshare.cotrain import read_config
+    from weightshare.merge.cotrain import read_config
 
     path = tmp_path / "bad.yaml"
     path.write_text("workers: [\n")
@@ -441,7 +453,7 @@ def test_config_file_errors(tmp_path):
 
 
 def test_check_resolves_the_shared_subsets_before_anything_runs(tmp_path):
-    from weightshare.cotrain import check, read_config
+    from weightshare.merge.cotrain import check, read_config
 
     cfg = {**GOOD, "workers": [dict(GOOD["workers"][0], width=16, shared={"proj.*": "proj.*", "head.*": "head.*",
                                                                           "encoder.*": "enc.*"}),
@@ -463,7 +475,7 @@ def test_check_resolves_the_shared_subsets_before_anything_runs(tmp_path):
 
 
 def test_entry_point_outside_torchrun_says_how_to_launch(capsys, monkeypatch):
-    from weightshare.cotrain import main
+    from weightshare.merge.cotrain import main
 
     monkeypatch.delenv("RANK", raising=False)
     assert main(["whatever.yaml"]) == 2
@@ -471,14 +483,14 @@ def test_entry_point_outside_torchrun_says_how_to_launch(capsys, monkeypatch):
 
 
 def test_launch_refuses_a_bad_config_before_starting_anything(tmp_path):
-    from weightshare.cotrain import launch
+    from weightshare.merge.cotrain import launch
 
     with pytest.raises(ValueError, match="2 workers for 3 processes"):
         launch(write(tmp_path, GOOD), nproc=3)
 
 
 def test_launch_runs_torchrun_and_rank_0_reports(tmp_path, capfd):
-    from weightshare.cotrain import launch
+    from weightshare.merge.cotrain import launch
 
     results = tmp_path / "r.json"
     code = launch(write(tmp_path, {**GOOD, "results": str(results), "compare_alone": True}), nproc=2, timeout=180)
