@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from weightshare import hub
 from weightshare.pack import DEFAULT_MAX_SHARD_SIZE, PackedFile, PackError, owned_modules, staged_dir
-from weightshare.space import get_map, share_parametrization
+from weightshare.space import get_map, share_parametrization_
 
 __all__ = ["load", "export", "skeleton"]
 
@@ -115,7 +115,7 @@ def _install_packed(inner: nn.Module, pf: PackedFile, name: str, entry: dict, al
     return True
 
 
-def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
+def install_(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
     """Put every entry into the checked model: plain tensors as they are, maps as packed modules
     (unless ``trainable``) or by their own install (a parametrization)."""
     aliases: dict[str, list[str]] = {}
@@ -169,10 +169,10 @@ def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
         if pf.entries[entry["of"]]["map"] == "dense":  # restore the tie itself, not only the value
             setattr(inner.get_submodule(owner_name), attr, getattr(source, target_attr))
         else:
-            share_parametrization(source, inner.get_submodule(owner_name), attr)
+            share_parametrization_(source, inner.get_submodule(owner_name), attr)
 
 
-def install_checked(inner: nn.Module, pf: PackedFile, trainable: bool = False, own: bool = False) -> None:
+def install_checked_(inner: nn.Module, pf: PackedFile, trainable: bool = False, own: bool = False) -> None:
     """Check that ``inner`` fits the file and every checksum holds, then install: a bad file changes nothing.
 
     ``own``: ``inner`` was built for this load and is dropped if it fails (a skeleton, transformers'
@@ -185,7 +185,7 @@ def install_checked(inner: nn.Module, pf: PackedFile, trainable: bool = False, o
         pf.verify()
     else:
         pf.fetch_all()
-    install(inner, pf, trainable=trainable)
+    install_(inner, pf, trainable=trainable)
 
 
 def _trim_heap() -> None:
@@ -232,7 +232,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
     whose tables train.  Any problem with the file is one ``PackError``; a model
     that does not fit is refused before anything is written into it.
     """
-    from weightshare.modules import set_compute
+    from weightshare.modules import set_compute_
 
     with PackedFile(path) as pf:
         kind, sub = pf.source["kind"], pf.source["weights_subdir"]
@@ -242,10 +242,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
             inner = skeleton(pf)
         else:
             inner = hub.inner_model(model)
-        install_checked(inner, pf, trainable=trainable, own=model is None)
+        install_checked_(inner, pf, trainable=trainable, own=model is None)
     _trim_heap()
     if compute != "fp32":
-        set_compute(inner, compute)
+        set_compute_(inner, compute)
     if model is not None:
         return model
     if kind == hub.SENTENCE_TRANSFORMERS:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["Parametrization", "SharingMap", "register_map", "get_map", "map_of", "module_map", "share_", "materialize_", "config_from_dict",
-           "config_to_dict", "dtype_name", "match_names", "share_parametrization", "shared_parameter", "tied_groups",
+           "config_to_dict", "dtype_name", "match_names", "share_parametrization_", "shared_parameter", "tied_groups",
            "unmeta_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -302,7 +302,7 @@ def materialize_(model: nn.Module) -> nn.Module:
     return model
 
 
-def share_parametrization(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
+def share_parametrization_(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
     """Make ``target.<name>`` use ``source.<name>``'s parametrization: one shared state, one gradient sum.
 
     For weights that were one tensor before they were shared (an LM head tied to
@@ -311,7 +311,7 @@ def share_parametrization(source: nn.Module, target: nn.Module, name: str = "wei
     """
     plist = source.parametrizations[name]
     if parametrize.is_parametrized(target, name):
-        raise ValueError(f"share_parametrization: {type(target).__name__}.{name} is already parametrized")
+        raise ValueError(f"share_parametrization_: {type(target).__name__}.{name} is already parametrized")
     # a placeholder registration makes parametrize install its property on target; then the
     # placeholder list is replaced by source's (the placeholder's original is dropped with it)
     current = getattr(target, name)

@@ -31,9 +31,10 @@ from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
 from weightshare.space import (Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name, register_map,
-                               share_parametrization, unmeta_)
+                               share_parametrization_, unmeta_)
 
-__all__ = ["CodebookConfig", "codebook", "codebook_model_", "tie_codebook", "table_storage_dtype", "SUPPORTED_MODULES"]
+__all__ = ["CodebookConfig", "codebook_", "codebook_model_", "tie_codebook_", "table_storage_dtype",
+           "SUPPORTED_MODULES"]
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def _check_weight(name: str, weight: torch.Tensor, config: CodebookConfig, trans
     group_layout(channel_layout(weight.shape, transposed), config.granularity, config.group_size, name)
 
 
-def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | None = None,
+def codebook_(module: nn.Module, name: str = "weight", config: CodebookConfig | None = None,
              importance: torch.Tensor | None = None, init=None, fqn: str | None = None) -> nn.Module:
     """Replace ``module.<name>`` by a codebook parametrization and return ``module``.
 
@@ -321,9 +322,9 @@ def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | N
     return module
 
 
-def tie_codebook(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
+def tie_codebook_(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
     """Make ``target.<name>`` use the codebook of ``source.<name>``: one table, one set of labels."""
-    return share_parametrization(source, target, name)
+    return share_parametrization_(source, target, name)
 
 
 def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
@@ -393,12 +394,12 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     _warn_if_tables_dominate([(tuple(m.weight.shape), is_transposed_linear(m)) for _, m in first], config)
     for fqn, module in progress(first, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
         tied = owners[id(module.weight)][1:]
-        codebook(module, "weight", configs.get(fqn, config), importance=importance.get(f"{fqn}.weight"),
+        codebook_(module, "weight", configs.get(fqn, config), importance=importance.get(f"{fqn}.weight"),
                  fqn=f"{fqn}.weight")
         for other in tied:
-            share_parametrization(module, other)
+            share_parametrization_(module, other)
     for name, plist in spaces:  # composed: the codebook is over the other map's stored state
-        codebook(plist, "original", config, fqn=f"{name}.__buckets")
+        codebook_(plist, "original", config, fqn=f"{name}.__buckets")
     return model
 
 
@@ -639,7 +640,7 @@ class CodebookMap(SharingMap):
             _, tables, labels = self._parts(name, entry, fetch)
             init = (tables, labels)
         outliers = _read_outliers(name, entry, fetch, math.prod(entry["shape"]))
-        codebook(module, attr, config, init=init, fqn=name)
+        codebook_(module, attr, config, init=init, fqn=name)
         if outliers is not None:
             getattr(module.parametrizations, attr)[0].set_outliers(outliers[0], outliers[1].to(init[0].dtype))
 

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from weightshare.space import (Parametrization, SharingMap, dtype_name, match_names, register_map,
                                shared_parameter, unmeta_)
 
-__all__ = ["TieConfig", "tie", "tie_groups"]
+__all__ = ["TieConfig", "tie_", "tie_groups"]
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _matches(model: nn.Module, params: list[str]) -> tuple[dict, list[str]]:
     return named, names
 
 
-def tie(model: nn.Module, params: list[str], init: str = "first", groups: int = 1, strategy: str = "block",
+def tie_(model: nn.Module, params: list[str], init: str = "first", groups: int = 1, strategy: str = "block",
         delta_rank: int = 0) -> list[nn.Parameter]:
     """Tie the parameters of ``model`` matching ``params``, group by group; returns the shared parameters.
 
@@ -156,7 +156,7 @@ class TieMap(SharingMap):
     parametrizations = (_TiedDelta,)
 
     def apply(self, model, config, filter_fn) -> None:
-        tie(model, list(config.params), config.init, config.groups, config.strategy, config.delta_rank)
+        tie_(model, list(config.params), config.init, config.groups, config.strategy, config.delta_rank)
 
     def pack(self, name, plist, put) -> dict:
         p, delta = plist[0], plist.original.detach()
