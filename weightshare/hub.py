@@ -32,6 +32,15 @@ TRANSFORMERS = "transformers"
 SENTENCE_TRANSFORMERS = "sentence-transformers"
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and kin): a linear layer whose weight is stored (in, out).
+
+    Recognised by name, so that neither this module nor ``import weightshare`` imports transformers.
+    """
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
 @dataclass
 class Source:
     """Where a model came from: enough to write its non-weight files next to packed weights."""

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare._progress import progress
-from weightshare.sharing.codebook import is_transposed_linear
+from weightshare.hub import is_transposed_linear
 
 __all__ = ["importance_from_texts", "input_second_moments", "read_texts", "sequential_codebooks_", "text_batches"]
 

@@ -29,6 +29,7 @@ from weightshare import kernels
 from weightshare._progress import progress
 from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
+from weightshare.hub import is_transposed_linear
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
 from weightshare.space import (Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name, register_map,
                                share_parametrization_, unmeta_)
@@ -42,15 +43,6 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUPPORTED_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECODE_CHUNK = 1 << 18  # weights decoded per step at inference: bounds the int64 index temporary to 8 MB
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 and kin): a linear layer whose weight is stored (in, out).
-
-    Recognised by name, so that ``import weightshare`` does not import transformers.
-    """
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 def channel_layout(shape, transposed: bool) -> tuple[int, ...]:
