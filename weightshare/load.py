@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub
+from weightshare.errors import clip
 from weightshare.pack import DEFAULT_MAX_SHARD_SIZE, PackedFile, PackError, owned_modules, staged_dir
 from weightshare.space import get_map, share_parametrization_
 
@@ -99,7 +100,7 @@ def _install_packed(inner: nn.Module, pf: PackedFile, name: str, entry: dict, al
     except PackError:
         raise
     except (ValueError, RuntimeError) as exc:
-        raise PackError(f"tensor {name!r}: cannot be built ({exc})"[:400]) from None
+        raise PackError(clip(f"tensor {name!r}: cannot be built ({exc})")) from None
     if module is None:
         return False
     shared = []
@@ -153,7 +154,7 @@ def install_(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
             except PackError:
                 raise
             except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
-                raise PackError(f"tensor {name!r}: cannot be installed ({exc})"[:400]) from None
+                raise PackError(clip(f"tensor {name!r}: cannot be installed ({exc})")) from None
         pf.release(name)  # packed indices are garbage once unpacked: keep the peak low
     for key, outer in pf.nested.items():  # the inner map goes onto the outer map's original
         owner_name, attr = _split(outer)
@@ -211,7 +212,7 @@ def skeleton(pf: PackedFile) -> nn.Module:
     except Exception as exc:  # the config is untrusted: whatever transformers makes of it is one error
         msg = str(exc) if isinstance(exc, ValueError) and "weights_subdir" in str(exc) else \
             f"{pf.root}: cannot build the model from its config ({type(exc).__name__}: {exc})"
-        raise PackError(msg[:500]) from None
+        raise PackError(clip(msg)) from None
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: bool = False,
@@ -252,7 +253,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
         try:
             model = hub.packed_sentence_transformer(pf.root, sub, inner)
         except Exception as exc:
-            raise PackError(f"{pf.root}: cannot build the sentence-transformers pipeline ({type(exc).__name__}: {exc})"[:500]) from None
+            raise PackError(clip(f"{pf.root}: cannot build the sentence-transformers pipeline "
+                                 f"({type(exc).__name__}: {exc})")) from None
     else:
         model = inner
     model._weightshare_source = hub.Source(kind, str(pf.root), sub)
@@ -287,7 +289,7 @@ def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int
         try:
             plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
         except ValueError as exc:
-            raise PackError(f"export: max_shard_size {max_shard_size!r}: {exc}"[:300]) from None
+            raise PackError(clip(f"export: max_shard_size {max_shard_size!r}: {exc}")) from None
         with staged_dir(dest) as tmp:
             try:
                 hub.copy_non_weight_files(pf.root, tmp, confine=True)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from weightshare.errors import clip
+
 __all__ = ["Parametrization", "SharingMap", "register_map", "get_map", "map_of", "module_map", "share_", "materialize_", "config_from_dict",
            "config_to_dict", "dtype_name", "match_names", "share_parametrization_", "shared_parameter", "tied_groups",
            "unmeta_"]
@@ -226,15 +228,15 @@ def config_from_dict(d: dict):
     Every field must be present and no other: a packed file is untrusted input.
     """
     if not isinstance(d, dict):
-        raise ValueError(f"sharing config\n  expected: a JSON object\n  got: {d!r}"[:300])
+        raise ValueError(clip(f"sharing config\n  expected: a JSON object\n  got: {d!r}"))
     d = dict(d)
     name = d.pop("type", None)
     if not isinstance(name, str) or name not in _CONFIGS:
-        raise ValueError(f"unknown sharing config\n  expected one of: {sorted(_CONFIGS)}\n  got: {name!r}"[:300])
+        raise ValueError(clip(f"unknown sharing config\n  expected one of: {sorted(_CONFIGS)}\n  got: {name!r}"))
     cls = _CONFIGS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     if set(d) != fields:
-        raise ValueError(f"{name}: fields\n  expected: {sorted(fields)}\n  got: {sorted(map(str, d))}"[:400])
+        raise ValueError(clip(f"{name}: fields\n  expected: {sorted(fields)}\n  got: {sorted(map(str, d))}"))
     return cls(**d)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from weightshare.errors import clip
 from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
 from weightshare.pack import _DTYPES as _PACK_DTYPES
@@ -102,7 +103,7 @@ def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
                 (n,) = struct.unpack("<Q", raw.read(8))
                 header = json.loads(raw.read(n))
         except Exception as exc:  # noqa: BLE001  (any failure to parse is one clear message)
-            raise ValueError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})"[:300]) from None
+            raise ValueError(clip(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})")) from None
         for name in names:
             if files.get(name, file) != file:
                 continue  # an index names another shard for it

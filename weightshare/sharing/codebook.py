@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 from weightshare import kernels
 from weightshare._progress import progress
+from weightshare.errors import clip
 from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.hub import is_transposed_linear
@@ -588,12 +589,14 @@ class CodebookMap(SharingMap):
     def check(self, name, entry, shape, dtype):
         extra = set(entry) - {"map", "shape", "dtype", "config", "transposed", "outliers"}
         if extra or "config" not in entry:
-            raise ValueError(f"codebook entry keys\n  expected: config, optional transposed, outliers\n  got: {sorted(entry)}"[:300])
+            raise ValueError(clip(f"codebook entry keys\n  expected: config, optional transposed, outliers\n"
+                                  f"  got: {sorted(entry)}"))
         if dtype not in _FLOATS:
             raise ValueError(f"codebook dtype\n  expected one of: {sorted(_FLOATS)}\n  got: {dtype!r}")
         transposed = entry.get("transposed", False)
         if transposed is not True and transposed is not False or (transposed and len(shape) != 2):
-            raise ValueError(f"bad 'transposed'\n  expected: true (2-D weights only) or absent\n  got: {transposed!r} for shape {list(shape)}"[:300])
+            raise ValueError(clip(f"bad 'transposed'\n  expected: true (2-D weights only) or absent\n"
+                                  f"  got: {transposed!r} for shape {list(shape)}"))
         if not shape:
             raise ValueError("codebook of a 0-d tensor\n  expected: a weight with at least one dimension")
         config = config_from_dict(entry["config"])
@@ -606,7 +609,8 @@ class CodebookMap(SharingMap):
         if "outliers" in entry:
             count = entry["outliers"]
             if not _is_int(count) or not 1 <= count <= numel:
-                raise ValueError(f"{name}: bad 'outliers'\n  expected: a count of weights in 1..{numel}\n  got: {count!r}"[:300])
+                raise ValueError(clip(f"{name}: bad 'outliers'\n  expected: a count of weights in 1..{numel}\n"
+                                      f"  got: {count!r}"))
             needs[f"{name}.__outlier_index"] = ({"int32", "int64"}, (count,))
             needs[f"{name}.__outlier_values"] = (_FLOATS, (count,))
         return needs
