@@ -3,10 +3,11 @@ then merge tensor by tensor and stream the result into a safetensors file.
 
 Inputs are Hugging Face / sentence-transformers model directories (sharded or
 not), ``.safetensors`` files, weightshare packed directories, state dicts and
-``nn.Module`` objects.  Safetensors headers are read (and checked by the
-safetensors library) first; tensor data is then read one tensor at a time with
-plain positioned reads, not through a memory map, so that a merge holds about
-one tensor per input plus the one being written: pages of a mapped file would
+``nn.Module`` objects.  Safetensors headers are read and checked first
+(``io.read_header``); tensor data is then read one tensor at a time with
+plain positioned reads (``io.read_tensor``), not through a memory map, so that
+a merge holds about one tensor per input plus the one being written (streamed
+out by ``io.write_safetensors``): pages of a mapped file would
 stay resident and count against the process until the end.  A packed
 directory's stored tensors (a few bits per weight) are read and checked first,
 and each tensor is decoded when the merge reaches it; a state dict is already
@@ -26,15 +27,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from pathlib import Path
 
 import torch
 
+from weightshare import io
+from weightshare.io import TORCH_DTYPES, write_safetensors
 from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
-from weightshare.pack import _DTYPES as _PACK_DTYPES
-from weightshare.pack import _HEADER_DTYPES
 from weightshare.pack import FILENAME as PACKED_FILENAME
 
 __all__ = ["MergeError", "merge", "open_model", "write_safetensors"]
@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-# the safetensors dtype codes the packed format already knows (pack.py), as torch dtypes
-_DTYPES = {code: _PACK_DTYPES[name] for code, name in _HEADER_DTYPES.items()}
-_NAMES = {v: k for k, v in _DTYPES.items()}
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -53,7 +50,8 @@ CHUNK = 1 << 18  # entries per piece (1 MB of float32): a merge holds a dozen or
 
 
 class _Pieces:
-    """A tensor made piece by piece (flat spans, in order): written as it is made, never whole."""
+    """A tensor made piece by piece (flat spans, in order): written as it is made (io.write_safetensors takes
+    its pieces), never whole."""
 
     def __init__(self, shape, spans, make):
         self.shape, self._spans, self._make = torch.Size(shape), spans, make
@@ -91,43 +89,27 @@ class _Model:
 
 def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
     """Tensors spread over safetensors files ({tensor name: file}): headers now, data on demand."""
-    from safetensors import safe_open
-
     meta, where = {}, {}
     for file in sorted(set(files.values())):
         try:
-            with safe_open(str(file), framework="pt") as f:  # the library checks the header's offsets and dtypes
-                names = list(f.keys())
-            with open(file, "rb") as raw:
-                (n,) = struct.unpack("<Q", raw.read(8))
-                header = json.loads(raw.read(n))
-        except Exception as exc:  # noqa: BLE001  (any failure to parse is one clear message)
-            raise ValueError(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})"[:300]) from None
-        for name in names:
+            header = io.read_header(file)
+        except io.HeaderError as exc:
+            raise ValueError(f"{file}: not a readable safetensors file ({exc})"[:300]) from None
+        for name, span in header.tensors.items():
             if files.get(name, file) != file:
                 continue  # an index names another shard for it
-            entry = header[name]
-            if entry["dtype"] not in _DTYPES:
-                raise ValueError(f"{file}: tensor {name!r} has dtype {entry['dtype']}\n"
-                                 f"  expected one of: {', '.join(_DTYPES)}")
-            meta[name] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]])
-            begin, end = entry["data_offsets"]
-            where[name] = (file, 8 + n + begin, end - begin)
+            if span.dtype not in TORCH_DTYPES:
+                raise ValueError(f"{file}: tensor {name!r} has dtype {span.dtype}\n"
+                                 f"  expected one of: {', '.join(TORCH_DTYPES)}")
+            meta[name] = (span.shape, TORCH_DTYPES[span.dtype])
+            where[name] = (file, span)
 
     def read(name: str, span=None) -> torch.Tensor:
-        file, offset, size = where[name]
-        shape, dtype = meta[name]
-        if span is not None:  # flat entries [start, stop): a byte range of the row-major data
-            item = torch.empty(0, dtype=dtype).element_size()
-            offset, size, shape = offset + span[0] * item, (span[1] - span[0]) * item, (span[1] - span[0],)
-        buf = bytearray(size)
-        with open(file, "rb") as f:
-            f.seek(offset)
-            if f.readinto(buf) != size:
-                raise ValueError(f"{file}: tensor {name!r} is cut short (the file changed while merging?)")
-        if size == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        file, tensor_span = where[name]
+        try:  # span: flat entries [start, stop), a byte range of the row-major data
+            return io.read_tensor(file, tensor_span, *(span or ()))
+        except EOFError:
+            raise ValueError(f"{file}: tensor {name!r} is cut short (the file changed while merging?)") from None
 
     return _Model(label, meta, read)
 
@@ -204,39 +186,12 @@ def open_model(source, label: str | None = None) -> _Model:
         if not path.exists():
             # mergekit's rule, kept so that its configs run unchanged: a relative path is taken from the
             # directory the command runs in, not the config's; the error says which directory that was
-            where = "" if path.is_absolute() else f" (relative paths are taken from the current directory, {os.getcwd()})"
+            where = "" if path.is_absolute() else \
+                f" (relative paths are taken from the current directory, {os.getcwd()})"
             raise ValueError(f"{str(source)!r}: no such file or directory{where}")
         raise ValueError(f"{str(path)!r}\n  expected: a model directory or a .safetensors file")
-    raise ValueError(f"a model to merge\n  expected: a path, a state dict or an nn.Module\n  got: {type(source).__name__}")
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors,
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file whose header is known up front, pulling one tensor at a time from
-    ``tensors`` (an iterator in ``entries`` order): nothing is held but the tensor being written."""
-    header, offset = {}, 0
-    for name, shape, dtype in entries:
-        size = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format's writers do
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (name, shape, dtype), t in zip(entries, tensors, strict=True):
-            if tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"write_safetensors: {name} is {tuple(t.shape)}, the header says {shape}")
-            for piece in (t if isinstance(t, _Pieces) else [t]):
-                if piece.dtype != dtype:
-                    raise RuntimeError(f"write_safetensors: {name} is {piece.dtype}, the header says {dtype}")
-                if piece.numel():
-                    f.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    raise ValueError("a model to merge\n  expected: a path, a state dict or an nn.Module\n"
+                     f"  got: {type(source).__name__}")
 
 
 # ----------------------------------------------------------------------------- merge
@@ -269,8 +224,8 @@ def _side_module_problems(ref: _Model, others: list[_Model]) -> list[str]:
         got = digests(m.root)
         differ = sorted(f for f in set(want) | set(got) if want.get(f) != got.get(f))
         if differ:
-            problems.append(f"{m.label}: sentence-transformers module weights {differ} differ from those of {ref.label}; "
-                            "merge merges the Transformer's weights and copies the other modules: "
+            problems.append(f"{m.label}: sentence-transformers module weights {differ} differ from those of "
+                            f"{ref.label}; merge merges the Transformer's weights and copies the other modules: "
                             "give every input the same ones")
     return problems
 
@@ -306,8 +261,6 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     config's gradients and filters give each tensor.  It reads headers only (and a packed
     input's stored data, to check its checksums), never writes.
     """
-    from weightshare.pack import staged_dir
-
     spec = get_method(method)
     if not isinstance(models, (list, tuple)) or not models:
         raise MergeError(f"merge: models\n  expected: a non-empty list of models\n  got: {type(models).__name__}")
@@ -426,7 +379,7 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
 
     if out is None:
         return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, merged())}
-    with staged_dir(out) as tmp:
+    with io.staged_dir(out) as tmp:
         if ref.root is not None:
             from weightshare.hub import copy_non_weight_files, strip_packed_config
 
