@@ -14,7 +14,7 @@ format version and a JSON spec::
      "checksums": {stored tensor: sha256}}
 
 This module is the container only: metadata, checksums, aliases, versions, and
-the checks of all of them; safetensors
+the checks of all of them (one pass each, composed by ``PackedFile``); safetensors
 headers, reads, streaming writes and atomic folders are ``io.py``'s; it builds
 no model.  Each sharing map (``weightshare/sharing/``) packs, checks, installs and
 decodes its own entries through the registry in ``space.py``; nothing here knows
@@ -249,6 +249,13 @@ def _keys(entry: dict, allowed: set[str], field: str) -> None:
         raise PackError(f"{field}: keys\n  expected: {sorted(allowed)}\n  got: {sorted(map(str, entry))}"[:400])
 
 
+# The checks of a packed file, one pass each, in the order PackedFile runs them: each takes what earlier
+# passes returned and returns what it checked; none reads a tensor.  ``infos``: {stored tensor: (dtype, shape)}
+# from the safetensors header.
+
+Claim = tuple[set[str], tuple[int, ...]]  # what a stored tensor must be: (allowed dtype names, shape)
+
+
 def _read_header(file: Path) -> io.Header:
     """The file's safetensors header (io.read_header's checks), every tensor of a dtype weightshare reads."""
     try:
@@ -261,14 +268,193 @@ def _read_header(file: Path) -> io.Header:
     return header
 
 
+def _check_format(meta: dict, file: Path) -> int:
+    """The format and its version, from the metadata: returns the version."""
+    if meta.get("format") != FORMAT:
+        raise PackError(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n"
+                        f"  got: {meta.get('format')!r}"[:300])
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise PackError(f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
+                        f"  got: {meta.get('format_version')!r}\n  upgrade weightshare to read it"[:300])
+    return int(meta["format_version"])
+
+
+def _parse_spec(meta: dict, file: Path) -> dict:
+    """The sharing spec in the metadata: a JSON object with exactly its three fields."""
+    try:
+        spec = json.loads(meta["spec"])
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise PackError(f"{file}: the sharing spec in the metadata is unreadable ({type(exc).__name__})") from None
+    if not isinstance(spec, dict):
+        raise PackError(f"{file}: the sharing spec in the metadata is unreadable (not a JSON object)")
+    _keys(spec, {"source", "tensors", "checksums"}, "spec")
+    return spec
+
+
+def _check_source(source) -> dict:
+    """The spec's source: which kind of model, and the folder its weights live in."""
+    if not isinstance(source, dict):
+        raise PackError(f"spec source\n  expected: a JSON object\n  got: {source!r}"[:300])
+    _keys(source, {"kind", "weights_subdir"}, "spec source")
+    if not isinstance(source["kind"], str) or source["kind"] not in KINDS:
+        raise PackError(f"spec source.kind\n  expected one of: {KINDS}\n  got: {source['kind']!r}"[:300])
+    try:
+        sub = hub.check_relpath(source["weights_subdir"], "spec source.weights_subdir")
+    except ValueError as exc:
+        raise PackError(str(exc)) from None
+    if source["kind"] == "module" and sub:
+        raise PackError(f"spec source.weights_subdir\n  expected: '' for a plain module\n  got: {sub!r}"[:300])
+    return {"kind": source["kind"], "weights_subdir": sub}
+
+
+def _entry_needs(entries) -> dict[str, dict[str, Claim]]:
+    """Entry syntax: every entry's name and fields (a map's own fields through its ``check``).
+
+    Returns the stored tensors each entry decodes from: a dense entry is its own tensor, a map's
+    entry needs what its ``check`` says, an alias needs none (it is not in the result).
+    """
+    if not isinstance(entries, dict):
+        raise PackError("spec tensors\n  expected: a JSON object of tensor entries")
+    needs: dict[str, dict[str, Claim]] = {}
+    for name, entry in entries.items():
+        if len(name) > _MAX_NAME or not _NAME.fullmatch(name):
+            raise PackError(f"spec tensor name\n  expected: dotted identifiers\n  got: {name!r}"[:300])
+        if not isinstance(entry, dict) or not isinstance(entry.get("map"), str):
+            raise PackError(f"tensor {name!r}: entry\n  expected: a JSON object with a 'map'\n  got: {entry!r}"[:300])
+        if entry["map"] == "dense":
+            _keys(entry, {"map", "shape", "dtype"}, f"tensor {name!r}")
+            if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
+                raise PackError(f"tensor {name!r}: unknown dtype\n  expected one of: {sorted(DTYPES)}\n"
+                                f"  got: {entry['dtype']!r}"[:300])
+            needs[name] = {name: ({entry["dtype"]}, _shape(entry["shape"], f"tensor {name!r}"))}
+        elif entry["map"] == "alias":
+            _keys(entry, {"map", "of"}, f"tensor {name!r}")
+            target = entries.get(entry["of"]) if isinstance(entry["of"], str) else None
+            if (entry["of"] == name or not isinstance(target, dict) or target.get("map") in ("alias", None)
+                    or _internal(entry["of"])):  # an alias names a tensor of the model, not a map's state
+                raise PackError(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"[:300])
+        else:
+            needs[name] = _map_needs(name, entry)
+    return needs
+
+
+def _map_needs(name: str, entry: dict) -> dict[str, Claim]:
+    """The stored tensors a map's entry decodes from, as its map's ``check`` gives them."""
+    kind = entry["map"]
+    m = get_map(kind)
+    if kind not in packable_maps():
+        raise PackError(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
+                        f"{', '.join(packable_maps())}\n  got: {kind!r}"[:300])
+    shape = _shape(entry.get("shape"), f"tensor {name!r}")
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
+        raise PackError(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"[:300])
+    try:
+        needs = m.check(name, entry, shape, entry["dtype"])
+    except PackError:
+        raise
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise PackError(f"tensor {name!r}: bad {kind} entry ({exc})"[:500]) from None
+    return {key: (set(dtypes), tuple(kshape)) for key, (dtypes, kshape) in needs.items()}
+
+
+def _claims(needs: dict[str, dict[str, Claim]]) -> dict[str, Claim]:
+    """Tensor claims: one description of every stored tensor the entries need, however many need it."""
+    claims: dict[str, Claim] = {}
+    for by, wanted in needs.items():
+        for key, claim in wanted.items():
+            if key in claims and claims[key] != claim:
+                raise PackError(f"tensor {key!r}: described twice, differently (by {by!r})")
+            claims[key] = claim
+    return claims
+
+
+def _nesting(entries: dict, keys_of: dict[str, set[str]], claims: dict[str, Claim], infos: dict) -> dict[str, str]:
+    """Nesting: an entry under a map's original key (hashed buckets in a codebook) stands for that tensor, one
+    level deep, and every other internal entry is refused.  Returns {internal entry: the entry whose original it is}."""
+    nested: dict[str, str] = {}
+    for name, entry in entries.items():
+        if entry["map"] in ("dense", "alias") or name not in keys_of or _internal(name):
+            continue  # one level: the state of a model tensor's map, never the state of a state
+        key = get_map(entry["map"]).original_key(name, entry)
+        if key is not None and key in claims and key not in nested and key not in infos and key in entries:
+            inner = entries[key]
+            if not _internal(key) or inner["map"] in ("dense", "alias"):
+                raise PackError(f"tensor {key!r}: not a map another entry's state can be made of"[:300])
+            dtypes, shape = claims[key]
+            if inner.get("dtype") not in dtypes or tuple(inner.get("shape")) != shape:
+                raise PackError(f"tensor {key!r}: its map gives {inner.get('dtype')} {inner.get('shape')}\n"
+                                f"  expected: one of {sorted(dtypes)} {list(shape)}"[:300])
+            nested[key] = name
+    for name in entries:
+        if _internal(name) and name not in nested:
+            raise PackError(f"spec entry {name!r} is no tensor of the model and no other entry's state"[:300])
+    return nested
+
+
+def _match_header(claims: dict[str, Claim], infos: dict, file: Path) -> None:
+    """Header cross-check: the stored tensors are exactly the claimed ones, each of a claimed dtype and shape."""
+    for key, (dtypes, shape) in claims.items():
+        if key not in infos:
+            raise PackError(f"{file}: tensor {key!r} is missing")
+        dtype, have = infos[key]
+        if dtype not in dtypes:
+            raise PackError(f"tensor {key!r}: wrong dtype\n  expected: one of {sorted(dtypes)}\n  got: {dtype}")
+        if have != shape:
+            raise PackError(f"tensor {key!r}: wrong shape\n  expected: {shape}\n  got: {have}")
+    for key in infos:
+        if key not in claims:
+            raise PackError(f"{file}: tensor {key!r} is not described by the spec (tampered file?)"[:300])
+
+
+@dataclass(frozen=True)
+class _CheckedEntries:
+    """The spec's tensor entries, checked against each other and against the file's header."""
+
+    entries: dict[str, dict]  # the model's own tensors
+    internal: dict[str, dict]  # entries inside a map's state, each another entry's original (hashed buckets)
+    nested: dict[str, str]  # internal entry -> the entry whose original it is
+    keys_of: dict[str, set[str]]  # map entry -> the stored tensors it decodes from
+
+
+def _check_entries(entries, infos: dict, file: Path) -> _CheckedEntries:
+    """Every pass over the spec's tensor entries: entry syntax, tensor claims, nesting, header cross-check."""
+    needs = _entry_needs(entries)
+    keys_of = {name: set(need) for name, need in needs.items() if entries[name]["map"] != "dense"}
+    claims = _claims(needs)
+    nested = _nesting(entries, keys_of, claims, infos)
+    _match_header({key: claim for key, claim in claims.items() if key not in nested}, infos, file)
+    return _CheckedEntries({n: e for n, e in entries.items() if n not in nested},
+                          {n: e for n, e in entries.items() if n in nested}, nested, keys_of)
+
+
+def _check_checksums(checksums, infos: dict, file: Path) -> dict[str, str]:
+    """One sha256 hex digest for every stored tensor, and none for anything else."""
+    if not isinstance(checksums, dict):
+        raise PackError("spec checksums\n  expected: a JSON object of sha256 hex digests")
+    for key in infos:
+        if key not in checksums:
+            raise PackError(f"{file}: no checksum for tensor {key!r}")
+    for key, digest in checksums.items():
+        if key not in infos:
+            raise PackError(f"{file}: checksum for tensor {key!r}, which is not stored"[:300])
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise PackError(f"checksum of {key!r}\n  expected: 64 hex digits\n  got: {digest!r}"[:300])
+    return checksums
+
+
+def _check_spec_sha256(meta: dict, version: int, file: Path) -> None:
+    """Last, after every field was checked on its own: the spec is the one that was written.  The tensors'
+    checksums cannot see a spec that still fits them but means other weights (an alias retargeted)."""
+    if version >= 3 and meta.get("spec_sha256") != hashlib.sha256(meta["spec"].encode()).hexdigest():
+        raise PackError(f"{file}: checksum mismatch for the sharing spec: it was changed after it was written")
+
 
 class PackedFile:
     """An opened, fully checked packed directory.  Tensor data is read on ``fetch`` only.
 
-    Opening checks the safetensors header (io.read_header), the
-    format and version, and every field of the spec against the header's dtypes
-    and shapes, without reading any tensor; ``fetch`` reads one tensor and
-    checks its sha256.
+    Opening checks the safetensors header (io.read_header), the format and version,
+    and every field of the spec against the header's dtypes and shapes, without
+    reading any tensor; ``fetch`` reads one tensor and checks its sha256.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -283,141 +469,15 @@ class PackedFile:
         self._spans = header.tensors
         self.infos = {key: (HEADER_DTYPES[s.dtype], s.shape) for key, s in header.tensors.items()}
         self._cache: dict[str, torch.Tensor] = {}
-        try:
-            self._check(header.metadata)
-        except BaseException:
-            self.close()
-            raise
-
-    def _check(self, meta: dict) -> None:
-        file = self.file
-        if meta.get("format") != FORMAT:
-            raise PackError(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n"
-                            f"  got: {meta.get('format')!r}"[:300])
-        if meta.get("format_version") not in READABLE_VERSIONS:
-            raise PackError(f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
-                            f"  got: {meta.get('format_version')!r}\n  upgrade weightshare to read it"[:300])
-        self.version = int(meta["format_version"])
-        try:
-            spec = json.loads(meta["spec"])
-        except (KeyError, TypeError, ValueError, RecursionError) as exc:
-            raise PackError(f"{file}: the sharing spec in the metadata is unreadable ({type(exc).__name__})") from None
-        if not isinstance(spec, dict):
-            raise PackError(f"{file}: the sharing spec in the metadata is unreadable (not a JSON object)")
-        _keys(spec, {"source", "tensors", "checksums"}, "spec")
-        self.spec = spec
-        self.source = self._check_source(spec["source"])
-        self.entries = self._check_entries(spec["tensors"])
-        self._check_checksums(spec["checksums"])
-        # last, after every field was checked on its own: the spec is the one that was written. The tensors'
-        # checksums cannot see a spec that still fits them but means other weights (an alias retargeted)
-        if self.version >= 3 and meta.get("spec_sha256") != hashlib.sha256(meta["spec"].encode()).hexdigest():
-            raise PackError(f"{file}: checksum mismatch for the sharing spec: it was changed after it was written")
-
-    def _check_source(self, source) -> dict:
-        if not isinstance(source, dict):
-            raise PackError(f"spec source\n  expected: a JSON object\n  got: {source!r}"[:300])
-        _keys(source, {"kind", "weights_subdir"}, "spec source")
-        if not isinstance(source["kind"], str) or source["kind"] not in KINDS:
-            raise PackError(f"spec source.kind\n  expected one of: {KINDS}\n  got: {source['kind']!r}"[:300])
-        try:
-            sub = hub.check_relpath(source["weights_subdir"], "spec source.weights_subdir")
-        except ValueError as exc:
-            raise PackError(str(exc)) from None
-        if source["kind"] == "module" and sub:
-            raise PackError(f"spec source.weights_subdir\n  expected: '' for a plain module\n  got: {sub!r}"[:300])
-        return {"kind": source["kind"], "weights_subdir": sub}
-
-    def _check_entries(self, entries) -> dict:
-        if not isinstance(entries, dict):
-            raise PackError("spec tensors\n  expected: a JSON object of tensor entries")
-        claims: dict[str, tuple[set[str], tuple]] = {}
-        self.keys_of: dict[str, set[str]] = {}  # entry -> the stored tensors it decodes from
-
-        def claim(key, dtypes, shape, by):
-            if key in claims and claims[key] != (set(dtypes), tuple(shape)):
-                raise PackError(f"tensor {key!r}: described twice, differently (by {by!r})")
-            claims[key] = (set(dtypes), tuple(shape))
-
-        for name, entry in entries.items():
-            if len(name) > _MAX_NAME or not _NAME.fullmatch(name):
-                raise PackError(f"spec tensor name\n  expected: dotted identifiers\n  got: {name!r}"[:300])
-            if not isinstance(entry, dict) or not isinstance(entry.get("map"), str):
-                raise PackError(f"tensor {name!r}: entry\n  expected: a JSON object with a 'map'\n  got: {entry!r}"[:300])
-            kind = entry["map"]
-            if kind == "dense":
-                _keys(entry, {"map", "shape", "dtype"}, f"tensor {name!r}")
-                if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
-                    raise PackError(f"tensor {name!r}: unknown dtype\n  expected one of: {sorted(DTYPES)}\n"
-                                    f"  got: {entry['dtype']!r}"[:300])
-                claim(name, {entry["dtype"]}, _shape(entry["shape"], f"tensor {name!r}"), name)
-            elif kind == "alias":
-                _keys(entry, {"map", "of"}, f"tensor {name!r}")
-                target = entries.get(entry["of"]) if isinstance(entry["of"], str) else None
-                if (entry["of"] == name or not isinstance(target, dict) or target.get("map") in ("alias", None)
-                        or _internal(entry["of"])):  # an alias names a tensor of the model, not a map's state
-                    raise PackError(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"[:300])
-            else:
-                m = get_map(kind)
-                if kind not in packable_maps():
-                    raise PackError(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
-                                    f"{', '.join(packable_maps())}\n  got: {kind!r}"[:300])
-                shape = _shape(entry.get("shape"), f"tensor {name!r}")
-                if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
-                    raise PackError(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"[:300])
-                try:
-                    needs = m.check(name, entry, shape, entry["dtype"])
-                except PackError:
-                    raise
-                except (ValueError, TypeError, KeyError, OverflowError) as exc:
-                    raise PackError(f"tensor {name!r}: bad {kind} entry ({exc})"[:500]) from None
-                for key, (dtypes, kshape) in needs.items():
-                    claim(key, dtypes, kshape, name)
-                self.keys_of[name] = set(needs)
-        # an entry under a map's original key (hashed buckets in a codebook) stands for that tensor
-        self.nested: dict[str, str] = {}  # internal entry -> the entry whose original it is
-        for name, entry in entries.items():
-            if entry["map"] in ("dense", "alias") or name not in self.keys_of or _internal(name):
-                continue  # one level: the state of a model tensor's map, never the state of a state
-            key = get_map(entry["map"]).original_key(name, entry)
-            if key is not None and key in claims and key not in self.infos and key in entries:
-                inner = entries[key]
-                if not _internal(key) or inner["map"] in ("dense", "alias") or key in self.nested:
-                    raise PackError(f"tensor {key!r}: not a map another entry's state can be made of"[:300])
-                dtypes, shape = claims.pop(key)
-                if inner.get("dtype") not in dtypes or tuple(inner.get("shape")) != shape:
-                    raise PackError(f"tensor {key!r}: its map gives {inner.get('dtype')} {inner.get('shape')}\n"
-                                    f"  expected: one of {sorted(dtypes)} {list(shape)}"[:300])
-                self.nested[key] = name
-        for name in entries:
-            if _internal(name) and name not in self.nested:
-                raise PackError(f"spec entry {name!r} is no tensor of the model and no other entry's state"[:300])
-        for key, (dtypes, shape) in claims.items():
-            if key not in self.infos:
-                raise PackError(f"{self.file}: tensor {key!r} is missing")
-            dtype, have = self.infos[key]
-            if dtype not in dtypes:
-                raise PackError(f"tensor {key!r}: wrong dtype\n  expected: one of {sorted(dtypes)}\n  got: {dtype}")
-            if have != shape:
-                raise PackError(f"tensor {key!r}: wrong shape\n  expected: {shape}\n  got: {have}")
-        for key in self.infos:
-            if key not in claims:
-                raise PackError(f"{self.file}: tensor {key!r} is not described by the spec (tampered file?)"[:300])
-        self.internal = {n: e for n, e in entries.items() if n in self.nested}
-        return {n: e for n, e in entries.items() if n not in self.nested}  # the model's own tensors
-
-    def _check_checksums(self, checksums) -> None:
-        if not isinstance(checksums, dict):
-            raise PackError("spec checksums\n  expected: a JSON object of sha256 hex digests")
-        for key in self.infos:
-            if key not in checksums:
-                raise PackError(f"{self.file}: no checksum for tensor {key!r}")
-        for key, digest in checksums.items():
-            if key not in self.infos:
-                raise PackError(f"{self.file}: checksum for tensor {key!r}, which is not stored"[:300])
-            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-                raise PackError(f"checksum of {key!r}\n  expected: 64 hex digits\n  got: {digest!r}"[:300])
-        self.checksums = checksums
+        meta = header.metadata
+        self.version = _check_format(meta, self.file)
+        self.spec = _parse_spec(meta, self.file)
+        self.source = _check_source(self.spec["source"])
+        checked = _check_entries(self.spec["tensors"], self.infos, self.file)
+        self.entries, self.internal, self.nested, self.keys_of = (checked.entries, checked.internal, checked.nested,
+                                                                  checked.keys_of)
+        self.checksums = _check_checksums(self.spec["checksums"], self.infos, self.file)
+        _check_spec_sha256(meta, self.version, self.file)
 
     def dense_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of every tensor of the model as ``decode`` gives it (an alias as its
