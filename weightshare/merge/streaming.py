@@ -265,66 +265,28 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     if not isinstance(models, (list, tuple)) or not models:
         raise MergeError(f"merge: models\n  expected: a non-empty list of models\n  got: {type(models).__name__}")
     n = len(models)
-    problems = []
     model_params = {k: _per_model(params.pop(k), n) for k in list(params) if k in spec.model_params}
     if weights is not None:
         model_params["weight"] = _per_model(weights, n)
     param_problems = check_params(spec, n, base is not None, model_params, params)
-    problems += param_problems
-    if dtype is not None and dtype not in OUT_DTYPES:
-        problems.append(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
-    if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
-        problems.append(f"out: {str(out)!r} exists and is not an empty directory: choose a new or empty one")
-    if not spec.tensorwise and out is not None:
-        problems.append(f"{method} works on whole models in memory: call it without out=, then save the result")
-    opened: list[_Model | None] = []
-    for i, m in enumerate([*models, *([base] if base is not None else [])]):
-        try:
-            opened.append(open_model(m, label=f"model {i}" if i < n else "base"))
-        except ValueError as exc:
-            problems.append(str(exc))
-            opened.append(None)
+    problems = param_problems + _option_problems(method, spec, dtype, out)
+    opened, open_problems = _open_all(models, base)
+    problems += open_problems
     inputs = opened[:n]
     base_model = opened[n] if base is not None else None
     ref = base_model if base is not None else inputs[0]
     if ref is not None:
-        for m in opened:
-            if m is None or m is ref:
-                continue
-            # non-float tensors are copied from the reference by the buffer policy, so a model saved
-            # without one (a transformers version that does not store position ids) is no problem
-            missing = [k for k, (_, dt) in ref.meta.items() if k not in m.meta and dt.is_floating_point]
-            extra = [k for k, (_, dt) in m.meta.items() if k not in ref.meta and dt.is_floating_point]
-            if missing:
-                problems.append(f"{m.label} lacks {len(missing)} tensors of {ref.label}: {missing[:5]}")
-            if extra:
-                problems.append(f"{m.label} has {len(extra)} tensors {ref.label} lacks: {extra[:5]}")
-            for k, (shape, dt) in m.meta.items():
-                if k in ref.meta:
-                    rshape, rdt = ref.meta[k]
-                    if shape != rshape:
-                        problems.append(f"{k}: shape {list(shape)} in {m.label}, {list(rshape)} in {ref.label}")
-                    elif dt.is_floating_point != rdt.is_floating_point:
-                        problems.append(f"{k}: dtype {dt} in {m.label}, {rdt} in {ref.label}")
+        problems += _reference_problems(ref, opened)
     if ref is not None and ref.root is not None:
         problems += _side_module_problems(ref, [m for m in opened if m is not None and m is not ref])
     varying = None  # gradients and filters (settings.py): every tensor's own values, resolved from names alone
     if ref is not None and not param_problems:
-        names = [k for k, (_, dt) in ref.meta.items() if dt.is_floating_point]
-        unmatched = [u for k, v in params.items() for u in settings.unmatched_filters(v, names, k)]
-        unmatched += [u for k, vs in model_params.items() for i, v in enumerate(vs)
-                      for u in settings.unmatched_filters(v, names, f"models[{i}].{k}")]
-        if strict:
-            problems += unmatched
-        for u in [] if strict else unmatched:
-            log.warning("merge: %s; its value is never used (--strict makes this an error)", u)
-    if ref is not None and spec.tensorwise and not param_problems:
-        varying, unresolved = settings.per_tensor([k for k, (_, dt) in ref.meta.items() if dt.is_floating_point],
-                                                  spec.params, spec.model_params, params, model_params)
-        problems += unresolved
+        varying, setting_problems = _tensor_settings(spec, ref, params, model_params, strict)
+        problems += setting_problems
     if problems:
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
-        raise MergeError(f"merge: {len(problems)} problem(s), nothing was read or written:\n  - " + "\n  - ".join(shown))
+        raise MergeError(f"merge: {len(problems)} problem(s), nothing was read or written:\n  - "
+                         + "\n  - ".join(shown))
     method_params = {**{k: model_params.get(k, [d] * n) for k, d in spec.model_params.items()},
                      **{k: params.get(k, d) for k, d in spec.params.items()}}
     if plan:
@@ -338,36 +300,100 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
 
     out_dtype = OUT_DTYPES.get(dtype)
     entries = [(k, shape, (out_dtype or dt) if dt.is_floating_point else dt) for k, (shape, dt) in ref.meta.items()]
+    tensors = _merged(method, spec, entries, ref, inputs, base_model, method_params, varying)
+    if out is None:
+        return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, tensors)}
+    with io.staged_dir(out) as tmp:
+        _write_model(tmp, ref, entries, tensors)
+        _record(tmp, method, models, base, model_params, params, spec, dtype)
+    return Path(out)
 
-    def merged():
-        from weightshare._progress import progress
 
-        for name, shape, dt in progress(entries, desc=f"merge ({method})", unit="tensor", leave=False):
-            if not dt.is_floating_point:  # the buffer policy: copied from the base, or the first model
-                yield ref.read(name)
-                continue
-            numel = int(torch.Size(shape).numel())
-            step = CHUNK
-            if spec.rows and numel:  # pieces of whole rows (DELLA ranks within a row); one row at least
-                row = row_length(shape)
-                step = max(row, CHUNK // row * row)
-            spans = [(s, min(s + step, numel)) for s in range(0, numel, step)]
-            tensor_params = method_params if varying is None else {**method_params, **varying[name]}
-            extra = None
-            if numel > CHUNK and spec.elementwise:
-                extra = {}
-            elif numel > CHUNK and spec.prepare is not None:  # whole-tensor statistics, gathered piece by piece
-                def read(name=name, spans=spans):
-                    for a, b in spans:
-                        yield read_span(name, a, b)
+def _write_model(folder: Path, ref: _Model, entries: list, tensors) -> None:
+    """The merged model's directory: the reference's config and tokenizer files, and the tensors streamed in."""
+    if ref.root is not None:
+        from weightshare.hub import copy_non_weight_files, strip_packed_config
 
-                extra = spec.prepare(read, numel, name=name, shape=torch.Size(shape), **tensor_params)
-            if extra is not None:  # flat pieces: a few MB per input, whatever the tensor's size
-                # a prepared method is told where each piece lies (DARE's mask entries, model stock's rows)
-                yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, p=tensor_params, extra=extra: merge_span(
-                    name, dt, a, b, p, extra if spec.elementwise else {**extra, "span": (a, b)}))
-                continue
-            yield merge_span(name, dt, None, None, tensor_params, {}).reshape(shape)
+        copy_non_weight_files(ref.root, folder, confine=ref.confine)
+        strip_packed_config(folder / ref.weights_subdir)  # a packed reference's config: the merge is dense
+    target = folder / ref.weights_subdir
+    target.mkdir(parents=True, exist_ok=True)
+    write_safetensors(target / WEIGHTS, entries, tensors, metadata={"format": "pt"})
+    floats = [dt for _, _, dt in entries if dt.is_floating_point]
+    if floats:
+        _set_config_dtype(target / "config.json", floats[0])
+
+
+def _option_problems(method: str, spec, dtype: str | None, out) -> list[str]:
+    """What is wrong with ``dtype`` and ``out`` for this method."""
+    problems = []
+    if dtype is not None and dtype not in OUT_DTYPES:
+        problems.append(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+    if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        problems.append(f"out: {str(out)!r} exists and is not an empty directory: choose a new or empty one")
+    if not spec.tensorwise and out is not None:
+        problems.append(f"{method} works on whole models in memory: call it without out=, then save the result")
+    return problems
+
+
+def _open_all(models, base) -> tuple[list[_Model | None], list[str]]:
+    """Every input, then the base (None for one that cannot be opened), and what stopped each that could not."""
+    opened: list[_Model | None] = []
+    problems = []
+    for i, m in enumerate([*models, *([base] if base is not None else [])]):
+        try:
+            opened.append(open_model(m, label=f"model {i}" if i < len(models) else "base"))
+        except ValueError as exc:
+            problems.append(str(exc))
+            opened.append(None)
+    return opened, problems
+
+
+def _reference_problems(ref: _Model, opened: list[_Model | None]) -> list[str]:
+    """Every input's names, shapes and kinds of dtype against the reference's, from headers alone."""
+    problems = []
+    for m in opened:
+        if m is None or m is ref:
+            continue
+        # non-float tensors are copied from the reference by the buffer policy, so a model saved
+        # without one (a transformers version that does not store position ids) is no problem
+        missing = [k for k, (_, dt) in ref.meta.items() if k not in m.meta and dt.is_floating_point]
+        extra = [k for k, (_, dt) in m.meta.items() if k not in ref.meta and dt.is_floating_point]
+        if missing:
+            problems.append(f"{m.label} lacks {len(missing)} tensors of {ref.label}: {missing[:5]}")
+        if extra:
+            problems.append(f"{m.label} has {len(extra)} tensors {ref.label} lacks: {extra[:5]}")
+        for k, (shape, dt) in m.meta.items():
+            if k in ref.meta:
+                rshape, rdt = ref.meta[k]
+                if shape != rshape:
+                    problems.append(f"{k}: shape {list(shape)} in {m.label}, {list(rshape)} in {ref.label}")
+                elif dt.is_floating_point != rdt.is_floating_point:
+                    problems.append(f"{k}: dtype {dt} in {m.label}, {rdt} in {ref.label}")
+    return problems
+
+
+def _tensor_settings(spec, ref: _Model, params: dict, model_params: dict,
+                     strict: bool) -> tuple[dict | None, list[str]]:
+    """Every float tensor's own parameter values (None for a method on whole models), and the problems: filters
+    that match no tensor (with ``strict``; else warnings) and values that cannot be resolved."""
+    names = [k for k, (_, dt) in ref.meta.items() if dt.is_floating_point]
+    unmatched = [u for k, v in params.items() for u in settings.unmatched_filters(v, names, k)]
+    unmatched += [u for k, vs in model_params.items() for i, v in enumerate(vs)
+                  for u in settings.unmatched_filters(v, names, f"models[{i}].{k}")]
+    problems = list(unmatched) if strict else []
+    for u in [] if strict else unmatched:
+        log.warning("merge: %s; its value is never used (--strict makes this an error)", u)
+    if not spec.tensorwise:
+        return None, problems
+    varying, unresolved = settings.per_tensor(names, spec.params, spec.model_params, params, model_params)
+    return varying, problems + unresolved
+
+
+def _merged(method: str, spec, entries: list, ref: _Model, inputs: list[_Model], base_model: _Model | None,
+            method_params: dict, varying: dict | None):
+    """The merged tensors in ``entries`` order, each made when it is asked for: a large one as ``_Pieces``."""
+    from weightshare._progress import progress
 
     def read_span(name, start, stop):
         tensors = [m.read(name, start, stop).float() for m in inputs]
@@ -377,22 +403,32 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
         tensors, b = read_span(name, start, stop)
         return spec.fn(tensors, b, name=name, **tensor_params, **extra).to(dt)
 
-    if out is None:
-        return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, merged())}
-    with io.staged_dir(out) as tmp:
-        if ref.root is not None:
-            from weightshare.hub import copy_non_weight_files, strip_packed_config
+    for name, shape, dt in progress(entries, desc=f"merge ({method})", unit="tensor", leave=False):
+        if not dt.is_floating_point:  # the buffer policy: copied from the base, or the first model
+            yield ref.read(name)
+            continue
+        numel = int(torch.Size(shape).numel())
+        step = CHUNK
+        if spec.rows and numel:  # pieces of whole rows (DELLA ranks within a row); one row at least
+            row = row_length(shape)
+            step = max(row, CHUNK // row * row)
+        spans = [(s, min(s + step, numel)) for s in range(0, numel, step)]
+        tensor_params = method_params if varying is None else {**method_params, **varying[name]}
+        extra = None
+        if numel > CHUNK and spec.elementwise:
+            extra = {}
+        elif numel > CHUNK and spec.prepare is not None:  # whole-tensor statistics, gathered piece by piece
+            def read(name=name, spans=spans):
+                for a, b in spans:
+                    yield read_span(name, a, b)
 
-            copy_non_weight_files(ref.root, tmp, confine=ref.confine)
-            strip_packed_config(tmp / ref.weights_subdir)  # a packed reference's config: the merge is dense
-        target = tmp / ref.weights_subdir
-        target.mkdir(parents=True, exist_ok=True)
-        write_safetensors(target / WEIGHTS, entries, merged(), metadata={"format": "pt"})
-        floats = [dt for _, _, dt in entries if dt.is_floating_point]
-        if floats:
-            _set_config_dtype(target / "config.json", floats[0])
-        _record(tmp, method, models, base, model_params, params, spec, dtype)
-    return Path(out)
+            extra = spec.prepare(read, numel, name=name, shape=torch.Size(shape), **tensor_params)
+        if extra is not None:  # flat pieces: a few MB per input, whatever the tensor's size
+            # a prepared method is told where each piece lies (DARE's mask entries, model stock's rows)
+            yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, p=tensor_params, extra=extra: merge_span(
+                name, dt, a, b, p, extra if spec.elementwise else {**extra, "span": (a, b)}))
+            continue
+        yield merge_span(name, dt, None, None, tensor_params, {}).reshape(shape)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
