@@ -39,7 +39,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# every command block of README.md as written, in a clean shell (about 10 min; not part of `make test`)
+# every command block of README.md as written, in a clean shell (11 min on an idle 2-core machine; not part of `make test`)
 test-readme: setup
 	$(PY) -m pytest -q -m readme_commands tests/test_readme.py
 

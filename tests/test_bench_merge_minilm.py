@@ -9,7 +9,7 @@ from weightshare.bench import merge_minilm as bench
 
 def test_length_sorted_embedding_gives_each_row_its_own_embedding(minilm_path):
     from weightshare.hub import sentence_encoder
-    from weightshare.multitask.trainer import _rows
+    from weightshare.multitask.trainer import select_rows
 
     sentences = ["a", "Return the number of items in the container, counting duplicates once.", "Open a file.",
                  "x y", "Compute the greatest common divisor of the two integers given as arguments, if any."] * 3
@@ -17,7 +17,7 @@ def test_length_sorted_embedding_gives_each_row_its_own_embedding(minilm_path):
     x = dict(enc.preprocess(sentences))
     got = bench._embed(minilm_path, x, batch=4)  # batches that mix lengths once sorted
     with torch.no_grad():
-        want = torch.cat([enc(_rows(x, torch.tensor([i])))["sentence_embedding"] for i in range(len(sentences))])
+        want = torch.cat([enc(select_rows(x, torch.tensor([i])))["sentence_embedding"] for i in range(len(sentences))])
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
 

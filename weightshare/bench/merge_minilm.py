@@ -144,7 +144,7 @@ def _embed(path: str, x: dict, batch: int = 64, prefix: Prefix | None = None, ca
     from torch import nn
 
     from weightshare.hub import transformer_blocks, inner_model, sentence_encoder
-    from weightshare.multitask.trainer import _num_rows, _rows
+    from weightshare.multitask.trainer import num_rows, select_rows
 
     enc = sentence_encoder(path, trainable_layers=0).eval()
     inner = inner_model(enc)
@@ -163,7 +163,7 @@ def _embed(path: str, x: dict, batch: int = 64, prefix: Prefix | None = None, ca
         if capture:
             layers[cut - 1].register_forward_hook(lambda m, args, out: states.append(out[0] if isinstance(out, tuple)
                                                                                       else out))
-    n = _num_rows(x)
+    n = num_rows(x)
     order = torch.argsort(x["attention_mask"].sum(1), stable=True)
     out = torch.empty(n, enc.get_embedding_dimension())
     with torch.no_grad():
@@ -171,7 +171,7 @@ def _embed(path: str, x: dict, batch: int = 64, prefix: Prefix | None = None, ca
             rows = order[s:s + batch]
             if cached is not None:
                 cached.batch = i
-            out[rows] = enc(_rows(x, rows))["sentence_embedding"]
+            out[rows] = enc(select_rows(x, rows))["sentence_embedding"]
     if capture:
         return out, Prefix(_frozen_tensors(inner), states)
     return out

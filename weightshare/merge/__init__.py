@@ -1,25 +1,16 @@
-"""Many models, shared weights: merge methods (one file each), weight transfer, co-training.
+"""Many models, shared weights: merge methods (``methods/``, one file each), the streaming merge,
+mergekit configs, weight transfer and model soups.
 
-Every module in this package is imported here, and importing a method's file
-registers it in ``MERGE_METHODS`` (``registry.py``): adding a method is adding
-one file.
+Importing this package registers every method in ``MERGE_METHODS`` (``registry.py``), by
+importing every file of ``methods/``: adding a method is adding one file there.
+Co-training (``distributed.py``) imports torch.distributed and is imported on use.
 """
 
-import importlib
-import pkgutil
-
+import weightshare.merge.methods  # noqa: F401  (registers every method)
 from weightshare.merge.registry import MERGE_METHODS, MergeMethod, get_method, register_merge
+from weightshare.merge.soup import greedy_soup, greedy_soup_trace, uniform_soup
+from weightshare.merge.streaming import MergeError, merge, open_model
+from weightshare.merge.transfer import TransferReport, transfer
 
-_SKIP = {"registry", "distributed"}  # distributed imports torch.distributed: loaded on use
-for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_") and _module.name not in _SKIP:
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-__all__ = ["MERGE_METHODS", "MergeMethod", "get_method", "register_merge"]
-
-from weightshare.merge.soup import greedy_soup, greedy_soup_trace, uniform_soup  # noqa: E402
-from weightshare.merge.streaming import MergeError, merge, open_model  # noqa: E402
-from weightshare.merge.transfer import TransferReport, transfer  # noqa: E402
-
-__all__ += ["MergeError", "TransferReport", "greedy_soup", "greedy_soup_trace", "merge", "open_model", "transfer",
-            "uniform_soup"]
+__all__ = ["MERGE_METHODS", "MergeError", "MergeMethod", "TransferReport", "get_method", "greedy_soup",
+           "greedy_soup_trace", "merge", "open_model", "register_merge", "transfer", "uniform_soup"]

@@ -13,9 +13,9 @@ A config for a method we have runs unchanged::
     dtype: float16
 
 mergekit's ``lambda`` is ``scale`` here (``lambda`` is a Python keyword); for
-``slerp`` the ``base_model`` is the t = 0 end, as in mergekit.  A parameter may
-vary by tensor, with mergekit's gradients over the layers and ``filter``
-conditions on tensor names (``settings.py``)::
+``slerp`` the ``base_model`` is the t = 0 end, as in mergekit (a method registered with a
+``base_endpoint``).  A parameter may vary by tensor, with mergekit's gradients over the
+layers and ``filter`` conditions on tensor names (``settings.py``)::
 
     merge_method: slerp
     base_model: ./ft-a
@@ -46,6 +46,7 @@ __all__ = ["read_config", "merge_from_config"]
 _TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "int8_mask"}
 _RENAMED = {"lambda": "scale"}
 _STORAGE_ONLY = {"int8_mask"}  # no effect on the numbers
+_COUNTS = {2: "two", 3: "three"}  # a model count in words, as the messages say it
 
 
 def _fall_back(own, everyone):
@@ -56,6 +57,26 @@ def _fall_back(own, everyone):
     if everyone is None or not settings.is_conditions(own):
         return own
     return [*own, {"value": everyone}]
+
+
+def _place_base(method, base: str | None, entries: list, problems: list[str]) -> tuple[str | None, list]:
+    """(base, model entries) as ``merge`` takes them, from mergekit's ``base_model``: one end of the
+    interpolation for a method with a ``base_endpoint`` (slerp: the first model), not used by a method
+    without task vectors (mergekit's linear averages a base listed among the models), else the base
+    of the task vectors (and, listed among the models, not one of them)."""
+    paths = [m for m, _ in entries]
+    if method is not None and method.base_endpoint:
+        count = method.models[0]
+        if base is None or base not in paths or len(paths) != count:
+            problems.append(f"{method.name}: expected {_COUNTS.get(count, count)} models, one of them named as "
+                            f"base_model ({method.base_endpoint})")
+            return base, entries
+        return None, sorted(entries, key=lambda e: e[0] != base)
+    if method is not None and not method.needs_base:
+        return None, entries
+    if base is not None and base in paths:
+        return base, [e for e in entries if e[0] != base]
+    return base, entries
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -122,18 +143,7 @@ def read_config(path: str | os.PathLike) -> dict:
     dtype = raw.get("out_dtype", raw.get("dtype"))
     if dtype is not None and dtype not in OUT_DTYPES:
         problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
-    paths = [m for m, _ in entries]
-    if method_name == "slerp":
-        if base is None or base not in paths or len(paths) != 2:
-            problems.append("slerp: expected two models, one of them named as base_model (the t = 0 end)")
-        else:
-            paths = [base] + [p for p in paths if p != base]
-            entries = sorted(entries, key=lambda e: e[0] != base)
-            base = None
-    elif method is not None and not method.needs_base:  # mergekit's linear averages a base listed among the models
-        base = None
-    elif base is not None and base in paths:  # task vectors: the base listed among the models is not one of them
-        entries = [e for e in entries if e[0] != base]
+    base, entries = _place_base(method, base, entries, problems)
     if problems:
         raise MergeError(f"{path}: {len(problems)} problem(s), nothing was read:\n  - " + "\n  - ".join(problems))
     kwargs: dict = {"models": [m for m, _ in entries], "method": method_name, "base": base, "dtype": dtype}

@@ -1,4 +1,4 @@
-"""The one registry of merge methods: each file in ``weightshare/merge/`` registers one method.
+"""The one registry of merge methods: each file in ``weightshare/merge/methods/`` registers one method.
 
 A *tensorwise* method merges one tensor at a time, so a merge streams through
 checkpoints without holding a whole model:
@@ -24,16 +24,68 @@ hold whole rows (DELLA ranks within a row).  ``prepare`` may return ``None`` to
 have the tensor merged whole (TSV-Merge and Iso-C, whose SVD needs a changed
 matrix whole).  A parameter's value may vary by tensor (``settings.py``): ``fn``
 and ``prepare`` always get the values resolved for the tensor at hand.
+
+Each method declares its parameters where it registers, as mergekit's
+``ConfigParameterDef(name, required, default)`` does, with the rule a value must
+satisfy::
+
+    @register_merge("linear", source=..., elementwise=True,
+                    parameters=(Param("weight", 1.0, per_model=True, rule=FINITE), Param("normalize", True)))
+    def linear(tensors, base, *, name, weight, normalize=True): ...
+
+``check_params`` checks every call against the declarations alone: it knows no
+parameter by name.  A rule that ties parameters together is the method's ``check``
+(DELLA: density ± epsilon must be probabilities).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from weightshare.merge import settings
 
-__all__ = ["MergeMethod", "MERGE_METHODS", "register_merge", "get_method", "check_params", "row_length"]
+__all__ = ["MergeMethod", "MERGE_METHODS", "Param", "Rule", "FINITE", "interval", "is_number", "register_merge",
+           "get_method", "check_params", "per_model", "row_length"]
+
+
+def is_number(value) -> bool:
+    """An int or float from a config, not a bool (YAML's true is an int to Python, but no density)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What makes one value of a parameter valid: ``ok(value)``, and the rule in words for the
+    message (``says="in (0, 1]"`` gives "density must be in (0, 1]; got 1.5")."""
+    ok: Callable[[Any], bool]
+    says: str
+
+
+def interval(text: str) -> Rule:
+    """Numbers in an interval written as in mathematics: ``interval("(0, 1]")`` accepts 0 < x <= 1."""
+    if len(text) < 5 or text[0] not in "([" or text[-1] not in ")]" or text.count(",") != 1:
+        raise ValueError(f"interval\n  expected: an interval such as '(0, 1]'\n  got: {text!r}")
+    lo, hi = (float(bound) for bound in text[1:-1].split(","))
+    lo_open, hi_open = text[0] == "(", text[-1] == ")"
+
+    def ok(x) -> bool:
+        return is_number(x) and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
+
+    return Rule(ok, f"in {text}")
+
+
+FINITE = Rule(lambda w: is_number(w) and w == w and abs(w) != float("inf"), "a finite number")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method, declared where the method registers."""
+    name: str
+    default: Any = None
+    required: bool = False  # no default: the caller must give it (mergekit's ``required=True``)
+    per_model: bool = False  # one value per model (weight, density), not one for the whole merge (scale)
+    rule: Rule | None = None  # every value it can take (settings.py) is checked before any tensor is read
 
 
 @dataclass(frozen=True)
@@ -42,8 +94,7 @@ class MergeMethod:
     fn: Callable
     source: str  # the paper, and whose defaults it follows (mergekit's, where mergekit has the method)
     needs_base: bool = False
-    model_params: dict[str, Any] = field(default_factory=dict)  # per-model parameter -> default
-    params: dict[str, Any] = field(default_factory=dict)  # global parameter -> default (None: required)
+    parameters: tuple[Param, ...] = ()  # every parameter it takes, declared at registration
     models: tuple[int, int | None] = (1, None)  # (least, most) number of models, the base not counted
     tensorwise: bool = True
     elementwise: bool = False  # each output entry depends on the same entry of the inputs only: merged in chunks
@@ -53,6 +104,26 @@ class MergeMethod:
     # piece's flat entries, since what a piece merges to can depend on where it lies (a mask, a row)
     prepare: Callable | None = None
     rows: bool = False  # a prepared method whose pieces must hold whole rows (the tensor as (shape[0], -1))
+    # check(values) -> problems: a rule on several parameters together; values holds, per parameter given,
+    # every distinct value it can take (DELLA: each density ± each epsilon must lie in (0, 1))
+    check: Callable[[dict[str, list]], list[str]] | None = None
+    # for a method whose models are the ends of an interpolation (slerp), the end mergekit's base_model
+    # names ("the t = 0 end"): a config's base_model is then the first model, not a base
+    base_endpoint: str = ""
+
+    @property
+    def model_params(self) -> dict[str, Any]:
+        """Per-model parameter -> default."""
+        return {p.name: p.default for p in self.parameters if p.per_model}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Global parameter -> default (``None`` for a required one)."""
+        return {p.name: p.default for p in self.parameters if not p.per_model}
+
+    @property
+    def required(self) -> list[str]:
+        return [p.name for p in self.parameters if p.required]
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
@@ -68,34 +139,69 @@ def row_length(shape) -> int:
     return numel if len(shape) < 2 or not shape[0] else numel // int(shape[0])
 
 
-def register_merge(name: str, *, source: str, needs_base: bool = False, model_params: dict | None = None,
-                   params: dict | None = None, models: tuple[int, int | None] = (1, None), tensorwise: bool = True,
-                   elementwise: bool = False, prepare: Callable | None = None, rows: bool = False):
+def register_merge(name: str, *, source: str, parameters: tuple[Param, ...] = (), needs_base: bool = False,
+                   models: tuple[int, int | None] = (1, None), tensorwise: bool = True, elementwise: bool = False,
+                   prepare: Callable | None = None, rows: bool = False,
+                   check: Callable[[dict[str, list]], list[str]] | None = None, base_endpoint: str = ""):
+    """Decorator registering ``fn`` as the merge method ``name`` (see the module for ``fn``'s contract)."""
+    names = [p.name for p in parameters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"register_merge({name!r}): parameters\n  expected: each name once\n  got: {names}")
+    if base_endpoint and models[0] != models[1]:
+        raise ValueError(f"register_merge({name!r}): base_endpoint\n  expected: a fixed number of models "
+                         f"(models=(n, n)), one of them the base_model end\n  got: models={models}")
+
     def wrap(fn):
-        MERGE_METHODS[name] = MergeMethod(name, fn, source, needs_base, dict(model_params or {}), dict(params or {}),
-                                          models, tensorwise, elementwise, prepare, rows)
+        MERGE_METHODS[name] = MergeMethod(name, fn, source, needs_base, tuple(parameters), models, tensorwise,
+                                          elementwise, prepare, rows, check, base_endpoint)
         return fn
 
     return wrap
 
 
 def get_method(name: str) -> MergeMethod:
-    import weightshare.merge  # noqa: F401  (importing the package registers every method)
+    import weightshare.merge.methods  # noqa: F401  (importing the package registers every method)
 
     if name not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method\n  expected one of: {', '.join(sorted(MERGE_METHODS))}\n  got: {name!r}")
+        raise ValueError(f"unknown merge method\n  expected one of: {', '.join(sorted(MERGE_METHODS))}\n"
+                         f"  got: {name!r}")
     return MERGE_METHODS[name]
 
 
-def _number(v) -> bool:
-    """An int or float from a config, not a bool (YAML's true is an int to Python, but no density)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def per_model(method: str, key: str, values, n: int, default) -> list[float]:
+    """Per-model parameter ``key`` as ``n`` floats (``default`` for each when not given)."""
+    if values is None:
+        return [float(default)] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{method}: {key}\n  expected: one value per model ({n})\n  got: {len(values)} values")
+    if any(not is_number(v) for v in values):
+        raise ValueError(f"{method}: {key}\n  expected: numbers\n  got: {values!r}"[:300])
+    return [float(v) for v in values]
 
 
 def check_params(method: MergeMethod, n_models: int, has_base: bool, model_params: dict[str, list],
                  params: dict[str, Any]) -> list[str]:
-    """Every problem with a method's arguments, as messages (empty: all good).  Per-model values
-    come as lists (one per model); unknown names are refused by name, never ignored."""
+    """Every problem with a method's arguments, as messages (empty: all good), from its declared
+    parameters.  Per-model values come as lists (one per model); unknown names are refused by
+    name, never ignored."""
+    problems = _names_and_counts(method, n_models, has_base, model_params, params)
+    values = _values(method, model_params, params, problems)
+    # each out-of-range value once, saying where it was given (density[1]: the second model's)
+    for p in method.parameters:
+        for v, wheres in values.get(p.name, {}).items():
+            if p.rule is not None and not p.rule.ok(v):
+                given = ", ".join(dict.fromkeys(wheres))
+                problems.append(f"{p.name} must be {p.rule.says}; got {v!r} (in {given})" if given != p.name else
+                                f"{p.name} must be {p.rule.says}; got {v!r}")
+    if method.check is not None:
+        problems += method.check({k: list(by_value) for k, by_value in values.items()})
+    return problems
+
+
+def _names_and_counts(method: MergeMethod, n_models: int, has_base: bool, model_params: dict[str, list],
+                      params: dict[str, Any]) -> list[str]:
+    """The problems of a call's shape: how many models, a base, and which parameters, how many values."""
     problems = []
     lo, hi = method.models
     if n_models < lo or (hi is not None and n_models > hi):
@@ -109,13 +215,22 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
                             f"(it has: {', '.join(sorted(method.model_params)) or 'none'})")
         elif len(values) != n_models:
             problems.append(f"{key}: {len(values)} values for {n_models} models")
-    for key, default in method.params.items():
-        if default is None and params.get(key) is None:  # a default of None marks a required parameter
+    for key in method.required:
+        if (model_params if key in method.model_params else params).get(key) is None:
             problems.append(f"{method.name} needs the parameter {key!r}")
     for key in params:
         if key not in method.params:
-            problems.append(f"{method.name} has no parameter {key!r} (it has: {', '.join(sorted(method.params)) or 'none'})")
-    if method.tensorwise:  # a value may vary by tensor (settings.py): check its shape, then every value it can take
+            problems.append(f"{method.name} has no parameter {key!r} "
+                            f"(it has: {', '.join(sorted(method.params)) or 'none'})")
+    return problems
+
+
+def _values(method: MergeMethod, model_params: dict[str, list], params: dict[str, Any],
+            problems: list[str]) -> dict[str, dict[Any, list[str]]]:
+    """Per parameter given, every distinct value it can take -> where it was given (``density[1]``):
+    a value may vary by tensor (settings.py), so its shape is checked (into ``problems``) and then
+    each of its leaves is a value."""
+    if method.tensorwise:
         defaults = {**method.model_params, **method.params}
         shaped = {}
         for key, values in [*((k, v) for k, v in model_params.items()), *((k, [v]) for k, v in params.items())]:
@@ -127,30 +242,8 @@ def check_params(method: MergeMethod, n_models: int, has_base: bool, model_param
                 shaped[key] = [(w, leaf) for w, v in zip(where, values) for leaf in settings.leaves(v)]
     else:
         shaped = {k: [(f"{k}[{i}]", v) for i, v in enumerate(vs)] for k, vs in model_params.items()}
-    # each out-of-range value once, saying where it was given (density[1]: the second model's)
     named: dict[str, dict] = {}
     for k, pairs in shaped.items():
         for where, v in pairs:
             named.setdefault(k, {}).setdefault(v, []).append(where)
-    shaped = {k: list(by_value) for k, by_value in named.items()}
-
-    def out_of_range(key: str, ok, rule: str) -> None:
-        for v, wheres in named.get(key, {}).items():
-            if not ok(v):
-                given = ", ".join(dict.fromkeys(wheres))
-                problems.append(f"{key} must be {rule}; got {v!r} (in {given})" if given != key else
-                                f"{key} must be {rule}; got {v!r}")
-
-    out_of_range("density", lambda d: _number(d) and 0 < d <= 1, "in (0, 1]")
-    epsilons = shaped.get("epsilon", [])
-    out_of_range("epsilon", lambda e: _number(e) and 0 <= e < 1, "in [0, 1)")
-    # DELLA's keep probabilities, density ± epsilon, must be probabilities: every density a setting
-    # can give with every epsilon (a stricter check than per tensor, never a looser one)
-    bad = {(d, e) for d in shaped.get("density", []) for e in epsilons
-           if _number(d) and _number(e) and 0 < d < 1 and 0 <= e < 1
-           and not (0 < d - e and d + e < 1)}
-    for d, e in sorted(bad):
-        problems.append(f"density ± epsilon must lie in (0, 1); got density {d!r} with epsilon {e!r}")
-    out_of_range("gamma", lambda g: _number(g) and 0 <= g < 1, "in [0, 1)")
-    out_of_range("weight", lambda w: _number(w) and w == w and abs(w) != float("inf"), "a finite number")
-    return problems
+    return named

@@ -28,8 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from weightshare.merge.linear import linear
-from weightshare.merge.registry import register_merge
+from weightshare.merge.methods.linear import linear
 
 __all__ = ["greedy_soup", "greedy_soup_trace", "uniform_soup", "SoupTrace", "SoupStep"]
 
@@ -152,11 +151,6 @@ def greedy_soup_trace(state_dicts: list[dict], *, evaluate: Callable[[dict], flo
     return soup, trace
 
 
-@register_merge("greedy_soup", source="Wortsman et al. 2022, Model soups (ICML, arXiv:2203.05482), Algorithm 1 "
-                "(greedy soup: add in order of held-out score, keep if the soup does not get worse); "
-                "mergekit has no greedy soup",
-                model_params={"weight": 1.0, "scores": None}, params={"evaluate": None},
-                models=(1, None), tensorwise=False)
 def greedy_soup(state_dicts: list[dict], *, evaluate: Callable[[dict], float], weight=None,
                 scores: list[float] | None = None) -> dict:
     """The greedy soup of ``state_dicts`` (fine-tunes of one pre-trained model, one architecture).

@@ -459,7 +459,7 @@ def _record(folder: Path, method: str, models, base, model_params: dict, params:
         per = {k: v[i] for k, v in model_params.items()}
         entries.append({"model": _describe_input(m), **({"parameters": per} if per else {})})
     glob = {renamed.get(k, k): params.get(k, d) for k, d in spec.params.items()}
-    if base is None and method == "slerp":  # mergekit names slerp's t = 0 end as its base_model
+    if base is None and spec.base_endpoint:  # mergekit names one end of the interpolation (slerp's t = 0) base_model
         base = models[0]
     config = {"merge_method": method, **({"base_model": _describe_input(base)} if base is not None else {}),
               "models": entries, **({"parameters": glob} if glob else {}), **({"dtype": dtype} if dtype else {})}

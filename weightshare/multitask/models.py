@@ -15,10 +15,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["MultiTaskModel", "CrossStitch", "MMoE"]
+__all__ = ["MultiTaskModel", "CrossStitch", "MMoE", "batch_size_of"]
 
 
-def _batch_size(x) -> int | None:
+def batch_size_of(x) -> int | None:
     """Rows of a batch: a tensor's first dimension, or the one first dimension every tensor of a
     tokenizer's output shares (non-tensor entries such as a "modality" tag aside); else None."""
     if isinstance(x, torch.Tensor):
@@ -55,7 +55,7 @@ class MultiTaskModel(nn.Module):
         h = getattr(h, "last_hidden_state", h)  # a transformers trunk: the [CLS] / first token's state
         if h.dim() == 3:
             h = h[:, 0]
-        n = _batch_size(x)
+        n = batch_size_of(x)
         if n is not None and h.shape[0] != n:
             raise ValueError(f"the trunk returned {h.shape[0]} rows for a batch of {n}\n"
                              "  expected: one feature row per input row")

@@ -111,7 +111,7 @@ def test_tokenizer_output_is_batched_and_cut_to_each_batch_longest_row(digits):
 
 def test_unlabelled_rows_cost_nothing_and_are_not_scored(digits):
     from weightshare.multitask import IGNORE
-    from weightshare.multitask.trainer import _splits
+    from weightshare.multitask.trainer import fold_splits
 
     x, targets = digits
     partial = targets["parity"].clone()
@@ -126,7 +126,7 @@ def test_unlabelled_rows_cost_nothing_and_are_not_scored(digits):
 
     # one full-batch SGD step equals the step on CE(digit) + CE(parity over its labelled rows only)
     fit(make, x, tasks, "ew", TrainConfig(epochs=1, optimizer="gd", lr=0.5, seed=2))
-    train_idx, test_idx = (torch.as_tensor(i) for i in _splits(targets["digit"], None, 0.2, 2)[0])
+    train_idx, test_idx = (torch.as_tensor(i) for i in fold_splits(targets["digit"], None, 0.2, 2)[0])
     torch.manual_seed(2)
     ref = small()
     out = ref(x[train_idx])

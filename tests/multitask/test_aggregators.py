@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from weightshare.multitask import aggregators as ag
-from weightshare.multitask.aggregators import aggregate
+from weightshare.multitask import METHODS, aggregate
+from weightshare.multitask.weighting.nash_mtl import nash_weights
+from weightshare.multitask.weighting.solvers import min_norm_projected, min_norm_weights
 
 
 def random_G(m, n=7, seed=0, conflict=True):
@@ -46,14 +47,14 @@ def test_mgda_is_the_min_norm_point_of_the_convex_hull(m, seed):
     brute = _grid_min_norm(G, 2000 if m == 2 else 300)
     assert got <= brute + 1e-12  # nothing on the grid is shorter
     assert got >= brute - 0.05 * abs(brute) - 1e-6  # and the grid comes close to it
-    lam = ag.min_norm_weights((G @ G.t()).numpy())
+    lam = min_norm_weights((G @ G.t()).numpy())
     assert (lam >= 0).all() and abs(lam.sum() - 1) < 1e-9
 
 
 def test_mgda_for_many_tasks_agrees_with_the_exact_solver():
     G = random_G(5, n=9, seed=3)
     gram = (G @ G.t()).numpy()
-    exact, fw = ag.min_norm_weights(gram), ag._min_norm_projected(gram)
+    exact, fw = min_norm_weights(gram), min_norm_projected(gram)
     assert abs(exact @ gram @ exact - fw @ gram @ fw) < 1e-9 * max(1.0, exact @ gram @ exact)
 
 
@@ -107,7 +108,7 @@ def test_bad_input_is_named():
 
 def test_every_aggregator_returns_one_direction_in_the_input_dtype():
     G = random_G(3).float()
-    for name, method in ag.METHODS.items():
+    for name, method in METHODS.items():
         if method.kind == "gradient":
             d = aggregate(name, G)
             assert d.shape == (7,) and d.dtype == torch.float32 and torch.isfinite(d).all(), name
@@ -138,7 +139,7 @@ def test_aligned_mtl_direction_ignores_one_task_gradient_scale_when_tasks_are_or
 
 @pytest.mark.parametrize("seed", range(3))
 def test_the_same_methods_as_torchjd(seed):
-    # torchjd (in the [bench] extra) implements five of these; where both are exact they agree
+    # torchjd (in the [test] extra) implements five of these; where both are exact they agree
     aggregation = pytest.importorskip("torchjd.aggregation")
     pytest.importorskip("quadprog")
     G = random_G(3, n=8, seed=seed)
@@ -159,7 +160,7 @@ NASH_CASES = [(m, seed) for m in range(2, 7) for seed in range(3)]
 def test_nash_mtl_weights_solve_the_bargaining_equations(m, seed):
     G = random_G(m, n=300, seed=seed, conflict=seed % 2 == 0)
     gram = (G @ G.t()).numpy()
-    alpha = ag.nash_weights(gram)
+    alpha = nash_weights(gram)
     assert (alpha > 0).all()
     assert np.allclose(alpha * (gram @ alpha), 1.0, rtol=0, atol=1e-8)  # Mα = 1/α, relative to 1/α
     assert torch.allclose(aggregate("nash_mtl", G), torch.from_numpy(alpha) @ G, rtol=1e-12, atol=1e-12)
@@ -174,14 +175,14 @@ def test_nash_mtl_weights_minimise_the_bargaining_objective(m, seed):
     gram = (G @ G.t()).numpy()
     res = minimize(lambda a: (0.5 * a @ gram @ a - np.log(a).sum(), gram @ a - 1 / a), np.ones(m), jac=True,
                    method="L-BFGS-B", bounds=[(1e-12, None)] * m, options={"ftol": 1e-15, "gtol": 1e-12})
-    assert np.allclose(ag.nash_weights(gram), res.x, rtol=1e-5, atol=0)
+    assert np.allclose(nash_weights(gram), res.x, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("m,seed", NASH_CASES)
 def test_nash_mtl_gains_one_over_alpha_on_every_task(m, seed):
     G = random_G(m, n=300, seed=seed, conflict=True)
     assert float(G[0] @ G[1]) < 0
-    alpha = ag.nash_weights((G @ G.t()).numpy())
+    alpha = nash_weights((G @ G.t()).numpy())
     d = aggregate("nash_mtl", G)
     assert torch.allclose(G @ d, torch.from_numpy(1 / alpha), rtol=1e-8)  # ⟨g_i, d⟩ = 1/α_i > 0: no conflict
     assert float(d @ d) == pytest.approx(m, rel=1e-8)  # hence ||d||² = Σ α_i ⟨g_i, d⟩ = m
@@ -193,7 +194,7 @@ def test_nash_mtl_direction_ignores_one_task_gradient_scale(c):
     scaled = G.clone()
     scaled[2] *= c
     assert torch.allclose(aggregate("nash_mtl", scaled), aggregate("nash_mtl", G), rtol=1e-9, atol=1e-12)
-    alpha, alpha_c = (ag.nash_weights((H @ H.t()).numpy()) for H in (G, scaled))
+    alpha, alpha_c = (nash_weights((H @ H.t()).numpy()) for H in (G, scaled))
     assert alpha_c[2] == pytest.approx(alpha[2] / c, rel=1e-9)  # α_i g_i is what is invariant
 
 
@@ -202,12 +203,12 @@ def test_nash_mtl_degenerate_gradients():
     g = G[0]
     # two equal rows: dependent but well-posed; they share the weight a single copy would get
     equal = torch.stack([g, g, G[1]])
-    alpha = ag.nash_weights((equal @ equal.t()).numpy())
+    alpha = nash_weights((equal @ equal.t()).numpy())
     assert alpha[0] == pytest.approx(alpha[1], rel=1e-10)
     assert torch.allclose(equal @ aggregate("nash_mtl", equal), torch.from_numpy(1 / alpha), rtol=1e-8)
     # a zero row gets α = 0 and the rest is solved without it
     zero = torch.stack([g, torch.zeros_like(g), G[1]])
-    alpha = ag.nash_weights((zero @ zero.t()).numpy())
+    alpha = nash_weights((zero @ zero.t()).numpy())
     assert alpha[1] == 0 and (alpha[[0, 2]] > 0).all()
     assert torch.allclose(aggregate("nash_mtl", zero), aggregate("nash_mtl", G[:2]), atol=1e-10)
     assert torch.equal(aggregate("nash_mtl", torch.zeros(2, 50)), torch.zeros(50))

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from weightshare.merge.registry import register_merge
-from weightshare.merge.task_arithmetic import per_model
+from weightshare.merge.registry import FINITE, Param, per_model, register_merge
+from weightshare.merge.svd import svd_prepare
 
-__all__ = ["tsv_merge", "orthogonal_factor", "svd_prepare"]
+__all__ = ["tsv_merge", "orthogonal_factor"]
 
 
 def orthogonal_factor(a: torch.Tensor) -> torch.Tensor:
@@ -34,21 +34,10 @@ def orthogonal_factor(a: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def svd_prepare(read, numel: int, *, name: str, shape, weight, **_) -> dict | None:
-    """A large tensor (TSV-Merge, Iso-C): merged in pieces when no model changed it or when it
-    is not a matrix; whole (None) otherwise."""
-    if len(shape) != 2:
-        return {"matrix": False}
-    for models, base in read():
-        if any(bool((m != base).any()) for m in models):
-            return None
-    return {"unchanged": True}
-
-
 @register_merge("tsv_merge", source="Gargiulo et al. 2025, Task Singular Vectors (TSV-Merge, CVPR 2025); "
                 "the authors' code (src/utils/TSVM_utils.py): rank r / T per task, mean of non-matrix task vectors",
-                needs_base=True, model_params={"weight": 1.0}, params={"scale": 1.0}, models=(1, None),
-                prepare=svd_prepare)
+                needs_base=True, parameters=(Param("weight", 1.0, per_model=True, rule=FINITE), Param("scale", 1.0)),
+                models=(1, None), prepare=svd_prepare)
 def tsv_merge(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, weight, scale: float = 1.0,
               matrix: bool | None = None, unchanged: bool = False, span=None) -> torch.Tensor:
     """base + scale · Δ, Δ the decorrelated sum of the task matrices' top singular triplets

@@ -8,7 +8,7 @@ import itertools
 
 import torch
 
-from weightshare.merge.registry import register_merge
+from weightshare.merge.registry import Param, register_merge
 
 __all__ = ["model_stock"]
 
@@ -70,7 +70,7 @@ def _prepare(read, numel: int, *, name: str, shape, filter_wise: bool = False, *
 
 @register_merge("model_stock",
                 source="Jang et al. 2024, Model Stock; mergekit semantics (merge_methods/model_stock.py)",
-                needs_base=True, params={"filter_wise": False}, models=(2, None), prepare=_prepare)
+                needs_base=True, parameters=(Param("filter_wise", False),), models=(2, None), prepare=_prepare)
 def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, filter_wise: bool = False,
                 t: torch.Tensor | None = None, shape=None, span: tuple[int, int] | None = None) -> torch.Tensor:
     """t · mean_i θ_i + (1 − t) · base, t = N cos / (1 + (N − 1) cos).

@@ -1,10 +1,8 @@
-"""The training loop, the unshared layer and the digits-arch helpers."""
+"""The training loop: determinism, full-batch steps, schedules, early stopping, bad configs."""
 
 import pytest
 import torch
 
-from weightshare.bench.digits_arch import equal_stored_hidden, mlp
-from weightshare.layers import LocallyConnected2d
 from weightshare.multitask.trainer import TrainConfig, error_rate, train
 
 
@@ -85,22 +83,3 @@ def test_on_epoch_stops_training_and_params_limits_what_moves():
 def test_bad_train_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
-
-
-def test_locally_connected_with_equal_kernels_is_the_convolution():
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
-    local = LocallyConnected2d(3, 5, (6, 7), 3, padding=1)
-    with torch.no_grad():
-        local.weight.copy_(conv.weight.reshape(5, -1).expand_as(local.weight))  # the same kernel at every position
-        local.bias.copy_(conv.bias[:, None].expand_as(local.bias))
-    x = torch.randn(2, 3, 6, 7)
-    assert torch.allclose(local(x), conv(x), atol=1e-5)
-    assert local.weight.numel() == 42 * conv.weight.numel()  # 6x7 positions, no sharing
-
-
-def test_equal_stored_baseline_has_the_hashed_nets_size():
-    h = equal_stored_hidden(1842)
-    n = sum(p.numel() for p in mlp(h, h).parameters())
-    assert abs(n - 1842) <= abs(sum(p.numel() for p in mlp(h + 1, h + 1).parameters()) - 1842)
-    assert abs(n - 1842) <= abs(sum(p.numel() for p in mlp(h - 1, h - 1).parameters()) - 1842)

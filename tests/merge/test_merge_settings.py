@@ -15,7 +15,7 @@ from weightshare.merge import settings as setting
 from weightshare.merge.config import merge_from_config, read_config
 from weightshare.merge.registry import MERGE_METHODS, check_params
 
-from tests.test_merge import berts  # noqa: F401  (the tiny BERT checkpoints fixture)
+from tests.merge.test_merge import berts  # noqa: F401  (the tiny BERT checkpoints fixture)
 
 
 def test_a_gradient_interpolates_its_anchors_over_depth():
@@ -107,6 +107,20 @@ def test_mergekit_slerp_with_filters_and_gradients_equals_scalar_merges(berts, t
         if a[k].is_floating_point():
             want = ws.merge([{k: a[k]}, {k: b[k]}], "slerp", t=expected_t(k))[k]
             assert torch.equal(got[k], want), k
+
+
+def test_slerp_config_names_one_of_its_two_models_as_base_model(tmp_path):
+    """slerp declares its base_endpoint: the config's base_model is its t = 0 end, one of the two models."""
+    config = tmp_path / "slerp.yaml"
+    config.write_text(json.dumps({"merge_method": "slerp", "base_model": "./c", "parameters": {"t": 0.5},
+                                  "models": [{"model": "./a"}, {"model": "./b"}]}))
+    with pytest.raises(MergeError, match=r"slerp: expected two models, one of them named as base_model "
+                                         r"\(the t = 0 end\)"):
+        read_config(config)
+    config.write_text(json.dumps({"merge_method": "slerp", "base_model": "./b", "parameters": {"t": 0.5},
+                                  "models": [{"model": "./a"}, {"model": "./b"}]}))
+    got = read_config(config)
+    assert (got["models"], got["base"]) == (["./b", "./a"], None)
 
 
 def test_a_model_condition_falls_back_to_the_global_value(berts, tmp_path):  # noqa: F811

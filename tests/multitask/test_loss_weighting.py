@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from weightshare.multitask import METHODS, aggregate
-from weightshare.multitask.loss_weighting import dwa, gradnorm, rlw, uw
+from weightshare.multitask.weighting.dwa import dwa
+from weightshare.multitask.weighting.gradnorm import gradnorm
+from weightshare.multitask.weighting.rlw import rlw
+from weightshare.multitask.weighting.uw import uw
 
 
 def test_the_registry_holds_eleven_methods_of_two_kinds():

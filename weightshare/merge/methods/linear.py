@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from weightshare.merge.registry import register_merge
+from weightshare.merge.registry import FINITE, Param, register_merge
 
 __all__ = ["linear"]
 
 
 @register_merge("linear", source="Wortsman et al. 2022, Model soups; mergekit defaults (merge_methods/linear.py)",
-                model_params={"weight": 1.0}, params={"normalize": True}, models=(1, None), elementwise=True)
+                parameters=(Param("weight", 1.0, per_model=True, rule=FINITE), Param("normalize", True)),
+                models=(1, None), elementwise=True)
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, name: str, weight,
            normalize: bool = True) -> torch.Tensor:
     """Σ_i w_i θ_i, divided by Σ_i w_i when ``normalize``; ``base`` is not used.

@@ -336,13 +336,13 @@ def test_elementwise_methods_merge_in_pieces_with_the_same_result(berts, tmp_pat
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 400), st.integers(1, 50), st.integers(0, 3), st.data())
 def test_kth_largest_by_radix_select_is_the_sorted_value(n, piece, distinct, data):
-    from weightshare.merge.ties import kth_largest
+    from weightshare.merge.sparsify import kth_largest
 
     g = torch.Generator().manual_seed(n * 7 + piece)
     # few distinct values (ties, zeros) or continuous ones; any piece size
     x = (torch.randint(0, distinct + 1, (n,), generator=g).float() if distinct else torch.rand(n, generator=g) * 10)
     k = data.draw(st.integers(1, n))
-    with patch("weightshare.merge.ties.SORT_BELOW", data.draw(st.sampled_from([0, 1 << 14]))):  # radix, or sort
+    with patch("weightshare.merge.sparsify.SORT_BELOW", data.draw(st.sampled_from([0, 1 << 14]))):  # radix, or sort
         got = kth_largest(lambda: iter(x.split(piece)), n, k)
     assert got == float(x.sort(descending=True).values[k - 1])
 
@@ -401,16 +401,16 @@ def test_prepared_methods_merge_large_tensors_piece_by_piece_with_the_same_resul
 def test_dare_mask_stream_draws_any_span_as_the_whole_draw_does(numel, data):
     from unittest import mock
 
-    from weightshare.merge import dare
+    from weightshare.merge import sparsify
 
     seed = data.draw(st.integers(0, 2**31 - 1))
-    whole = torch.rand(numel, generator=dare.mask_generator(seed, "layer.weight", 1))
+    whole = torch.rand(numel, generator=sparsify.mask_generator(seed, "layer.weight", 1))
     cuts = sorted(data.draw(st.lists(st.integers(0, numel), max_size=6)))
     spans = list(zip([0, *cuts], [*cuts, numel]))
     # every span in any order, then some asked again
     asked = data.draw(st.permutations(spans)) + data.draw(st.lists(st.sampled_from(spans), max_size=3))
-    stream = dare.MaskStream(seed, "layer.weight", 1)
-    with mock.patch.object(dare, "_SKIP", data.draw(st.integers(1, 64))):  # skipping ahead in several draws
+    stream = sparsify.MaskStream(seed, "layer.weight", 1)
+    with mock.patch.object(sparsify, "_SKIP", data.draw(st.integers(1, 64))):  # skipping ahead in several draws
         for start, stop in asked:
             assert torch.equal(stream.uniform(start, stop), whole[start:stop]), (start, stop)
 

@@ -450,7 +450,7 @@ def test_breadcrumbs_match_the_sorting_reference(seed, name, rescale):
 
 
 def test_breadcrumbs_counts_on_small_tensors_and_defaults():
-    from weightshare.merge.breadcrumbs import counts
+    from weightshare.merge.sparsify import counts
 
     assert counts(1000, 0.5, 0.01) == (500, 10)
     assert counts(50, 0.5, 0.01) == (25, 0)  # no outlier dropped: mergekit would zero this task vector
@@ -470,7 +470,7 @@ def test_breadcrumbs_counts_on_small_tensors_and_defaults():
 def ref_della_deltas(models, base, name, densities, epsilons, seed, rescale):
     """Per model, DELLA's sampled task vector: rank each row's entries by |δ| (ties by position),
     keep entry k with probability density − ε + 2ε·rank/(row − 1) where its DARE draw is below it."""
-    from weightshare.merge.dare import mask_generator
+    from weightshare.merge.sparsify import mask_generator
 
     shape = base.shape
     row = shape[-1] if base.dim() == 2 else (base.numel() if base.dim() < 2 else base[0].numel())

@@ -12,7 +12,7 @@ authors' version would add arbitrary directions (the SVD's completion of the zer
 values) at the mean singular value.  The result is base + scale · Δ_iso; the authors choose
 ``scale`` on validation data (default 1 here).
 
-Streaming is TSV-Merge's (``tsv_merge.svd_prepare``): a matrix some model changed is merged
+Streaming is TSV-Merge's (``weightshare.merge.svd.svd_prepare``): a matrix some model changed is merged
 whole (an SVD needs it), everything else in pieces.
 """
 
@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import torch
 
-from weightshare.merge.registry import register_merge
-from weightshare.merge.task_arithmetic import per_model
-from weightshare.merge.tsv_merge import svd_prepare
+from weightshare.merge.registry import FINITE, Param, per_model, register_merge
+from weightshare.merge.svd import svd_prepare
 
 __all__ = ["iso_c"]
 
 
 @register_merge("iso_c", source="Marczak et al. 2025, No Task Left Behind: Isotropic Model Merging (Iso-C, ICML 2025); "
                 "the authors' iso-merging code: sum of task matrices with a flat spectrum, mean of the rest",
-                needs_base=True, model_params={"weight": 1.0}, params={"scale": 1.0}, models=(1, None),
-                prepare=svd_prepare)
+                needs_base=True, parameters=(Param("weight", 1.0, per_model=True, rule=FINITE), Param("scale", 1.0)),
+                models=(1, None), prepare=svd_prepare)
 def iso_c(tensors: list[torch.Tensor], base: torch.Tensor, *, name: str, weight, scale: float = 1.0,
           matrix: bool | None = None, unchanged: bool = False, span=None) -> torch.Tensor:
     """base + scale · mean(σ) U Vᵀ, U σ Vᵀ the SVD of the summed weighted task matrices (a matrix),

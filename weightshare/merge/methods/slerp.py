@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from weightshare.merge.registry import register_merge
+from weightshare.merge.registry import Param, register_merge
 
 __all__ = ["slerp", "DOT_THRESHOLD", "EPS"]
 
@@ -45,14 +45,15 @@ def _prepare(read, numel: int, *, name: str, t: float, **_) -> dict:
 
 
 @register_merge("slerp", source="Shoemake 1985 slerp; mergekit semantics (merge_methods/slerp.py)",
-                params={"t": None}, models=(2, 2), prepare=_prepare)
+                parameters=(Param("t", required=True),), models=(2, 2), prepare=_prepare,
+                base_endpoint="the t = 0 end")
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, *, name: str, t: float,
           coefficients: tuple[float, float] | None = None, span: tuple[int, int] | None = None) -> torch.Tensor:
     """sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1, Ω the angle between the flattened tensors.
 
     ``t`` = 0 gives ``tensors[0]`` (mergekit's ``base_model``), ``t`` = 1 ``tensors[1]``; ``base``
     is not used.  mergekit (merge_methods/slerp.py, ``SlerpMerge.parameters``) requires ``t``:
-    it has no default (registered as ``None``, refused here by name).  As mergekit's ``slerp``
+    it has no default (declared required, refused by name when missing).  As mergekit's ``slerp``
     function: each tensor is divided by its norm only when that norm exceeds ``EPS`` = 1e-8,
     and when |cos Ω| > ``DOT_THRESHOLD`` = 0.9995 the result is the lerp (1−t) θ_0 + t θ_1.
     So an all-zero tensor is not "colinear": it has cos Ω = 0, and slerp against it gives
