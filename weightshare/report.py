@@ -162,16 +162,17 @@ def report_file(path) -> Report:
     ``report``, persistent buffers count as dense tensors (the file does not tell them apart) and nothing is
     held in memory.
     """
-    from weightshare.pack import PackedFile, _DTYPES
+    from weightshare.io import DTYPES
+    from weightshare.pack import PackedFile
 
     with PackedFile(path) as pf:
         def nbytes(key: str) -> int:
             dtype, shape = pf.infos[key]
-            return _prod(shape) * _DTYPES[dtype].itemsize
+            return _prod(shape) * DTYPES[dtype].itemsize
 
         def floats(key: str) -> int:
             dtype, shape = pf.infos[key]
-            return _prod(shape) if _DTYPES[dtype].is_floating_point else 0
+            return _prod(shape) if DTYPES[dtype].is_floating_point else 0
 
         own = {name: set(keys) for name, keys in pf.keys_of.items()}
         for inner, outer in pf.nested.items():  # a map's state made by another map: its tensors are the outer's
@@ -179,7 +180,7 @@ def report_file(path) -> Report:
         layers, shared_weights, shared_bytes = [], 0, 0
         for name, entry in pf.entries.items():
             target = pf.entries[entry["of"]] if entry["map"] == "alias" else entry
-            shape, size = tuple(target["shape"]), _DTYPES[target["dtype"]].itemsize
+            shape, size = tuple(target["shape"]), DTYPES[target["dtype"]].itemsize
             numel = _prod(shape)
             if entry["map"] == "dense":
                 layers.append(LayerReport(name, shape, "dense", "", numel, numel, numel * size, nbytes(name)))
