@@ -45,7 +45,7 @@ from weightshare.io import DTYPES, HEADER_DTYPES, staged_dir, write_safetensors
 from weightshare.space import dtype_name, get_map, map_of, module_map, packable_maps
 
 __all__ = ["save", "read_spec", "dense_state_dict", "PackedFile", "PackError", "FILENAME", "FORMAT_VERSION",
-           "staged_dir", "owned_modules", "check_dest", "file_size", "checksum", "tensor_checksum"]
+           "owned_modules", "check_dest", "file_size", "checksum", "tensor_checksum"]
 
 FILENAME = "weightshare.safetensors"
 FORMAT = "weightshare"

@@ -37,7 +37,7 @@ from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
 from weightshare.pack import FILENAME as PACKED_FILENAME
 
-__all__ = ["MergeError", "merge", "open_model", "write_safetensors"]
+__all__ = ["MergeError", "merge", "open_model"]
 
 log = logging.getLogger(__name__)
 
