@@ -39,10 +39,11 @@ class SharingMap:
     the other keys belong to the map, which checks them in ``check``.
 
     Maps stack: a map that declares ``state_name`` lets another map take over its
-    parametrization's original (a codebook over hashed buckets).  It stores that state
-    under ``state_key(name)``, through ``put`` and ``fetch`` as any tensor; the container
-    writes the other map's entry there instead, and ``ws.load`` decodes it for ``fetch``
-    and installs the other map on the original afterwards (``map_state``).
+    parametrization's original (a codebook over hashed buckets).  It writes, claims and
+    reads that state under ``state_key(name)`` (``put``, ``check``, ``fetch``) as any
+    tensor of its own; where another map is stacked on it (``map_state``), the container
+    writes that map's entry there instead, and ``ws.load`` decodes it for ``fetch`` and
+    then installs that map on the original.
     """
 
     name: str = ""  # the "map" value in packed specs
