@@ -114,6 +114,19 @@ def _install_packed(inner: nn.Module, pf: PackedFile, name: str, entry: dict, al
     return True
 
 
+def _install_map(pf: PackedFile, holder: nn.Module, attr: str, name: str, entry: dict) -> None:
+    """Entry ``name``'s map on ``holder.<attr>`` as a parametrization, and the map stacked on its state on that."""
+    try:
+        get_map(entry["map"]).install(holder, attr, name, entry, pf.fetch_any)
+    except PackError:
+        raise
+    except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
+        raise PackError(f"tensor {name!r}: cannot be installed ({exc})"[:400]) from None
+    key = pf.stacked.get(name)
+    if key is not None:  # the state was decoded for the install: now the map that makes it goes onto the original
+        _install_map(pf, holder.parametrizations[attr], "original", key, pf.internal[key])
+
+
 def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
     """Put every entry into the checked model: plain tensors as they are, maps as packed modules
     (unless ``trainable``) or by their own install (a parametrization)."""
@@ -139,26 +152,16 @@ def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
             with torch.no_grad():
                 current.copy_(t)
     packed: set[str] = set()
-    composed = set(pf.nested.values())  # entries whose state is another map's entry
     for name, entry in pf.entries.items():
         if entry["map"] in ("dense", "alias"):
             continue
         owner_name, attr = _split(name)
-        if not trainable and name not in composed and _install_packed(inner, pf, name, entry, aliases.get(name, [])):
+        # a map with another stacked on its state keeps its parametrized form, which the stacked map goes onto
+        if not trainable and name not in pf.stacked and _install_packed(inner, pf, name, entry, aliases.get(name, [])):
             packed.add(name)
         else:
-            try:
-                get_map(entry["map"]).install(inner.get_submodule(owner_name), attr, name, entry, pf.fetch_any)
-            except PackError:
-                raise
-            except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
-                raise PackError(f"tensor {name!r}: cannot be installed ({exc})"[:400]) from None
+            _install_map(pf, inner.get_submodule(owner_name), attr, name, entry)
         pf.release(name)  # packed indices are garbage once unpacked: keep the peak low
-    for key, outer in pf.nested.items():  # the inner map goes onto the outer map's original
-        owner_name, attr = _split(outer)
-        plist = inner.get_submodule(owner_name).parametrizations[attr]
-        get_map(pf.internal[key]["map"]).install(plist, "original", key, pf.internal[key], pf.fetch)
-        pf.release(key)
     for name, entry in pf.entries.items():
         if entry["map"] != "alias" or entry["of"] in packed:
             continue

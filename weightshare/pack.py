@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 import weightshare.sharing  # noqa: F401  (registers every map: a file names its maps, the registry knows them)
 from weightshare import hub, io
 from weightshare.io import DTYPES, HEADER_DTYPES, staged_dir, write_safetensors
-from weightshare.space import dtype_name, get_map, map_of, module_map, packable_maps
+from weightshare.space import dtype_name, get_map, map_of, map_state, module_map, packable_maps
 
 __all__ = ["save", "read_spec", "dense_state_dict", "PackedFile", "PackError", "FILENAME", "FORMAT_VERSION",
            "owned_modules", "check_dest", "file_size", "checksum", "tensor_checksum"]
@@ -99,12 +99,13 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
     alive: list[torch.Tensor] = []  # ids are only unique while the objects live: temporaries must not be reused
     spec: dict[str, dict] = {}
     seen: dict[int, str] = {}  # id of a tensor or parametrization state -> the first name it was written under
+    stacked: dict[str, parametrize.ParametrizationList] = {}  # state key -> the map stacked on that state
 
-    def put(key: str, t: torch.Tensor, source: nn.Module | None = None) -> str:
-        # a map's own state that another map produces (hashed buckets in a codebook): the inner
-        # map is written as an entry of its own under ``key``, and nothing dense is stored for it
-        if source is not None and parametrize.is_parametrized(source, "original"):
-            inner = source.parametrizations["original"]
+    def put(key: str, t: torch.Tensor) -> str:
+        # a map's state that another map makes (hashed buckets in a codebook): the stacked map is
+        # written as an entry of its own under ``key``, and nothing dense is stored for it
+        if key in stacked:
+            inner = stacked.pop(key)
             m2 = map_of(inner)
             if m2 is None:
                 raise ValueError(f"save: {key} has a parametrization the packed format does not know ({list(inner)})")
@@ -143,7 +144,13 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                     raise ValueError(f"save: {full} has a parametrization the packed format does not know\n"
                                      f"  expected: one map registered in weightshare.space\n  got: {list(plist)}")
                 seen[id(plist)] = full
+                state = map_state(full, plist)
+                if state is not None and state.stacked is not None:
+                    stacked[state.key] = state.stacked
                 spec[full] = {"map": m.name, **m.pack(full, plist, put)}
+                if stacked:  # the map's pack must hand its state to ``put`` under its state key
+                    raise ValueError(f"save: the {m.name} map did not store {full}'s state under {state.key!r}, "
+                                     "where another map is stacked on it\n  fix the map's pack")
         items = list(module._parameters.items())
         items += [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
         for pname, t in items:
@@ -368,27 +375,29 @@ def _claims(needs: dict[str, dict[str, Claim]]) -> dict[str, Claim]:
     return claims
 
 
-def _nesting(entries: dict, keys_of: dict[str, set[str]], claims: dict[str, Claim], infos: dict) -> dict[str, str]:
-    """Nesting: an entry under a map's original key (hashed buckets in a codebook) stands for that tensor, one
-    level deep, and every other internal entry is refused.  Returns {internal entry: the entry whose original it is}."""
-    nested: dict[str, str] = {}
+def _stacking(entries: dict, claims: dict[str, Claim], infos: dict) -> dict[str, str]:
+    """Stacking: an entry under a map's state key (``SharingMap.state_key``: hashed buckets in a codebook) stands
+    for that state, one level deep, and every other internal entry is refused.
+    Returns {entry: the key of the entry stacked on its state}."""
+    stacked: dict[str, str] = {}
     for name, entry in entries.items():
-        if entry["map"] in ("dense", "alias") or name not in keys_of or _internal(name):
+        if entry["map"] in ("dense", "alias") or _internal(name):
             continue  # one level: the state of a model tensor's map, never the state of a state
-        key = get_map(entry["map"]).original_key(name, entry)
-        if key is not None and key in claims and key not in nested and key not in infos and key in entries:
+        key = get_map(entry["map"]).state_key(name)
+        if key is not None and key in claims and key not in infos and key in entries:
             inner = entries[key]
-            if not _internal(key) or inner["map"] in ("dense", "alias"):
+            if inner["map"] in ("dense", "alias"):
                 raise PackError(f"tensor {key!r}: not a map another entry's state can be made of"[:300])
             dtypes, shape = claims[key]
             if inner.get("dtype") not in dtypes or tuple(inner.get("shape")) != shape:
                 raise PackError(f"tensor {key!r}: its map gives {inner.get('dtype')} {inner.get('shape')}\n"
                                 f"  expected: one of {sorted(dtypes)} {list(shape)}"[:300])
-            nested[key] = name
+            stacked[name] = key
+    states = set(stacked.values())
     for name in entries:
-        if _internal(name) and name not in nested:
+        if _internal(name) and name not in states:
             raise PackError(f"spec entry {name!r} is no tensor of the model and no other entry's state"[:300])
-    return nested
+    return stacked
 
 
 def _match_header(claims: dict[str, Claim], infos: dict, file: Path) -> None:
@@ -411,20 +420,23 @@ class _CheckedEntries:
     """The spec's tensor entries, checked against each other and against the file's header."""
 
     entries: dict[str, dict]  # the model's own tensors
-    internal: dict[str, dict]  # entries inside a map's state, each another entry's original (hashed buckets)
-    nested: dict[str, str]  # internal entry -> the entry whose original it is
-    keys_of: dict[str, set[str]]  # map entry -> the stored tensors it decodes from
+    internal: dict[str, dict]  # entries stacked on a map's state, by its state key (a codebook of hashed buckets)
+    stacked: dict[str, str]  # entry -> the key of the internal entry stacked on its state
+    keys_of: dict[str, set[str]]  # map entry -> the stored tensors it decodes from (a stacked entry's among them)
 
 
 def _check_entries(entries, infos: dict, file: Path) -> _CheckedEntries:
-    """Every pass over the spec's tensor entries: entry syntax, tensor claims, nesting, header cross-check."""
+    """Every pass over the spec's tensor entries: entry syntax, tensor claims, stacking, header cross-check."""
     needs = _entry_needs(entries)
     keys_of = {name: set(need) for name, need in needs.items() if entries[name]["map"] != "dense"}
     claims = _claims(needs)
-    nested = _nesting(entries, keys_of, claims, infos)
-    _match_header({key: claim for key, claim in claims.items() if key not in nested}, infos, file)
-    return _CheckedEntries({n: e for n, e in entries.items() if n not in nested},
-                          {n: e for n, e in entries.items() if n in nested}, nested, keys_of)
+    stacked = _stacking(entries, claims, infos)
+    states = set(stacked.values())
+    _match_header({key: claim for key, claim in claims.items() if key not in states}, infos, file)
+    for name, key in stacked.items():  # the state is not stored: the stacked entry's tensors stand for it
+        keys_of[name] = (keys_of[name] - {key}) | keys_of.pop(key)
+    return _CheckedEntries({n: e for n, e in entries.items() if n not in states},
+                          {n: e for n, e in entries.items() if n in states}, stacked, keys_of)
 
 
 def _check_checksums(checksums, infos: dict, file: Path) -> dict[str, str]:
@@ -474,8 +486,8 @@ class PackedFile:
         self.spec = _parse_spec(meta, self.file)
         self.source = _check_source(self.spec["source"])
         checked = _check_entries(self.spec["tensors"], self.infos, self.file)
-        self.entries, self.internal, self.nested, self.keys_of = (checked.entries, checked.internal, checked.nested,
-                                                                  checked.keys_of)
+        self.entries, self.internal, self.stacked, self.keys_of = (checked.entries, checked.internal, checked.stacked,
+                                                                   checked.keys_of)
         self.checksums = _check_checksums(self.spec["checksums"], self.infos, self.file)
         _check_spec_sha256(meta, self.version, self.file)
 
@@ -508,8 +520,8 @@ class PackedFile:
             raise PackError(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
 
     def fetch_any(self, key: str) -> torch.Tensor:
-        """A stored tensor, or the tensor an internal entry stands for (decoded through its map)."""
-        if key in self.nested:
+        """A stored tensor, or the state a stacked entry stands for (decoded through its map)."""
+        if key in self.internal:
             return self._decode_map(key, self.internal[key], self.fetch)
         return self.fetch(key)
 
