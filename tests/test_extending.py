@@ -17,6 +17,24 @@ import pytest
 ROOT = Path(__file__).parents[1]
 BLOCKS = dict(re.findall(r"```python title=(\S+)\n(.*?)```", (ROOT / "README.md").read_text(), re.S))
 
+SHARING = """
+import torch
+from torch import nn
+import weightshare as ws
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 6))
+ws.share_(net, ws.ScaleConfig(alpha=2.0))
+ws.share_(net, ws.CodebookConfig(bits=3, granularity="per_tensor"))  # a codebook stacked on theta
+theta = net[0].parametrizations.weight.original
+assert theta.unique().numel() <= 8 and torch.equal(net[0].weight, 2.0 * theta)
+x = torch.randn(5, 32)
+path = ws.save(net, "scaled")
+fresh = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 6))
+loaded = ws.load(path, model=fresh)
+assert torch.allclose(loaded(x), net(x), atol=1e-6), (loaded(x) - net(x)).abs().max()
+assert "alpha=2.0" in str(ws.report(loaded))
+"""
+
 MERGE = """
 import torch, weightshare as ws
 from weightshare.merge import MERGE_METHODS
@@ -66,11 +84,12 @@ def _run(root: Path, *args: str) -> str:
 
 
 def test_the_readme_shows_one_plugin_of_each_kind():
-    assert {Path(p).parent.as_posix() for p in BLOCKS} >= {"weightshare/merge/methods", "weightshare/multitask/weighting",
-                                                           "weightshare/bench"}
+    assert {Path(p).parent.as_posix() for p in BLOCKS} >= {"weightshare/sharing", "weightshare/merge/methods",
+                                                           "weightshare/multitask/weighting", "weightshare/bench"}
 
 
-@pytest.mark.parametrize("rel, check", [("weightshare/merge/methods/elementwise_max.py", MERGE),
+@pytest.mark.parametrize("rel, check", [("weightshare/sharing/scale.py", SHARING),
+                                        ("weightshare/merge/methods/elementwise_max.py", MERGE),
                                         ("weightshare/multitask/weighting/first_task_only.py", WEIGHTING)])
 def test_a_plugin_file_is_found_and_used_by_name(tmp_path, rel, check):
     root = _package_with(tmp_path, rel)
