@@ -538,18 +538,18 @@ def rewrite_packed(folder: Path, edit) -> None:
     from safetensors import safe_open
     from safetensors.torch import save as st_save
 
-    from weightshare.pack import FILENAME, _sha256
+    from weightshare.pack import FILENAME, tensor_checksum
 
     file = Path(folder) / FILENAME
     with safe_open(str(file), "pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     spec = json.loads(meta["spec"])
-    before = {k: _sha256(t) for k, t in tensors.items()}
+    before = {k: tensor_checksum(t) for k, t in tensors.items()}
     edit(tensors, spec)
     for key, t in tensors.items():  # only what the edit changed: a file may use an older checksum version
-        if key in spec.get("checksums", {}) and _sha256(t) != before.get(key):
-            spec["checksums"][key] = _sha256(t)
+        if key in spec.get("checksums", {}) and tensor_checksum(t) != before.get(key):
+            spec["checksums"][key] = tensor_checksum(t)
     meta["spec"] = json.dumps(spec)
     meta["spec_sha256"] = hashlib.sha256(meta["spec"].encode()).hexdigest()
     file.write_bytes(st_save(tensors, metadata=meta))

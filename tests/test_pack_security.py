@@ -228,10 +228,12 @@ def test_a_failed_save_leaves_the_old_model_or_none(tmp_path, monkeypatch):
     old = ws.save(net, tmp_path / "m")
     before = _snapshot(tmp_path)
 
-    def crash(*a, **k):
+    def crash(path, entries, tensors, metadata=None):  # the file is written in part, then the process dies
+        with open(path, "wb") as f:
+            f.write(b"half a header")
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr(pack, "safetensors_save", crash)
+    monkeypatch.setattr(pack, "write_safetensors", crash)
     with pytest.raises(OSError):
         ws.save(net, old)  # replacing: the old folder stays as it was
     with pytest.raises(OSError):

@@ -221,15 +221,8 @@ def _one_line(message: str) -> str:
     return lines[0].rstrip(":") + ": " + "; ".join(lines[1:])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from weightshare.bench import NAMES  # the package is already imported: weightshare.cli lives in it
-
-    p = argparse.ArgumentParser(prog="weightshare", description="Weight sharing for neural networks.",
-                                parents=[_global_options(False)])
-    p.add_argument("--version", action="version", version=f"weightshare {version('weightshare')}")
-    sub = p.add_subparsers(dest="command", required=True)
-    common = [_global_options(argparse.SUPPRESS)]
-
+def _add_compress(sub, common: list) -> None:
+    """`weightshare compress`: its flags are most of the CLI."""
     c = sub.add_parser("compress", parents=common,
                        help="cluster a model's weights into codebooks and write a packed directory")
     c.add_argument("src", help="local transformers or sentence-transformers model directory")
@@ -266,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at the end, measure the packed model against SRC on FILE, as `weightshare eval` does")
     _data_options(c)
     c.set_defaults(func=_compress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from weightshare.bench import NAMES  # the package is already imported: weightshare.cli lives in it
+
+    p = argparse.ArgumentParser(prog="weightshare", description="Weight sharing for neural networks.",
+                                parents=[_global_options(False)])
+    p.add_argument("--version", action="version", version=f"weightshare {version('weightshare')}")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = [_global_options(argparse.SUPPRESS)]
+
+    _add_compress(sub, common)
 
     v = sub.add_parser("eval", parents=common,
                        help="measure a compressed model against the model it came from, on your data")

@@ -194,7 +194,7 @@ def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike, confi
     """Copy config, tokenizer and module files (everything but the model's weights and shard indices)
     into ``dest``; a sentence-transformers model's other modules keep their weights (``side_module_weights``).
 
-    ``dest`` is a fresh staging folder (see ``pack.staged_dir``), so files are
+    ``dest`` is a fresh staging folder (see ``io.staged_dir``), so files are
     written in place and get the mode the umask gives.  With ``confine`` (the
     source is an untrusted packed model) a symlink that leads out of ``src`` is
     refused: exporting must not copy a file from elsewhere on the machine.

@@ -18,13 +18,12 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_save
 from torch import nn
 from torch.nn.utils import parametrize
 
-from weightshare import hub
+from weightshare import hub, io
 from weightshare.errors import clip
-from weightshare.pack import DEFAULT_MAX_SHARD_SIZE, PackedFile, PackError, owned_modules, staged_dir
+from weightshare.pack import DEFAULT_MAX_SHARD_SIZE, PackedFile, PackError, owned_modules
 from weightshare.space import get_map, share_parametrization_
 
 __all__ = ["load", "export", "skeleton"]
@@ -116,6 +115,19 @@ def _install_packed(inner: nn.Module, pf: PackedFile, name: str, entry: dict, al
     return True
 
 
+def _install_map(pf: PackedFile, holder: nn.Module, attr: str, name: str, entry: dict) -> None:
+    """Entry ``name``'s map on ``holder.<attr>`` as a parametrization, and the map stacked on its state on that."""
+    try:
+        get_map(entry["map"]).install(holder, attr, name, entry, pf.fetch_any)
+    except PackError:
+        raise
+    except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
+        raise PackError(clip(f"tensor {name!r}: cannot be installed ({exc})")) from None
+    key = pf.stacked.get(name)
+    if key is not None:  # the state was decoded for the install: now the map that makes it goes onto the original
+        _install_map(pf, holder.parametrizations[attr], "original", key, pf.internal[key])
+
+
 def install_(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
     """Put every entry into the checked model: plain tensors as they are, maps as packed modules
     (unless ``trainable``) or by their own install (a parametrization)."""
@@ -141,26 +153,16 @@ def install_(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
             with torch.no_grad():
                 current.copy_(t)
     packed: set[str] = set()
-    composed = set(pf.nested.values())  # entries whose state is another map's entry
     for name, entry in pf.entries.items():
         if entry["map"] in ("dense", "alias"):
             continue
         owner_name, attr = _split(name)
-        if not trainable and name not in composed and _install_packed(inner, pf, name, entry, aliases.get(name, [])):
+        # a map with another stacked on its state keeps its parametrized form, which the stacked map goes onto
+        if not trainable and name not in pf.stacked and _install_packed(inner, pf, name, entry, aliases.get(name, [])):
             packed.add(name)
         else:
-            try:
-                get_map(entry["map"]).install(inner.get_submodule(owner_name), attr, name, entry, pf.fetch_any)
-            except PackError:
-                raise
-            except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
-                raise PackError(clip(f"tensor {name!r}: cannot be installed ({exc})")) from None
+            _install_map(pf, inner.get_submodule(owner_name), attr, name, entry)
         pf.release(name)  # packed indices are garbage once unpacked: keep the peak low
-    for key, outer in pf.nested.items():  # the inner map goes onto the outer map's original
-        owner_name, attr = _split(outer)
-        plist = inner.get_submodule(owner_name).parametrizations[attr]
-        get_map(pf.internal[key]["map"]).install(plist, "original", key, pf.internal[key], pf.fetch)
-        pf.release(key)
     for name, entry in pf.entries.items():
         if entry["map"] != "alias" or entry["of"] in packed:
             continue
@@ -261,7 +263,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
     return model
 
 
-def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export(path: str | os.PathLike, dest: str | os.PathLike,
+           max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write the packed model at ``path`` as a plain model directory at ``dest``.
 
     ``transformers.AutoModel.from_pretrained(dest)`` or
@@ -269,14 +272,15 @@ def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int
     Weights are written as ``save_pretrained`` writes them: one
     ``model.safetensors``, or shards of at most ``max_shard_size`` with a
     ``model.safetensors.index.json``; a shard index of the source is never copied.
-    Tensors are decoded shard by shard, and the folder is renamed into place at the end.
+    Tensors are decoded and written one at a time, and the folder is renamed into place at the end.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
     dest = Path(dest)
     with PackedFile(path) as pf:
         if pf.source["kind"] == "module":
-            raise PackError("export: this packed file holds a plain nn.Module (no config); use ws.load(path, model=...)")
+            raise PackError("export: this packed file holds a plain nn.Module (no config); "
+                            "use ws.load(path, model=...)")
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise PackError(f"export: destination exists and is not an empty directory\n  got: {str(dest)!r}\n"
                             "  choose a new or empty directory")
@@ -284,13 +288,13 @@ def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int
             raise PackError(f"export: destination {str(dest)!r} is inside the packed model: choose another")
         check_fit(skeleton(pf), pf)  # the export must be a model its config.json describes, nothing else
         pf.fetch_all()  # every checksum before the first byte is written
-        shapes = {name: torch.empty(shape, dtype=dtype, device="meta")
-                  for name, (shape, dtype) in pf.dense_shapes().items()}
+        shapes = pf.dense_shapes()
+        metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}
         try:
-            plan = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size)
+            plan = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
         except ValueError as exc:
             raise PackError(clip(f"export: max_shard_size {max_shard_size!r}: {exc}")) from None
-        with staged_dir(dest) as tmp:
+        with io.staged_dir(dest) as tmp:
             try:
                 hub.copy_non_weight_files(pf.root, tmp, confine=True)
             except ValueError as exc:
@@ -298,11 +302,20 @@ def export(path: str | os.PathLike, dest: str | os.PathLike, max_shard_size: int
             hub.strip_packed_config(tmp / pf.source["weights_subdir"])
             out = tmp / pf.source["weights_subdir"]
             out.mkdir(parents=True, exist_ok=True)
-            for filename, names in plan.filename_to_tensors.items():
-                shard = {name: pf.decode(name).contiguous() for name in names}
-                (out / filename).write_bytes(safetensors_save(shard, metadata={"format": "pt"}))
-                del shard
+            for filename, names in plan.filename_to_tensors.items():  # as safetensors lays a shard out
+                entries = io.layout((name, *shapes[name]) for name in names)
+                io.write_safetensors(out / filename, entries, _decoded(pf, entries), metadata={"format": "pt"})
             if plan.is_sharded:
                 index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
                 (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return dest
+
+
+def _decoded(pf: PackedFile, entries: list[io.Entry]):
+    """The plain tensors of ``entries``, decoded one at a time as the writer asks for them."""
+    for name, shape, dtype in entries:
+        t = pf.decode(name)
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:  # a map's decode must give what the spec says
+            raise PackError(clip(f"tensor {name!r}: decodes to {t.dtype} {list(t.shape)}\n"
+                                 f"  expected: {dtype} {list(shape)} (the spec's)"))
+        yield t

@@ -13,10 +13,12 @@ format version and a JSON spec::
                      | {"map": <a registered map>, "shape", "dtype", ...its own fields}},
      "checksums": {stored tensor: sha256}}
 
-This module is the container only: safetensors, metadata, checksums, aliases,
-atomic folder writes, versions; it builds no model.  Each sharing map (``weightshare/sharing/``)
-packs, checks, installs and decodes its own entries through the registry in
-``space.py``; nothing here knows a map by name.
+This module is the container only: metadata, checksums, aliases, versions, and
+the checks of all of them (one pass each, composed by ``PackedFile``); safetensors
+headers, reads, streaming writes and atomic folders are ``io.py``'s; it builds
+no model.  Each sharing map (``weightshare/sharing/``) packs, checks, installs and
+decodes its own entries through the registry in ``space.py``; nothing here knows
+a map by name.
 
 A packed model is untrusted input.  Reading one executes no code and writes
 nothing; every field is checked before it becomes a path, an allocation or a
@@ -26,28 +28,24 @@ every problem is one ``PackError`` naming the tensor or field.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import os
 import re
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_save
 from torch import nn
 from torch.nn.utils import parametrize
 
 import weightshare.sharing  # noqa: F401  (registers every map: a file names its maps, the registry knows them)
-from weightshare import hub
-from weightshare.space import dtype_name, get_map, map_of, module_map, packable_maps
+from weightshare import hub, io
+from weightshare.io import DTYPES, HEADER_DTYPES, staged_dir, write_safetensors
+from weightshare.space import dtype_name, get_map, map_of, map_state, module_map, packable_maps
 
-__all__ = ["save", "read_spec", "dense_state_dict", "PackedFile", "PackError", "FILENAME", "FORMAT_VERSION", "staged_dir",
-           "owned_modules"]
+__all__ = ["save", "read_spec", "dense_state_dict", "PackedFile", "PackError", "FILENAME", "FORMAT_VERSION",
+           "owned_modules", "check_dest", "file_size", "checksum", "tensor_checksum"]
 
 FILENAME = "weightshare.safetensors"
 FORMAT = "weightshare"
@@ -56,11 +54,6 @@ FORMAT = "weightshare"
 FORMAT_VERSION = 3
 READABLE_VERSIONS = ("1", "2", "3")
 KINDS = (hub.TRANSFORMERS, hub.SENTENCE_TRANSFORMERS, "module")
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
-           "int8": torch.int8, "int16": torch.int16, "bool": torch.bool}
-_HEADER_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
-                  "I32": "int32", "U8": "uint8", "I8": "int8", "I16": "int16", "BOOL": "bool"}
 _NAME = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_NAME = 512
@@ -72,7 +65,7 @@ class PackError(ValueError):
     """A packed model that cannot be read: names the tensor or field and the problem."""
 
 
-def _checksum(dtype: str, shape, chunks, version: int = FORMAT_VERSION) -> str:
+def checksum(dtype: str, shape, chunks, version: int = FORMAT_VERSION) -> str:
     """The checksum of a stored tensor: its dtype, shape and bytes (bytes only in files before version 3);
     ``chunks``: its bytes, in pieces."""
     h = hashlib.sha256()
@@ -83,9 +76,9 @@ def _checksum(dtype: str, shape, chunks, version: int = FORMAT_VERSION) -> str:
     return h.hexdigest()
 
 
-def _sha256(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
+def tensor_checksum(t: torch.Tensor, version: int = FORMAT_VERSION) -> str:
     """The checksum of a stored tensor held in memory."""
-    return _checksum(dtype_name(t.dtype), t.shape, [t.contiguous().reshape(-1).view(torch.uint8).numpy().data], version)
+    return checksum(dtype_name(t.dtype), t.shape, [t.contiguous().reshape(-1).view(torch.uint8).numpy().data], version)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -106,12 +99,13 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
     alive: list[torch.Tensor] = []  # ids are only unique while the objects live: temporaries must not be reused
     spec: dict[str, dict] = {}
     seen: dict[int, str] = {}  # id of a tensor or parametrization state -> the first name it was written under
+    stacked: dict[str, parametrize.ParametrizationList] = {}  # state key -> the map stacked on that state
 
-    def put(key: str, t: torch.Tensor, source: nn.Module | None = None) -> str:
-        # a map's own state that another map produces (hashed buckets in a codebook): the inner
-        # map is written as an entry of its own under ``key``, and nothing dense is stored for it
-        if source is not None and parametrize.is_parametrized(source, "original"):
-            inner = source.parametrizations["original"]
+    def put(key: str, t: torch.Tensor) -> str:
+        # a map's state that another map makes (hashed buckets in a codebook): the stacked map is
+        # written as an entry of its own under ``key``, and nothing dense is stored for it
+        if key in stacked:
+            inner = stacked.pop(key)
             m2 = map_of(inner)
             if m2 is None:
                 raise ValueError(f"save: {key} has a parametrization the packed format does not know ({list(inner)})")
@@ -150,7 +144,13 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                     raise ValueError(f"save: {full} has a parametrization the packed format does not know\n"
                                      f"  expected: one map registered in weightshare.space\n  got: {list(plist)}")
                 seen[id(plist)] = full
+                state = map_state(full, plist)
+                if state is not None and state.stacked is not None:
+                    stacked[state.key] = state.stacked
                 spec[full] = {"map": m.name, **m.pack(full, plist, put)}
+                if stacked:  # the map's pack must hand its state to ``put`` under its state key
+                    raise ValueError(f"save: the {m.name} map did not store {full}'s state under {state.key!r}, "
+                                     "where another map is stacked on it\n  fix the map's pack")
         items = list(module._parameters.items())
         items += [(n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
         for pname, t in items:
@@ -166,55 +166,10 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
     return tensors, spec
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _check_dest(path: Path, source_path: str | None) -> None:
-    """``path`` may be new, an empty folder, or a packed model to replace: nothing else is overwritten."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output exists and is a file\n  got: {str(path)!r}\n  choose a directory path for --out")
-    if source_path and path.exists() and path.resolve() == Path(source_path).resolve():
-        raise ValueError(f"output is the source model directory {str(path)!r}: choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not (path / FILENAME).is_file():
-        raise ValueError(
-            f"output directory is not empty and not a packed model\n  got: {str(path)!r}\n"
-            "  choose a new or empty directory (an existing packed model is replaced)"
-        )
-
-
-@contextlib.contextmanager
-def staged_dir(dest: str | os.PathLike):
-    """Build an output folder beside ``dest`` and rename it into place when the block succeeds.
-
-    A crash or kill leaves the old ``dest`` or none, never a folder that looks
-    like a model but is not (a temporary ``.NAME.*.tmp`` sibling may remain).
-    An existing ``dest`` is replaced by two renames; files get the mode the umask gives.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the finished folder is an ordinary one
-        yield tmp
-        for folder, _, files in os.walk(tmp):  # durable before it becomes visible
-            for name in files:
-                with open(os.path.join(folder, name), "rb") as f:
-                    os.fsync(f.fileno())
-        if dest.exists() and any(dest.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old / "x")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if dest.exists():
-                dest.rmdir()
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def check_dest(path: Path, source_path: str | None = None) -> None:
+    """``path`` may be new, an empty folder, or a packed model to replace: nothing else is overwritten (checked by
+    ``save``, and by ``compress`` before its work)."""
+    io.check_dest(path, source_path, FILENAME, "packed model")
 
 
 def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | None = None) -> Path:
@@ -224,34 +179,48 @@ def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | No
     tokenizer and module files are copied from the directory it was loaded
     from with weightshare), or any ``nn.Module`` (then ``ws.load`` needs a
     skeleton module).  The folder is built beside ``path`` and renamed into
-    place, so an existing packed model is replaced whole or not at all.
+    place, so an existing packed model is replaced whole or not at all; the
+    packed file is written one tensor at a time, never built whole in memory.
     ``records``: text files (name -> text) written at the folder's top, in place of
     the source's (how the model was made: a model card, the recipe).
     """
     path = Path(path)
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
     inner = hub.inner_model(model)
-    _check_dest(path, source.path if source else None)
-    data, source_meta = _file_bytes(model)
+    check_dest(path, source.path if source else None)
+    contents = _contents(model)
+    source_meta = contents.source
     with staged_dir(path) as tmp:
         if source is not None:
             hub.copy_non_weight_files(source.path, tmp)
         elif source_meta["kind"] == hub.TRANSFORMERS:
             inner.config.save_pretrained(tmp)
         if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
-            hub.mark_packed_config(tmp / source_meta["weights_subdir"], FILENAME if not source_meta["weights_subdir"] else None)
-        (tmp / FILENAME).write_bytes(data)
+            sub = source_meta["weights_subdir"]
+            hub.mark_packed_config(tmp / sub, FILENAME if not sub else None)
+        write_safetensors(tmp / FILENAME, contents.layout, (contents.tensors[name] for name, _, _ in contents.layout),
+                          contents.metadata)
         for name, text in (records or {}).items():
             (tmp / name).write_text(text)
     return path
 
 
-def _file_bytes(model: nn.Module) -> tuple[bytes, dict]:
-    """The packed file of ``model`` as bytes, and the source it names."""
+@dataclass(frozen=True)
+class _Contents:
+    """What the packed file of a model holds."""
+
+    layout: list[io.Entry]  # (name, shape, dtype) of every stored tensor, in the order written (safetensors' own)
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]  # format, version, the spec and its sha256
+    source: dict  # the spec's source: kind and weights_subdir
+
+
+def _contents(model: nn.Module) -> _Contents:
+    """The tensors and metadata of the packed file of ``model``."""
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
     inner = hub.inner_model(model)
     tensors, spec = _collect(inner)
-    checksums = {name: _sha256(t) for name, t in tensors.items()}
+    checksums = {name: tensor_checksum(t) for name, t in tensors.items()}
     if source is not None:
         source_meta = source.to_dict()
     elif hasattr(inner, "config") and hasattr(inner.config, "save_pretrained") and inner is model:
@@ -261,12 +230,14 @@ def _file_bytes(model: nn.Module) -> tuple[bytes, dict]:
     spec_json = json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": spec_json,
             "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest()}
-    return safetensors_save(tensors, metadata=meta), source_meta
+    layout = io.layout((name, tuple(t.shape), t.dtype) for name, t in tensors.items())
+    return _Contents(layout, tensors, meta, source_meta)
 
 
 def file_size(model: nn.Module) -> int:
     """The bytes of the ``weightshare.safetensors`` that ``save(model, ...)`` would write."""
-    return len(_file_bytes(model)[0])
+    contents = _contents(model)
+    return io.file_size(contents.layout, contents.metadata)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -285,13 +256,217 @@ def _keys(entry: dict, allowed: set[str], field: str) -> None:
         raise PackError(f"{field}: keys\n  expected: {sorted(allowed)}\n  got: {sorted(map(str, entry))}"[:400])
 
 
+# The checks of a packed file, one pass each, in the order PackedFile runs them: each takes what earlier
+# passes returned and returns what it checked; none reads a tensor.  ``infos``: {stored tensor: (dtype, shape)}
+# from the safetensors header.
+
+Claim = tuple[set[str], tuple[int, ...]]  # what a stored tensor must be: (allowed dtype names, shape)
+
+
+def _read_header(file: Path) -> io.Header:
+    """The file's safetensors header (io.read_header's checks), every tensor of a dtype weightshare reads."""
+    try:
+        header = io.read_header(file)
+    except io.HeaderError as exc:
+        raise PackError(f"{file}: truncated or not a safetensors file ({exc})"[:400]) from None
+    for key, span in header.tensors.items():
+        if span.dtype not in HEADER_DTYPES:
+            raise PackError(f"{file}: tensor {key!r} has dtype {span.dtype}, which weightshare does not read"[:400])
+    return header
+
+
+def _check_format(meta: dict, file: Path) -> int:
+    """The format and its version, from the metadata: returns the version."""
+    if meta.get("format") != FORMAT:
+        raise PackError(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n"
+                        f"  got: {meta.get('format')!r}"[:300])
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise PackError(f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
+                        f"  got: {meta.get('format_version')!r}\n  upgrade weightshare to read it"[:300])
+    return int(meta["format_version"])
+
+
+def _parse_spec(meta: dict, file: Path) -> dict:
+    """The sharing spec in the metadata: a JSON object with exactly its three fields."""
+    try:
+        spec = json.loads(meta["spec"])
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise PackError(f"{file}: the sharing spec in the metadata is unreadable ({type(exc).__name__})") from None
+    if not isinstance(spec, dict):
+        raise PackError(f"{file}: the sharing spec in the metadata is unreadable (not a JSON object)")
+    _keys(spec, {"source", "tensors", "checksums"}, "spec")
+    return spec
+
+
+def _check_source(source) -> dict:
+    """The spec's source: which kind of model, and the folder its weights live in."""
+    if not isinstance(source, dict):
+        raise PackError(f"spec source\n  expected: a JSON object\n  got: {source!r}"[:300])
+    _keys(source, {"kind", "weights_subdir"}, "spec source")
+    if not isinstance(source["kind"], str) or source["kind"] not in KINDS:
+        raise PackError(f"spec source.kind\n  expected one of: {KINDS}\n  got: {source['kind']!r}"[:300])
+    try:
+        sub = hub.check_relpath(source["weights_subdir"], "spec source.weights_subdir")
+    except ValueError as exc:
+        raise PackError(str(exc)) from None
+    if source["kind"] == "module" and sub:
+        raise PackError(f"spec source.weights_subdir\n  expected: '' for a plain module\n  got: {sub!r}"[:300])
+    return {"kind": source["kind"], "weights_subdir": sub}
+
+
+def _entry_needs(entries) -> dict[str, dict[str, Claim]]:
+    """Entry syntax: every entry's name and fields (a map's own fields through its ``check``).
+
+    Returns the stored tensors each entry decodes from: a dense entry is its own tensor, a map's
+    entry needs what its ``check`` says, an alias needs none (it is not in the result).
+    """
+    if not isinstance(entries, dict):
+        raise PackError("spec tensors\n  expected: a JSON object of tensor entries")
+    needs: dict[str, dict[str, Claim]] = {}
+    for name, entry in entries.items():
+        if len(name) > _MAX_NAME or not _NAME.fullmatch(name):
+            raise PackError(f"spec tensor name\n  expected: dotted identifiers\n  got: {name!r}"[:300])
+        if not isinstance(entry, dict) or not isinstance(entry.get("map"), str):
+            raise PackError(f"tensor {name!r}: entry\n  expected: a JSON object with a 'map'\n  got: {entry!r}"[:300])
+        if entry["map"] == "dense":
+            _keys(entry, {"map", "shape", "dtype"}, f"tensor {name!r}")
+            if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
+                raise PackError(f"tensor {name!r}: unknown dtype\n  expected one of: {sorted(DTYPES)}\n"
+                                f"  got: {entry['dtype']!r}"[:300])
+            needs[name] = {name: ({entry["dtype"]}, _shape(entry["shape"], f"tensor {name!r}"))}
+        elif entry["map"] == "alias":
+            _keys(entry, {"map", "of"}, f"tensor {name!r}")
+            target = entries.get(entry["of"]) if isinstance(entry["of"], str) else None
+            if (entry["of"] == name or not isinstance(target, dict) or target.get("map") in ("alias", None)
+                    or _internal(entry["of"])):  # an alias names a tensor of the model, not a map's state
+                raise PackError(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"[:300])
+        else:
+            needs[name] = _map_needs(name, entry)
+    return needs
+
+
+def _map_needs(name: str, entry: dict) -> dict[str, Claim]:
+    """The stored tensors a map's entry decodes from, as its map's ``check`` gives them."""
+    kind = entry["map"]
+    m = get_map(kind)
+    if kind not in packable_maps():
+        raise PackError(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
+                        f"{', '.join(packable_maps())}\n  got: {kind!r}"[:300])
+    shape = _shape(entry.get("shape"), f"tensor {name!r}")
+    if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
+        raise PackError(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"[:300])
+    try:
+        needs = m.check(name, entry, shape, entry["dtype"])
+    except PackError:
+        raise
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise PackError(f"tensor {name!r}: bad {kind} entry ({exc})"[:500]) from None
+    return {key: (set(dtypes), tuple(kshape)) for key, (dtypes, kshape) in needs.items()}
+
+
+def _claims(needs: dict[str, dict[str, Claim]]) -> dict[str, Claim]:
+    """Tensor claims: one description of every stored tensor the entries need, however many need it."""
+    claims: dict[str, Claim] = {}
+    for by, wanted in needs.items():
+        for key, claim in wanted.items():
+            if key in claims and claims[key] != claim:
+                raise PackError(f"tensor {key!r}: described twice, differently (by {by!r})")
+            claims[key] = claim
+    return claims
+
+
+def _stacking(entries: dict, claims: dict[str, Claim], infos: dict) -> dict[str, str]:
+    """Stacking: an entry under a map's state key (``SharingMap.state_key``: hashed buckets in a codebook) stands
+    for that state, one level deep, and every other internal entry is refused.
+    Returns {entry: the key of the entry stacked on its state}."""
+    stacked: dict[str, str] = {}
+    for name, entry in entries.items():
+        if entry["map"] in ("dense", "alias") or _internal(name):
+            continue  # one level: the state of a model tensor's map, never the state of a state
+        key = get_map(entry["map"]).state_key(name)
+        if key is not None and key in claims and key not in infos and key in entries:
+            inner = entries[key]
+            if inner["map"] in ("dense", "alias"):
+                raise PackError(f"tensor {key!r}: not a map another entry's state can be made of"[:300])
+            dtypes, shape = claims[key]
+            if inner.get("dtype") not in dtypes or tuple(inner.get("shape")) != shape:
+                raise PackError(f"tensor {key!r}: its map gives {inner.get('dtype')} {inner.get('shape')}\n"
+                                f"  expected: one of {sorted(dtypes)} {list(shape)}"[:300])
+            stacked[name] = key
+    states = set(stacked.values())
+    for name in entries:
+        if _internal(name) and name not in states:
+            raise PackError(f"spec entry {name!r} is no tensor of the model and no other entry's state"[:300])
+    return stacked
+
+
+def _match_header(claims: dict[str, Claim], infos: dict, file: Path) -> None:
+    """Header cross-check: the stored tensors are exactly the claimed ones, each of a claimed dtype and shape."""
+    for key, (dtypes, shape) in claims.items():
+        if key not in infos:
+            raise PackError(f"{file}: tensor {key!r} is missing")
+        dtype, have = infos[key]
+        if dtype not in dtypes:
+            raise PackError(f"tensor {key!r}: wrong dtype\n  expected: one of {sorted(dtypes)}\n  got: {dtype}")
+        if have != shape:
+            raise PackError(f"tensor {key!r}: wrong shape\n  expected: {shape}\n  got: {have}")
+    for key in infos:
+        if key not in claims:
+            raise PackError(f"{file}: tensor {key!r} is not described by the spec (tampered file?)"[:300])
+
+
+@dataclass(frozen=True)
+class _CheckedEntries:
+    """The spec's tensor entries, checked against each other and against the file's header."""
+
+    entries: dict[str, dict]  # the model's own tensors
+    internal: dict[str, dict]  # entries stacked on a map's state, by its state key (a codebook of hashed buckets)
+    stacked: dict[str, str]  # entry -> the key of the internal entry stacked on its state
+    keys_of: dict[str, set[str]]  # map entry -> the stored tensors it decodes from (a stacked entry's among them)
+
+
+def _check_entries(entries, infos: dict, file: Path) -> _CheckedEntries:
+    """Every pass over the spec's tensor entries: entry syntax, tensor claims, stacking, header cross-check."""
+    needs = _entry_needs(entries)
+    keys_of = {name: set(need) for name, need in needs.items() if entries[name]["map"] != "dense"}
+    claims = _claims(needs)
+    stacked = _stacking(entries, claims, infos)
+    states = set(stacked.values())
+    _match_header({key: claim for key, claim in claims.items() if key not in states}, infos, file)
+    for name, key in stacked.items():  # the state is not stored: the stacked entry's tensors stand for it
+        keys_of[name] = (keys_of[name] - {key}) | keys_of.pop(key)
+    return _CheckedEntries({n: e for n, e in entries.items() if n not in states},
+                          {n: e for n, e in entries.items() if n in states}, stacked, keys_of)
+
+
+def _check_checksums(checksums, infos: dict, file: Path) -> dict[str, str]:
+    """One sha256 hex digest for every stored tensor, and none for anything else."""
+    if not isinstance(checksums, dict):
+        raise PackError("spec checksums\n  expected: a JSON object of sha256 hex digests")
+    for key in infos:
+        if key not in checksums:
+            raise PackError(f"{file}: no checksum for tensor {key!r}")
+    for key, digest in checksums.items():
+        if key not in infos:
+            raise PackError(f"{file}: checksum for tensor {key!r}, which is not stored"[:300])
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise PackError(f"checksum of {key!r}\n  expected: 64 hex digits\n  got: {digest!r}"[:300])
+    return checksums
+
+
+def _check_spec_sha256(meta: dict, version: int, file: Path) -> None:
+    """Last, after every field was checked on its own: the spec is the one that was written.  The tensors'
+    checksums cannot see a spec that still fits them but means other weights (an alias retargeted)."""
+    if version >= 3 and meta.get("spec_sha256") != hashlib.sha256(meta["spec"].encode()).hexdigest():
+        raise PackError(f"{file}: checksum mismatch for the sharing spec: it was changed after it was written")
+
+
 class PackedFile:
     """An opened, fully checked packed directory.  Tensor data is read on ``fetch`` only.
 
-    Opening checks the safetensors header (by the safetensors library), the
-    format and version, and every field of the spec against the header's dtypes
-    and shapes, without reading any tensor; ``fetch`` reads one tensor and
-    checks its sha256.
+    Opening checks the safetensors header (io.read_header), the format and version,
+    and every field of the spec against the header's dtypes and shapes, without
+    reading any tensor; ``fetch`` reads one tensor and checks its sha256.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -300,154 +475,21 @@ class PackedFile:
         if not self.root.is_dir():
             raise PackError(f"packed model not found\n  expected: a directory holding {FILENAME}\n  got: {str(path)!r}")
         if not self.file.is_file():
-            raise PackError(f"not a packed model: {str(path)!r} has no {FILENAME}\n  create one with `weightshare compress`")
-        try:
-            with safe_open(str(self.file), framework="pt") as handle:  # the library checks the header
-                meta = handle.metadata() or {}
-                self.infos = {}
-                for key in handle.keys():
-                    sl = handle.get_slice(key)
-                    self.infos[key] = (_HEADER_DTYPES.get(sl.get_dtype(), sl.get_dtype()), tuple(sl.get_shape()))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # safetensors raises its own types, and a Rust panic is a BaseException
-            raise PackError(f"{self.file}: truncated or not a safetensors file ({type(exc).__name__}: {exc})"[:400]) from None
-        self._spans = self._data_spans()
+            raise PackError(f"not a packed model: {str(path)!r} has no {FILENAME}\n"
+                            "  create one with `weightshare compress`")
+        header = _read_header(self.file)
+        self._spans = header.tensors
+        self.infos = {key: (HEADER_DTYPES[s.dtype], s.shape) for key, s in header.tensors.items()}
         self._cache: dict[str, torch.Tensor] = {}
-        try:
-            self._check(meta)
-        except BaseException:
-            self.close()
-            raise
-
-    def _check(self, meta: dict) -> None:
-        file = self.file
-        if meta.get("format") != FORMAT:
-            raise PackError(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n  got: {meta.get('format')!r}"[:300])
-        if meta.get("format_version") not in READABLE_VERSIONS:
-            raise PackError(f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
-                            f"  got: {meta.get('format_version')!r}\n  upgrade weightshare to read it"[:300])
-        self.version = int(meta["format_version"])
-        try:
-            spec = json.loads(meta["spec"])
-        except (KeyError, TypeError, ValueError, RecursionError) as exc:
-            raise PackError(f"{file}: the sharing spec in the metadata is unreadable ({type(exc).__name__})") from None
-        if not isinstance(spec, dict):
-            raise PackError(f"{file}: the sharing spec in the metadata is unreadable (not a JSON object)")
-        _keys(spec, {"source", "tensors", "checksums"}, "spec")
-        self.spec = spec
-        self.source = self._check_source(spec["source"])
-        self.entries = self._check_entries(spec["tensors"])
-        self._check_checksums(spec["checksums"])
-        # last, after every field was checked on its own: the spec is the one that was written. The tensors'
-        # checksums cannot see a spec that still fits them but means other weights (an alias retargeted)
-        if self.version >= 3 and meta.get("spec_sha256") != hashlib.sha256(meta["spec"].encode()).hexdigest():
-            raise PackError(f"{file}: checksum mismatch for the sharing spec: it was changed after it was written")
-
-    def _check_source(self, source) -> dict:
-        if not isinstance(source, dict):
-            raise PackError(f"spec source\n  expected: a JSON object\n  got: {source!r}"[:300])
-        _keys(source, {"kind", "weights_subdir"}, "spec source")
-        if not isinstance(source["kind"], str) or source["kind"] not in KINDS:
-            raise PackError(f"spec source.kind\n  expected one of: {KINDS}\n  got: {source['kind']!r}"[:300])
-        try:
-            sub = hub.check_relpath(source["weights_subdir"], "spec source.weights_subdir")
-        except ValueError as exc:
-            raise PackError(str(exc)) from None
-        if source["kind"] == "module" and sub:
-            raise PackError(f"spec source.weights_subdir\n  expected: '' for a plain module\n  got: {sub!r}"[:300])
-        return {"kind": source["kind"], "weights_subdir": sub}
-
-    def _check_entries(self, entries) -> dict:
-        if not isinstance(entries, dict):
-            raise PackError("spec tensors\n  expected: a JSON object of tensor entries")
-        claims: dict[str, tuple[set[str], tuple]] = {}
-        self.keys_of: dict[str, set[str]] = {}  # entry -> the stored tensors it decodes from
-
-        def claim(key, dtypes, shape, by):
-            if key in claims and claims[key] != (set(dtypes), tuple(shape)):
-                raise PackError(f"tensor {key!r}: described twice, differently (by {by!r})")
-            claims[key] = (set(dtypes), tuple(shape))
-
-        for name, entry in entries.items():
-            if len(name) > _MAX_NAME or not _NAME.fullmatch(name):
-                raise PackError(f"spec tensor name\n  expected: dotted identifiers\n  got: {name!r}"[:300])
-            if not isinstance(entry, dict) or not isinstance(entry.get("map"), str):
-                raise PackError(f"tensor {name!r}: entry\n  expected: a JSON object with a 'map'\n  got: {entry!r}"[:300])
-            kind = entry["map"]
-            if kind == "dense":
-                _keys(entry, {"map", "shape", "dtype"}, f"tensor {name!r}")
-                if not isinstance(entry["dtype"], str) or entry["dtype"] not in _DTYPES:
-                    raise PackError(f"tensor {name!r}: unknown dtype\n  expected one of: {sorted(_DTYPES)}\n"
-                                    f"  got: {entry['dtype']!r}"[:300])
-                claim(name, {entry["dtype"]}, _shape(entry["shape"], f"tensor {name!r}"), name)
-            elif kind == "alias":
-                _keys(entry, {"map", "of"}, f"tensor {name!r}")
-                target = entries.get(entry["of"]) if isinstance(entry["of"], str) else None
-                if (entry["of"] == name or not isinstance(target, dict) or target.get("map") in ("alias", None)
-                        or _internal(entry["of"])):  # an alias names a tensor of the model, not a map's state
-                    raise PackError(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"[:300])
-            else:
-                m = get_map(kind)
-                if kind not in packable_maps():
-                    raise PackError(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
-                                    f"{', '.join(packable_maps())}\n  got: {kind!r}"[:300])
-                shape = _shape(entry.get("shape"), f"tensor {name!r}")
-                if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPES:
-                    raise PackError(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"[:300])
-                try:
-                    needs = m.check(name, entry, shape, entry["dtype"])
-                except PackError:
-                    raise
-                except (ValueError, TypeError, KeyError, OverflowError) as exc:
-                    raise PackError(f"tensor {name!r}: bad {kind} entry ({exc})"[:500]) from None
-                for key, (dtypes, kshape) in needs.items():
-                    claim(key, dtypes, kshape, name)
-                self.keys_of[name] = set(needs)
-        # an entry under a map's original key (hashed buckets in a codebook) stands for that tensor
-        self.nested: dict[str, str] = {}  # internal entry -> the entry whose original it is
-        for name, entry in entries.items():
-            if entry["map"] in ("dense", "alias") or name not in self.keys_of or _internal(name):
-                continue  # one level: the state of a model tensor's map, never the state of a state
-            key = get_map(entry["map"]).original_key(name, entry)
-            if key is not None and key in claims and key not in self.infos and key in entries:
-                inner = entries[key]
-                if not _internal(key) or inner["map"] in ("dense", "alias") or key in self.nested:
-                    raise PackError(f"tensor {key!r}: not a map another entry's state can be made of"[:300])
-                dtypes, shape = claims.pop(key)
-                if inner.get("dtype") not in dtypes or tuple(inner.get("shape")) != shape:
-                    raise PackError(f"tensor {key!r}: its map gives {inner.get('dtype')} {inner.get('shape')}\n"
-                                    f"  expected: one of {sorted(dtypes)} {list(shape)}"[:300])
-                self.nested[key] = name
-        for name in entries:
-            if _internal(name) and name not in self.nested:
-                raise PackError(f"spec entry {name!r} is no tensor of the model and no other entry's state"[:300])
-        for key, (dtypes, shape) in claims.items():
-            if key not in self.infos:
-                raise PackError(f"{self.file}: tensor {key!r} is missing")
-            dtype, have = self.infos[key]
-            if dtype not in dtypes:
-                raise PackError(f"tensor {key!r}: wrong dtype\n  expected: one of {sorted(dtypes)}\n  got: {dtype}")
-            if have != shape:
-                raise PackError(f"tensor {key!r}: wrong shape\n  expected: {shape}\n  got: {have}")
-        for key in self.infos:
-            if key not in claims:
-                raise PackError(f"{self.file}: tensor {key!r} is not described by the spec (tampered file?)"[:300])
-        self.internal = {n: e for n, e in entries.items() if n in self.nested}
-        return {n: e for n, e in entries.items() if n not in self.nested}  # the model's own tensors
-
-    def _check_checksums(self, checksums) -> None:
-        if not isinstance(checksums, dict):
-            raise PackError("spec checksums\n  expected: a JSON object of sha256 hex digests")
-        for key in self.infos:
-            if key not in checksums:
-                raise PackError(f"{self.file}: no checksum for tensor {key!r}")
-        for key, digest in checksums.items():
-            if key not in self.infos:
-                raise PackError(f"{self.file}: checksum for tensor {key!r}, which is not stored"[:300])
-            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-                raise PackError(f"checksum of {key!r}\n  expected: 64 hex digits\n  got: {digest!r}"[:300])
-        self.checksums = checksums
+        meta = header.metadata
+        self.version = _check_format(meta, self.file)
+        self.spec = _parse_spec(meta, self.file)
+        self.source = _check_source(self.spec["source"])
+        checked = _check_entries(self.spec["tensors"], self.infos, self.file)
+        self.entries, self.internal, self.stacked, self.keys_of = (checked.entries, checked.internal, checked.stacked,
+                                                                   checked.keys_of)
+        self.checksums = _check_checksums(self.spec["checksums"], self.infos, self.file)
+        _check_spec_sha256(meta, self.version, self.file)
 
     def dense_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of every tensor of the model as ``decode`` gives it (an alias as its
@@ -455,7 +497,7 @@ class PackedFile:
         out = {}
         for name, entry in self.entries.items():
             target = self.entries[entry["of"]] if entry["map"] == "alias" else entry
-            out[name] = (tuple(target["shape"]), _DTYPES[target["dtype"]])
+            out[name] = (tuple(target["shape"]), DTYPES[target["dtype"]])
         return out
 
     def fetch(self, key: str) -> torch.Tensor:
@@ -465,57 +507,21 @@ class PackedFile:
             if key not in self.infos:
                 raise PackError(f"{self.file}: tensor {key!r} is missing")
             t = self._read(key)
-            if _sha256(t, self.version) != self.checksums[key]:
+            if tensor_checksum(t, self.version) != self.checksums[key]:
                 raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
             self._cache[key] = t
         return self._cache[key]
 
-    def _data_spans(self) -> dict[str, tuple[int, int]]:
-        """Where each tensor's bytes lie in the file, from the header the library has just accepted (read again
-        here, as the file is untrusted: every span is checked against the dtype, the shape and the file size)."""
-        try:
-            size = self.file.stat().st_size
-            with open(self.file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= size - 8:
-                    raise ValueError(f"header length {n}")
-                header = json.loads(f.read(n))
-            spans = {}
-            for key, (dtype, shape) in self.infos.items():
-                if dtype not in _DTYPES:
-                    raise PackError(f"{self.file}: tensor {key!r} has dtype {dtype}, which weightshare does not read")
-                begin, end = header[key]["data_offsets"]
-                itemsize = torch.empty((), dtype=_DTYPES[dtype]).element_size()
-                if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
-                        and 8 + n + end <= size and end - begin == math.prod(shape) * itemsize):
-                    raise ValueError(f"tensor {key!r}: data offsets {begin}..{end}")
-                spans[key] = (8 + n + begin, end - begin)
-            return spans
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise PackError(f"{self.file}: truncated or not a safetensors file ({type(exc).__name__}: {exc})"[:400]) from None
-
     def _read(self, key: str) -> torch.Tensor:
-        """One tensor by a positioned read into memory of its own: a memory map would keep the file's pages
-        counted against the process (every page is read for the checksum) while the model holds its copy."""
-        dtype, shape = self.infos[key]
-        offset, nbytes = self._spans[key]
-        buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu")  # from_pretrained reads under a meta device
+        """One tensor by a positioned read into memory of its own (io.read_tensor)."""
         try:
-            with open(self.file, "rb", buffering=0) as f:
-                f.seek(offset)
-                view, got = memoryview(buf.numpy()), 0
-                while got < nbytes:
-                    step = f.readinto(view[got:])
-                    if not step:
-                        raise EOFError(f"{nbytes - got} bytes missing")
-                    got += step
+            return io.read_tensor(self.file, self._spans[key])
         except (OSError, EOFError) as exc:
             raise PackError(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
-        return buf.view(_DTYPES[dtype]).reshape(shape)
 
     def fetch_any(self, key: str) -> torch.Tensor:
-        """A stored tensor, or the tensor an internal entry stands for (decoded through its map)."""
-        if key in self.nested:
+        """A stored tensor, or the state a stacked entry stands for (decoded through its map)."""
+        if key in self.internal:
             return self._decode_map(key, self.internal[key], self.fetch)
         return self.fetch(key)
 
@@ -536,25 +542,15 @@ class PackedFile:
         """Check every stored tensor's sha256 by reading it through in chunks, keeping none of it: a corrupted file
         is refused before anything is written, at a peak of one chunk instead of the whole file (``fetch`` reads
         and checks each tensor again when it is used)."""
-        buf = bytearray(chunk)
-        view = memoryview(buf)
+        buffer = memoryview(bytearray(chunk))
         try:
             with open(self.file, "rb", buffering=0) as f:
                 for key, (dtype, shape) in self.infos.items():
                     if key in self._cache:
                         continue
-                    offset, nbytes = self._spans[key]
-                    f.seek(offset)
-
-                    def pieces(left=nbytes, key=key):
-                        while left:
-                            step = f.readinto(view[:min(chunk, left)])
-                            if not step:
-                                raise EOFError(f"{left} bytes of {key!r} missing")
-                            yield view[:step]
-                            left -= step
-
-                    if _checksum(dtype, shape, pieces(), self.version) != self.checksums[key]:
+                    span = self._spans[key]
+                    pieces = io.read_chunks(f, span.offset, span.nbytes, buffer, key)
+                    if checksum(dtype, shape, pieces, self.version) != self.checksums[key]:
                         raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
         except (OSError, EOFError) as exc:
             raise PackError(f"{self.file}: cannot be read ({type(exc).__name__}: {exc})"[:400]) from None

@@ -79,7 +79,7 @@ def _size(n: int) -> str:
 def report(model: nn.Module) -> Report:
     """Count a model as it computes (virtual) and as it is stored, with a per-tensor table."""
     from weightshare.hub import inner_model
-    from weightshare.space import map_of, module_map
+    from weightshare.space import map_of, map_state, module_map
 
     model = inner_model(model)
     uses: dict[int, int] = {}
@@ -110,8 +110,9 @@ def report(model: nn.Module) -> Report:
                 if m is None:
                     continue
                 d = m.describe(plist, seen)
-                if parametrize.is_parametrized(plist, "original"):  # composed: another map stores this one's state
-                    inner = plist.parametrizations["original"]
+                state = map_state(prefix + tname, plist)
+                if state is not None and state.stacked is not None:  # another map stores this one's state
+                    inner = state.stacked
                     inner_map = map_of(inner)
                     d2 = inner_map.describe(inner, seen) if inner_map is not None else d
                     d = {**d, "params_stored": d2["params_stored"], "bytes_packed": d2["bytes_packed"],
@@ -158,33 +159,31 @@ def report_file(path) -> Report:
 
     Counts as ``report`` does, per stored entry: a tensor's virtual parameters are its shape's, an alias (a
     tied LM head) adds uses but stores nothing; a map's stored parameters are the floats of its own tensors
-    (tables; a nested map's too), its packed bytes every byte of them (indices, tables, outliers).  Unlike
+    (tables; a stacked map's too), its packed bytes every byte of them (indices, tables, outliers).  Unlike
     ``report``, persistent buffers count as dense tensors (the file does not tell them apart) and nothing is
     held in memory.
     """
-    from weightshare.pack import PackedFile, _DTYPES
+    from weightshare.io import DTYPES
+    from weightshare.pack import PackedFile
 
     with PackedFile(path) as pf:
         def nbytes(key: str) -> int:
             dtype, shape = pf.infos[key]
-            return _prod(shape) * _DTYPES[dtype].itemsize
+            return _prod(shape) * DTYPES[dtype].itemsize
 
         def floats(key: str) -> int:
             dtype, shape = pf.infos[key]
-            return _prod(shape) if _DTYPES[dtype].is_floating_point else 0
+            return _prod(shape) if DTYPES[dtype].is_floating_point else 0
 
-        own = {name: set(keys) for name, keys in pf.keys_of.items()}
-        for inner, outer in pf.nested.items():  # a map's state made by another map: its tensors are the outer's
-            own[outer] = (own.get(outer, set()) - {inner}) | own.pop(inner, set())
         layers, shared_weights, shared_bytes = [], 0, 0
         for name, entry in pf.entries.items():
             target = pf.entries[entry["of"]] if entry["map"] == "alias" else entry
-            shape, size = tuple(target["shape"]), _DTYPES[target["dtype"]].itemsize
+            shape, size = tuple(target["shape"]), DTYPES[target["dtype"]].itemsize
             numel = _prod(shape)
             if entry["map"] == "dense":
                 layers.append(LayerReport(name, shape, "dense", "", numel, numel, numel * size, nbytes(name)))
                 continue
-            keys = own.get(name, set())
+            keys = pf.keys_of.get(name, set())
             stored, packed = sum(floats(k) for k in keys), sum(nbytes(k) for k in keys)
             if entry["map"] == "alias":
                 detail, kind = f"tied to {entry['of']}", pf.entries[entry["of"]]["map"]

@@ -20,9 +20,9 @@ from torch.nn.utils import parametrize
 
 from weightshare.errors import clip
 
-__all__ = ["Parametrization", "SharingMap", "register_map", "get_map", "map_of", "module_map", "share_", "materialize_", "config_from_dict",
-           "config_to_dict", "dtype_name", "match_names", "share_parametrization_", "shared_parameter", "tied_groups",
-           "unmeta_"]
+__all__ = ["Parametrization", "SharingMap", "MapState", "register_map", "unregister_map", "get_map", "map_of",
+           "map_state", "module_map", "share_", "materialize_", "config_from_dict", "config_to_dict", "dtype_name",
+           "match_names", "share_parametrization_", "shared_parameter", "tied_groups", "unmeta_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Put = Callable[[str, torch.Tensor], str]  # store a tensor under a key; returns the key it is stored under
@@ -39,12 +39,25 @@ class SharingMap:
     A packed entry is a JSON object ``{"map": name, "shape": [...], "dtype": "float32", ...}``:
     ``shape`` and ``dtype`` are the weight the module sees, checked by the container;
     the other keys belong to the map, which checks them in ``check``.
+
+    Maps stack: a map that declares ``state_name`` lets another map take over its
+    parametrization's original (a codebook over hashed buckets).  It writes, claims and
+    reads that state under ``state_key(name)`` (``put``, ``check``, ``fetch``) as any
+    tensor of its own; where another map is stacked on it (``map_state``), the container
+    writes that map's entry there instead, and ``ws.load`` decodes it for ``fetch`` and
+    then installs that map on the original.
     """
 
     name: str = ""  # the "map" value in packed specs
     config: type | None = None  # the config dataclass ``share_`` dispatches on
     parametrizations: tuple[type, ...] = ()  # parametrization modules this map installs
     modules: tuple[type, ...] = ()  # packed modules ``ws.load`` builds for inference (none: the parametrized form runs)
+    packable: bool = True  # writes packed entries of its own (False: plain ties only, which are the container's aliases)
+    state_name: str | None = None  # the trainable state another map may take over ("buckets"), or None: none may
+
+    def state_key(self, name: str) -> str | None:
+        """Where tensor ``name``'s state that another map may take over is stored (``fc.weight.__buckets``), or None."""
+        return None if self.state_name is None else f"{name}.__{self.state_name}"
 
     def apply(self, model: nn.Module, config, filter_fn: FilterFn | None) -> None:
         raise NotImplementedError
@@ -62,14 +75,6 @@ class SharingMap:
         Raises ``ValueError`` naming the field.
         """
         raise NotImplementedError
-
-    def original_key(self, name: str, entry: dict) -> str | None:
-        """The key under which this map stores its parametrization's original as it is (or None).
-
-        Another map may produce that tensor (a codebook over hashed buckets): the packed
-        file then holds an entry of that map under this key instead of the tensor.
-        """
-        return None
 
     def fits(self, module: nn.Module, attr: str, entry: dict) -> str | None:
         """A reason why ``module.<attr>`` cannot take this entry (beyond its shape), or None."""
@@ -150,6 +155,10 @@ def register_map(m: SharingMap) -> SharingMap:
     """Register a sharing map instance (done once, at import of its file in ``sharing/``)."""
     if not m.name or m.name in ("dense", "alias"):
         raise ValueError(f"a sharing map needs a name other than 'dense' and 'alias'\n  got: {m.name!r}")
+    state = m.state_name
+    if state is not None and not (isinstance(state, str) and state.isascii() and state.isidentifier()):
+        raise ValueError(f"{m.name}: state_name names a tensor of the packed file\n  expected: an identifier such as "
+                         f"'buckets', or None\n  got: {m.state_name!r}")
     _MAPS[m.name] = m
     if m.config is not None:
         _BY_CONFIG[m.config] = m
@@ -170,9 +179,21 @@ def map_names() -> list[str]:
     return sorted(_MAPS)
 
 
+def unregister_map(name: str) -> None:
+    """Forget the map registered under ``name`` and its config, parametrizations and modules (a plug-in's tests)."""
+    m = _MAPS.pop(name, None)
+    if m is None:
+        raise ValueError(f"unregister_map: no sharing map named {name!r}\n  expected one of: {map_names()}")
+    for registry in (_BY_CONFIG, _BY_PARAMETRIZATION, _BY_MODULE):
+        for key in [key for key, value in registry.items() if value is m]:
+            del registry[key]
+    if m.config is not None and _CONFIGS.get(m.config.__name__) is m.config:
+        del _CONFIGS[m.config.__name__]
+
+
 def packable_maps() -> list[str]:
-    """Names of the maps that write packed entries of their own (tie's plain aliases are the container's)."""
-    return sorted(n for n, m in _MAPS.items() if type(m).check is not SharingMap.check)
+    """Names of the maps that write packed entries of their own."""
+    return sorted(n for n, m in _MAPS.items() if m.packable)
 
 
 def config_classes() -> dict[str, type]:
@@ -187,6 +208,29 @@ def map_of(plist: parametrize.ParametrizationList) -> SharingMap | None:
     if len(steps) != 1:
         return None
     return _BY_PARAMETRIZATION.get(type(steps[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class MapState:
+    """A map's state that another map may take over: ``plist.original`` (hashed buckets a codebook clusters)."""
+
+    key: str  # where the packed file holds it: ``SharingMap.state_key`` of the weight's name
+    plist: parametrize.ParametrizationList  # the weight's parametrization: a map stacks by parametrizing "original"
+    stacked: parametrize.ParametrizationList | None  # the list of the map stacked on it, or None while it is plain
+
+
+def map_state(name: str, plist: parametrize.ParametrizationList) -> MapState | None:
+    """The state of parametrized tensor ``name`` that another map may take over, or None if its map declares none.
+
+    The one place stacking is found in a model: ``codebook`` clusters the states still plain,
+    ``ws.save`` writes the stacked map's entry under ``key``, ``ws.report`` counts it in.
+    """
+    m = map_of(plist)
+    key = None if m is None else m.state_key(name)
+    if key is None:
+        return None
+    stacked = plist.parametrizations["original"] if parametrize.is_parametrized(plist, "original") else None
+    return MapState(key, plist, stacked)
 
 
 def module_map(module: nn.Module) -> SharingMap | None:

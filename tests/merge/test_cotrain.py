@@ -343,10 +343,10 @@ def test_cotrainer_needs_a_process_group_and_sane_arguments():
 
 
 def test_the_readme_names_reach_the_package():
-    """README, Co-training: ``weightshare.merge.distributed.CoTrainer`` and ``torchrun -m weightshare.cotrain``."""
+    """README, Co-training: ``weightshare.merge.cotrain.CoTrainer`` and ``torchrun -m weightshare.cotrain``."""
     import weightshare.cotrain as entry
     from weightshare.merge import cotrain
-    from weightshare.merge.distributed import CoTrainer, CoTrainError, OuterSGD, shared_names
+    from weightshare.merge.cotrain.sync import CoTrainer, CoTrainError, OuterSGD, shared_names
 
     assert (CoTrainer, CoTrainError, OuterSGD, shared_names) == (cotrain.CoTrainer, cotrain.CoTrainError,
                                                                  cotrain.OuterSGD, cotrain.shared_names)

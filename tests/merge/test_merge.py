@@ -16,7 +16,7 @@ import weightshare as ws
 from weightshare.merge import MERGE_METHODS, MergeError
 from weightshare.merge.registry import row_length
 from weightshare.merge.config import read_config
-from weightshare.merge.streaming import write_safetensors
+from weightshare.io import write_safetensors
 
 
 def tiny_bert(seed: int):

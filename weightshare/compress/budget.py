@@ -87,6 +87,90 @@ def _hull(costs: list[int], errs: list[float]) -> list[int]:
     return hull
 
 
+def _samples(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], seed: int) -> dict[str, tuple]:
+    """Up to SAMPLE_ROWS rows of each tensor, with each entry's importance (an Embedding's row counts, a
+    Linear's diagonal of H) and H itself: the errors are estimated on these."""
+    g = torch.Generator().manual_seed(seed)
+    samples = {}
+    for name, w in weights.items():
+        rows = w.shape[0]
+        pick = torch.randperm(rows, generator=g)[:SAMPLE_ROWS] if rows > SAMPLE_ROWS else torch.arange(rows)
+        ws_ = w[pick].float()
+        s = stats[name]
+        if s.dim() == 1:  # embedding: rows weighted by their counts
+            imp, H = (1.0 + s[pick].float())[:, None].expand_as(ws_).contiguous(), None
+        else:
+            H = s.double()
+            imp = torch.diagonal(H).float().clamp_min(0)[None, :].expand_as(ws_).contiguous() + 1e-12
+        samples[name] = (ws_, imp, H)
+    return samples
+
+
+def _relative_errors(samples: dict[str, tuple], candidates) -> dict[str, dict[int, float]]:
+    """Per tensor and width, the relative output error (``‖(W − Ŵ)x‖² / ‖Wx‖²`` through H) of its sample."""
+    by_len: dict[int, list[str]] = {}
+    for name, (ws_, _, _) in samples.items():
+        by_len.setdefault(ws_.shape[1], []).append(name)
+    errors: dict[str, dict[int, float]] = {n: {} for n in samples}
+    for b in candidates:
+        if b > MEASURED_BITS:  # k-means with 128 or 256 centroids costs most and never decides a plan:
+            for n in samples:  # beyond 6 bits, 6 dB (4x) per bit
+                errors[n][b] = errors[n][b - 1] / 4 if b - 1 in errors[n] else float("nan")
+            if all(b - 1 in errors[n] for n in samples):
+                continue
+        for names in by_len.values():  # one batched k-means per row length: rows are independent problems
+            w_all = torch.cat([samples[n][0] for n in names])
+            imp_all = torch.cat([samples[n][1] for n in names])
+            centroids, labels = kmeans1d_rows(w_all, 1 << b, weights=imp_all)
+            approx = torch.gather(torch.from_numpy(centroids).float(), 1, torch.from_numpy(labels).long())
+            r0 = 0
+            for n in names:
+                ws_, imp, H = samples[n]
+                d = (ws_ - approx[r0:r0 + ws_.shape[0]]).double()
+                r0 += ws_.shape[0]
+                if H is None:
+                    e = (imp.double() * d * d).sum() / (imp.double() * ws_.double() ** 2).sum().clamp_min(1e-30)
+                else:
+                    e = ((d @ H) * d).sum() / ((ws_.double() @ H) * ws_.double()).sum().clamp_min(1e-30)
+                errors[n][b] = float(e)
+    return errors
+
+
+def _scaled_to(measured: dict[int, float], raw: dict[int, float]) -> dict[int, float]:
+    """One tensor's error curve in the unit of its measured output errors: scaled, at each width, to the
+    widest measured width at or below it."""
+    def scaled(b, e):
+        anchor = max([a for a in measured if a <= b], default=min(measured))
+        return measured[anchor] * e / max(raw[anchor], 1e-30)
+    return {b: scaled(b, e) for b, e in raw.items()}
+
+
+def _greedy_widths(costs, errors, hulls, candidates, base_bytes: int, target_bytes: int) -> tuple[dict, int]:
+    """Widen, one step at a time, the tensor whose next point on its convex hull buys the most error
+    per byte while the file stays within ``target_bytes``; returns the widths and the file's size."""
+    pos = {n: 0 for n in costs}
+    total = base_bytes + sum(costs[n][hulls[n][0]] for n in costs)
+    while True:
+        best, best_gain = None, 0.0
+        for n in costs:
+            h = hulls[n]
+            if pos[n] + 1 >= len(h):
+                continue
+            i, j = h[pos[n]], h[pos[n] + 1]
+            extra = costs[n][j] - costs[n][i]
+            if total + extra > target_bytes:
+                continue
+            gain = (errors[n][candidates[i]] - errors[n][candidates[j]]) / max(extra, 1)
+            if gain > best_gain:
+                best, best_gain = n, gain
+        if best is None:
+            break
+        h = hulls[best]
+        total += costs[best][h[pos[best] + 1]] - costs[best][h[pos[best]]]
+        pos[best] += 1
+    return {n: candidates[hulls[n][pos[n]]] for n in costs}, total
+
+
 def plan_bits(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], target_bytes: int, fixed_bytes: int,
               n_groups: dict[str, int], header_bytes: int, candidates=CANDIDATES, table_itemsize: int = 2,
               seed: int = 0, sensitivity: dict[str, dict[int, float]] | None = None) -> BitPlan:
@@ -112,74 +196,12 @@ def plan_bits(weights: dict[str, torch.Tensor], stats: dict[str, torch.Tensor], 
         raise ValueError(f"--target-size {target_bytes:,} bytes is above the largest packed file\n"
                          f"  expected: between {low:,} ({candidates[0]} bit per weight) and {high:,} bytes "
                          f"({candidates[-1]} bits); a larger budget: keep the model dense")
-    g = torch.Generator().manual_seed(seed)
-    samples = {}
-    for name, w in weights.items():
-        rows = w.shape[0]
-        pick = torch.randperm(rows, generator=g)[:SAMPLE_ROWS] if rows > SAMPLE_ROWS else torch.arange(rows)
-        ws_ = w[pick].float()
-        s = stats[name]
-        if s.dim() == 1:  # embedding: rows weighted by their counts
-            imp, H = (1.0 + s[pick].float())[:, None].expand_as(ws_).contiguous(), None
-        else:
-            H = s.double()
-            imp = torch.diagonal(H).float().clamp_min(0)[None, :].expand_as(ws_).contiguous() + 1e-12
-        samples[name] = (ws_, imp, H)
-    by_len: dict[int, list[str]] = {}
-    for name, (ws_, _, _) in samples.items():
-        by_len.setdefault(ws_.shape[1], []).append(name)
-    errors: dict[str, dict[int, float]] = {n: {} for n in weights}
-    for b in candidates:
-        if b > MEASURED_BITS:  # k-means with 128 or 256 centroids costs most and never decides a plan:
-            for n in weights:  # beyond 6 bits, 6 dB (4x) per bit
-                errors[n][b] = errors[n][b - 1] / 4 if b - 1 in errors[n] else float("nan")
-            if all(b - 1 in errors[n] for n in weights):
-                continue
-        for names in by_len.values():  # one batched k-means per row length: rows are independent problems
-            w_all = torch.cat([samples[n][0] for n in names])
-            imp_all = torch.cat([samples[n][1] for n in names])
-            centroids, labels = kmeans1d_rows(w_all, 1 << b, weights=imp_all)
-            approx = torch.gather(torch.from_numpy(centroids).float(), 1, torch.from_numpy(labels).long())
-            r0 = 0
-            for n in names:
-                ws_, imp, H = samples[n]
-                d = (ws_ - approx[r0:r0 + ws_.shape[0]]).double()
-                r0 += ws_.shape[0]
-                if H is None:
-                    e = (imp.double() * d * d).sum() / (imp.double() * ws_.double() ** 2).sum().clamp_min(1e-30)
-                else:
-                    e = ((d @ H) * d).sum() / ((ws_.double() @ H) * ws_.double()).sum().clamp_min(1e-30)
-                errors[n][b] = float(e)
+    samples = _samples(weights, stats, seed)
+    errors = _relative_errors(samples, candidates)
     if sensitivity is not None:
-        for name in weights:
-            measured, raw = sensitivity[name], dict(errors[name])
-
-            def scaled(b, e, measured=measured, raw=raw):
-                anchor = max([a for a in measured if a <= b], default=min(measured))
-                return measured[anchor] * e / max(raw[anchor], 1e-30)
-            errors[name] = {b: scaled(b, e) for b, e in raw.items()}
+        errors = {name: _scaled_to(sensitivity[name], errors[name]) for name in weights}
     hulls = {n: _hull(costs[n], [errors[n][b] for b in candidates]) for n in weights}
-    pos = {n: 0 for n in weights}
-    total = fixed_bytes + header + sum(costs[n][hulls[n][0]] for n in weights)
-    while True:
-        best, best_gain = None, 0.0
-        for n in weights:
-            h = hulls[n]
-            if pos[n] + 1 >= len(h):
-                continue
-            i, j = h[pos[n]], h[pos[n] + 1]
-            extra = costs[n][j] - costs[n][i]
-            if total + extra > target_bytes:
-                continue
-            gain = (errors[n][candidates[i]] - errors[n][candidates[j]]) / max(extra, 1)
-            if gain > best_gain:
-                best, best_gain = n, gain
-        if best is None:
-            break
-        h = hulls[best]
-        total += costs[best][h[pos[best] + 1]] - costs[best][h[pos[best]]]
-        pos[best] += 1
-    bits = {n: candidates[hulls[n][pos[n]]] for n in weights}
+    bits, total = _greedy_widths(costs, errors, hulls, candidates, fixed_bytes + header, target_bytes)
     return BitPlan(bits=bits, predicted_bytes=total, feasible=(low, high), errors=errors)
 
 

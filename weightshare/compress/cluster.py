@@ -179,7 +179,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     _check_fraction(outliers)
     source = hub.detect(src)
     out = Path(out)
-    pack._check_dest(out, source.path)
+    pack.check_dest(out, source.path)  # before any work: save checks it again
     builtin = isinstance(calibration, str) and calibration == BUILTIN
     if builtin or calibration is None:
         texts = None

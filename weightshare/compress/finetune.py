@@ -130,6 +130,31 @@ def _relative_error(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (h - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
 
 
+def _objective(model: nn.Module, original: nn.Module, batches: list, texts: bool) -> tuple:
+    """What table fine-tuning fits: ``(x, y, student, loss_fn, unit, chunk)``, the inputs (or batch ids), the
+    original's outputs, the model as a function of x, the loss, the word for one input and the holdout's chunk."""
+    original.eval()
+    if texts:
+        x = _stack(batches)
+        with torch.no_grad():
+            targets = []
+            for i in range(0, x.shape[0], 32):
+                xb = x[i:i + 32]
+                h = _Student(original)(xb)
+                targets.append(torch.cat([h, xb[:, 1, :, None].to(h.dtype)], -1))
+            y = torch.cat(targets)
+        student, loss_fn, unit, chunk = _Student(model), _loss, "calibration texts", 32
+    else:
+        x = torch.arange(len(batches))
+        with torch.no_grad():
+            teacher = [_first_tensor(out).detach().flatten() for out in
+                       (call(original, b) for b in batches)]
+        y = x
+        student, unit, chunk = _BatchStudent(model, batches), "calibration batches", 1
+        loss_fn = lambda h, idx: _relative_error(h, torch.cat([teacher[int(i)] for i in idx]))  # noqa: E731
+    return x, y, student, loss_fn, unit, chunk
+
+
 def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits: int,
                      config: FinetuneConfig | None = None, table_dtype: torch.dtype = torch.float16,
                      texts: bool = True) -> dict:
@@ -152,25 +177,7 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits:
     norms = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)] \
         if config.norms else []
     params = tables + norms
-    original.eval()
-    if texts:
-        x = _stack(batches)
-        with torch.no_grad():
-            targets = []
-            for i in range(0, x.shape[0], 32):
-                xb = x[i:i + 32]
-                h = _Student(original)(xb)
-                targets.append(torch.cat([h, xb[:, 1, :, None].to(h.dtype)], -1))
-            y = torch.cat(targets)
-        student, loss_fn, unit, chunk = _Student(model), _loss, "calibration texts", 32
-    else:
-        x = torch.arange(len(batches))
-        with torch.no_grad():
-            teacher = [_first_tensor(out).detach().flatten() for out in
-                       (call(original, b) for b in batches)]
-        y = x
-        student, unit, chunk = _BatchStudent(model, batches), "calibration batches", 1
-        loss_fn = lambda h, idx: _relative_error(h, torch.cat([teacher[int(i)] for i in idx]))  # noqa: E731
+    x, y, student, loss_fn, unit, chunk = _objective(model, original, batches, texts)
     n = x.shape[0]
     n_val = max(1, int(round(n * config.holdout)))
     if n - n_val < 1:

@@ -3,10 +3,11 @@ then merge tensor by tensor and stream the result into a safetensors file.
 
 Inputs are Hugging Face / sentence-transformers model directories (sharded or
 not), ``.safetensors`` files, weightshare packed directories, state dicts and
-``nn.Module`` objects.  Safetensors headers are read (and checked by the
-safetensors library) first; tensor data is then read one tensor at a time with
-plain positioned reads, not through a memory map, so that a merge holds about
-one tensor per input plus the one being written: pages of a mapped file would
+``nn.Module`` objects.  Safetensors headers are read and checked first
+(``io.read_header``); tensor data is then read one tensor at a time with
+plain positioned reads (``io.read_tensor``), not through a memory map, so that
+a merge holds about one tensor per input plus the one being written (streamed
+out by ``io.write_safetensors``): pages of a mapped file would
 stay resident and count against the process until the end.  A packed
 directory's stored tensors (a few bits per weight) are read and checked first,
 and each tensor is decoded when the merge reaches it; a state dict is already
@@ -26,27 +27,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from pathlib import Path
 
 import torch
 
+from weightshare import io
 from weightshare.errors import clip
+from weightshare.io import TORCH_DTYPES, write_safetensors
 from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
-from weightshare.pack import _DTYPES as _PACK_DTYPES
-from weightshare.pack import _HEADER_DTYPES
 from weightshare.pack import FILENAME as PACKED_FILENAME
 
-__all__ = ["MergeError", "merge", "open_model", "write_safetensors"]
+__all__ = ["MergeError", "merge", "open_model"]
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-# the safetensors dtype codes the packed format already knows (pack.py), as torch dtypes
-_DTYPES = {code: _PACK_DTYPES[name] for code, name in _HEADER_DTYPES.items()}
-_NAMES = {v: k for k, v in _DTYPES.items()}
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -54,7 +51,8 @@ CHUNK = 1 << 18  # entries per piece (1 MB of float32): a merge holds a dozen or
 
 
 class _Pieces:
-    """A tensor made piece by piece (flat spans, in order): written as it is made, never whole."""
+    """A tensor made piece by piece (flat spans, in order): written as it is made (io.write_safetensors takes
+    its pieces), never whole."""
 
     def __init__(self, shape, spans, make):
         self.shape, self._spans, self._make = torch.Size(shape), spans, make
@@ -92,43 +90,27 @@ class _Model:
 
 def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
     """Tensors spread over safetensors files ({tensor name: file}): headers now, data on demand."""
-    from safetensors import safe_open
-
     meta, where = {}, {}
     for file in sorted(set(files.values())):
         try:
-            with safe_open(str(file), framework="pt") as f:  # the library checks the header's offsets and dtypes
-                names = list(f.keys())
-            with open(file, "rb") as raw:
-                (n,) = struct.unpack("<Q", raw.read(8))
-                header = json.loads(raw.read(n))
-        except Exception as exc:  # noqa: BLE001  (any failure to parse is one clear message)
-            raise ValueError(clip(f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc})")) from None
-        for name in names:
+            header = io.read_header(file)
+        except io.HeaderError as exc:
+            raise ValueError(clip(f"{file}: not a readable safetensors file ({exc})")) from None
+        for name, span in header.tensors.items():
             if files.get(name, file) != file:
                 continue  # an index names another shard for it
-            entry = header[name]
-            if entry["dtype"] not in _DTYPES:
-                raise ValueError(f"{file}: tensor {name!r} has dtype {entry['dtype']}\n"
-                                 f"  expected one of: {', '.join(_DTYPES)}")
-            meta[name] = (tuple(entry["shape"]), _DTYPES[entry["dtype"]])
-            begin, end = entry["data_offsets"]
-            where[name] = (file, 8 + n + begin, end - begin)
+            if span.dtype not in TORCH_DTYPES:
+                raise ValueError(f"{file}: tensor {name!r} has dtype {span.dtype}\n"
+                                 f"  expected one of: {', '.join(TORCH_DTYPES)}")
+            meta[name] = (span.shape, TORCH_DTYPES[span.dtype])
+            where[name] = (file, span)
 
     def read(name: str, span=None) -> torch.Tensor:
-        file, offset, size = where[name]
-        shape, dtype = meta[name]
-        if span is not None:  # flat entries [start, stop): a byte range of the row-major data
-            item = torch.empty(0, dtype=dtype).element_size()
-            offset, size, shape = offset + span[0] * item, (span[1] - span[0]) * item, (span[1] - span[0],)
-        buf = bytearray(size)
-        with open(file, "rb") as f:
-            f.seek(offset)
-            if f.readinto(buf) != size:
-                raise ValueError(f"{file}: tensor {name!r} is cut short (the file changed while merging?)")
-        if size == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        file, tensor_span = where[name]
+        try:  # span: flat entries [start, stop), a byte range of the row-major data
+            return io.read_tensor(file, tensor_span, *(span or ()))
+        except EOFError:
+            raise ValueError(f"{file}: tensor {name!r} is cut short (the file changed while merging?)") from None
 
     return _Model(label, meta, read)
 
@@ -205,39 +187,12 @@ def open_model(source, label: str | None = None) -> _Model:
         if not path.exists():
             # mergekit's rule, kept so that its configs run unchanged: a relative path is taken from the
             # directory the command runs in, not the config's; the error says which directory that was
-            where = "" if path.is_absolute() else f" (relative paths are taken from the current directory, {os.getcwd()})"
+            where = "" if path.is_absolute() else \
+                f" (relative paths are taken from the current directory, {os.getcwd()})"
             raise ValueError(f"{str(source)!r}: no such file or directory{where}")
         raise ValueError(f"{str(path)!r}\n  expected: a model directory or a .safetensors file")
-    raise ValueError(f"a model to merge\n  expected: a path, a state dict or an nn.Module\n  got: {type(source).__name__}")
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], tensors,
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file whose header is known up front, pulling one tensor at a time from
-    ``tensors`` (an iterator in ``entries`` order): nothing is held but the tensor being written."""
-    header, offset = {}, 0
-    for name, shape, dtype in entries:
-        size = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format's writers do
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for (name, shape, dtype), t in zip(entries, tensors, strict=True):
-            if tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"write_safetensors: {name} is {tuple(t.shape)}, the header says {shape}")
-            for piece in (t if isinstance(t, _Pieces) else [t]):
-                if piece.dtype != dtype:
-                    raise RuntimeError(f"write_safetensors: {name} is {piece.dtype}, the header says {dtype}")
-                if piece.numel():
-                    f.write(piece.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    raise ValueError("a model to merge\n  expected: a path, a state dict or an nn.Module\n"
+                     f"  got: {type(source).__name__}")
 
 
 # ----------------------------------------------------------------------------- merge
@@ -270,8 +225,8 @@ def _side_module_problems(ref: _Model, others: list[_Model]) -> list[str]:
         got = digests(m.root)
         differ = sorted(f for f in set(want) | set(got) if want.get(f) != got.get(f))
         if differ:
-            problems.append(f"{m.label}: sentence-transformers module weights {differ} differ from those of {ref.label}; "
-                            "merge merges the Transformer's weights and copies the other modules: "
+            problems.append(f"{m.label}: sentence-transformers module weights {differ} differ from those of "
+                            f"{ref.label}; merge merges the Transformer's weights and copies the other modules: "
                             "give every input the same ones")
     return problems
 
@@ -307,72 +262,32 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     config's gradients and filters give each tensor.  It reads headers only (and a packed
     input's stored data, to check its checksums), never writes.
     """
-    from weightshare.pack import staged_dir
-
     spec = get_method(method)
     if not isinstance(models, (list, tuple)) or not models:
         raise MergeError(f"merge: models\n  expected: a non-empty list of models\n  got: {type(models).__name__}")
     n = len(models)
-    problems = []
     model_params = {k: _per_model(params.pop(k), n) for k in list(params) if k in spec.model_params}
     if weights is not None:
         model_params["weight"] = _per_model(weights, n)
     param_problems = check_params(spec, n, base is not None, model_params, params)
-    problems += param_problems
-    if dtype is not None and dtype not in OUT_DTYPES:
-        problems.append(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
-    if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
-        problems.append(f"out: {str(out)!r} exists and is not an empty directory: choose a new or empty one")
-    if not spec.tensorwise and out is not None:
-        problems.append(f"{method} works on whole models in memory: call it without out=, then save the result")
-    opened: list[_Model | None] = []
-    for i, m in enumerate([*models, *([base] if base is not None else [])]):
-        try:
-            opened.append(open_model(m, label=f"model {i}" if i < n else "base"))
-        except ValueError as exc:
-            problems.append(str(exc))
-            opened.append(None)
+    problems = param_problems + _option_problems(method, spec, dtype, out)
+    opened, open_problems = _open_all(models, base)
+    problems += open_problems
     inputs = opened[:n]
     base_model = opened[n] if base is not None else None
     ref = base_model if base is not None else inputs[0]
     if ref is not None:
-        for m in opened:
-            if m is None or m is ref:
-                continue
-            # non-float tensors are copied from the reference by the buffer policy, so a model saved
-            # without one (a transformers version that does not store position ids) is no problem
-            missing = [k for k, (_, dt) in ref.meta.items() if k not in m.meta and dt.is_floating_point]
-            extra = [k for k, (_, dt) in m.meta.items() if k not in ref.meta and dt.is_floating_point]
-            if missing:
-                problems.append(f"{m.label} lacks {len(missing)} tensors of {ref.label}: {missing[:5]}")
-            if extra:
-                problems.append(f"{m.label} has {len(extra)} tensors {ref.label} lacks: {extra[:5]}")
-            for k, (shape, dt) in m.meta.items():
-                if k in ref.meta:
-                    rshape, rdt = ref.meta[k]
-                    if shape != rshape:
-                        problems.append(f"{k}: shape {list(shape)} in {m.label}, {list(rshape)} in {ref.label}")
-                    elif dt.is_floating_point != rdt.is_floating_point:
-                        problems.append(f"{k}: dtype {dt} in {m.label}, {rdt} in {ref.label}")
+        problems += _reference_problems(ref, opened)
     if ref is not None and ref.root is not None:
         problems += _side_module_problems(ref, [m for m in opened if m is not None and m is not ref])
     varying = None  # gradients and filters (settings.py): every tensor's own values, resolved from names alone
     if ref is not None and not param_problems:
-        names = [k for k, (_, dt) in ref.meta.items() if dt.is_floating_point]
-        unmatched = [u for k, v in params.items() for u in settings.unmatched_filters(v, names, k)]
-        unmatched += [u for k, vs in model_params.items() for i, v in enumerate(vs)
-                      for u in settings.unmatched_filters(v, names, f"models[{i}].{k}")]
-        if strict:
-            problems += unmatched
-        for u in [] if strict else unmatched:
-            log.warning("merge: %s; its value is never used (--strict makes this an error)", u)
-    if ref is not None and spec.tensorwise and not param_problems:
-        varying, unresolved = settings.per_tensor([k for k, (_, dt) in ref.meta.items() if dt.is_floating_point],
-                                                  spec.params, spec.model_params, params, model_params)
-        problems += unresolved
+        varying, setting_problems = _tensor_settings(spec, ref, params, model_params, strict)
+        problems += setting_problems
     if problems:
         shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
-        raise MergeError(f"merge: {len(problems)} problem(s), nothing was read or written:\n  - " + "\n  - ".join(shown))
+        raise MergeError(f"merge: {len(problems)} problem(s), nothing was read or written:\n  - "
+                         + "\n  - ".join(shown))
     method_params = {**{k: model_params.get(k, [d] * n) for k, d in spec.model_params.items()},
                      **{k: params.get(k, d) for k, d in spec.params.items()}}
     if plan:
@@ -386,36 +301,100 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
 
     out_dtype = OUT_DTYPES.get(dtype)
     entries = [(k, shape, (out_dtype or dt) if dt.is_floating_point else dt) for k, (shape, dt) in ref.meta.items()]
+    tensors = _merged(method, spec, entries, ref, inputs, base_model, method_params, varying)
+    if out is None:
+        return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, tensors)}
+    with io.staged_dir(out) as tmp:
+        _write_model(tmp, ref, entries, tensors)
+        _record(tmp, method, models, base, model_params, params, spec, dtype)
+    return Path(out)
 
-    def merged():
-        from weightshare._progress import progress
 
-        for name, shape, dt in progress(entries, desc=f"merge ({method})", unit="tensor", leave=False):
-            if not dt.is_floating_point:  # the buffer policy: copied from the base, or the first model
-                yield ref.read(name)
-                continue
-            numel = int(torch.Size(shape).numel())
-            step = CHUNK
-            if spec.rows and numel:  # pieces of whole rows (DELLA ranks within a row); one row at least
-                row = row_length(shape)
-                step = max(row, CHUNK // row * row)
-            spans = [(s, min(s + step, numel)) for s in range(0, numel, step)]
-            tensor_params = method_params if varying is None else {**method_params, **varying[name]}
-            extra = None
-            if numel > CHUNK and spec.elementwise:
-                extra = {}
-            elif numel > CHUNK and spec.prepare is not None:  # whole-tensor statistics, gathered piece by piece
-                def read(name=name, spans=spans):
-                    for a, b in spans:
-                        yield read_span(name, a, b)
+def _write_model(folder: Path, ref: _Model, entries: list, tensors) -> None:
+    """The merged model's directory: the reference's config and tokenizer files, and the tensors streamed in."""
+    if ref.root is not None:
+        from weightshare.hub import copy_non_weight_files, strip_packed_config
 
-                extra = spec.prepare(read, numel, name=name, shape=torch.Size(shape), **tensor_params)
-            if extra is not None:  # flat pieces: a few MB per input, whatever the tensor's size
-                # a prepared method is told where each piece lies (DARE's mask entries, model stock's rows)
-                yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, p=tensor_params, extra=extra: merge_span(
-                    name, dt, a, b, p, extra if spec.elementwise else {**extra, "span": (a, b)}))
-                continue
-            yield merge_span(name, dt, None, None, tensor_params, {}).reshape(shape)
+        copy_non_weight_files(ref.root, folder, confine=ref.confine)
+        strip_packed_config(folder / ref.weights_subdir)  # a packed reference's config: the merge is dense
+    target = folder / ref.weights_subdir
+    target.mkdir(parents=True, exist_ok=True)
+    write_safetensors(target / WEIGHTS, entries, tensors, metadata={"format": "pt"})
+    floats = [dt for _, _, dt in entries if dt.is_floating_point]
+    if floats:
+        _set_config_dtype(target / "config.json", floats[0])
+
+
+def _option_problems(method: str, spec, dtype: str | None, out) -> list[str]:
+    """What is wrong with ``dtype`` and ``out`` for this method."""
+    problems = []
+    if dtype is not None and dtype not in OUT_DTYPES:
+        problems.append(f"dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
+    if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        problems.append(f"out: {str(out)!r} exists and is not an empty directory: choose a new or empty one")
+    if not spec.tensorwise and out is not None:
+        problems.append(f"{method} works on whole models in memory: call it without out=, then save the result")
+    return problems
+
+
+def _open_all(models, base) -> tuple[list[_Model | None], list[str]]:
+    """Every input, then the base (None for one that cannot be opened), and what stopped each that could not."""
+    opened: list[_Model | None] = []
+    problems = []
+    for i, m in enumerate([*models, *([base] if base is not None else [])]):
+        try:
+            opened.append(open_model(m, label=f"model {i}" if i < len(models) else "base"))
+        except ValueError as exc:
+            problems.append(str(exc))
+            opened.append(None)
+    return opened, problems
+
+
+def _reference_problems(ref: _Model, opened: list[_Model | None]) -> list[str]:
+    """Every input's names, shapes and kinds of dtype against the reference's, from headers alone."""
+    problems = []
+    for m in opened:
+        if m is None or m is ref:
+            continue
+        # non-float tensors are copied from the reference by the buffer policy, so a model saved
+        # without one (a transformers version that does not store position ids) is no problem
+        missing = [k for k, (_, dt) in ref.meta.items() if k not in m.meta and dt.is_floating_point]
+        extra = [k for k, (_, dt) in m.meta.items() if k not in ref.meta and dt.is_floating_point]
+        if missing:
+            problems.append(f"{m.label} lacks {len(missing)} tensors of {ref.label}: {missing[:5]}")
+        if extra:
+            problems.append(f"{m.label} has {len(extra)} tensors {ref.label} lacks: {extra[:5]}")
+        for k, (shape, dt) in m.meta.items():
+            if k in ref.meta:
+                rshape, rdt = ref.meta[k]
+                if shape != rshape:
+                    problems.append(f"{k}: shape {list(shape)} in {m.label}, {list(rshape)} in {ref.label}")
+                elif dt.is_floating_point != rdt.is_floating_point:
+                    problems.append(f"{k}: dtype {dt} in {m.label}, {rdt} in {ref.label}")
+    return problems
+
+
+def _tensor_settings(spec, ref: _Model, params: dict, model_params: dict,
+                     strict: bool) -> tuple[dict | None, list[str]]:
+    """Every float tensor's own parameter values (None for a method on whole models), and the problems: filters
+    that match no tensor (with ``strict``; else warnings) and values that cannot be resolved."""
+    names = [k for k, (_, dt) in ref.meta.items() if dt.is_floating_point]
+    unmatched = [u for k, v in params.items() for u in settings.unmatched_filters(v, names, k)]
+    unmatched += [u for k, vs in model_params.items() for i, v in enumerate(vs)
+                  for u in settings.unmatched_filters(v, names, f"models[{i}].{k}")]
+    problems = list(unmatched) if strict else []
+    for u in [] if strict else unmatched:
+        log.warning("merge: %s; its value is never used (--strict makes this an error)", u)
+    if not spec.tensorwise:
+        return None, problems
+    varying, unresolved = settings.per_tensor(names, spec.params, spec.model_params, params, model_params)
+    return varying, problems + unresolved
+
+
+def _merged(method: str, spec, entries: list, ref: _Model, inputs: list[_Model], base_model: _Model | None,
+            method_params: dict, varying: dict | None):
+    """The merged tensors in ``entries`` order, each made when it is asked for: a large one as ``_Pieces``."""
+    from weightshare._progress import progress
 
     def read_span(name, start, stop):
         tensors = [m.read(name, start, stop).float() for m in inputs]
@@ -425,22 +404,32 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
         tensors, b = read_span(name, start, stop)
         return spec.fn(tensors, b, name=name, **tensor_params, **extra).to(dt)
 
-    if out is None:
-        return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, merged())}
-    with staged_dir(out) as tmp:
-        if ref.root is not None:
-            from weightshare.hub import copy_non_weight_files, strip_packed_config
+    for name, shape, dt in progress(entries, desc=f"merge ({method})", unit="tensor", leave=False):
+        if not dt.is_floating_point:  # the buffer policy: copied from the base, or the first model
+            yield ref.read(name)
+            continue
+        numel = int(torch.Size(shape).numel())
+        step = CHUNK
+        if spec.rows and numel:  # pieces of whole rows (DELLA ranks within a row); one row at least
+            row = row_length(shape)
+            step = max(row, CHUNK // row * row)
+        spans = [(s, min(s + step, numel)) for s in range(0, numel, step)]
+        tensor_params = method_params if varying is None else {**method_params, **varying[name]}
+        extra = None
+        if numel > CHUNK and spec.elementwise:
+            extra = {}
+        elif numel > CHUNK and spec.prepare is not None:  # whole-tensor statistics, gathered piece by piece
+            def read(name=name, spans=spans):
+                for a, b in spans:
+                    yield read_span(name, a, b)
 
-            copy_non_weight_files(ref.root, tmp, confine=ref.confine)
-            strip_packed_config(tmp / ref.weights_subdir)  # a packed reference's config: the merge is dense
-        target = tmp / ref.weights_subdir
-        target.mkdir(parents=True, exist_ok=True)
-        write_safetensors(target / WEIGHTS, entries, merged(), metadata={"format": "pt"})
-        floats = [dt for _, _, dt in entries if dt.is_floating_point]
-        if floats:
-            _set_config_dtype(target / "config.json", floats[0])
-        _record(tmp, method, models, base, model_params, params, spec, dtype)
-    return Path(out)
+            extra = spec.prepare(read, numel, name=name, shape=torch.Size(shape), **tensor_params)
+        if extra is not None:  # flat pieces: a few MB per input, whatever the tensor's size
+            # a prepared method is told where each piece lies (DARE's mask entries, model stock's rows)
+            yield _Pieces(shape, spans, lambda a, b, name=name, dt=dt, p=tensor_params, extra=extra: merge_span(
+                name, dt, a, b, p, extra if spec.elementwise else {**extra, "span": (a, b)}))
+            continue
+        yield merge_span(name, dt, None, None, tensor_params, {}).reshape(shape)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

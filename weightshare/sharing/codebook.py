@@ -32,8 +32,8 @@ from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.hub import is_transposed_linear
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
-from weightshare.space import (Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name, register_map,
-                               share_parametrization_, unmeta_)
+from weightshare.space import (MapState, Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name,
+                               map_of, map_state, register_map, share_parametrization_, unmeta_)
 
 __all__ = ["CodebookConfig", "codebook_", "codebook_model_", "tie_codebook_", "table_storage_dtype",
            "SUPPORTED_MODULES"]
@@ -366,12 +366,14 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     """
     importance = importance or {}
     configs = configs or {}
-    spaces = _shared_spaces(model, filter_fn)
-    for name, plist in spaces:  # checked with the plain weights, before anything changes
-        if config.granularity == "per_channel":
-            raise ValueError(f"{name}: the shared space of a hashed weight is a single row of buckets\n"
+    states = _stackable_states(model, filter_fn)
+    for name, state in states:  # checked with the plain weights, before anything changes
+        original = state.plist.original
+        if config.granularity == "per_channel" and original.dim() == 1:
+            m = map_of(state.plist)
+            raise ValueError(f"{name}: the shared space of its {m.name} map is a single row of {m.state_name}\n"
                              "  expected: granularity per_tensor or per_group")
-        _check_weight(f"{name}.__buckets", plist.original, config)
+        _check_weight(state.key, original, config)
     chosen = select(model, filter_fn)
     owners: dict[int, list[nn.Module]] = {}
     first: list[tuple[str, nn.Module]] = []
@@ -391,27 +393,25 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
                  fqn=f"{fqn}.weight")
         for other in tied:
             share_parametrization_(module, other)
-    for name, plist in spaces:  # composed: the codebook is over the other map's stored state
-        codebook_(plist, "original", config, fqn=f"{name}.__buckets")
+    for _, state in states:  # stacked: the codebook is over the other map's stored state
+        codebook_(state.plist, "original", config, fqn=state.key)
     return model
 
 
-def _shared_spaces(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
-    """(weight name, parametrization list) of weights another map shares whose stored state is a
-    plain tensor a codebook can compress in turn (HashedNets' buckets): hash + codebook."""
-    from weightshare.space import SharingMap, map_of
-
+def _stackable_states(model: nn.Module, filter_fn=None) -> list[tuple[str, MapState]]:
+    """(weight name, state) of the weights another map shares whose state that map lets another take over and
+    is still a plain tensor, which a codebook compresses in turn (HashedNets' buckets: hash + codebook)."""
     out = []
     for fqn, module in model.named_modules():
         if "parametrizations" in fqn.split(".") or not parametrize.is_parametrized(module, "weight"):
             continue
-        plist = module.parametrizations["weight"]
-        m = map_of(plist)
-        if m is None or type(m).original_key is SharingMap.original_key or parametrize.is_parametrized(plist, "original"):
+        name = f"{fqn}.weight" if fqn else "weight"
+        state = map_state(name, module.parametrizations["weight"])
+        if state is None or state.stacked is not None:
             continue
         if filter_fn is not None and not filter_fn(module, fqn):
             continue
-        out.append((f"{fqn}.weight" if fqn else "weight", plist))
+        out.append((name, state))
     return out
 
 

@@ -285,13 +285,14 @@ class HashMap(SharingMap):
     name = "hash"
     config = HashConfig
     parametrizations = (_Hash,)
+    state_name = "buckets"  # θ, stored as <name>.__buckets: another map may take it over (a codebook clusters it)
 
     def apply(self, model, config, filter_fn) -> None:
         hash_model_(model, config, filter_fn)
 
     def pack(self, name, plist, put) -> dict:
         p, theta = plist[0], plist.original.detach()
-        put(f"{name}.__buckets", theta, source=plist)  # a codebook over θ is written as its own entry
+        put(self.state_key(name), theta)  # a codebook over θ: the container writes its entry instead
         return {"shape": list(p.shape), "dtype": dtype_name(theta.dtype), "buckets": p.buckets, "group": p.group,
                 "hash": p.hash, "sign": p.sign, "seed": p.seed}
 
@@ -315,19 +316,16 @@ class HashMap(SharingMap):
         g = entry["group"]
         if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= max(cols, 1) or cols % g or k * g >= _MAX_SIDE:
             raise ValueError(clip(f"group\n  expected: a divisor of the {cols} columns\n  got: {g!r}"))
-        return {f"{name}.__buckets": ({dtype}, (k * g,))}
-
-    def original_key(self, name, entry):
-        return f"{name}.__buckets"
+        return {self.state_key(name): ({dtype}, (k * g,))}
 
     def install(self, module, attr, name, entry, fetch) -> None:
         init = {"buckets": entry["buckets"], "group": entry["group"], "seed": entry["seed"], "hash": entry["hash"],
-                "sign": entry["sign"], "theta": fetch(f"{name}.__buckets")}
+                "sign": entry["sign"], "theta": fetch(self.state_key(name))}
         hash_(module, attr, fqn=name, init=init)
 
     def decode(self, name, entry, fetch) -> torch.Tensor:
         p = _Hash(entry["shape"], entry["buckets"], entry["seed"], entry["hash"], entry["sign"], group=entry["group"])
-        return p.expand(fetch(f"{name}.__buckets"))
+        return p.expand(fetch(self.state_key(name)))
 
     def describe(self, plist, seen) -> dict:
         p, theta = plist[0], plist.original
