@@ -4,7 +4,7 @@ import torch
 
 import weightshare as ws
 from weightshare.kmeans import kmeans1d_rows
-from weightshare.sharing.codebook import codebook, group_layout
+from weightshare.sharing.codebook import codebook_, group_layout
 
 
 @pytest.mark.parametrize("granularity,group_size", [("per_tensor", None), ("per_channel", None), ("per_group", 4)])
@@ -94,8 +94,8 @@ def test_data_aware_importance_changes_tables():
     plain.weight.data.copy_(w)
     importance = torch.ones_like(w)
     importance[:, :4] = 1000.0  # these inputs matter: with 8 centroids they get their own
-    codebook(lin, config=ws.CodebookConfig(bits=3), importance=importance)
-    codebook(plain, config=ws.CodebookConfig(bits=3))
+    codebook_(lin, config=ws.CodebookConfig(bits=3), importance=importance)
+    codebook_(plain, config=ws.CodebookConfig(bits=3))
     err_weighted = (lin.weight[:, :4] - w[:, :4]).abs().max()
     err_plain = (plain.weight[:, :4] - w[:, :4]).abs().max()
     assert err_weighted < 1e-3 < err_plain

@@ -11,7 +11,7 @@ import torch
 
 import weightshare as ws
 from weightshare.compress import compress
-from weightshare.modules import CodebookEmbedding, CodebookLinear, PackedModule, set_compute
+from weightshare.modules import CodebookEmbedding, CodebookLinear, PackedModule, set_compute_
 from weightshare.pack import FILENAME, read_spec
 from weightshare.sharing.codebook import CodebookConfig
 
@@ -91,7 +91,7 @@ def test_from_pretrained_refuses_what_it_cannot_do_and_takes_set_compute(mini4, 
         AutoModel.from_pretrained(minilm_path, quantization_config=WeightshareConfig())
     with pytest.raises(ValueError, match="run on the CPU"):
         AutoModel.from_pretrained(mini4, device_map="cuda")
-    model = set_compute(AutoModel.from_pretrained(mini4), "bf16")
+    model = set_compute_(AutoModel.from_pretrained(mini4), "bf16")
     assert model.encoder.layer[0].attention.self.query.compute == "bf16"
 
 
@@ -185,7 +185,7 @@ def test_set_compute_checks_its_argument(tiny, tmp_path):
     packed = ws.load(ws.save(tiny, tmp_path / "t"), model=TinyNet(), compute="bf16")
     assert packed.fc1.compute == "bf16"
     with pytest.raises(ValueError, match="compute"):
-        set_compute(packed, "fp8")
+        set_compute_(packed, "fp8")
 
 
 def test_an_embedding_that_renormalises_rows_keeps_the_parametrized_form(tmp_path):

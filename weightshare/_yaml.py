@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from weightshare.errors import clip
+
 MAX_YAML_BYTES = 1 << 20  # a config is a few lines; anything this large is not one
 
 
@@ -18,4 +20,4 @@ def read_yaml(path: str | os.PathLike, what: str, error: type[Exception] = Value
             raise error(f"{path}: larger than {MAX_YAML_BYTES} bytes: not a {what}")
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise error(f"{path}: not a readable YAML file ({type(exc).__name__}: {exc})"[:400]) from None
+        raise error(clip(f"{path}: not a readable YAML file ({type(exc).__name__}: {exc})")) from None

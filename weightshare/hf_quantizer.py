@@ -18,7 +18,7 @@ checked (every field, every checksum, the fit of the model), and every entry is
 installed into the meta-device model; transformers then finds the plain tensors
 it expects.  Loading options are not passed through ``quantization_config=``
 (transformers forwards them only for its own config classes): call
-``weightshare.modules.set_compute(model, "bf16")`` afterwards, or use
+``weightshare.modules.set_compute_(model, "bf16")`` afterwards, or use
 ``ws.load(path, trainable=True)`` for the parametrized form whose tables train.
 """
 
@@ -68,7 +68,7 @@ class WeightshareHfQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from weightshare.load import install_checked
+        from weightshare.load import install_checked_
         from weightshare.modules import PackedModule
         from weightshare.pack import FILENAME, PackedFile
 
@@ -77,7 +77,7 @@ class WeightshareHfQuantizer(HfQuantizer):
             raise ValueError(f"weightshare: a packed model is read from its {FILENAME}\n  got: {[str(f) for f in files]}\n"
                              "  load the directory weightshare compress wrote")
         with PackedFile(files[0].parent) as pf:
-            install_checked(model, pf, own=True)  # from_pretrained's own model: dropped if this raises
+            install_checked_(model, pf, own=True)  # from_pretrained's own model: dropped if this raises
         for m in model.modules():
             if isinstance(m, PackedModule):
                 m._placeholder = True  # until loading ends: models' _init_weights read .weight

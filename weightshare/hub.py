@@ -20,6 +20,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 from torch import nn
 
+from weightshare.errors import clip
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
@@ -30,6 +32,15 @@ MAX_CONFIG_BYTES = 16 << 20  # config.json / modules.json of real models are a f
 _COUNT_FIELD = re.compile(r"(layers?|experts?|blocks?)$")
 TRANSFORMERS = "transformers"
 SENTENCE_TRANSFORMERS = "sentence-transformers"
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 and kin): a linear layer whose weight is stored (in, out).
+
+    Recognised by name, so that neither this module nor ``import weightshare`` imports transformers.
+    """
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 @dataclass
@@ -249,12 +260,12 @@ def check_relpath(value, field: str) -> str:
     whatever the platform, and returns the normalised POSIX form ("" for the folder itself).
     """
     if not isinstance(value, str):
-        raise ValueError(f"{field}\n  expected: a relative path (string)\n  got: {value!r}"[:300])
+        raise ValueError(clip(f"{field}\n  expected: a relative path (string)\n  got: {value!r}"))
     bad = (len(value) > 255 or "\0" in value or "\\" in value or PurePosixPath(value).is_absolute()
            or PureWindowsPath(value).drive or PureWindowsPath(value).root or ".." in PurePosixPath(value).parts)
     if bad:
-        raise ValueError(f"{field}: path escapes its folder\n"
-                         f"  expected: a relative path inside the model folder, without '..'\n  got: {value!r}"[:400])
+        raise ValueError(clip(f"{field}: path escapes its folder\n"
+                              f"  expected: a relative path inside the model folder, without '..'\n  got: {value!r}"))
     parts = [p for p in PurePosixPath(value).parts if p != "."]
     return str(PurePosixPath(*parts)) if parts else ""
 
@@ -289,7 +300,7 @@ def read_json(path: Path, what: str):
             raise ValueError(f"{path}: {size} bytes\n  expected: a {what} of at most {MAX_CONFIG_BYTES} bytes")
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})"[:400]) from None
+        raise ValueError(clip(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})")) from None
 
 
 def _count_fields(raw, prefix=""):
@@ -319,7 +330,7 @@ def skeleton(config_dir: Path, n_tensors: int, buffer_budget: int) -> nn.Module:
     if not isinstance(raw, dict):
         raise ValueError(f"{config_dir / 'config.json'}\n  expected: a JSON object\n  got: {type(raw).__name__}")
     if raw.get("model_type") not in CONFIG_MAPPING:
-        raise ValueError(f"{config_dir / 'config.json'}: unknown model_type\n  got: {raw.get('model_type')!r}"[:300])
+        raise ValueError(clip(f"{config_dir / 'config.json'}: unknown model_type\n  got: {raw.get('model_type')!r}"))
     for key, value in _count_fields(raw):
         if not 0 <= value <= n_tensors:
             raise ValueError(f"{config_dir / 'config.json'}: {key} = {value}\n"
@@ -372,8 +383,8 @@ def packed_sentence_transformer(root: Path, transformer_dir: str, inner: nn.Modu
     for e in modules:
         kind, path = e.get("type"), e.get("path")
         if not isinstance(kind, str) or not kind.startswith("sentence_transformers."):
-            raise ValueError(f"{root / 'modules.json'}: module type\n"
-                             f"  expected: a sentence_transformers class\n  got: {kind!r}"[:300])
+            raise ValueError(clip(f"{root / 'modules.json'}: module type\n"
+                                  f"  expected: a sentence_transformers class\n  got: {kind!r}"))
         check_relpath(path, f"{root / 'modules.json'}: module path")
         if kind.rsplit(".", 1)[-1] == "Transformer":
             transformer_types.add(kind)

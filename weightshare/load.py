@@ -22,8 +22,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare import hub, io
+from weightshare.errors import clip
 from weightshare.pack import DEFAULT_MAX_SHARD_SIZE, PackedFile, PackError, owned_modules
-from weightshare.space import get_map, share_parametrization
+from weightshare.space import get_map, share_parametrization_
 
 __all__ = ["load", "export", "skeleton"]
 
@@ -98,7 +99,7 @@ def _install_packed(inner: nn.Module, pf: PackedFile, name: str, entry: dict, al
     except PackError:
         raise
     except (ValueError, RuntimeError) as exc:
-        raise PackError(f"tensor {name!r}: cannot be built ({exc})"[:400]) from None
+        raise PackError(clip(f"tensor {name!r}: cannot be built ({exc})")) from None
     if module is None:
         return False
     shared = []
@@ -121,13 +122,13 @@ def _install_map(pf: PackedFile, holder: nn.Module, attr: str, name: str, entry:
     except PackError:
         raise
     except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
-        raise PackError(f"tensor {name!r}: cannot be installed ({exc})"[:400]) from None
+        raise PackError(clip(f"tensor {name!r}: cannot be installed ({exc})")) from None
     key = pf.stacked.get(name)
     if key is not None:  # the state was decoded for the install: now the map that makes it goes onto the original
         _install_map(pf, holder.parametrizations[attr], "original", key, pf.internal[key])
 
 
-def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
+def install_(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
     """Put every entry into the checked model: plain tensors as they are, maps as packed modules
     (unless ``trainable``) or by their own install (a parametrization)."""
     aliases: dict[str, list[str]] = {}
@@ -171,10 +172,10 @@ def install(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
         if pf.entries[entry["of"]]["map"] == "dense":  # restore the tie itself, not only the value
             setattr(inner.get_submodule(owner_name), attr, getattr(source, target_attr))
         else:
-            share_parametrization(source, inner.get_submodule(owner_name), attr)
+            share_parametrization_(source, inner.get_submodule(owner_name), attr)
 
 
-def install_checked(inner: nn.Module, pf: PackedFile, trainable: bool = False, own: bool = False) -> None:
+def install_checked_(inner: nn.Module, pf: PackedFile, trainable: bool = False, own: bool = False) -> None:
     """Check that ``inner`` fits the file and every checksum holds, then install: a bad file changes nothing.
 
     ``own``: ``inner`` was built for this load and is dropped if it fails (a skeleton, transformers'
@@ -187,7 +188,7 @@ def install_checked(inner: nn.Module, pf: PackedFile, trainable: bool = False, o
         pf.verify()
     else:
         pf.fetch_all()
-    install(inner, pf, trainable=trainable)
+    install_(inner, pf, trainable=trainable)
 
 
 def _trim_heap() -> None:
@@ -213,7 +214,7 @@ def skeleton(pf: PackedFile) -> nn.Module:
     except Exception as exc:  # the config is untrusted: whatever transformers makes of it is one error
         msg = str(exc) if isinstance(exc, ValueError) and "weights_subdir" in str(exc) else \
             f"{pf.root}: cannot build the model from its config ({type(exc).__name__}: {exc})"
-        raise PackError(msg[:500]) from None
+        raise PackError(clip(msg)) from None
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: bool = False,
@@ -234,7 +235,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
     whose tables train.  Any problem with the file is one ``PackError``; a model
     that does not fit is refused before anything is written into it.
     """
-    from weightshare.modules import set_compute
+    from weightshare.modules import set_compute_
 
     with PackedFile(path) as pf:
         kind, sub = pf.source["kind"], pf.source["weights_subdir"]
@@ -244,17 +245,18 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
             inner = skeleton(pf)
         else:
             inner = hub.inner_model(model)
-        install_checked(inner, pf, trainable=trainable, own=model is None)
+        install_checked_(inner, pf, trainable=trainable, own=model is None)
     _trim_heap()
     if compute != "fp32":
-        set_compute(inner, compute)
+        set_compute_(inner, compute)
     if model is not None:
         return model
     if kind == hub.SENTENCE_TRANSFORMERS:
         try:
             model = hub.packed_sentence_transformer(pf.root, sub, inner)
         except Exception as exc:
-            raise PackError(f"{pf.root}: cannot build the sentence-transformers pipeline ({type(exc).__name__}: {exc})"[:500]) from None
+            raise PackError(clip(f"{pf.root}: cannot build the sentence-transformers pipeline "
+                                 f"({type(exc).__name__}: {exc})")) from None
     else:
         model = inner
     model._weightshare_source = hub.Source(kind, str(pf.root), sub)
@@ -291,7 +293,7 @@ def export(path: str | os.PathLike, dest: str | os.PathLike,
         try:
             plan = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
         except ValueError as exc:
-            raise PackError(f"export: max_shard_size {max_shard_size!r}: {exc}"[:300]) from None
+            raise PackError(clip(f"export: max_shard_size {max_shard_size!r}: {exc}")) from None
         with io.staged_dir(dest) as tmp:
             try:
                 hub.copy_non_weight_files(pf.root, tmp, confine=True)
@@ -314,6 +316,6 @@ def _decoded(pf: PackedFile, entries: list[io.Entry]):
     for name, shape, dtype in entries:
         t = pf.decode(name)
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:  # a map's decode must give what the spec says
-            raise PackError(f"tensor {name!r}: decodes to {t.dtype} {list(t.shape)}\n"
-                            f"  expected: {dtype} {list(shape)} (the spec's)"[:300])
+            raise PackError(clip(f"tensor {name!r}: decodes to {t.dtype} {list(t.shape)}\n"
+                                 f"  expected: {dtype} {list(shape)} (the spec's)"))
         yield t

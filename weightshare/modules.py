@@ -10,7 +10,7 @@ parametrized form whose tables train.
 
 ``model.to(torch.bfloat16)`` rounds the tables to bf16 (as it would round dense
 weights) and keeps computing in fp32 on the rounded values; the outputs take the
-inputs' dtype.  ``set_compute(model, "bf16")`` lets the large-batch GEMMs multiply
+inputs' dtype.  ``set_compute_(model, "bf16")`` lets the large-batch GEMMs multiply
 in bf16 on CPUs with AVX512_BF16 (sums stay fp32).
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from weightshare import kernels
 
-__all__ = ["CodebookLinear", "CodebookEmbedding", "Outliers", "PackedModule", "set_compute"]
+__all__ = ["CodebookLinear", "CodebookEmbedding", "Outliers", "PackedModule", "set_compute_"]
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class CodebookEmbedding(PackedModule):
         return super().extra_repr() + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
 
 
-def set_compute(model: nn.Module, compute: str) -> nn.Module:
+def set_compute_(model: nn.Module, compute: str) -> nn.Module:
     """Set how every packed Linear of ``model`` multiplies: ``"fp32"`` (exact, the default) or ``"bf16"``.
 
     bf16 rounds inputs and weights to bf16 inside the large-batch GEMMs and sums in

@@ -18,9 +18,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from weightshare.errors import clip
+
 __all__ = ["Parametrization", "SharingMap", "MapState", "register_map", "unregister_map", "get_map", "map_of",
            "map_state", "module_map", "share_", "materialize_", "config_from_dict", "config_to_dict", "dtype_name",
-           "match_names", "share_parametrization", "shared_parameter", "tied_groups", "unmeta_"]
+           "match_names", "share_parametrization_", "shared_parameter", "tied_groups", "unmeta_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 Put = Callable[[str, torch.Tensor], str]  # store a tensor under a key; returns the key it is stored under
@@ -270,15 +272,15 @@ def config_from_dict(d: dict):
     Every field must be present and no other: a packed file is untrusted input.
     """
     if not isinstance(d, dict):
-        raise ValueError(f"sharing config\n  expected: a JSON object\n  got: {d!r}"[:300])
+        raise ValueError(clip(f"sharing config\n  expected: a JSON object\n  got: {d!r}"))
     d = dict(d)
     name = d.pop("type", None)
     if not isinstance(name, str) or name not in _CONFIGS:
-        raise ValueError(f"unknown sharing config\n  expected one of: {sorted(_CONFIGS)}\n  got: {name!r}"[:300])
+        raise ValueError(clip(f"unknown sharing config\n  expected one of: {sorted(_CONFIGS)}\n  got: {name!r}"))
     cls = _CONFIGS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     if set(d) != fields:
-        raise ValueError(f"{name}: fields\n  expected: {sorted(fields)}\n  got: {sorted(map(str, d))}"[:400])
+        raise ValueError(clip(f"{name}: fields\n  expected: {sorted(fields)}\n  got: {sorted(map(str, d))}"))
     return cls(**d)
 
 
@@ -346,7 +348,7 @@ def materialize_(model: nn.Module) -> nn.Module:
     return model
 
 
-def share_parametrization(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
+def share_parametrization_(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
     """Make ``target.<name>`` use ``source.<name>``'s parametrization: one shared state, one gradient sum.
 
     For weights that were one tensor before they were shared (an LM head tied to
@@ -355,7 +357,7 @@ def share_parametrization(source: nn.Module, target: nn.Module, name: str = "wei
     """
     plist = source.parametrizations[name]
     if parametrize.is_parametrized(target, name):
-        raise ValueError(f"share_parametrization: {type(target).__name__}.{name} is already parametrized")
+        raise ValueError(f"share_parametrization_: {type(target).__name__}.{name} is already parametrized")
     # a placeholder registration makes parametrize install its property on target; then the
     # placeholder list is replaced by source's (the placeholder's original is dropped with it)
     current = getattr(target, name)

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from weightshare.bench import table
+from weightshare.errors import clip
 
 TARGETS = {"query_ratio": 0.7, "batch_ratio": 0.6, "peak_rss_ratio": 0.6, "weights_ratio": 0.2,
            "llm_step_ratio": 0.25, "llm_bandwidth_fraction": 0.5}
@@ -203,7 +204,8 @@ def _run_child(system: str, dense_dir: str, packed_dir: str, npy: str) -> dict:
 
 def _child_result(system: str, proc: subprocess.CompletedProcess) -> dict:
     if proc.returncode != 0:
-        return {"system": system, "error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"}
+        error = clip(proc.stderr.strip().splitlines()[-1]) if proc.stderr.strip() else "failed"
+        return {"system": system, "error": error}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from weightshare.hub import is_transposed_linear
 from weightshare.kmeans import kmeans1d_rows
 
 __all__ = ["BitPlan", "codebook_bytes", "parse_size", "plan_bits"]
@@ -259,8 +260,6 @@ def output_sensitivity(model: nn.Module, modules: dict[str, nn.Module], stats: d
     k-means, nearest labels) and every other tensor stays exact: the unit that makes errors comparable.
     Measured, not extrapolated, at the narrow widths: from 2 bits to 1 the output error of MiniLM's word
     embedding grows 7x while its weight error grows 3x."""
-    from weightshare.sharing.codebook import is_transposed_linear
-
     ref = _outputs(model, batches)
     out = {}
     for name, m in modules.items():
@@ -287,7 +286,6 @@ def collect_statistics(model: nn.Module, names: dict[str, nn.Module], batches) -
     """H = E[x xᵀ] for each Linear and row counts for each Embedding of the uncompressed model (what
     ``plan_bits`` measures the errors with); the identity / no counts where no batch reached a module."""
     from weightshare.compress.calibrate import layer_statistics
-    from weightshare.sharing.codebook import is_transposed_linear
 
     stats, _ = layer_statistics(model, names, batches)
     for n, m in names.items():
@@ -309,8 +307,7 @@ def plan_model(model: nn.Module, config, batches, target_bytes: int | None = Non
     """
     from dataclasses import replace
 
-    from weightshare.sharing.codebook import (TABLE_DTYPES, channel_layout, group_layout, is_transposed_linear,
-                                              outlier_bytes)
+    from weightshare.sharing.codebook import TABLE_DTYPES, channel_layout, group_layout, outlier_bytes
 
     if (target_bytes is None) == (avg_bits is None):
         raise ValueError("size budget\n  expected: one of --target-size or --avg-bits")

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare._progress import progress
-from weightshare.sharing.codebook import is_transposed_linear
+from weightshare.hub import is_transposed_linear
 
 __all__ = ["importance_from_texts", "input_second_moments", "read_texts", "sequential_codebooks_", "text_batches"]
 
@@ -333,7 +333,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
     reached and that of plain nearest-entry assignment with k-means tables.
     """
     from weightshare.compress.gptq import fit_codebook, select_outliers
-    from weightshare.sharing.codebook import TABLE_DTYPES, codebook, codebook_model_
+    from weightshare.sharing.codebook import TABLE_DTYPES, codebook_, codebook_model_
 
     batches = list(batches)
     if not batches:
@@ -384,7 +384,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
                                    alternations=alternations, outliers=mask)
                 tables = fit.tables.reshape(-1, fit.tables.shape[2]).to(module.weight.dtype)
                 W = W.clone()  # the parametrization below replaces the weight this views
-                codebook(module, "weight", cfg, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
+                codebook_(module, "weight", cfg, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
                 count = _keep_exact(module.parametrizations.weight[0], mask, W, TABLE_DTYPES[cfg.table_dtype])
                 results[f"{name}.weight"] = {"objective": fit.objective, "nearest": fit.history[0][1],
                                              "tokens": tokens.get(name, 0), "outliers": count}

@@ -21,7 +21,8 @@ from weightshare.compress.recipe import apply_settings, read_recipe, resolve
 from weightshare.corpus import calibration_sentences
 from weightshare.report import Report, report
 from weightshare.compress.calibrate import importance_from_texts, read_texts, sequential_codebooks_, text_batches
-from weightshare.sharing.codebook import TABLE_DTYPES, CodebookConfig, codebook_model_, is_transposed_linear
+from weightshare.hub import is_transposed_linear
+from weightshare.sharing.codebook import TABLE_DTYPES, CodebookConfig, codebook_model_
 from weightshare.space import share_
 
 __all__ = ["compress", "compress_model_", "is_compressible"]

@@ -34,6 +34,7 @@ from pathlib import Path
 from torch import nn
 
 from weightshare._yaml import read_yaml
+from weightshare.errors import clip
 from weightshare.sharing.codebook import CodebookConfig
 
 __all__ = ["Recipe", "apply_settings", "read_recipe", "resolve"]
@@ -110,7 +111,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     for i, entry in enumerate(layers):
         where = f"layers[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("match"), str) or not entry["match"]:
-            problems.append(f"{where}: expected {{match: GLOB, bits: ...}}, got {entry!r}"[:200])
+            problems.append(clip(f"{where}: expected {{match: GLOB, bits: ...}}, got {entry!r}"))
             continue
         extra = [k for k in entry if k not in _LAYER_KEYS]
         if extra:
@@ -127,7 +128,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
     if isinstance(dense, str):
         dense = [dense]
     if not isinstance(dense, list) or not all(isinstance(d, str) and d for d in dense):
-        problems.append(f"dense: expected a list of layer-name globs, got {dense!r}"[:200])
+        problems.append(clip(f"dense: expected a list of layer-name globs, got {dense!r}"))
         dense = []
     recipe.dense = list(dense)
     if recipe.layers and ("target_size" in s or "avg_bits" in s):

@@ -37,6 +37,7 @@ import os
 from pathlib import Path
 
 from weightshare._yaml import read_yaml
+from weightshare.errors import clip
 from weightshare.merge import settings
 from weightshare.merge.registry import get_method
 from weightshare.merge.streaming import OUT_DTYPES, MergeError, merge
@@ -128,7 +129,7 @@ def read_config(path: str | os.PathLike) -> dict:
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-            problems.append(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}"[:200])
+            problems.append(clip(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}"))
             continue
         extra = [k for k in entry if k not in ("model", "parameters")]
         if extra:
@@ -139,7 +140,7 @@ def read_config(path: str | os.PathLike) -> dict:
                                                               **(method.model_params if method else {})})
     base = raw.get("base_model")
     if base is not None and not isinstance(base, str):
-        problems.append(f"base_model: expected a path, got {base!r}"[:200])
+        problems.append(clip(f"base_model: expected a path, got {base!r}"))
     dtype = raw.get("out_dtype", raw.get("dtype"))
     if dtype is not None and dtype not in OUT_DTYPES:
         problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")

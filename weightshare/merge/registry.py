@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from weightshare.errors import clip
 from weightshare.merge import settings
 
 __all__ = ["MergeMethod", "MERGE_METHODS", "Param", "Rule", "FINITE", "interval", "is_number", "register_merge",
@@ -176,7 +177,7 @@ def per_model(method: str, key: str, values, n: int, default) -> list[float]:
     if len(values) != n:
         raise ValueError(f"{method}: {key}\n  expected: one value per model ({n})\n  got: {len(values)} values")
     if any(not is_number(v) for v in values):
-        raise ValueError(f"{method}: {key}\n  expected: numbers\n  got: {values!r}"[:300])
+        raise ValueError(clip(f"{method}: {key}\n  expected: numbers\n  got: {values!r}"))
     return [float(v) for v in values]
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterator
 
+from weightshare.errors import clip
+
 __all__ = ["is_scalar", "is_conditions", "gradient_ok", "problems", "resolve", "leaves", "layer_positions", "per_tensor",
            "unmatched_filters"]
 
@@ -63,17 +65,17 @@ def problems(value, where: str, gradient_ok: bool = True, depth: int = 0) -> lis
     if depth >= MAX_DEPTH:
         return [f"{where}: conditions nested deeper than {MAX_DEPTH}"]
     if not isinstance(value, (list, tuple)) or not value:
-        return [f"{where}: {value!r} is not a number, true/false, a gradient (list of numbers) or a list of "
-                "{filter, value} conditions"[:300]]
+        return [clip(f"{where}: {value!r} is not a number, true/false, a gradient (list of numbers) or a list of "
+                     "{filter, value} conditions")]
     if all(_is_number(v) for v in value):
         if not gradient_ok:
-            return [f"{where}: a gradient {list(value)!r} for a parameter that is true/false or an integer"[:300]]
+            return [clip(f"{where}: a gradient {list(value)!r} for a parameter that is true/false or an integer")]
         if len(value) > MAX_ANCHORS:
             return [f"{where}: a gradient of {len(value)} anchors (at most {MAX_ANCHORS})"]
         return []
     if not all(isinstance(v, dict) for v in value):
-        return [f"{where}: a list must hold only numbers (a gradient) or only {{filter, value}} conditions; "
-                f"got {list(value)!r}"[:300]]
+        return [clip(f"{where}: a list must hold only numbers (a gradient) or only {{filter, value}} conditions; "
+                     f"got {list(value)!r}")]
     found = []
     for i, cond in enumerate(value):
         here = f"{where}[{i}]"
@@ -86,7 +88,7 @@ def problems(value, where: str, gradient_ok: bool = True, depth: int = 0) -> lis
             found += problems(cond["value"], f"{here}.value", gradient_ok, depth + 1)
         f = cond.get("filter")
         if f is not None and not isinstance(f, str):
-            found.append(f"{here}.filter: {f!r} is not text (a part of tensor names)"[:300])
+            found.append(clip(f"{here}.filter: {f!r} is not text (a part of tensor names)"))
     return found
 
 

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from weightshare.errors import clip
 from weightshare.merge.methods.linear import linear
 
 __all__ = ["greedy_soup", "greedy_soup_trace", "uniform_soup", "SoupTrace", "SoupStep"]
@@ -82,7 +83,8 @@ def _check(state_dicts, weight) -> list[float]:
     weight = list(weight) if isinstance(weight, (list, tuple)) else [weight] * n
     if len(weight) != n or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and
                                    math.isfinite(w) and w > 0 for w in weight):
-        raise ValueError(f"soup: weight\n  expected: one finite number > 0 per ingredient ({n})\n  got: {weight!r}"[:300])
+        raise ValueError(clip(f"soup: weight\n  expected: one finite number > 0 per ingredient ({n})\n"
+                              f"  got: {weight!r}"))
     return [float(w) for w in weight]
 
 
@@ -133,8 +135,8 @@ def greedy_soup_trace(state_dicts: list[dict], *, evaluate: Callable[[dict], flo
     else:
         scores = list(scores)
         if len(scores) != n or not all(isinstance(s, (int, float)) and not math.isnan(s) for s in scores):
-            raise ValueError(f"greedy_soup: scores\n  expected: one number per ingredient ({n}), the held-out "
-                             f"score evaluate would give it\n  got: {scores!r}"[:300])
+            raise ValueError(clip(f"greedy_soup: scores\n  expected: one number per ingredient ({n}), the held-out "
+                                  f"score evaluate would give it\n  got: {scores!r}"))
         scores = [float(s) for s in scores]
     order = sorted(range(n), key=lambda i: -scores[i])  # stable: ties keep input order
     trace = SoupTrace(scores=scores, order=order, kept=[order[0]], score=scores[order[0]])

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from weightshare import io
+from weightshare.errors import clip
 from weightshare.io import TORCH_DTYPES, write_safetensors
 from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
@@ -94,7 +95,7 @@ def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
         try:
             header = io.read_header(file)
         except io.HeaderError as exc:
-            raise ValueError(f"{file}: not a readable safetensors file ({exc})"[:300]) from None
+            raise ValueError(clip(f"{file}: not a readable safetensors file ({exc})")) from None
         for name, span in header.tensors.items():
             if files.get(name, file) != file:
                 continue  # an index names another shard for it

@@ -43,6 +43,8 @@ from typing import Mapping, NamedTuple
 import torch
 from torch import nn
 
+from weightshare.errors import clip
+
 __all__ = ["transfer", "TransferReport", "Moved", "Left"]
 
 
@@ -136,7 +138,7 @@ def substitute(match: re.Match, target: str) -> str:
 def _compile(mapping) -> list[tuple[str, re.Pattern, str]]:
     if not isinstance(mapping, Mapping) or not mapping:
         raise _bad("mapping", "a non-empty dict {source pattern: destination pattern} of strings",
-                   repr(mapping)[:200] if isinstance(mapping, Mapping) else type(mapping).__name__)
+                   clip(repr(mapping)) if isinstance(mapping, Mapping) else type(mapping).__name__)
     rules = []
     for s, d in mapping.items():
         if not isinstance(s, str) or not isinstance(d, str) or not s or not d:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from weightshare._progress import progress
+from weightshare.errors import clip
 from weightshare.multitask.models import batch_size_of
 from weightshare.multitask.weighting import METHODS, Method, Step, aggregate
 
@@ -411,7 +412,7 @@ def _task_losses(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
             else:
                 loss = nn.functional.cross_entropy(out[t], labels, ignore_index=IGNORE)
         except (IndexError, RuntimeError) as exc:
-            raise ValueError(f"fit: head {t!r} does not match its labels ({exc})"[:300]) from None
+            raise ValueError(clip(f"fit: head {t!r} does not match its labels ({exc})")) from None
         if not torch.isfinite(loss):
             raise ValueError(f"fit: the loss of task {t!r} is {float(loss)}\n  expected: a finite loss\n"
                              "  way out: a lower learning rate (TrainConfig.lr), or check the inputs for NaN")

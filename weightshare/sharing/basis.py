@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from weightshare.errors import clip
 from weightshare.space import (Parametrization, SharingMap, dtype_name, match_names, register_map,
                                shared_parameter, unmeta_)
 
@@ -250,20 +251,20 @@ class BasisMap(SharingMap):
 
     def check(self, name, entry, shape, dtype):
         if set(entry) != {"map", "shape", "dtype", "form", "side", "rank", "basis"}:
-            raise ValueError(f"basis entry keys\n  expected: form, side, rank, basis\n  got: {sorted(entry)}"[:300])
+            raise ValueError(clip(f"basis entry keys\n  expected: form, side, rank, basis\n  got: {sorted(entry)}"))
         if entry["side"] not in ("left", "right"):
-            raise ValueError(f"side\n  expected: 'left' or 'right'\n  got: {entry['side']!r}"[:200])
+            raise ValueError(clip(f"side\n  expected: 'left' or 'right'\n  got: {entry['side']!r}"))
         if dtype not in ("float16", "bfloat16", "float32", "float64"):
             raise ValueError(f"basis dtype\n  expected: a float dtype\n  got: {dtype!r}")
         form, r, key = entry["form"], entry["rank"], entry["basis"]
         if form not in FORMS:
-            raise ValueError(f"form\n  expected one of: {FORMS}\n  got: {form!r}"[:200])
+            raise ValueError(clip(f"form\n  expected one of: {FORMS}\n  got: {form!r}"))
         if len(shape) != 2:
             raise ValueError(f"shape {list(shape)}: a basis map needs a 2-D weight")
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= max(shape[0], 1) * max(shape[1], 1):
-            raise ValueError(f"rank\n  expected: an integer in 1..{shape[0] * shape[1]}\n  got: {r!r}"[:200])
+            raise ValueError(clip(f"rank\n  expected: an integer in 1..{shape[0] * shape[1]}\n  got: {r!r}"))
         if not isinstance(key, str) or not key.endswith(".__basis"):
-            raise ValueError(f"basis key\n  expected: '<weight name>.__basis'\n  got: {key!r}"[:200])
+            raise ValueError(clip(f"basis key\n  expected: '<weight name>.__basis'\n  got: {key!r}"))
         out, inp = shape
         if form == "mix":
             return {key: ({dtype}, (r, out, inp)), f"{name}.__coef": ({dtype}, (r,))}

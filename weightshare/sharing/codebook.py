@@ -27,13 +27,16 @@ from torch.nn.utils import parametrize
 
 from weightshare import kernels
 from weightshare._progress import progress
+from weightshare.errors import clip
 from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
+from weightshare.hub import is_transposed_linear
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
 from weightshare.space import (MapState, Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name,
-                               map_of, map_state, register_map, share_parametrization, unmeta_)
+                               map_of, map_state, register_map, share_parametrization_, unmeta_)
 
-__all__ = ["CodebookConfig", "codebook", "codebook_model_", "tie_codebook", "table_storage_dtype", "SUPPORTED_MODULES"]
+__all__ = ["CodebookConfig", "codebook_", "codebook_model_", "tie_codebook_", "table_storage_dtype",
+           "SUPPORTED_MODULES"]
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +44,6 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUPPORTED_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECODE_CHUNK = 1 << 18  # weights decoded per step at inference: bounds the int64 index temporary to 8 MB
-
-
-def is_transposed_linear(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 and kin): a linear layer whose weight is stored (in, out).
-
-    Recognised by name, so that ``import weightshare`` does not import transformers.
-    """
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 def channel_layout(shape, transposed: bool) -> tuple[int, ...]:
@@ -296,7 +290,7 @@ def _check_weight(name: str, weight: torch.Tensor, config: CodebookConfig, trans
     group_layout(channel_layout(weight.shape, transposed), config.granularity, config.group_size, name)
 
 
-def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | None = None,
+def codebook_(module: nn.Module, name: str = "weight", config: CodebookConfig | None = None,
              importance: torch.Tensor | None = None, init=None, fqn: str | None = None) -> nn.Module:
     """Replace ``module.<name>`` by a codebook parametrization and return ``module``.
 
@@ -321,9 +315,9 @@ def codebook(module: nn.Module, name: str = "weight", config: CodebookConfig | N
     return module
 
 
-def tie_codebook(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
+def tie_codebook_(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
     """Make ``target.<name>`` use the codebook of ``source.<name>``: one table, one set of labels."""
-    return share_parametrization(source, target, name)
+    return share_parametrization_(source, target, name)
 
 
 def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
@@ -395,12 +389,12 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     _warn_if_tables_dominate([(tuple(m.weight.shape), is_transposed_linear(m)) for _, m in first], config)
     for fqn, module in progress(first, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
         tied = owners[id(module.weight)][1:]
-        codebook(module, "weight", configs.get(fqn, config), importance=importance.get(f"{fqn}.weight"),
+        codebook_(module, "weight", configs.get(fqn, config), importance=importance.get(f"{fqn}.weight"),
                  fqn=f"{fqn}.weight")
         for other in tied:
-            share_parametrization(module, other)
+            share_parametrization_(module, other)
     for _, state in states:  # stacked: the codebook is over the other map's stored state
-        codebook(state.plist, "original", config, fqn=state.key)
+        codebook_(state.plist, "original", config, fqn=state.key)
     return model
 
 
@@ -595,12 +589,14 @@ class CodebookMap(SharingMap):
     def check(self, name, entry, shape, dtype):
         extra = set(entry) - {"map", "shape", "dtype", "config", "transposed", "outliers"}
         if extra or "config" not in entry:
-            raise ValueError(f"codebook entry keys\n  expected: config, optional transposed, outliers\n  got: {sorted(entry)}"[:300])
+            raise ValueError(clip(f"codebook entry keys\n  expected: config, optional transposed, outliers\n"
+                                  f"  got: {sorted(entry)}"))
         if dtype not in _FLOATS:
             raise ValueError(f"codebook dtype\n  expected one of: {sorted(_FLOATS)}\n  got: {dtype!r}")
         transposed = entry.get("transposed", False)
         if transposed is not True and transposed is not False or (transposed and len(shape) != 2):
-            raise ValueError(f"bad 'transposed'\n  expected: true (2-D weights only) or absent\n  got: {transposed!r} for shape {list(shape)}"[:300])
+            raise ValueError(clip(f"bad 'transposed'\n  expected: true (2-D weights only) or absent\n"
+                                  f"  got: {transposed!r} for shape {list(shape)}"))
         if not shape:
             raise ValueError("codebook of a 0-d tensor\n  expected: a weight with at least one dimension")
         config = config_from_dict(entry["config"])
@@ -613,7 +609,8 @@ class CodebookMap(SharingMap):
         if "outliers" in entry:
             count = entry["outliers"]
             if not _is_int(count) or not 1 <= count <= numel:
-                raise ValueError(f"{name}: bad 'outliers'\n  expected: a count of weights in 1..{numel}\n  got: {count!r}"[:300])
+                raise ValueError(clip(f"{name}: bad 'outliers'\n  expected: a count of weights in 1..{numel}\n"
+                                      f"  got: {count!r}"))
             needs[f"{name}.__outlier_index"] = ({"int32", "int64"}, (count,))
             needs[f"{name}.__outlier_values"] = (_FLOATS, (count,))
         return needs
@@ -639,7 +636,7 @@ class CodebookMap(SharingMap):
             _, tables, labels = self._parts(name, entry, fetch)
             init = (tables, labels)
         outliers = _read_outliers(name, entry, fetch, math.prod(entry["shape"]))
-        codebook(module, attr, config, init=init, fqn=name)
+        codebook_(module, attr, config, init=init, fqn=name)
         if outliers is not None:
             getattr(module.parametrizations, attr)[0].set_outliers(outliers[0], outliers[1].to(init[0].dtype))
 

@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare._progress import progress
+from weightshare.errors import clip
 from weightshare.space import Parametrization, SharingMap, dtype_name, register_map, unmeta_
 
 __all__ = ["HashConfig", "hash_", "hash_index", "xxh32_pair"]
@@ -297,23 +298,24 @@ class HashMap(SharingMap):
 
     def check(self, name, entry, shape, dtype):
         if set(entry) != {"map", "shape", "dtype", "buckets", "group", "hash", "sign", "seed"}:
-            raise ValueError(f"hash entry keys\n  expected: buckets, group, hash, sign, seed\n  got: {sorted(entry)}"[:300])
+            raise ValueError(clip(f"hash entry keys\n  expected: buckets, group, hash, sign, seed\n"
+                                  f"  got: {sorted(entry)}"))
         if dtype not in ("float16", "bfloat16", "float32", "float64"):
             raise ValueError(f"hash dtype\n  expected: a float dtype\n  got: {dtype!r}")
         k, seed = entry["buckets"], entry["seed"]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < _MAX_SIDE:
-            raise ValueError(f"buckets\n  expected: a positive integer\n  got: {k!r}"[:200])
+            raise ValueError(clip(f"buckets\n  expected: a positive integer\n  got: {k!r}"))
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 32:
-            raise ValueError(f"seed\n  expected: an integer in [0, 2**32)\n  got: {seed!r}"[:200])
+            raise ValueError(clip(f"seed\n  expected: an integer in [0, 2**32)\n  got: {seed!r}"))
         if entry["hash"] not in HASHES or not isinstance(entry["sign"], bool):
-            raise ValueError(f"hash / sign\n  expected: one of {HASHES} / true or false\n"
-                             f"  got: {entry['hash']!r} / {entry['sign']!r}"[:200])
+            raise ValueError(clip(f"hash / sign\n  expected: one of {HASHES} / true or false\n"
+                                  f"  got: {entry['hash']!r} / {entry['sign']!r}"))
         rows, cols = _layout(shape)
         if not shape or rows >= _MAX_SIDE or cols >= _MAX_SIDE:
             raise ValueError(f"shape {list(shape)}: rows and columns must be in [1, 2**31)")
         g = entry["group"]
         if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= max(cols, 1) or cols % g or k * g >= _MAX_SIDE:
-            raise ValueError(f"group\n  expected: a divisor of the {cols} columns\n  got: {g!r}"[:200])
+            raise ValueError(clip(f"group\n  expected: a divisor of the {cols} columns\n  got: {g!r}"))
         return {self.state_key(name): ({dtype}, (k * g,))}
 
     def install(self, module, attr, name, entry, fetch) -> None:

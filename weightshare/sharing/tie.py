@@ -23,10 +23,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from weightshare.errors import clip
 from weightshare.space import (Parametrization, SharingMap, dtype_name, match_names, register_map,
                                shared_parameter, unmeta_)
 
-__all__ = ["TieConfig", "tie", "tie_groups"]
+__all__ = ["TieConfig", "tie_", "tie_groups"]
 
 
 @dataclass
@@ -80,7 +81,7 @@ def _matches(model: nn.Module, params: list[str]) -> tuple[dict, list[str]]:
     return named, names
 
 
-def tie(model: nn.Module, params: list[str], init: str = "first", groups: int = 1, strategy: str = "block",
+def tie_(model: nn.Module, params: list[str], init: str = "first", groups: int = 1, strategy: str = "block",
         delta_rank: int = 0) -> list[nn.Parameter]:
     """Tie the parameters of ``model`` matching ``params``, group by group; returns the shared parameters.
 
@@ -156,7 +157,7 @@ class TieMap(SharingMap):
     parametrizations = (_TiedDelta,)
 
     def apply(self, model, config, filter_fn) -> None:
-        tie(model, list(config.params), config.init, config.groups, config.strategy, config.delta_rank)
+        tie_(model, list(config.params), config.init, config.groups, config.strategy, config.delta_rank)
 
     def pack(self, name, plist, put) -> dict:
         p, delta = plist[0], plist.original.detach()
@@ -167,14 +168,14 @@ class TieMap(SharingMap):
 
     def check(self, name, entry, shape, dtype):
         if set(entry) != {"map", "shape", "dtype", "rank", "shared"}:
-            raise ValueError(f"tie entry keys\n  expected: rank, shared\n  got: {sorted(entry)}"[:300])
+            raise ValueError(clip(f"tie entry keys\n  expected: rank, shared\n  got: {sorted(entry)}"))
         if dtype not in ("float16", "bfloat16", "float32", "float64") or len(shape) != 2:
-            raise ValueError(f"a relaxed tie needs a 2-D float weight\n  got: {list(shape)} {dtype!r}"[:200])
+            raise ValueError(clip(f"a relaxed tie needs a 2-D float weight\n  got: {list(shape)} {dtype!r}"))
         r, key = entry["rank"], entry["shared"]
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(shape):
-            raise ValueError(f"rank\n  expected: an integer in 1..{min(shape)}\n  got: {r!r}"[:200])
+            raise ValueError(clip(f"rank\n  expected: an integer in 1..{min(shape)}\n  got: {r!r}"))
         if not isinstance(key, str) or not key.endswith(".__shared"):
-            raise ValueError(f"shared key\n  expected: '<weight name>.__shared'\n  got: {key!r}"[:200])
+            raise ValueError(clip(f"shared key\n  expected: '<weight name>.__shared'\n  got: {key!r}"))
         return {key: ({dtype}, tuple(shape)), f"{name}.__delta": ({dtype}, (shape[0] + shape[1], r))}
 
     def install(self, module, attr, name, entry, fetch) -> None:

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from weightshare.errors import clip
 from weightshare.merge.transfer import pattern_regex, substitute
 
 __all__ = ["CoTrainError", "CoTrainer", "OuterSGD", "shared_names"]
@@ -111,7 +112,7 @@ def shared_names(model: nn.Module, shared: Mapping[str, str]) -> dict[str, str]:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
+    return clip(text[0]) if text else type(exc).__name__
 
 
 class CoTrainer:
