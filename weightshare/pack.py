@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 
 import weightshare.sharing  # noqa: F401  (registers every map: a file names its maps, the registry knows them)
 from weightshare import hub, io
+from weightshare.errors import clip
 from weightshare.io import DTYPES, HEADER_DTYPES, staged_dir, write_safetensors
 from weightshare.space import dtype_name, get_map, map_of, map_state, module_map, packable_maps
 
@@ -246,14 +247,14 @@ def file_size(model: nn.Module) -> int:
 def _shape(value, field: str) -> tuple[int, ...]:
     if (not isinstance(value, list) or len(value) > _MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in value)):
-        raise PackError(f"{field}: bad shape\n  expected: a list of at most {_MAX_DIMS} non-negative integers\n"
-                        f"  got: {value!r}"[:300])
+        raise PackError(clip(f"{field}: bad shape\n  expected: a list of at most {_MAX_DIMS} non-negative integers\n"
+                             f"  got: {value!r}"))
     return tuple(value)
 
 
 def _keys(entry: dict, allowed: set[str], field: str) -> None:
     if set(entry) != allowed:
-        raise PackError(f"{field}: keys\n  expected: {sorted(allowed)}\n  got: {sorted(map(str, entry))}"[:400])
+        raise PackError(clip(f"{field}: keys\n  expected: {sorted(allowed)}\n  got: {sorted(map(str, entry))}"))
 
 
 # The checks of a packed file, one pass each, in the order PackedFile runs them: each takes what earlier
@@ -268,21 +269,21 @@ def _read_header(file: Path) -> io.Header:
     try:
         header = io.read_header(file)
     except io.HeaderError as exc:
-        raise PackError(f"{file}: truncated or not a safetensors file ({exc})"[:400]) from None
+        raise PackError(clip(f"{file}: truncated or not a safetensors file ({exc})")) from None
     for key, span in header.tensors.items():
         if span.dtype not in HEADER_DTYPES:
-            raise PackError(f"{file}: tensor {key!r} has dtype {span.dtype}, which weightshare does not read"[:400])
+            raise PackError(clip(f"{file}: tensor {key!r} has dtype {span.dtype}, which weightshare does not read"))
     return header
 
 
 def _check_format(meta: dict, file: Path) -> int:
     """The format and its version, from the metadata: returns the version."""
     if meta.get("format") != FORMAT:
-        raise PackError(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n"
-                        f"  got: {meta.get('format')!r}"[:300])
+        raise PackError(clip(f"{file}: not a weightshare file\n  expected metadata format={FORMAT!r}\n"
+                             f"  got: {meta.get('format')!r}"))
     if meta.get("format_version") not in READABLE_VERSIONS:
-        raise PackError(f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
-                        f"  got: {meta.get('format_version')!r}\n  upgrade weightshare to read it"[:300])
+        raise PackError(clip(f"{file}: unknown format version\n  expected: one of {', '.join(READABLE_VERSIONS)}\n"
+                             f"  got: {meta.get('format_version')!r}\n  upgrade weightshare to read it"))
     return int(meta["format_version"])
 
 
@@ -301,16 +302,16 @@ def _parse_spec(meta: dict, file: Path) -> dict:
 def _check_source(source) -> dict:
     """The spec's source: which kind of model, and the folder its weights live in."""
     if not isinstance(source, dict):
-        raise PackError(f"spec source\n  expected: a JSON object\n  got: {source!r}"[:300])
+        raise PackError(clip(f"spec source\n  expected: a JSON object\n  got: {source!r}"))
     _keys(source, {"kind", "weights_subdir"}, "spec source")
     if not isinstance(source["kind"], str) or source["kind"] not in KINDS:
-        raise PackError(f"spec source.kind\n  expected one of: {KINDS}\n  got: {source['kind']!r}"[:300])
+        raise PackError(clip(f"spec source.kind\n  expected one of: {KINDS}\n  got: {source['kind']!r}"))
     try:
         sub = hub.check_relpath(source["weights_subdir"], "spec source.weights_subdir")
     except ValueError as exc:
         raise PackError(str(exc)) from None
     if source["kind"] == "module" and sub:
-        raise PackError(f"spec source.weights_subdir\n  expected: '' for a plain module\n  got: {sub!r}"[:300])
+        raise PackError(clip(f"spec source.weights_subdir\n  expected: '' for a plain module\n  got: {sub!r}"))
     return {"kind": source["kind"], "weights_subdir": sub}
 
 
@@ -325,21 +326,21 @@ def _entry_needs(entries) -> dict[str, dict[str, Claim]]:
     needs: dict[str, dict[str, Claim]] = {}
     for name, entry in entries.items():
         if len(name) > _MAX_NAME or not _NAME.fullmatch(name):
-            raise PackError(f"spec tensor name\n  expected: dotted identifiers\n  got: {name!r}"[:300])
+            raise PackError(clip(f"spec tensor name\n  expected: dotted identifiers\n  got: {name!r}"))
         if not isinstance(entry, dict) or not isinstance(entry.get("map"), str):
-            raise PackError(f"tensor {name!r}: entry\n  expected: a JSON object with a 'map'\n  got: {entry!r}"[:300])
+            raise PackError(clip(f"tensor {name!r}: entry\n  expected: a JSON object with a 'map'\n  got: {entry!r}"))
         if entry["map"] == "dense":
             _keys(entry, {"map", "shape", "dtype"}, f"tensor {name!r}")
             if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPES:
-                raise PackError(f"tensor {name!r}: unknown dtype\n  expected one of: {sorted(DTYPES)}\n"
-                                f"  got: {entry['dtype']!r}"[:300])
+                raise PackError(clip(f"tensor {name!r}: unknown dtype\n  expected one of: {sorted(DTYPES)}\n"
+                                     f"  got: {entry['dtype']!r}"))
             needs[name] = {name: ({entry["dtype"]}, _shape(entry["shape"], f"tensor {name!r}"))}
         elif entry["map"] == "alias":
             _keys(entry, {"map", "of"}, f"tensor {name!r}")
             target = entries.get(entry["of"]) if isinstance(entry["of"], str) else None
             if (entry["of"] == name or not isinstance(target, dict) or target.get("map") in ("alias", None)
                     or _internal(entry["of"])):  # an alias names a tensor of the model, not a map's state
-                raise PackError(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"[:300])
+                raise PackError(clip(f"tensor {name!r}: alias of {entry['of']!r}, which is not a stored tensor"))
         else:
             needs[name] = _map_needs(name, entry)
     return needs
@@ -350,17 +351,17 @@ def _map_needs(name: str, entry: dict) -> dict[str, Claim]:
     kind = entry["map"]
     m = get_map(kind)
     if kind not in packable_maps():
-        raise PackError(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
-                        f"{', '.join(packable_maps())}\n  got: {kind!r}"[:300])
+        raise PackError(clip(f"tensor {name!r}: unknown map\n  expected one of: dense, alias, "
+                             f"{', '.join(packable_maps())}\n  got: {kind!r}"))
     shape = _shape(entry.get("shape"), f"tensor {name!r}")
     if not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
-        raise PackError(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"[:300])
+        raise PackError(clip(f"tensor {name!r}: bad {kind} dtype {entry.get('dtype')!r}"))
     try:
         needs = m.check(name, entry, shape, entry["dtype"])
     except PackError:
         raise
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
-        raise PackError(f"tensor {name!r}: bad {kind} entry ({exc})"[:500]) from None
+        raise PackError(clip(f"tensor {name!r}: bad {kind} entry ({exc})")) from None
     return {key: (set(dtypes), tuple(kshape)) for key, (dtypes, kshape) in needs.items()}
 
 
@@ -387,16 +388,16 @@ def _stacking(entries: dict, claims: dict[str, Claim], infos: dict) -> dict[str,
         if key is not None and key in claims and key not in infos and key in entries:
             inner = entries[key]
             if inner["map"] in ("dense", "alias"):
-                raise PackError(f"tensor {key!r}: not a map another entry's state can be made of"[:300])
+                raise PackError(clip(f"tensor {key!r}: not a map another entry's state can be made of"))
             dtypes, shape = claims[key]
             if inner.get("dtype") not in dtypes or tuple(inner.get("shape")) != shape:
-                raise PackError(f"tensor {key!r}: its map gives {inner.get('dtype')} {inner.get('shape')}\n"
-                                f"  expected: one of {sorted(dtypes)} {list(shape)}"[:300])
+                raise PackError(clip(f"tensor {key!r}: its map gives {inner.get('dtype')} {inner.get('shape')}\n"
+                                     f"  expected: one of {sorted(dtypes)} {list(shape)}"))
             stacked[name] = key
     states = set(stacked.values())
     for name in entries:
         if _internal(name) and name not in states:
-            raise PackError(f"spec entry {name!r} is no tensor of the model and no other entry's state"[:300])
+            raise PackError(clip(f"spec entry {name!r} is no tensor of the model and no other entry's state"))
     return stacked
 
 
@@ -412,7 +413,7 @@ def _match_header(claims: dict[str, Claim], infos: dict, file: Path) -> None:
             raise PackError(f"tensor {key!r}: wrong shape\n  expected: {shape}\n  got: {have}")
     for key in infos:
         if key not in claims:
-            raise PackError(f"{file}: tensor {key!r} is not described by the spec (tampered file?)"[:300])
+            raise PackError(clip(f"{file}: tensor {key!r} is not described by the spec (tampered file?)"))
 
 
 @dataclass(frozen=True)
@@ -448,9 +449,9 @@ def _check_checksums(checksums, infos: dict, file: Path) -> dict[str, str]:
             raise PackError(f"{file}: no checksum for tensor {key!r}")
     for key, digest in checksums.items():
         if key not in infos:
-            raise PackError(f"{file}: checksum for tensor {key!r}, which is not stored"[:300])
+            raise PackError(clip(f"{file}: checksum for tensor {key!r}, which is not stored"))
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise PackError(f"checksum of {key!r}\n  expected: 64 hex digits\n  got: {digest!r}"[:300])
+            raise PackError(clip(f"checksum of {key!r}\n  expected: 64 hex digits\n  got: {digest!r}"))
     return checksums
 
 
@@ -517,7 +518,7 @@ class PackedFile:
         try:
             return io.read_tensor(self.file, self._spans[key])
         except (OSError, EOFError) as exc:
-            raise PackError(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
+            raise PackError(clip(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})")) from None
 
     def fetch_any(self, key: str) -> torch.Tensor:
         """A stored tensor, or the state a stacked entry stands for (decoded through its map)."""
@@ -531,7 +532,7 @@ class PackedFile:
         except PackError:
             raise
         except (ValueError, RuntimeError) as exc:
-            raise PackError(f"tensor {name!r}: cannot be decoded ({exc})"[:400]) from None
+            raise PackError(clip(f"tensor {name!r}: cannot be decoded ({exc})")) from None
 
     def fetch_all(self) -> None:
         """Read and check every stored tensor: a corrupted file is refused before anything is written."""
@@ -553,7 +554,7 @@ class PackedFile:
                     if checksum(dtype, shape, pieces, self.version) != self.checksums[key]:
                         raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
         except (OSError, EOFError) as exc:
-            raise PackError(f"{self.file}: cannot be read ({type(exc).__name__}: {exc})"[:400]) from None
+            raise PackError(clip(f"{self.file}: cannot be read ({type(exc).__name__}: {exc})")) from None
 
     def release(self, entry: str) -> None:
         """Forget the read tensors of an installed entry that no later entry needs (the model keeps what it uses).
@@ -623,7 +624,7 @@ def dense_state_dict(spec: dict, tensors: dict) -> dict[str, torch.Tensor]:
             except PackError:
                 raise
             except (ValueError, RuntimeError) as exc:  # a map's own check of the file's content
-                raise PackError(f"tensor {name!r}: cannot be decoded ({exc})"[:400]) from None
+                raise PackError(clip(f"tensor {name!r}: cannot be decoded ({exc})")) from None
     for name, entry in entries.items():
         if entry["map"] == "alias" and not _internal(name):
             out[name] = out[entry["of"]].clone()

@@ -138,6 +138,28 @@ BUILTIN = "builtin"  # calibration="builtin": the deterministic built-in corpus 
 BUILTIN_SENTENCES = 256
 
 
+def _given_texts(calibration) -> list[str] | None:
+    """The calibration texts the caller gave (a file, a list), or None (data-free, or the built-in corpus,
+    which needs the model's tokenizer to be known first)."""
+    if calibration is None or (isinstance(calibration, str) and calibration == BUILTIN):
+        return None
+    if isinstance(calibration, (list, tuple)):
+        texts = [str(t) for t in calibration if str(t).strip()]
+        if not texts:
+            raise ValueError("calibration: no texts\n  expected: at least one non-empty text")
+        return texts
+    return read_texts(calibration)
+
+
+def _calibration_name(calibration, builtin: bool, texts) -> str | None:
+    """What the recipe records as the calibration: texts handed over in Python have no name it could give."""
+    if builtin:
+        return "builtin"
+    if texts is None:
+        return "none"
+    return None if isinstance(calibration, (list, tuple)) else str(calibration)
+
+
 def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookConfig,
              calibration: str | os.PathLike | list[str] | None = None,
              method: str = "gptq", finetune_steps: int = 0, target_size: int | str | None = None,
@@ -181,14 +203,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     out = Path(out)
     pack.check_dest(out, source.path)  # before any work: save checks it again
     builtin = isinstance(calibration, str) and calibration == BUILTIN
-    if builtin or calibration is None:
-        texts = None
-    elif isinstance(calibration, (list, tuple)):
-        texts = [str(t) for t in calibration if str(t).strip()]
-        if not texts:
-            raise ValueError("calibration: no texts\n  expected: at least one non-empty text")
-    else:
-        texts = read_texts(calibration)
+    texts = _given_texts(calibration)
     model = hub.load_pretrained(src)
     configs, dense = resolve(plan, hub.inner_model(model), config, is_compressible) if plan else ({}, set())
     if builtin:
@@ -208,13 +223,11 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
                          "  this is a bug in the size prediction; ask for a slightly smaller size")
     log.info("clustered in %.2f s", seconds)
     rep = report(model)
+    # every setting a rerun would otherwise take from the flags' defaults
     settings = {"bits": config.bits, "granularity": config.granularity, "group_size": config.group_size,
-                # texts handed over in Python have no name a recipe could give
-                "calibration": "builtin" if builtin else "none" if texts is None else None
-                if isinstance(calibration, (list, tuple)) else str(calibration),
-                "method": method if texts else None, "finetune_steps": finetune_steps,
-                "finetune_norms": finetune_norms, "outliers": outliers, "target_size": target_size,
-                "avg_bits": avg_bits}  # every setting a rerun would otherwise take from the flags' defaults
+                "calibration": _calibration_name(calibration, builtin, texts), "method": method if texts else None,
+                "finetune_steps": finetune_steps, "finetune_norms": finetune_norms, "outliers": outliers,
+                "target_size": target_size, "avg_bits": avg_bits}
     evaluation = None
     if evaluate_on is not None:
         from weightshare.evaluate import evaluate

@@ -179,6 +179,57 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _plan(rules, source: dict, report: "TransferReport") -> list[tuple[str, str]]:
+    """(source name, destination name) for every source name a rule maps; the rest are left as unmapped."""
+    used = set()
+    planned: list[tuple[str, str]] = []  # (src, dst) of every mapped name
+    for name in source:
+        for pattern, regex, dst_pattern in rules:
+            m = regex.match(name)
+            if m:
+                used.add(pattern)
+                out = substitute(m, dst_pattern)
+                planned.append((name, out))
+                break
+        else:
+            report.left.append(Left(name, None, "unmapped"))
+    report.unused_patterns = [p for p, _, _ in rules if p not in used]
+    return planned
+
+
+def _refuse_conflicts(planned: list[tuple[str, str]], source: dict, group_of: dict) -> None:
+    """One destination name, or one tied destination tensor, fed by different source tensors: an error."""
+    feeders: dict[object, dict[object, list[tuple[str, str]]]] = {}
+    for s, d in planned:
+        where = group_of.get(d, ("name", d))
+        feeders.setdefault(where, {}).setdefault(_key(source[s]), []).append((s, d))
+    conflicts = [sorted(p for pairs in by_src.values() for p in pairs) for by_src in feeders.values() if len(by_src) > 1]
+    if conflicts:
+        lines = [", ".join(f"{s} -> {d}" for s, d in c) for c in conflicts]
+        raise ValueError(f"transfer: {len(conflicts)} conflict(s), nothing was copied: different source tensors "
+                         "map to one destination tensor\n  expected: at most one source tensor per destination "
+                         "(tied destination names count as one)\n  got:\n    " + "\n    ".join(lines[:20]))
+
+
+def _copy(copies: list[tuple[str, str]], source: dict, target: dict, group_of: dict) -> None:
+    """Copy each (source, destination); a tied destination is written once.  Sources sharing memory with a
+    destination are read before anything is written."""
+    dst_storages = {t.untyped_storage().data_ptr() for t in target.values() if t.numel() and t.device.type != "meta"}
+    with torch.no_grad():
+        values = {}
+        for s, _ in copies:
+            a = source[s].detach()
+            if a.numel() and a.device.type != "meta" and a.untyped_storage().data_ptr() in dst_storages:
+                a = a.clone()
+            values[s] = a
+        done = set()
+        for s, d in copies:
+            if group_of[d] in done:
+                continue  # a tied destination already written, by this same source tensor
+            done.add(group_of[d])
+            target[d].copy_(values[s])
+
+
 def transfer(src, dst: nn.Module, mapping: Mapping[str, str], strict: bool = False) -> TransferReport:
     """Copy ``src``'s tensors (an nn.Module or a state dict) into ``dst`` (an nn.Module, in place)
     by ``mapping`` = {source pattern: destination pattern}; see the module docstring for the
@@ -199,31 +250,8 @@ def transfer(src, dst: nn.Module, mapping: Mapping[str, str], strict: bool = Fal
     group_of = {name: key for key, names in groups.items() for name in names}
 
     report = TransferReport()
-    used = set()
-    planned: list[tuple[str, str]] = []  # (src, dst) of every mapped name
-    for name in source:
-        for pattern, regex, dst_pattern in rules:
-            m = regex.match(name)
-            if m:
-                used.add(pattern)
-                out = substitute(m, dst_pattern)
-                planned.append((name, out))
-                break
-        else:
-            report.left.append(Left(name, None, "unmapped"))
-    report.unused_patterns = [p for p, _, _ in rules if p not in used]
-
-    # conflicts: one destination name, or one tied destination tensor, fed by different source tensors
-    feeders: dict[object, dict[object, list[tuple[str, str]]]] = {}
-    for s, d in planned:
-        where = group_of.get(d, ("name", d))
-        feeders.setdefault(where, {}).setdefault(_key(source[s]), []).append((s, d))
-    conflicts = [sorted(p for pairs in by_src.values() for p in pairs) for by_src in feeders.values() if len(by_src) > 1]
-    if conflicts:
-        lines = [", ".join(f"{s} -> {d}" for s, d in c) for c in conflicts]
-        raise ValueError(f"transfer: {len(conflicts)} conflict(s), nothing was copied: different source tensors "
-                         "map to one destination tensor\n  expected: at most one source tensor per destination "
-                         "(tied destination names count as one)\n  got:\n    " + "\n    ".join(lines[:20]))
+    planned = _plan(rules, source, report)
+    _refuse_conflicts(planned, source, group_of)
 
     copies: list[tuple[str, str]] = []
     for s, d in planned:
@@ -263,19 +291,5 @@ def transfer(src, dst: nn.Module, mapping: Mapping[str, str], strict: bool = Fal
                 break
     report.untouched = [n for n in target if group_of[n] not in written]
 
-    # copy: sources sharing memory with a destination are read before anything is written
-    dst_storages = {t.untyped_storage().data_ptr() for t in target.values() if t.numel() and t.device.type != "meta"}
-    with torch.no_grad():
-        values = {}
-        for s, _ in copies:
-            a = source[s].detach()
-            if a.numel() and a.device.type != "meta" and a.untyped_storage().data_ptr() in dst_storages:
-                a = a.clone()
-            values[s] = a
-        done = set()
-        for s, d in copies:
-            if group_of[d] in done:
-                continue  # a tied destination already written, by this same source tensor
-            done.add(group_of[d])
-            target[d].copy_(values[s])
+    _copy(copies, source, target, group_of)
     return report

@@ -35,7 +35,7 @@ from weightshare.kmeans import kmeans1d, kmeans1d_rows
 from weightshare.space import (MapState, Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name,
                                map_of, map_state, register_map, share_parametrization_, unmeta_)
 
-__all__ = ["CodebookConfig", "codebook_", "codebook_model_", "tie_codebook_", "table_storage_dtype",
+__all__ = ["CodebookConfig", "codebook_", "codebook_model_", "table_storage_dtype",
            "SUPPORTED_MODULES"]
 
 log = logging.getLogger(__name__)
@@ -313,11 +313,6 @@ def codebook_(module: nn.Module, name: str = "weight", config: CodebookConfig | 
         module.__class__ = RowLookupEmbedding
     parametrize.register_parametrization(module, name, param, unsafe=True)
     return module
-
-
-def tie_codebook_(source: nn.Module, target: nn.Module, name: str = "weight") -> nn.Module:
-    """Make ``target.<name>`` use the codebook of ``source.<name>``: one table, one set of labels."""
-    return share_parametrization_(source, target, name)
 
 
 def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
