@@ -100,7 +100,7 @@ def test_the_readme_recipe_reads_and_fits_minilm(tmp_path, minilm_path):
     from weightshare.compress.recipe import resolve
     from weightshare.sharing.codebook import CodebookConfig
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "dense:" in b]
     recipe = read_recipe(_write(tmp_path, block))
     model = hub.load_pretrained(minilm_path)

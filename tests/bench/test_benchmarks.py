@@ -79,7 +79,7 @@ def test_the_benchmarks_are_the_benchmark_files_in_the_readme_order():
     files = {f.stem.replace("_", "-") for f in BENCH_DIR.glob("*.py") if not f.name.startswith("_")}
     assert set(NAMES) == files and len(NAMES) == len(files)
     assert "references" not in NAMES and "-references" not in NAMES  # _references.py is a helper
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     table = readme.split("| `weightshare bench ...` |")[1].split("\n\n")[0]
     assert tuple(re.findall(r"^\| `([a-z-]+)` \|", table, re.M)) == NAMES
     assert PLOTS == ("minilm",)
