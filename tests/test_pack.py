@@ -9,9 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 import weightshare as ws
+from tests.conftest import TinyNet
 from weightshare.bitpack import pack_bits, unpack_bits
 from weightshare.pack import FILENAME
-from tests.conftest import TinyNet
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

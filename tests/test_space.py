@@ -12,8 +12,19 @@ from torch.nn.utils import parametrize
 
 import weightshare as ws
 from weightshare.report import report_file
-from weightshare.space import (Parametrization, SharingMap, config_from_dict, dtype_name, get_map, map_of, map_state,
-                               packable_maps, register_map, unmeta_, unregister_map)
+from weightshare.space import (
+    Parametrization,
+    SharingMap,
+    config_from_dict,
+    dtype_name,
+    get_map,
+    map_of,
+    map_state,
+    packable_maps,
+    register_map,
+    unmeta_,
+    unregister_map,
+)
 
 
 @dataclass

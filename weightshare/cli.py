@@ -55,9 +55,8 @@ _IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
 
 def _compress(args) -> None:
     from weightshare.compress import compress
-    from weightshare.sharing.codebook import CodebookConfig
-
     from weightshare.compress.cluster import BUILTIN
+    from weightshare.sharing.codebook import CodebookConfig
 
     _check_compress_flags(args)
     texts = labels = None
@@ -115,7 +114,6 @@ def _summary(rep) -> str:
 def _inspect(args) -> None:
     import weightshare as ws
     from weightshare import kernels
-
     from weightshare.pack import PackedFile
     from weightshare.report import report_file
 

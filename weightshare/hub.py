@@ -324,7 +324,7 @@ def skeleton(config_dir: Path, n_tensors: int, buffer_budget: int) -> nn.Module:
     No code is executed from the folder (``trust_remote_code`` stays off).
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel, CONFIG_MAPPING, PreTrainedModel
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, PreTrainedModel
 
     raw = read_json(config_dir / "config.json", "config.json")
     if not isinstance(raw, dict):

@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from weightshare._table import table  # noqa: F401 - the one table helper, public here
-from torch.nn.utils import parametrize
 
 __all__ = ["Report", "LayerReport", "report", "report_file", "table"]
 

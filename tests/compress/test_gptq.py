@@ -7,13 +7,13 @@ import logging
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import weightshare as ws
 from weightshare.compress import compress_model_, is_compressible
 from weightshare.compress.calibrate import sequential_codebooks_, text_batches
-from weightshare.compress.gptq import (damped, fit_codebook, gptq_assign, layer_objective, nearest_assign,
-                                       refit_tables)
+from weightshare.compress.gptq import damped, fit_codebook, gptq_assign, layer_objective, nearest_assign, refit_tables
 from weightshare.corpus import calibration_sentences, evaluation_sentences
 
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from safetensors import safe_open
 
 import weightshare as ws
+from tests import fuzz_helpers as fh
 from weightshare import kernels
 from weightshare.compress.calibrate import sequential_codebooks_
 from weightshare.compress.gptq import _decode, damped, fit_codebook, layer_objective, refit_tables, select_outliers
 from weightshare.modules import CodebookEmbedding, CodebookLinear
-from tests import fuzz_helpers as fh
 from weightshare.pack import FILENAME, PackError
 
 

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import weightshare as ws
-from weightshare.merge import MERGE_METHODS, MergeError
-from weightshare.merge.registry import row_length
-from weightshare.merge.config import read_config
 from weightshare.io import write_safetensors
+from weightshare.merge import MERGE_METHODS, MergeError
+from weightshare.merge.config import read_config
+from weightshare.merge.registry import row_length
 
 
 def tiny_bert(seed: int):
@@ -69,8 +69,8 @@ def test_sharded_and_in_memory_inputs_give_the_same_merge(berts):
 def test_a_packed_input_is_decoded_a_tensor_at_a_time_and_merges_as_its_export(berts, tmp_path, monkeypatch):
     from transformers import AutoModel
 
-    from weightshare.merge import streaming
     from weightshare.load import export
+    from weightshare.merge import streaming
     from weightshare.pack import PackedFile
 
     model = AutoModel.from_pretrained(berts["a"])

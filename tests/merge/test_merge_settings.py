@@ -10,12 +10,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import weightshare as ws
+from tests.merge.test_merge import berts  # noqa: F401  (the tiny BERT checkpoints fixture)
 from weightshare.merge import MergeError
 from weightshare.merge import settings as setting
 from weightshare.merge.config import merge_from_config, read_config
 from weightshare.merge.registry import MERGE_METHODS, check_params
-
-from tests.merge.test_merge import berts  # noqa: F401  (the tiny BERT checkpoints fixture)
 
 
 def test_a_gradient_interpolates_its_anchors_over_depth():

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import weightshare as ws
-from weightshare.multitask.models import MMoE, CrossStitch, MultiTaskModel
+from weightshare.multitask.models import CrossStitch, MMoE, MultiTaskModel
 
 
 def trunk():

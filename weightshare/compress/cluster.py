@@ -16,12 +16,12 @@ from torch import nn
 
 from weightshare import hub, pack
 from weightshare.compress.budget import parse_size, plan_model
+from weightshare.compress.calibrate import importance_from_texts, read_texts, sequential_codebooks_, text_batches
 from weightshare.compress.finetune import FinetuneConfig, finetune_tables_
 from weightshare.compress.recipe import apply_settings, read_recipe, resolve
 from weightshare.corpus import calibration_sentences
-from weightshare.report import Report, report
-from weightshare.compress.calibrate import importance_from_texts, read_texts, sequential_codebooks_, text_batches
 from weightshare.hub import is_transposed_linear
+from weightshare.report import Report, report
 from weightshare.sharing.codebook import TABLE_DTYPES, CodebookConfig, codebook_model_
 from weightshare.space import share_
 
@@ -241,8 +241,9 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
 def compress_records(src, settings: dict, plan, rep, seconds: float, evaluation=None) -> dict[str, str]:
     """How a packed model was made: ``weightshare_recipe.yml`` (a recipe ``--recipe`` accepts, every setting the
     run used) and a model card ``README.md`` in place of the source's."""
-    import yaml
     from importlib.metadata import version
+
+    import yaml
 
     recipe = {k: v for k, v in settings.items() if v is not None}
     if plan is not None:

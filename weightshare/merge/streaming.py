@@ -451,8 +451,9 @@ def _describe_input(m) -> str:
 def _record(folder: Path, method: str, models, base, model_params: dict, params: dict, spec, dtype) -> None:
     """How the merge was made, as mergekit records it: ``mergekit_config.yml`` (the merge in mergekit's YAML, every
     parameter resolved to the value used) and a model card ``README.md`` in place of the source's."""
-    import yaml
     from importlib.metadata import version
+
+    import yaml
 
     renamed = {"scale": "lambda"}  # this file speaks mergekit's names
     entries = []

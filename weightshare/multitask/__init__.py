@@ -5,10 +5,20 @@ gradient aggregators are called as ``aggregate(name, G, **params)`` with ``G`` a
 (tasks, params) tensor, loss weighting methods are ``LossWeighting`` subclasses.
 """
 
+from weightshare.multitask.models import CrossStitch, MMoE, MultiTaskModel
+from weightshare.multitask.trainer import (
+                                          IGNORE,
+                                          FitResult,
+                                          TrainConfig,
+                                          TrainResult,
+                                          delta_p,
+                                          error_rate,
+                                          evaluate,
+                                          fit,
+                                          make_optimizer,
+                                          train,
+)
 from weightshare.multitask.weighting import METHODS, LossWeighting, Method, Step, aggregate, register_method
-from weightshare.multitask.models import MMoE, CrossStitch, MultiTaskModel
-from weightshare.multitask.trainer import (IGNORE, FitResult, TrainConfig, TrainResult, delta_p, error_rate, evaluate,
-                                          fit, make_optimizer, train)
 
 __all__ = ["IGNORE", "METHODS", "CrossStitch", "evaluate", "FitResult", "LossWeighting", "MMoE", "Method",
            "MultiTaskModel", "Step", "TrainConfig", "delta_p", "fit", "TrainResult", "aggregate", "error_rate",

@@ -34,8 +34,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare.errors import clip
-from weightshare.space import (Parametrization, SharingMap, dtype_name, match_names, register_map,
-                               shared_parameter, unmeta_)
+from weightshare.space import (
+    Parametrization,
+    SharingMap,
+    dtype_name,
+    match_names,
+    register_map,
+    shared_parameter,
+    unmeta_,
+)
 
 __all__ = ["BasisConfig", "basis_model_", "basis_params"]
 
@@ -154,7 +161,7 @@ def _svd_init(weights: list[torch.Tensor], config: BasisConfig, grams: list[torc
         basis = sigma[:r, None] * vh[:r]
         basis = basis if s_inv is None else basis @ s_inv
         out = weights[0].shape[0]
-        return basis, [u[l * out:(l + 1) * out, :r] for l in range(len(weights))]
+        return basis, [u[i * out:(i + 1) * out, :r] for i in range(len(weights))]
     if config.form == "lowrank":
         blocks, inverses = [], []
         for w, g in zip(weights, grams):
@@ -170,14 +177,14 @@ def _svd_init(weights: list[torch.Tensor], config: BasisConfig, grams: list[torc
         basis = u[:, :r] * sigma[:r]
         inp = weights[0].shape[1]
         coefs = []
-        for l, s_inv in enumerate(inverses):
-            c = vh[:r, l * inp:(l + 1) * inp]
+        for i, s_inv in enumerate(inverses):
+            c = vh[:r, i * inp:(i + 1) * inp]
             coefs.append(c if s_inv is None else c @ s_inv)
         return basis, coefs
     stacked = torch.stack([w.double().reshape(-1) for w in weights])  # (L, out*in): the layers as samples
     u, sigma, vh = torch.linalg.svd(stacked, full_matrices=False)
     bank = (sigma[:r, None] * vh[:r]).reshape(r, *weights[0].shape)
-    return bank, [u[l, :r] for l in range(len(weights))]
+    return bank, [u[i, :r] for i in range(len(weights))]
 
 
 def _random_init(shape, layers: int, config: BasisConfig, std: float, generator: torch.Generator):

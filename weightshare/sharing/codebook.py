@@ -27,13 +27,24 @@ from torch.nn.utils import parametrize
 
 from weightshare import kernels
 from weightshare._progress import progress
-from weightshare.errors import clip
-from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
+from weightshare.errors import clip
 from weightshare.hub import is_transposed_linear
 from weightshare.kmeans import kmeans1d, kmeans1d_rows
-from weightshare.space import (MapState, Parametrization, SharingMap, config_from_dict, config_to_dict, dtype_name,
-                               map_of, map_state, register_map, share_parametrization_, unmeta_)
+from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
+from weightshare.space import (
+    MapState,
+    Parametrization,
+    SharingMap,
+    config_from_dict,
+    config_to_dict,
+    dtype_name,
+    map_of,
+    map_state,
+    register_map,
+    share_parametrization_,
+    unmeta_,
+)
 
 __all__ = ["CodebookConfig", "codebook_", "codebook_model_", "table_storage_dtype",
            "SUPPORTED_MODULES"]

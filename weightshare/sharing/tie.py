@@ -24,8 +24,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare.errors import clip
-from weightshare.space import (Parametrization, SharingMap, dtype_name, match_names, register_map,
-                               shared_parameter, unmeta_)
+from weightshare.space import (
+    Parametrization,
+    SharingMap,
+    dtype_name,
+    match_names,
+    register_map,
+    shared_parameter,
+    unmeta_,
+)
 
 __all__ = ["TieConfig", "tie_", "tie_groups"]
 

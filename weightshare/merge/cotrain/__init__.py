@@ -12,7 +12,7 @@ One file per part, in the order a run meets them:
 
 from weightshare.merge.cotrain.config import CoTrainConfig, WorkerSpec, check, parse_config, read_config
 from weightshare.merge.cotrain.launcher import launch
-from weightshare.merge.cotrain.sync import CoTrainError, CoTrainer, OuterSGD, shared_names
+from weightshare.merge.cotrain.sync import CoTrainer, CoTrainError, OuterSGD, shared_names
 from weightshare.merge.cotrain.worker import main, run
 
 __all__ = ["CoTrainConfig", "CoTrainError", "CoTrainer", "OuterSGD", "WorkerSpec", "check", "launch", "main",

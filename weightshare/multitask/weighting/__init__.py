@@ -21,8 +21,7 @@ A method outside this package registers the same way, when its module is importe
 import importlib
 import pkgutil
 
-from weightshare.multitask.weighting.base import (KINDS, METHODS, LossWeighting, Method, Step, aggregate,
-                                                  register_method)
+from weightshare.multitask.weighting.base import KINDS, METHODS, LossWeighting, Method, Step, aggregate, register_method
 
 for _module in pkgutil.iter_modules(__path__):
     if not _module.name.startswith("_"):
