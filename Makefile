@@ -37,6 +37,7 @@ demo: setup
 	$(WS) --quiet inspect out/minilm-4bit
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # every command block of README.md as written, in a clean shell (11 min on an idle 2-core machine; not part of `make test`)

@@ -93,9 +93,11 @@ def _bad_model_dir(tmp_path, minilm_path):
 @pytest.mark.parametrize(
     "make_args,match",
     [
-        (lambda t, m: ["compress", str(t / "missing"), "--bits", "4", "--out", str(t / "o")], "model directory not found"),
+        (lambda t, m: ["compress", str(t / "missing"), "--bits", "4", "--out", str(t / "o")],
+         "model directory not found"),
         (lambda t, m: ["compress", str(t), "--bits", "4", "--out", str(t / "o")], "not a model directory"),
-        (lambda t, m: ["compress", str(_bad_model_dir(t, m)), "--bits", "4", "--out", str(t / "o")], "unknown model_type"),
+        (lambda t, m: ["compress", str(_bad_model_dir(t, m)), "--bits", "4", "--out", str(t / "o")],
+         "unknown model_type"),
         (lambda t, m: ["compress", m, "--bits", "9", "--out", str(t / "o")], "--bits 9: expected 1..8"),
         (lambda t, m: ["compress", m, "--bits", "4", "--granularity", "per_group", "--group-size", "5",
                        "--data-free", "--out", str(t / "o")], "--group-size 5 does not divide its rows of 384"),
@@ -147,7 +149,8 @@ def test_gpt2_with_tied_head_and_conv1d_compresses(tmp_path):
                                bos_token_id=0, eos_token_id=0)).save_pretrained(src)
     assert main(["--quiet", "compress", str(src), "--bits", "3", "--out", str(tmp_path / "p")]) == 0
     trainable = ws.load(tmp_path / "p", trainable=True)
-    assert trainable.lm_head.parametrizations.weight.original is trainable.transformer.wte.parametrizations.weight.original
+    assert (trainable.lm_head.parametrizations.weight.original
+            is trainable.transformer.wte.parametrizations.weight.original)
     attn = trainable.transformer.h[0].attn.c_attn  # transformers' Conv1D, weight (in, out): tables per output column
     assert hasattr(attn, "parametrizations") and attn.weight.shape == (32, 96)
     assert all(col.unique().numel() <= 8 for col in attn.weight.detach().t())
@@ -277,7 +280,8 @@ def test_inspect_without_config_reads_the_file_alone(packed, tmp_path, capsys):
     # hashed buckets clustered into a table (a map's state made by another map) and a plain nn.Module
     torch.manual_seed(0)
     make = lambda: torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))  # noqa: E731
-    net = ws.share_(ws.share_(make(), ws.HashConfig(compression=1 / 8)), ws.CodebookConfig(bits=3, granularity="per_tensor"))
+    net = ws.share_(ws.share_(make(), ws.HashConfig(compression=1 / 8)),
+                    ws.CodebookConfig(bits=3, granularity="per_tensor"))
     ws.save(net, tmp_path / "hc")
     r = ws.report(net)
     capsys.readouterr()

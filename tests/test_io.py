@@ -102,7 +102,8 @@ def test_the_streaming_writer_writes_what_safetensors_writes(specs, meta, seed):
     layout's order gives safetensors' bytes; file_size its length; read_header and read_tensor read it back."""
     g = torch.Generator().manual_seed(seed)
     tensors = {name: (torch.randint(0, 255, shape, generator=g, dtype=torch.uint8) if io.DTYPES[d] == torch.bool
-                      else torch.randn(shape, generator=g) * 100).to(io.DTYPES[d]) for name, (d, shape) in specs.items()}
+                      else torch.randn(shape, generator=g) * 100).to(io.DTYPES[d])
+               for name, (d, shape) in specs.items()}
     entries = io.layout((name, tuple(t.shape), t.dtype) for name, t in tensors.items())
     with tempfile.TemporaryDirectory() as tmp:
         file = Path(tmp) / "x.safetensors"

@@ -26,7 +26,8 @@ def private_uses(source: str, here: str, is_package: bool = False):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             parts = package.split(".")
-            base = ".".join((parts[:len(parts) - node.level + 1] if node.level else []) + ([node.module] if node.module else []))
+            base = ".".join((parts[:len(parts) - node.level + 1] if node.level else [])
+                            + ([node.module] if node.module else []))
             if not base.startswith("weightshare"):
                 continue
             for a in node.names:

@@ -46,7 +46,8 @@ def test_round_trip_is_bit_exact(packed_tiny):
     # packed modules sum in another order than F.linear on the decoded weight; the parametrized form is bit exact
     assert torch.allclose(tiny(x), loaded(x), rtol=1e-5, atol=1e-6)
     assert torch.equal(tiny(x), ws.load(path, model=TinyNet(), trainable=True)(x))
-    counts = [{k: v for k, v in ws.report(m).to_dict(layers=False).items() if k != "bytes_in_memory"} for m in (loaded, tiny)]
+    counts = [{k: v for k, v in ws.report(m).to_dict(layers=False).items() if k != "bytes_in_memory"}
+              for m in (loaded, tiny)]
     assert counts[0] == counts[1]  # what is stored is the same; what is held in memory is each form's own
 
 
@@ -120,10 +121,13 @@ def _shrink_table(t):
         (dict(mutate_tensors=_shrink_table), r"fc1.weight.__tables'?: wrong shape"),
         (dict(mutate_tensors=lambda t: t.update(extra=torch.zeros(1))), "not described by the spec"),
         (dict(mutate_tensors=lambda t: t.pop("fc2.bias")), "'fc2.bias' is missing"),
-        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"]["config"].update(bits=12))), "bad codebook entry.*bits must be an integer in 1..8"),
+        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"]["config"].update(bits=12))),
+         "bad codebook entry.*bits must be an integer in 1..8"),
         (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(map="magic"))), "unknown map"),
-        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(transposed="yes"))), "bad 'transposed'"),
-        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["conv.weight"].update(transposed=True))), "bad 'transposed'"),
+        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["fc1.weight"].update(transposed="yes"))),
+         "bad 'transposed'"),
+        (dict(mutate_meta=_spec_edit(lambda s: s["tensors"]["conv.weight"].update(transposed=True))),
+         "bad 'transposed'"),
     ],
 )
 def test_tampered_files_are_refused(packed_tiny, tamper, match):

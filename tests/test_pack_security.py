@@ -160,7 +160,8 @@ def test_architectures_naming_no_transformers_model_class_falls_back_to_automode
 
 def test_sentence_transformers_module_types_outside_its_package_are_refused(minilm_path, tmp_path):
     out = tmp_path / "st"
-    assert main(["--quiet", "compress", minilm_path, "--bits", "2", "--data-free", "--granularity", "per_tensor", "--out", str(out)]) == 0
+    assert main(["--quiet", "compress", minilm_path, "--bits", "2", "--data-free", "--granularity", "per_tensor",
+                 "--out", str(out)]) == 0
     from sentence_transformers.models import Transformer
 
     model = ws.load(out)
@@ -189,7 +190,8 @@ def test_export_shards_like_save_pretrained(bert_packed, tmp_path):
     assert not (one / "model.safetensors.index.json").exists() and (one / "model.safetensors").is_file()
     a, b = BertModel.from_pretrained(str(out)), BertModel.from_pretrained(str(one))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert main(["--quiet", "export", str(bert_packed), "--out", str(tmp_path / "cli"), "--max-shard-size", "20KB"]) == 0
+    assert main(["--quiet", "export", str(bert_packed), "--out", str(tmp_path / "cli"),
+                 "--max-shard-size", "20KB"]) == 0
     assert (tmp_path / "cli" / "model.safetensors.index.json").is_file()
 
 
@@ -275,7 +277,8 @@ def test_an_alias_of_a_maps_internal_state_is_refused(tmp_path):
     _edit_spec(path, lambda s: s["tensors"].update({"1.weight": {"map": "alias", "of": "0.weight.__buckets"}}))
     with pytest.raises(ws.PackError, match="alias of '0.weight.__buckets'"):
         ws.load(path, model=torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)))
-    _edit_spec(path, lambda s: s["tensors"].update({"1.weight.__extra": {"map": "dense", "shape": [1], "dtype": "float32"}}))
+    _edit_spec(path, lambda s: s["tensors"].update(
+        {"1.weight.__extra": {"map": "dense", "shape": [1], "dtype": "float32"}}))
     with pytest.raises(ws.PackError):
         ws.load(path, model=torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)))
 

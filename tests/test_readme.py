@@ -76,8 +76,9 @@ def test_readme_commands_run_as_written(tmp_path):
                           timeout=3600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
-    for made in ("mini4/weightshare.safetensors", "mini4-dense/config.json", "mini4-shards/model.safetensors.index.json",
-                 "mini3/weightshare.safetensors", "mini-8mb/weightshare.safetensors", "mini4-free/weightshare.safetensors",
+    for made in ("mini4/weightshare.safetensors", "mini4-dense/config.json",
+                 "mini4-shards/model.safetensors.index.json", "mini3/weightshare.safetensors",
+                 "mini-8mb/weightshare.safetensors", "mini4-free/weightshare.safetensors",
                  "pareto.png", "merged/mergekit_config.yml", "m/config.json"):
         assert (out / made).exists(), made
     assert (out / "mini-8mb" / "weightshare.safetensors").stat().st_size <= 8_000_000

@@ -66,7 +66,8 @@ def test_merge_copies_an_equal_dense_module_and_refuses_differing_ones(st_dense,
     merged = SentenceTransformer(str(out), device="cpu")
     torch.testing.assert_close(merged.encode(SENTENCES, convert_to_tensor=True),
                                a.encode(SENTENCES, convert_to_tensor=True), rtol=0, atol=1e-5)
-    assert load_file(out / "2_Dense" / "model.safetensors").keys() == load_file(pa / "2_Dense" / "model.safetensors").keys()
+    assert (load_file(out / "2_Dense" / "model.safetensors").keys()
+            == load_file(pa / "2_Dense" / "model.safetensors").keys())
     with pytest.raises(MergeError, match=r"c: sentence-transformers module weights \['2_Dense/model.safetensors'\] "
                                          r"differ from those of .*a; merge merges the Transformer's weights"):
         ws.merge([pa, pc], "linear", out=tmp_path / "refused")

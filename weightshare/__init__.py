@@ -77,7 +77,8 @@ _REGISTRY = "transformers.quantizers.auto"
 
 
 class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when transformers' quantizer registry is imported, runs weightshare's registration after it."""
+    """Finds nothing itself: when transformers' quantizer registry is imported, runs weightshare's registration
+    after it."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != _REGISTRY:

@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a parameter's filter that matches no tensor name is an error (default: a warning)")
     m.set_defaults(func=_merge)
 
-    t = sub.add_parser("cotrain", parents=common, help="co-train one model per process from a YAML config (wraps torchrun)")
+    t = sub.add_parser("cotrain", parents=common,
+                       help="co-train one model per process from a YAML config (wraps torchrun)")
     t.add_argument("config", help="YAML: sync_every, outer, seeds, workers: [{model, width, shared, train}]")
     t.add_argument("--nproc", type=int, default=None, help="processes on this machine (default: one per worker)")
     t.set_defaults(func=_cotrain)

@@ -80,10 +80,12 @@ def read_data(path: str | Path, text_field: str | None = None, label_field: str 
     fields = list(rows[0])
     text_key = text_field or next((f for f in TEXT_FIELDS if f in fields), None)
     if text_key not in fields:
-        raise ValueError(f"{flag} {str(path)!r}: no text field {text_key or ''!r} (fields: {', '.join(map(str, fields))}); "
+        raise ValueError(f"{flag} {str(path)!r}: no text field {text_key or ''!r} "
+                         f"(fields: {', '.join(map(str, fields))}); "
                          "name it with --text-field")
     if label_field and label_field not in fields:
-        raise ValueError(f"{flag} {str(path)!r}: no label field {label_field!r} (fields: {', '.join(map(str, fields))})")
+        raise ValueError(f"{flag} {str(path)!r}: no label field {label_field!r} "
+                         f"(fields: {', '.join(map(str, fields))})")
     label_key = label_field or next((f for f in LABEL_FIELDS if f in fields), None)
     rows = rows[:limit]
     texts, labels = [], []

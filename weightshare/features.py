@@ -27,7 +27,8 @@ def pool(X) -> tuple[np.ndarray, int]:
     if isinstance(X, (list, tuple)) and X and all(hasattr(x, "shape") and len(x.shape) == 2 for x in X):
         widths = {x.shape[1] for x in X}
         if len(widths) != 1:
-            raise ValueError(f"pooled tasks\n  expected: the same number of columns in every task\n  got: {sorted(widths)}")
+            raise ValueError("pooled tasks\n  expected: the same number of columns in every task\n"
+                             f"  got: {sorted(widths)}")
         if any(x.shape[0] == 0 for x in X):
             raise ValueError("pooled tasks\n  expected: at least one row per task")
         return np.vstack([np.asarray(x, dtype=float) for x in X]), len(X)
@@ -78,7 +79,8 @@ class KernelFeatureMap(TransformerMixin, BaseEstimator):
         if self.kernel not in KERNELS:
             raise ValueError(f"KernelFeatureMap.kernel\n  expected one of: {KERNELS}\n  got: {self.kernel!r}")
         if self.method not in ("nystroem", "random_fourier"):
-            raise ValueError(f"KernelFeatureMap.method\n  expected: 'nystroem' or 'random_fourier'\n  got: {self.method!r}")
+            raise ValueError("KernelFeatureMap.method\n  expected: 'nystroem' or 'random_fourier'\n"
+                             f"  got: {self.method!r}")
         if self.method == "random_fourier" and self.kernel != "rbf":
             raise ValueError(f"random Fourier features approximate the rbf kernel only\n  got: kernel={self.kernel!r}")
         data, tasks = pool(X)

@@ -74,7 +74,8 @@ class WeightshareHfQuantizer(HfQuantizer):
 
         files = [Path(f) for f in checkpoint_files or []]
         if len(files) != 1 or files[0].name != FILENAME:
-            raise ValueError(f"weightshare: a packed model is read from its {FILENAME}\n  got: {[str(f) for f in files]}\n"
+            raise ValueError(f"weightshare: a packed model is read from its {FILENAME}\n"
+                             f"  got: {[str(f) for f in files]}\n"
                              "  load the directory weightshare compress wrote")
         with PackedFile(files[0].parent) as pf:
             install_checked_(model, pf, own=True)  # from_pretrained's own model: dropped if this raises

@@ -59,9 +59,11 @@ def detect(path: str | os.PathLike) -> Source:
     """Classify a local model directory, with one clear error when it is not one."""
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"model directory not found\n  got: {str(path)!r}\n  pass a local transformers or sentence-transformers directory")
+        raise ValueError(f"model directory not found\n  got: {str(path)!r}\n"
+                         "  pass a local transformers or sentence-transformers directory")
     if not p.is_dir():
-        raise ValueError(f"not a model directory\n  expected: a directory with config.json (or modules.json)\n  got: the file {str(path)!r}")
+        raise ValueError("not a model directory\n  expected: a directory with config.json (or modules.json)\n"
+                         f"  got: the file {str(path)!r}")
     modules = p / "modules.json"
     if modules.is_file():
         try:
@@ -69,9 +71,11 @@ def detect(path: str | os.PathLike) -> Source:
             # the class moved between releases (sentence_transformers.models.Transformer,
             # sentence_transformers.base.modules.transformer.Transformer since 5.x): match its name
             sub = next(e["path"] for e in entries
-                       if e["type"].startswith("sentence_transformers.") and e["type"].rsplit(".", 1)[-1] == "Transformer")
+                       if e["type"].startswith("sentence_transformers.")
+                       and e["type"].rsplit(".", 1)[-1] == "Transformer")
         except (ValueError, KeyError, StopIteration, TypeError) as exc:
-            raise ValueError(f"{modules}: not a sentence-transformers modules.json with a Transformer module ({exc})") from None
+            raise ValueError(f"{modules}: not a sentence-transformers modules.json with a Transformer module "
+                             f"({exc})") from None
         check_relpath(sub, f"{modules}: path of the Transformer module")
         if not (p / sub / "config.json").is_file():
             raise ValueError(f"sentence-transformers model without {Path(sub) / 'config.json'} in {str(path)!r}")
@@ -208,7 +212,8 @@ def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike, confi
         for d in list(dirs):
             if (Path(folder) / d).is_symlink():
                 if confine:
-                    raise ValueError(f"{Path(folder) / d}: a symlinked folder in a packed model\n  expected: plain folders")
+                    raise ValueError(f"{Path(folder) / d}: a symlinked folder in a packed model\n"
+                                     "  expected: plain folders")
         for name in sorted(files):
             path = Path(folder) / name
             if name.startswith(".") or name.endswith(INDEX_SUFFIXES) or (
@@ -437,7 +442,8 @@ def sentence_encoder(path: str | os.PathLike, trainable_layers: int | None = Non
     if trainable_layers is not None:
         layers = transformer_blocks(inner_model(model))
         if not 0 <= trainable_layers <= len(layers):
-            raise ValueError(f"sentence_encoder: trainable_layers\n  expected: 0..{len(layers)}\n  got: {trainable_layers}")
+            raise ValueError(f"sentence_encoder: trainable_layers\n  expected: 0..{len(layers)}\n"
+                             f"  got: {trainable_layers}")
         for p in model.parameters():
             p.requires_grad_(False)
         for layer in list(layers)[len(layers) - trainable_layers:]:

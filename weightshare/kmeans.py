@@ -199,7 +199,8 @@ def kmeans1d(x, k: int, weights=None) -> tuple[np.ndarray, np.ndarray]:
         if xa.size == 0:
             return np.zeros(0), np.zeros(0, dtype=_label_dtype(k))
         u, index_of = np.unique(xa, return_inverse=True)
-        uw = np.bincount(index_of, weights=w, minlength=u.size) if w is not None else np.bincount(index_of).astype(np.float64)
+        uw = (np.bincount(index_of, weights=w, minlength=u.size) if w is not None
+              else np.bincount(index_of).astype(np.float64))
     u = np.ascontiguousarray(u)
     centroids, nclusters, _ = _solve(u, np.ascontiguousarray(uw), np.array([0, u.size], dtype=np.int64), k)
     centroids = centroids[0, : nclusters[0]]

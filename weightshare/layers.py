@@ -25,7 +25,8 @@ class LocallyConnected2d(nn.Module):
         h, w = input_size
         self.out_size = ((h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1)
         if min(self.out_size) < 1:
-            raise ValueError(f"LocallyConnected2d: kernel {kernel_size} does not fit input {input_size} with padding {padding}")
+            raise ValueError(f"LocallyConnected2d: kernel {kernel_size} does not fit input {input_size} "
+                             f"with padding {padding}")
         self.kernel_size, self.padding, self.stride = kernel_size, padding, stride
         positions, fan_in = self.out_size[0] * self.out_size[1], in_channels * kernel_size * kernel_size
         bound = 1 / math.sqrt(fan_in)  # as nn.Conv2d initialises each kernel

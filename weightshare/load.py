@@ -50,7 +50,8 @@ def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_fit(inner: nn.Module, pf: PackedFile) -> None:
-    """Every entry has a place of its shape in the model and every tensor of the model an entry: all problems at once."""
+    """Every entry has a place of its shape in the model and every tensor of the model an entry: all problems at
+    once."""
     own = _state_tensors(inner)
     missing = [n for n in own if n not in pf.entries]
     not_in_model, mismatched = [], []
@@ -208,7 +209,8 @@ def skeleton(pf: PackedFile) -> nn.Module:
         config_dir = hub.inside(pf.root, sub, "spec source.weights_subdir")
         if not (config_dir / "config.json").is_file():
             raise ValueError(f"{pf.root}: no config.json in {sub or 'the folder'}")
-        return hub.skeleton(config_dir, len(pf.entries), _BUFFER_BUDGET + sum(math.prod(s) for _, s in pf.infos.values()))
+        return hub.skeleton(config_dir, len(pf.entries),
+                            _BUFFER_BUDGET + sum(math.prod(s) for _, s in pf.infos.values()))
     except PackError:
         raise
     except Exception as exc:  # the config is untrusted: whatever transformers makes of it is one error
@@ -241,7 +243,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
         kind, sub = pf.source["kind"], pf.source["weights_subdir"]
         if model is None:
             if kind == "module":
-                raise PackError("load: this packed file holds a plain nn.Module; pass a skeleton: ws.load(path, model=...)")
+                raise PackError("load: this packed file holds a plain nn.Module; "
+                                "pass a skeleton: ws.load(path, model=...)")
             inner = skeleton(pf)
         else:
             inner = hub.inner_model(model)

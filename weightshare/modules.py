@@ -91,8 +91,8 @@ class PackedModule(nn.Module):
     # models' _init_weights read children's weights, and nothing of a packed model needs initialising
     _placeholder = False
 
-    def __init__(self, indices: torch.Tensor, tables: torch.Tensor, layout: kernels.Layout, config, weight_dtype: torch.dtype,
-                 transposed: bool = False, outliers: Outliers | None = None):
+    def __init__(self, indices: torch.Tensor, tables: torch.Tensor, layout: kernels.Layout, config,
+                 weight_dtype: torch.dtype, transposed: bool = False, outliers: Outliers | None = None):
         super().__init__()
         layout.check(indices, tables, type(self).__name__)
         if not bool(torch.isfinite(tables).all()):  # 0 x inf in the padded tail of a block would be NaN
@@ -165,7 +165,8 @@ class CodebookLinear(PackedModule):
         super().__init__(indices, tables, layout, config, weight_dtype, transposed, outliers)
         self.in_features, self.out_features = layout.in_features, layout.out_features
         if bias is not None and tuple(bias.shape) != (layout.out_features,):
-            raise ValueError(f"CodebookLinear: bias\n  expected: shape ({layout.out_features},)\n  got: {tuple(bias.shape)}")
+            raise ValueError(f"CodebookLinear: bias\n  expected: shape ({layout.out_features},)\n"
+                             f"  got: {tuple(bias.shape)}")
         self.bias = bias
         self.compute = compute
         self._plan = kernels.Plan()
@@ -196,7 +197,8 @@ class CodebookLinear(PackedModule):
         return out.view(y.shape)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", bias={self.bias is not None}" + (", compute=bf16" if self.compute == "bf16" else "")
+        return (super().extra_repr() + f", bias={self.bias is not None}"
+                + (", compute=bf16" if self.compute == "bf16" else ""))
 
 
 class CodebookEmbedding(PackedModule):

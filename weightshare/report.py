@@ -34,7 +34,8 @@ class Report:
     bytes_packed: int  # the same model in the packed format (indices at `bits` bits, tables, untouched tensors)
     bits_per_weight: float  # packed bits per virtual weight of the mapped (codebook, ...) tensors (dense bits if none)
     layers: list[LayerReport] = field(default_factory=list)
-    bytes_in_memory: int = 0  # what the model holds now: every distinct tensor storage (packed modules' indices and tables too)
+    # what the model holds now: every distinct tensor storage (packed modules' indices and tables too)
+    bytes_in_memory: int = 0
 
     def to_dict(self, layers: bool = True) -> dict:
         d = asdict(self)
@@ -51,14 +52,16 @@ class Report:
             f"params stored    {self.params_stored:>14,}",
             f"sharing ratio    {self.sharing_ratio:>14.2f}x",
             f"bytes dense      {_size(self.bytes_dense)}",
-            f"bytes packed     {_size(self.bytes_packed)}  ({self.bytes_dense / max(self.bytes_packed, 1):.2f}x smaller)",
+            f"bytes packed     {_size(self.bytes_packed)}  "
+            f"({self.bytes_dense / max(self.bytes_packed, 1):.2f}x smaller)",
             f"bits per weight  {self.bits_per_weight:>14.3f}",
             f"bytes in memory  {_size(self.bytes_in_memory)}  (what the loaded model holds)",
         ]
         if self.layers:
             w = max(len(layer.name) for layer in self.layers)
             lines.append("")
-            lines.append(f"{'tensor':<{w}}  {'shape':<14} {'map':<9} {'detail':<20} {'virtual':>11} {'stored':>11} {'packed kB':>10}")
+            lines.append(f"{'tensor':<{w}}  {'shape':<14} {'map':<9} {'detail':<20} "
+                         f"{'virtual':>11} {'stored':>11} {'packed kB':>10}")
             for r in self.layers:
                 shape = "x".join(map(str, r.shape))
                 lines.append(

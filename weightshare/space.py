@@ -52,7 +52,8 @@ class SharingMap:
     config: type | None = None  # the config dataclass ``share_`` dispatches on
     parametrizations: tuple[type, ...] = ()  # parametrization modules this map installs
     modules: tuple[type, ...] = ()  # packed modules ``ws.load`` builds for inference (none: the parametrized form runs)
-    packable: bool = True  # writes packed entries of its own (False: plain ties only, which are the container's aliases)
+    # writes packed entries of its own (False: plain ties only, which are the container's aliases)
+    packable: bool = True
     state_name: str | None = None  # the trainable state another map may take over ("buckets"), or None: none may
 
     def state_key(self, name: str) -> str | None:
@@ -362,7 +363,8 @@ def share_parametrization_(source: nn.Module, target: nn.Module, name: str = "we
     # placeholder list is replaced by source's (the placeholder's original is dropped with it)
     current = getattr(target, name)
     if isinstance(current, nn.Parameter):
-        target._parameters[name] = nn.Parameter(torch.empty(0, dtype=current.dtype), requires_grad=current.requires_grad)
+        target._parameters[name] = nn.Parameter(torch.empty(0, dtype=current.dtype),
+                                                requires_grad=current.requires_grad)
     parametrize.register_parametrization(target, name, nn.Identity(), unsafe=True)
     target.parametrizations[name] = plist
     return target

@@ -39,7 +39,8 @@ class Tiny(torch.nn.Module):
 def test_palettized_size_formula_equals_report(granularity):
     torch.manual_seed(0)
     dense = Tiny()
-    model = ws.share_(copy.deepcopy(dense), ws.CodebookConfig(bits=3, granularity=granularity), filter_fn=is_compressible)
+    model = ws.share_(copy.deepcopy(dense), ws.CodebookConfig(bits=3, granularity=granularity),
+                      filter_fn=is_compressible)
     # fp16 tables: the formula used for coremltools' rows must agree with ws.report
     assert _palettized_bytes(dense, 3, granularity, lut_itemsize=2) == ws.report(model).bytes_packed
 

@@ -59,7 +59,8 @@ def test_embedding_from_the_base_prefix_is_the_whole_forward_pass(minilm_path, t
     x = dict(sentence_encoder(minilm_path, trainable_layers=0).preprocess(sentences))
     _, prefix = bench._embed(minilm_path, x, batch=5, capture=True)
     weights = load_file(f"{minilm_path}/model.safetensors")
-    for name, changed in (("top", "encoder.layer.5.output.dense.weight"), ("low", "encoder.layer.0.output.dense.weight")):
+    for name, changed in (("top", "encoder.layer.5.output.dense.weight"),
+                          ("low", "encoder.layer.0.output.dense.weight")):
         copy_non_weight_files(minilm_path, tmp_path / name)
         save_file({**weights, changed: weights[changed] * 1.5}, str(tmp_path / name / "model.safetensors"))
         enc = sentence_encoder(tmp_path / name, trainable_layers=0)

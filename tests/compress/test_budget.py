@@ -40,7 +40,8 @@ def test_plan_is_optimal_on_a_small_problem_and_fits():
     plan = plan_bits(weights, stats, budget, fixed_bytes=100, n_groups=groups, header_bytes=0, candidates=cands)
     cost = lambda a: 100 + sum(codebook_bytes(weights[n].numel(), groups[n], b) for n, b in a.items())  # noqa: E731
     err = lambda a: sum(plan.errors[n][b] for n, b in a.items())  # noqa: E731
-    best = min((dict(zip(weights, bs)) for bs in itertools.product(cands, repeat=3) if cost(dict(zip(weights, bs))) <= budget),
+    best = min((dict(zip(weights, bs)) for bs in itertools.product(cands, repeat=3)
+                if cost(dict(zip(weights, bs))) <= budget),
                key=err)
     assert cost(plan.bits) <= budget and plan.predicted_bytes == cost(plan.bits)
     assert err(plan.bits) <= err(best) * 1.05  # greedy on convex hulls: optimal up to the last step

@@ -60,7 +60,8 @@ def test_conv_statistics_are_the_second_moment_of_im2col_patches():
     stats, tokens = layer_statistics(net, {"conv2": net.conv2}, [x])
     h = torch.relu(net.conv1(x))
     padded = nn.functional.pad(h, (1, 1, 1, 1))
-    rows = [padded[b, :, i:i + 3, j:j + 3].reshape(-1) for b in range(5) for i in range(0, 8, 2) for j in range(0, 8, 2)]
+    rows = [padded[b, :, i:i + 3, j:j + 3].reshape(-1)
+            for b in range(5) for i in range(0, 8, 2) for j in range(0, 8, 2)]
     X = torch.stack(rows).double()
     assert tokens["conv2"] == X.shape[0]
     assert torch.allclose(stats["conv2"], X.T @ X / X.shape[0], atol=1e-10)
@@ -75,7 +76,8 @@ def test_a_digits_cnn_compresses_on_its_own_batches(digits, tmp_path):
     for name, calibration in (("gptq", batches), ("data-free", None)):
         model = copy.deepcopy(net)
         compress_model_(model, ws.CodebookConfig(bits=1), calibration)
-        assert all(torch.nn.utils.parametrize.is_parametrized(m, "weight") for m in (model.conv1, model.conv2, model.fc))
+        assert all(torch.nn.utils.parametrize.is_parametrized(m, "weight")
+                   for m in (model.conv1, model.conv2, model.fc))
         results[name] = accuracy(model, Xte, yte)
     # 1 bit per weight (two values per row): calibrated, within 4 points of the dense net (measured 0.954 vs
     # 0.972); data-free k-means of the same rows loses 30 points (0.672)

@@ -163,7 +163,8 @@ def _count(value):
 
 
 ATTACKS = {
-    "position past the end": (_set("fc1.weight.__outlier_index", lambda t: t.index_fill_(0, torch.tensor([len(t) - 1]), 48 * 24)),
+    "position past the end": (_set("fc1.weight.__outlier_index",
+                                   lambda t: t.index_fill_(0, torch.tensor([len(t) - 1]), 48 * 24)),
                               "outlier positions"),
     "negative position": (_set("fc1.weight.__outlier_index", lambda t: t.index_fill_(0, torch.tensor([0]), -1)),
                           "outlier positions"),

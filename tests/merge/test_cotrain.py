@@ -286,7 +286,8 @@ def test_mismatched_subsets_fail_on_every_rank_with_the_same_message(gloo3):
         messages = {r[f"error_{case}"] for r in gloo3.values()}
         assert len(messages) == 1 and None not in messages, (case, messages)
     shape = gloo3[0]["error_shape"]
-    assert "'proj.weight': shapes differ" in shape and "'inp.weight' (8, 6)" in shape and "'inp.weight' (16, 6)" in shape
+    assert ("'proj.weight': shapes differ" in shape and "'inp.weight' (8, 6)" in shape
+            and "'inp.weight' (16, 6)" in shape)
     assert "rank 0 Net" in shape and "rank 2 Net" in shape
     assert "'head.weight'" in shape  # out.weight (3, 8) against (3, 16): every mismatch, at once
     assert "'head.weight' is held by rank(s) [1, 2]" in gloo3[0]["error_names"] and "not by rank(s) [0]" in \
@@ -401,7 +402,8 @@ def test_a_good_config_reads_with_its_defaults(tmp_path):
 
     cfg = read_config(write(tmp_path, {**GOOD, "outer": {"lr": 0.5}}))
     assert cfg.sync_every == 2 and cfg.outer.lr == 0.5 and cfg.outer.momentum == 0.9 and cfg.outer.nesterov
-    assert cfg.workers[1].model == "gru" and cfg.workers[1].train.optimizer == "adam" and cfg.workers[1].train.lr == 0.003
+    assert (cfg.workers[1].model == "gru" and cfg.workers[1].train.optimizer == "adam"
+            and cfg.workers[1].train.lr == 0.003)
     assert cfg.test_size == 0.25 and not cfg.compare_alone and cfg.results is None
     check(cfg, 2)
 
@@ -461,7 +463,8 @@ def test_check_resolves_the_shared_subsets_before_anything_runs(tmp_path):
     with pytest.raises(ValueError) as e:
         check(read_config(write(tmp_path, cfg)), 2)
     msg = str(e.value)
-    assert "workers[0].shared: " in msg and "'encoder.*' matches no parameter of the DigitsCNN (it has: proj.weight" in msg
+    assert ("workers[0].shared: " in msg
+            and "'encoder.*' matches no parameter of the DigitsCNN (it has: proj.weight" in msg)
     cfg["workers"][0]["shared"] = GOOD["workers"][0]["shared"]
     with pytest.raises(ValueError) as e:
         check(read_config(write(tmp_path, cfg)), 2)

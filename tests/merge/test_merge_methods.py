@@ -514,7 +514,8 @@ def test_della_with_no_spread_is_dare_draw_for_draw(seed):
     models, base = rand_models(seed, n=2, shape=(8, 30))
     for della, dare in (("della_linear", "dare_linear"), ("della", "dare_ties")):
         kwargs = dict(name="w", weight=[1.0, 0.5], density=[0.4, 0.7], seed=seed, normalize=False)
-        assert torch.equal(method(della)(models, base, epsilon=[0.0, 0.0], **kwargs), method(dare)(models, base, **kwargs))
+        assert torch.equal(method(della)(models, base, epsilon=[0.0, 0.0], **kwargs),
+                           method(dare)(models, base, **kwargs))
 
 
 def test_della_checks_density_and_epsilon_together():
@@ -522,7 +523,8 @@ def test_della_checks_density_and_epsilon_together():
     assert check_params(della, 2, True, {"density": [0.5, 0.8], "epsilon": [0.15, 0.1]}, {}) == []
     assert check_params(della, 2, True, {"density": [0.5, 0.9], "epsilon": [0.15, 0.15]}, {}) == [
         "density ± epsilon must lie in (0, 1); got density 0.9 with epsilon 0.15"]
-    assert check_params(della, 1, True, {"epsilon": [1.5]}, {}) == ["epsilon must be in [0, 1); got 1.5 (in epsilon[0])"]
+    assert check_params(della, 1, True, {"epsilon": [1.5]}, {}) == [
+        "epsilon must be in [0, 1); got 1.5 (in epsilon[0])"]
 
 
 # ----------------------------------------------------------------------------- TSV-Merge

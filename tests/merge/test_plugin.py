@@ -70,4 +70,5 @@ def test_a_new_methods_declared_range_is_enforced_with_its_message(toy_method, c
     with pytest.raises(MergeError, match="elementwise_max has no parameter 'density'"):
         ws.merge([str(p) for p in paths], method="elementwise_max", density=0.5)
     halved = ws.merge([str(p) for p in paths], method="elementwise_max", scale=0.5)
-    assert torch.allclose(halved["layer.bias"], 0.5 * ws.merge([str(p) for p in paths], "elementwise_max")["layer.bias"])
+    assert torch.allclose(halved["layer.bias"],
+                          0.5 * ws.merge([str(p) for p in paths], "elementwise_max")["layer.bias"])

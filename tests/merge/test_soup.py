@@ -94,7 +94,8 @@ def test_identical_ingredients_give_the_ingredient_and_all_are_kept():
 
 
 def test_dtype_weights_and_known_scores():
-    states = [{"w": torch.tensor([1.0, 3.0], dtype=torch.float16)}, {"w": torch.tensor([3.0, 5.0], dtype=torch.float16)}]
+    states = [{"w": torch.tensor([1.0, 3.0], dtype=torch.float16)},
+              {"w": torch.tensor([3.0, 5.0], dtype=torch.float16)}]
     calls = []
 
     def score(s):

@@ -102,8 +102,10 @@ def test_first_matching_pattern_wins():
     src = {"enc.head.weight": torch.ones(2, 2), "enc.body.weight": torch.full((2, 2), 3.0)}
     dst = nn.ModuleDict({"head": nn.Linear(2, 2, bias=False), "body": nn.Linear(2, 2, bias=False)})
     report = transfer(src, dst, {"enc.head.*": "head.*", "enc.*": "*"})
-    assert report.moved == [Moved("enc.head.weight", "head.weight", (2, 2)), Moved("enc.body.weight", "body.weight", (2, 2))]
-    assert report.ok and torch.equal(dst.head.weight, torch.ones(2, 2)) and torch.equal(dst.body.weight, src["enc.body.weight"])
+    assert report.moved == [Moved("enc.head.weight", "head.weight", (2, 2)),
+                            Moved("enc.body.weight", "body.weight", (2, 2))]
+    assert (report.ok and torch.equal(dst.head.weight, torch.ones(2, 2))
+            and torch.equal(dst.body.weight, src["enc.body.weight"]))
 
 
 class Tied(nn.Module):
@@ -149,7 +151,8 @@ def test_two_sources_into_one_name_is_a_conflict_and_nothing_is_copied():
     dst.register_buffer("c_weight", torch.full((3,), 7.0))
     with pytest.raises(ValueError) as e:
         transfer(src, dst, {"c.weight": "c_weight", "a.*": "x_*", "b.*": "x_*"})
-    assert "1 conflict(s), nothing was copied" in str(e.value) and "a.weight -> x_weight, b.weight -> x_weight" in str(e.value)
+    assert ("1 conflict(s), nothing was copied" in str(e.value)
+            and "a.weight -> x_weight, b.weight -> x_weight" in str(e.value))
     assert torch.equal(dst.c_weight, torch.full((3,), 7.0))  # the valid pair was not copied either
 
 
@@ -194,7 +197,8 @@ def test_a_model_into_itself_reads_the_values_from_before_the_transfer():
     ({}, nn.Linear(1, 1), ["*"], r"mapping\n  expected: a non-empty dict(?s:.*)got: list"),
     ({}, nn.Linear(1, 1), {}, r"mapping\n  expected: a non-empty dict(?s:.*)got: \{\}"),
     ({}, nn.Linear(1, 1), {"a": 1}, r"mapping\n  expected: non-empty strings(?s:.*)got: 'a': 1"),
-    ({}, nn.Linear(1, 1), {"a.*.*": "b.*"}, r"pattern 'a\.\*\.\*' -> 'b\.\*'\n  expected: as many '\*' .*\(2\)\n  got: 1"),
+    ({}, nn.Linear(1, 1), {"a.*.*": "b.*"},
+     r"pattern 'a\.\*\.\*' -> 'b\.\*'\n  expected: as many '\*' .*\(2\)\n  got: 1"),
     ([1], nn.Linear(1, 1), {"*": "*"}, r"src\n  expected: an nn.Module or a state dict\n  got: list"),
     ({"w": 1.0}, nn.Linear(1, 1), {"*": "*"}, r"src\n  expected: a state dict of str -> tensor"),
     ({}, {"w": torch.zeros(1)}, {"*": "*"}, r"dst\n  expected: an nn.Module \(copied into in place\)\n  got: dict"),

@@ -34,13 +34,15 @@ def test_full_batch_gd_is_one_plain_gradient_step_per_epoch():
     ref.load_state_dict(model.state_dict())
     torch.nn.functional.cross_entropy(ref(x), y).backward()
     train(model, x, y, TrainConfig(epochs=1, optimizer="gd", lr=0.5))
-    assert torch.allclose(model.weight, w0 - 0.5 * ref.weight.grad) and torch.allclose(model.bias, b0 - 0.5 * ref.bias.grad)
+    assert (torch.allclose(model.weight, w0 - 0.5 * ref.weight.grad)
+            and torch.allclose(model.bias, b0 - 0.5 * ref.bias.grad))
 
 
 def test_sgdr_restarts_the_learning_rate():
     from weightshare.multitask.trainer import make_optimizer
 
-    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))], TrainConfig(optimizer="sgdr", lr=1.0, restart_epochs=2), 5)
+    opt, sched = make_optimizer([torch.nn.Parameter(torch.zeros(1))],
+                                TrainConfig(optimizer="sgdr", lr=1.0, restart_epochs=2), 5)
     lrs = []
     for _ in range(20):
         lrs.append(opt.param_groups[0]["lr"])

@@ -53,7 +53,8 @@ def test_whitened_init_minimises_the_output_error_on_the_calibration_statistics(
     assert err == pytest.approx(float((sigma[r:] ** 2).sum()), rel=1e-3)
     plain = stack()
     ws.share_(plain, ws.BasisConfig(layers="*.weight", num_bases=r))
-    err_plain = sum(float((((layer.weight.detach().double() - w) @ s) ** 2).sum()) for w, layer, s in zip(before, plain, chol))
+    err_plain = sum(float((((layer.weight.detach().double() - w) @ s) ** 2).sum())
+                    for w, layer, s in zip(before, plain, chol))
     assert err < err_plain  # whitening is what makes the output error smaller
 
 

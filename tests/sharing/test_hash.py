@@ -208,7 +208,8 @@ def test_conv_with_a_kernel_bank_trains_against_the_dense_reference(tmp_path):
     w = ref[torch.from_numpy(idx)] * torch.from_numpy(sgn).float()
     torch.nn.functional.conv2d(x, w, conv.bias, padding=1).square().sum().backward()
     assert torch.allclose(theta.grad, ref.grad, rtol=1e-5, atol=1e-5)
-    loaded = ws.load(ws.save(torch.nn.Sequential(conv), tmp_path / "k"), model=torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1)))
+    loaded = ws.load(ws.save(torch.nn.Sequential(conv), tmp_path / "k"),
+                     model=torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1)))
     assert torch.equal(loaded[0](x), conv(x))
 
 
@@ -250,8 +251,9 @@ def test_hash_then_codebook_compose_and_round_trip(tmp_path):
     ws.share_(net, ws.CodebookConfig(bits=3, granularity="per_tensor"))
     plist = net[0].parametrizations.weight
     assert plist.original.unique().numel() <= 8
-    assert [n for n, _ in net.named_parameters()] == ["0.bias", "0.parametrizations.weight.parametrizations.original.original",
-                                                      "2.bias", "2.parametrizations.weight.parametrizations.original.original"]
+    assert [n for n, _ in net.named_parameters()] == [
+        "0.bias", "0.parametrizations.weight.parametrizations.original.original",
+        "2.bias", "2.parametrizations.weight.parametrizations.original.original"]
     r = ws.report(net)
     assert r.params_stored == 2 * 8 + 128 + 10 and r.bits_per_weight < 0.5
     x = torch.randn(4, 64)

@@ -47,7 +47,8 @@ def trunk() -> nn.Module:
 
 
 def layers() -> list[nn.Module]:
-    return [nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU()]
+    return [nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN), nn.ReLU()]
 
 
 def hard(task_names=tuple(CLASSES)):
@@ -121,7 +122,8 @@ def main(quick: bool = False) -> dict:
         mean = {t: float(np.mean(v)) for t, v in accs.items()}
         dp = delta_p({t: mean[t] for t in REAL}, {t: base[t] for t in REAL})
         key = method if arch == "hard" else f"{method}+{arch}"
-        per_seed[key] = np.array([delta_p({t: accs[t][i] for t in REAL}, {t: base[t] for t in REAL}) for i in range(len(seeds))])
+        per_seed[key] = np.array([delta_p({t: accs[t][i] for t in REAL}, {t: base[t] for t in REAL})
+                                  for i in range(len(seeds))])
         out_dp[key] = dp
         out_sec[key] = float(np.median(secs))
         rows.append({"method": method, "arch": arch, **{f"acc_{t}": mean[t] for t in CLASSES}, "delta_p": dp,
@@ -135,7 +137,8 @@ def main(quick: bool = False) -> dict:
         d = v - per_seed["ew"]
         paired[k] = {"delta_p": float(v.mean()), "se": se(v), "minus_ew": float(d.mean()), "minus_ew_se": se(d),
                      "wins": int((d > 0).sum())}
-        print(f"  {k:24s} Δp {v.mean():+.2f} ± {se(v):.2f}; − EW {d.mean():+.2f} ± {se(d):.2f}; wins {(d > 0).sum()}/{len(d)}")
+        print(f"  {k:24s} Δp {v.mean():+.2f} ± {se(v):.2f}; − EW {d.mean():+.2f} ± {se(d):.2f}; "
+              f"wins {(d > 0).sum()}/{len(d)}")
     ew_sec = out_sec["ew"]
     for r in rows:
         r["time_vs_ew"] = r["s_per_epoch"] / ew_sec
@@ -151,9 +154,12 @@ def main(quick: bool = False) -> dict:
     reduce = {m: paired[m]["minus_ew"] > 2 * paired[m]["minus_ew_se"] for m in gradient}
     print(f"parameters: multi-task {params_multi:,} vs single-task total {params_single:,} "
           f"({params_multi / params_single:.0%}); best method {best}: Δp {out_dp[best]:+.2f} %")
-    print(f"negative transfer of the random task (EW with it minus without, paired): {nt.mean():+.2f} ± {se(nt):.2f} pts; "
+    print(f"negative transfer of the random task (EW with it minus without, paired): "
+          f"{nt.mean():+.2f} ± {se(nt):.2f} pts; "
           f"gradient methods that reduce it (gain over EW > 2 s.e.): {sorted(m for m, v in reduce.items() if v)}")
-    return {"delta_p": out_dp, "seconds_per_epoch": out_sec, "methods": sorted(METHODS), "params_multitask": params_multi,
+    return {"delta_p": out_dp, "seconds_per_epoch": out_sec, "methods": sorted(METHODS),
+            "params_multitask": params_multi,
             "params_single_total": params_single, "single_task_accuracy": base, "best_method": best,
             "negative_transfer_ew": float(nt.mean()), "negative_transfer_se": se(nt), "paired": paired,
-            "gradient_methods_reducing_negative_transfer": reduce, "seeds": len(seeds), "epochs": epochs, "quick": quick}
+            "gradient_methods_reducing_negative_transfer": reduce, "seeds": len(seeds), "epochs": epochs,
+            "quick": quick}

@@ -86,8 +86,8 @@ def same_case(n: int, dtype=np.float16) -> list[dict]:
     c, lab = ws.kmeans1d(xin, K)
     t_ours = time.perf_counter() - t0
     best = sse(x, c, lab)
-    rows = [{"solver": f"weightshare ({np.dtype(dtype).name})", "n": n, "seconds": t_ours, "Mvalues_per_s": n / t_ours / 1e6,
-             "sse_rel_diff": 0.0, "speedup_vs_kmeans1d": None}]
+    rows = [{"solver": f"weightshare ({np.dtype(dtype).name})", "n": n, "seconds": t_ours,
+             "Mvalues_per_s": n / t_ours / 1e6, "sse_rel_diff": 0.0, "speedup_vs_kmeans1d": None}]
     try:
         t0 = time.perf_counter()
         c1, l1 = kmeans1d_reference(x, K)
@@ -123,7 +123,8 @@ def rows_case(sample_rows: int) -> dict:
            "weights": sum(w.numel() for w in weights), "seconds": t_ours}
     # kmeans1d one row at a time on an even sample of rows, checked for identical SSE
     rng = np.random.default_rng(0)
-    picks = [(i, int(r)) for i, w in enumerate(weights) for r in rng.choice(w.shape[0], max(1, sample_rows * w.shape[0] // n_rows), replace=False)]
+    picks = [(i, int(r)) for i, w in enumerate(weights)
+             for r in rng.choice(w.shape[0], max(1, sample_rows * w.shape[0] // n_rows), replace=False)]
     try:
         worst, t_ref, done = 0.0, 0.0, 0
         for i, r in picks:

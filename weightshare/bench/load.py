@@ -111,7 +111,8 @@ def summarize(runs: list[dict]) -> dict:
     for system in SYSTEMS:
         mine = [r for r in runs if r["system"] == system]
         if not mine:
-            raise ValueError(f"no runs of one system\n  expected: runs of {' and '.join(SYSTEMS)}\n  got: none of {system!r}")
+            raise ValueError(f"no runs of one system\n  expected: runs of {' and '.join(SYSTEMS)}\n"
+                             f"  got: none of {system!r}")
         out[f"load_seconds_{system}"] = statistics.median(r["load_seconds"] for r in mine)
         out[f"encode_seconds_{system}"] = statistics.median(r["encode_seconds"] for r in mine)
         out[f"peak_rss_load_mb_{system}"] = statistics.median(r["peak_rss_load_mb"] for r in mine)

@@ -247,8 +247,9 @@ def main(quick: bool = False) -> dict:
     tasks = list(classes)
     x = dict(sentence_encoder(base_path, trainable_layers=0).preprocess(sentences))
     targets = {t: torch.tensor(v) for t, v in labels.items()}
-    folds = [(tr.tolist(), te.tolist()) for tr, te in StratifiedKFold(QUICK_FOLDS if quick else FOLDS, shuffle=True,
-                                                                      random_state=0).split(sentences, labels["package"])]
+    folds = [(tr.tolist(), te.tolist())
+             for tr, te in StratifiedKFold(QUICK_FOLDS if quick else FOLDS, shuffle=True,
+                                           random_state=0).split(sentences, labels["package"])]
     cfg = TrainConfig(epochs=QUICK_EPOCHS if quick else EPOCHS, batch_size=BATCH, lr=LR, seed=0)
     methods = [m for m, spec in sorted(MERGE_METHODS.items())
                if spec.tensorwise and (not quick or m in QUICK_METHODS)]  # greedy soup: see bench soups
@@ -259,7 +260,8 @@ def main(quick: bool = False) -> dict:
               f"({len(folds[0][1])} sentences scored), {cfg.epochs} epoch, {' and '.join(methods)} at λ "
               f"{'/'.join(f'{s:g}' for s in QUICK_SCALES)} (full: all {corpus_size:,} sentences in {FOLDS} "
               f"folds, {EPOCHS} epochs, every tensorwise method, λ chosen per fold on the others)", flush=True)
-    print(f"{len(sentences)} sentences, {len(folds)} folds; tasks: " + "; ".join(f"{t} ({classes[t]} classes)" for t in tasks)
+    print(f"{len(sentences)} sentences, {len(folds)} folds; tasks: "
+          + "; ".join(f"{t} ({classes[t]} classes)" for t in tasks)
           + f"; {sum(map(len, grid.values()))} merges per fold", flush=True)
     ws.set_progress(False)
 
@@ -267,7 +269,8 @@ def main(quick: bool = False) -> dict:
     correct: dict = {}
 
     def record(system, view, task, fold, values):
-        correct.setdefault(system, {}).setdefault(view, {}).setdefault(task, [None] * len(folds))[fold] = np.asarray(values)
+        correct.setdefault(system, {}).setdefault(view, {}).setdefault(task, [None] * len(folds))[fold] = (
+            np.asarray(values))
 
     base_emb, prefix = _embed(base_path, x, capture=True)
     check_exact = True
@@ -276,8 +279,8 @@ def main(quick: bool = False) -> dict:
         tmp = Path(tmp)
         for f, (train_idx, test_idx) in enumerate(folds):
             split = [(train_idx, test_idx)]
-            finetuned = {t: fit(lambda t=t: minilm_multitask(base_path, {t: classes[t]}, LAYERS), x, {t: targets[t]}, "ew",
-                                cfg, cv=split, keep_models=True) for t in tasks}
+            finetuned = {t: fit(lambda t=t: minilm_multitask(base_path, {t: classes[t]}, LAYERS), x, {t: targets[t]},
+                                "ew", cfg, cv=split, keep_models=True) for t in tasks}
             multi = fit(lambda: minilm_multitask(base_path, classes, LAYERS), x, targets, "ew", cfg, cv=split,
                         keep_models=True).models[0].eval()
             heads = {t: finetuned[t].models[0].heads[t].eval() for t in tasks}
@@ -302,7 +305,8 @@ def main(quick: bool = False) -> dict:
                                                          train_idx, test_idx))
             # the pipeline itself loses nothing: one fine-tune "merged" alone through save, merge and load
             score(ws.merge([dirs[tasks[0]]], "linear", out=tmp / f"fold{f}-check"), "check")
-            check_exact &= bool((correct["check"]["own"][tasks[0]][f] == correct[f"ft:{tasks[0]}"]["own"][tasks[0]][f]).all())
+            check_exact &= bool((correct["check"]["own"][tasks[0]][f]
+                                 == correct[f"ft:{tasks[0]}"]["own"][tasks[0]][f]).all())
             for method in methods:
                 spec = MERGE_METHODS[method]
                 for i, params in enumerate(grid[method]):
@@ -332,7 +336,8 @@ def main(quick: bool = False) -> dict:
     rows.append({"model": "base (released MiniLM)", **{f"head_{t}": None for t in tasks},
                  **{f"probe_{t}": float(base[t].mean()) for t in tasks}})
     for t in tasks:
-        rows.append({"model": f"fine-tuned on {t}", **{f"head_{u}": float(ft['own'][t].mean()) if u == t else None for u in tasks},
+        rows.append({"model": f"fine-tuned on {t}",
+                     **{f"head_{u}": float(ft['own'][t].mean()) if u == t else None for u in tasks},
                      **{f"probe_{u}": float(pooled[f'ft:{t}']['probe'][u].mean()) for u in tasks}})
     ceilings = {}
     for system, label in (("multitask", "multi-task (one MiniLM, EW, its own heads)"),
@@ -378,9 +383,9 @@ def main(quick: bool = False) -> dict:
     rows = [{k: r.get(k) for k in keys} for r in rows]
     n = sum(len(test) for _, test in folds)  # every sentence in a full run; one fold's test part with --quick
     print(table(rows, f"{n} docstring sentences, each scored once by the models of the {len(folds)} folds it was not "
-                      "trained on: head = accuracy with the fine-tune's own head; probe = logistic regression re-fitted "
-                      "on the encoder's embeddings; kept = share of the fine-tune's gain over the base's probe "
-                      "(± bootstrap standard error); λ chosen per fold on the other folds"))
+                      "trained on: head = accuracy with the fine-tune's own head; probe = logistic regression "
+                      "re-fitted on the encoder's embeddings; kept = share of the fine-tune's gain over the base's "
+                      "probe (± bootstrap standard error); λ chosen per fold on the other folds"))
     if sweep:
         print(table(sweep, "kept (probe) at each λ, pooled over all folds (what the per-fold choice picks from)"))
     best = {v: max(results, key=lambda m: min(results[m]["kept"][v].values())) for v in ("own", "probe")}

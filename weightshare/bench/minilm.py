@@ -13,7 +13,8 @@ input feature; "gptq" fits tables and labels block after block with error
 compensation (``compress/gptq.py``); "+ft" adds table fine-tuning by
 distillation (150 steps, early stopping); "outliers" rows keep 0.5 % of each
 tensor's weights exact beside the codebook (``--outliers``); "budget" rows choose each tensor's
-width under an average of bits per weight, tables counted (``--avg-bits``).  Fidelity is measured on held-out sentences of the stdlib-docstring corpus:
+width under an average of bits per weight, tables counted (``--avg-bits``).
+Fidelity is measured on held-out sentences of the stdlib-docstring corpus:
 cosine between original and compressed sentence embeddings (mean and 1st
 percentile) and the overlap of each sentence's 10 nearest neighbours.
 
@@ -62,7 +63,8 @@ def weight_error(original: torch.nn.Module, model: torch.nn.Module) -> float:
     so it shows which solver found the better clustering, apart from how the
     embeddings react to it.
     """
-    ref = {n: m.weight.detach() for n, m in original.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    ref = {n: m.weight.detach() for n, m in original.named_modules()
+           if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
     num = den = 0.0
     with torch.no_grad():
         for name, m in model.named_modules():
@@ -193,7 +195,8 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
             ws.share_(inner_model(model), ws.CodebookConfig(bits=bits, granularity=gran), filter_fn=is_compressible)
             sec = time.perf_counter() - t0
             ours = {"method": "weightshare", "bits": bits, "granularity": gran,
-                    "size_mb": ws.report(model).bytes_packed / 1e6, "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)}
+                    "size_mb": ws.report(model).bytes_packed / 1e6, "seconds": sec,
+                    **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)}
             rows.append(ours)
             if bits <= 4 and quick and gran == "per_channel":  # ~5-10 s: more than a 45 s quick run can spare
                 rows.append({"method": "weightshare wkmeans (full runs only)", "bits": bits, "granularity": gran})
@@ -235,7 +238,8 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
                 cm, cm_sec = coremltools_palettize(original, bits, gran)
                 rows.append({"method": "coremltools", "bits": bits, "granularity": gran,
                              "size_mb": _palettized_bytes(original, bits, gran, lut_itemsize=4) / 1e6,
-                             "seconds": cm_sec, **fidelity(reference, encode(cm)), "weight_rel_err": weight_error(original, cm)})
+                             "seconds": cm_sec, **fidelity(reference, encode(cm)),
+                             "weight_rel_err": weight_error(original, cm)})
                 ours["speedup_vs_coremltools"] = cm_sec / sec
             except ReferenceMissing as exc:
                 rows.append({"method": f"coremltools missing ({exc})", "bits": bits, "granularity": gran})
@@ -247,7 +251,8 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
                     m.weight.copy_(rtn_per_channel(m.weight, bits))
         sec = time.perf_counter() - t0
         rows.append({"method": "round-to-nearest", "bits": bits, "granularity": "per_channel",
-                     "size_mb": _rtn_bytes(model, bits) / 1e6, "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
+                     "size_mb": _rtn_bytes(model, bits) / 1e6, "seconds": sec, **fidelity(reference, encode(model)),
+                     "weight_rel_err": weight_error(original, model)})
         for name, (_, groups, _, _) in QUANTIZERS.items():
             if bits not in groups:
                 continue
@@ -260,7 +265,8 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
                 rows.append({"method": f"{name} missing ({exc})", "bits": bits})
                 continue
             rows.append({"method": name, "bits": bits, "granularity": f"g{groups[bits]}", "bpw": bpw,
-                         "seconds": sec, **fidelity(reference, encode(model)), "weight_rel_err": weight_error(original, model)})
+                         "seconds": sec, **fidelity(reference, encode(model)),
+                         "weight_rel_err": weight_error(original, model)})
             log.info("%s", rows[-1])
     if not quick:
         for bits in (3, 2):  # dense-and-sparse: 0.5 % of the weights exact (+0.24 b/w), then table fine-tuning

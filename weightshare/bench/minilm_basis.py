@@ -115,7 +115,8 @@ def main(quick: bool = False) -> dict:
                              "file_mb": size / 1e6, **fid})
                 out[f"{name}_{int(reduction * 100)}"] = {"cos_mean": fid["cos_mean"], "cos_p1": fid["cos_p1"],
                                                          "top10_overlap": fid["top10_overlap"],
-                                                         "file_mb": size / 1e6, "achieved_reduction": 1 - stored / dense_params}
+                                                         "file_mb": size / 1e6,
+                                                         "achieved_reduction": 1 - stored / dense_params}
                 print(f"  {reduction:.0%} {name}: cos {fid['cos_mean']:.4f}", flush=True)
             if not whitening[-1]:
                 rows.append({"reduction": reduction, "method": f"{method}+whiten (full runs only)"})

@@ -275,7 +275,8 @@ def minilm(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         if not ok:
             rows.append({"system": s, "note": f"failed: {runs[s][-1]['error']}"})
             continue
-        m = {k: statistics.median(r[k] for r in ok) for k in ("load_s", "query_s", "batch_s", "peak_rss_mb", "weights_mb")}
+        m = {k: statistics.median(r[k] for r in ok)
+             for k in ("load_s", "query_s", "batch_s", "peak_rss_mb", "weights_mb")}
         emb = np.load(tmp / f"{s}.npy")
         cos = (emb * dense_emb).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(dense_emb, axis=1))
         m["cos"] = float(cos.mean())
@@ -356,7 +357,8 @@ def layers(quick: bool) -> tuple[list[dict], dict]:
             figures[key] = {name: v * 1e6 for name, v in med.items()}
             rows.append({"in x out": f"{k}x{n}", "M": m, "dense_fp32_us": med["dense_fp32"] * 1e6,
                          "dense_bf16_x": med["dense_bf16"] / med["dense_fp32"],
-                         "packed_fp32_us": med["packed_fp32"] * 1e6, "packed_fp32_x": med["packed_fp32"] / med["dense_fp32"],
+                         "packed_fp32_us": med["packed_fp32"] * 1e6,
+                         "packed_fp32_x": med["packed_fp32"] / med["dense_fp32"],
                          "packed_bf16_x": med["packed_bf16"] / med["dense_fp32"],
                          "outliers_0.5%_x": med["module_outliers"] / med["packed_fp32"]})
     return rows, figures
@@ -512,8 +514,8 @@ def main(quick: bool = False) -> dict:
     print()
     print(table(mrows, "all-MiniLM-L6-v2, 4-bit per-channel packed against dense fp32 and the references: medians "
                        f"of {mfig['repetitions']} fresh processes each (x = ratio to dense fp32)"))
-    print(f"query: one sentence encoded alone (median of {n_queries}); batch: {n_batch} sentences at batch 32; peak RSS "
-          f"over load + {RSS_SENTENCES} sentences; weights: bytes the loaded weights take", flush=True)
+    print(f"query: one sentence encoded alone (median of {n_queries}); batch: {n_batch} sentences at batch 32; "
+          f"peak RSS over load + {RSS_SENTENCES} sentences; weights: bytes the loaded weights take", flush=True)
     lrows, lfig = layers(quick)
     print()
     print(table(lrows, "per layer: packed 4-bit against F.linear on the decoded weight (x = ratio to dense fp32)"),

@@ -113,7 +113,8 @@ def repeat(seed: int, pre_epochs: int, ft_epochs: int, split) -> tuple[dict, dic
     for lr in LRS:
         for s in FT_SEEDS:
             model = copy.deepcopy(pretrained)
-            train(model, xtr, ytr, TrainConfig(epochs=ft_epochs, lr=lr, seed=100 * seed + s), desc=f"fine-tune lr {lr:g}")
+            train(model, xtr, ytr, TrainConfig(epochs=ft_epochs, lr=lr, seed=100 * seed + s),
+                  desc=f"fine-tune lr {lr:g}")
             fine_tunes.append(model.state_dict())
             labels.append(f"lr {lr:g}, seed {s}")
     controls = []
@@ -134,8 +135,8 @@ def main(quick: bool = False) -> dict:
     seeds = [0] if quick else [0, 1, 2, 3, 4]
     pre_epochs, ft_epochs = QUICK_EPOCHS if quick else EPOCHS
     if quick:
-        print(f"--quick: {len(seeds)} repeat, pre-training {pre_epochs} + fine-tuning {ft_epochs} epochs (full: 5 repeats, "
-              f"{EPOCHS[0]} + {EPOCHS[1]})", flush=True)
+        print(f"--quick: {len(seeds)} repeat, pre-training {pre_epochs} + fine-tuning {ft_epochs} epochs "
+              f"(full: 5 repeats, {EPOCHS[0]} + {EPOCHS[1]})", flush=True)
     t0 = time.perf_counter()
     split = data(0)
     runs = []
@@ -148,8 +149,9 @@ def main(quick: bool = False) -> dict:
              "in_greedy_soup": i in soups["greedy_kept"], "control_val_acc": control["val_acc"][i],
              "control_test_acc": control["test_acc"][i]} for i in range(len(labels))]
     n_train, n_val, n_test = len(split[1]), len(split[3]), len(split[5])
-    print(table(rows, f"digits, stratified split {n_train}/{n_val}/{n_test} (train/val/test), MLP 64-{HIDDEN}-{HIDDEN}-10, "
-                      f"Adam, batch 128: pre-trained {pre_epochs} epochs on noisy images, fine-tuned {ft_epochs} epochs; "
+    print(table(rows, f"digits, stratified split {n_train}/{n_val}/{n_test} (train/val/test), "
+                      f"MLP 64-{HIDDEN}-{HIDDEN}-10, Adam, batch 128: pre-trained {pre_epochs} epochs on noisy images, "
+                      f"fine-tuned {ft_epochs} epochs; "
                       f"controls: {pre_epochs + ft_epochs} epochs from different initialisations (repeat 0)"))
     print(runs[0][0]["trace"])
 

@@ -104,8 +104,10 @@ def main(quick: bool = False) -> dict:
         out[method] = {"accuracy": mean, "delta_p": dp, "gap_points": {t: 100 * g for t, g in gap.items()},
                        "seconds_per_epoch": float(np.median(secs))}
         rows.append({"model": "1 shared MiniLM", "method": method, **{f"acc_{t}": mean[t] for t in tasks},
-                     **{f"gap_{t}_pts": 100 * gap[t] for t in tasks}, "delta_p": dp, "s_per_epoch": float(np.median(secs))})
-        print(f"  shared, {method}: " + ", ".join(f"{t} {mean[t]:.4f}" for t in tasks) + f"; Δp {dp:+.2f} %", flush=True)
+                     **{f"gap_{t}_pts": 100 * gap[t] for t in tasks}, "delta_p": dp,
+                     "s_per_epoch": float(np.median(secs))})
+        print(f"  shared, {method}: " + ", ".join(f"{t} {mean[t]:.4f}" for t in tasks) + f"; Δp {dp:+.2f} %",
+              flush=True)
 
     shared_model = minilm_multitask(path, classes)
     singles = [minilm_multitask(path, {t: classes[t]}) for t in tasks]
@@ -125,10 +127,12 @@ def main(quick: bool = False) -> dict:
         "extra_task_param_kb": {t: head_bytes[t] / 1024 for t in tasks},
         "extra_task_gradient_row_mb": mb(shared_trainable * 4),
     }
-    print(table(rows, f"stdlib docstrings, {len(seeds)} seed(s), {epochs} epoch(s), MiniLM with its last {LAYERS} layers "
+    print(table(rows, f"stdlib docstrings, {len(seeds)} seed(s), {epochs} epoch(s), "
+                      f"MiniLM with its last {LAYERS} layers "
                       "fine-tuned, stratified 80/20: held-out accuracy; gap = shared minus per-task model, "
                       "points, mean of per-seed gaps; Δp (%) against the per-task models"))
-    print(f"parameters: one shared MiniLM {params_shared:,} ({memory['param_mb_shared']:.1f} MiB) vs {len(tasks)} MiniLMs "
+    print(f"parameters: one shared MiniLM {params_shared:,} ({memory['param_mb_shared']:.1f} MiB) "
+          f"vs {len(tasks)} MiniLMs "
           f"{params_single:,} ({memory['param_mb_single_total']:.1f} MiB): {params_shared / params_single:.2f}x; "
           f"training state (trainable params, grads, Adam moments): {memory['train_state_mb_shared']:.1f} vs "
           f"{memory['train_state_mb_single_total']:.1f} MiB")

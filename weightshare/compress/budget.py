@@ -291,7 +291,8 @@ def collect_statistics(model: nn.Module, names: dict[str, nn.Module], batches) -
     for n, m in names.items():
         if n not in stats:
             K = m.weight.shape[0] if is_transposed_linear(m) else m.weight[0].numel()  # a Conv2d's in·kh·kw
-            stats[n] = torch.zeros(m.weight.shape[0]) if isinstance(m, nn.Embedding) else torch.eye(K, dtype=torch.float64)
+            stats[n] = (torch.zeros(m.weight.shape[0]) if isinstance(m, nn.Embedding)
+                        else torch.eye(K, dtype=torch.float64))
     return stats
 
 

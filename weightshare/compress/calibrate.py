@@ -29,7 +29,8 @@ def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
     """Non-empty lines of a UTF-8 text file, one calibration text each."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"calibration file not found\n  expected: a UTF-8 text file, one text per line\n  got: {str(path)!r}")
+        raise ValueError("calibration file not found\n  expected: a UTF-8 text file, one text per line\n"
+                         f"  got: {str(path)!r}")
     try:
         texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as exc:
@@ -138,7 +139,8 @@ def input_second_moments(model: nn.Module, tokenizer, texts: list[str], names: l
     for name in names:
         owner = model.get_submodule(name.rpartition(".")[0])
         if not isinstance(owner, nn.Linear):
-            raise ValueError(f"input_second_moments: {name}\n  expected: the weight of an nn.Linear\n  got: {type(owner).__name__}")
+            raise ValueError(f"input_second_moments: {name}\n  expected: the weight of an nn.Linear\n"
+                             f"  got: {type(owner).__name__}")
         hooks.append(owner.register_forward_pre_hook(hook_for(name)))
     _calibration_pass(model, tokenizer, texts, batch_size, max_length, state, hooks)
     return {n: (sums[n] / max(state["tokens"], 1)).float() for n in names if n in sums}
@@ -202,7 +204,8 @@ def call(model: nn.Module, batch):
 def run_batches(model: nn.Module, batches, state: dict) -> None:
     """Every batch through ``model`` (until a hook has seen enough); ``state["mask"]`` marks real tokens."""
     for batch in batches:
-        state["mask"] = batch["attention_mask"].bool() if isinstance(batch, dict) and "attention_mask" in batch else None
+        state["mask"] = (batch["attention_mask"].bool() if isinstance(batch, dict) and "attention_mask" in batch
+                         else None)
         try:
             call(model, batch)
         except _Enough:
@@ -362,7 +365,8 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
             codebook_model_(model, config, filter_fn=lambda m, n: n in tied, importance=importance, configs=configs)
             for n, weight in exact.items():
                 cfg = (configs or {}).get(n, config)
-                count = _keep_exact(chosen[n].parametrizations.weight[0], masks[n], weight, TABLE_DTYPES[cfg.table_dtype])
+                count = _keep_exact(chosen[n].parametrizations.weight[0], masks[n], weight,
+                                    TABLE_DTYPES[cfg.table_dtype])
                 results[f"{n}.weight"] = {"outliers": count}
         order = _execution_order(model, batches[0], linears)
         stages = _stages(model, order)
@@ -379,8 +383,10 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
                 cfg = configs.get(name, config)
                 W = W.contiguous()
                 mask = select_outliers(W, torch.diagonal(H).clamp_min(0)[None, :], outliers)
-                fit = fit_codebook(W, H, cfg.bits, group_size=cfg.group_size if cfg.granularity == "per_group" else None,
-                                   per_tensor=cfg.granularity == "per_tensor", table_dtype=TABLE_DTYPES[cfg.table_dtype],
+                fit = fit_codebook(W, H, cfg.bits,
+                                   group_size=cfg.group_size if cfg.granularity == "per_group" else None,
+                                   per_tensor=cfg.granularity == "per_tensor",
+                                   table_dtype=TABLE_DTYPES[cfg.table_dtype],
                                    alternations=alternations, outliers=mask)
                 tables = fit.tables.reshape(-1, fit.tables.shape[2]).to(module.weight.dtype)
                 W = W.clone()  # the parametrization below replaces the weight this views

@@ -117,7 +117,8 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
 
 def _check_fraction(outliers) -> None:
     if isinstance(outliers, bool) or not isinstance(outliers, (int, float)) or not 0 <= outliers < 0.5:
-        raise ValueError(f"--outliers\n  expected: a fraction of the weights in [0, 0.5), e.g. 0.005\n  got: {outliers!r}")
+        raise ValueError("--outliers\n  expected: a fraction of the weights in [0, 0.5), e.g. 0.005\n"
+                         f"  got: {outliers!r}")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -263,7 +264,8 @@ def compress_records(src, settings: dict, plan, rep, seconds: float, evaluation=
         "Settings (`weightshare_recipe.yml`; `weightshare compress SRC --recipe weightshare_recipe.yml` makes it "
         "again):", "", "```yaml", text.rstrip(), "```", ""])
     if evaluation is not None:
-        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in evaluation.metrics.items())
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in evaluation.metrics.items())
         card += (f"\nMeasured against `{src}` on {evaluation.texts} texts (`weightshare eval`, {evaluation.kind}): "
                  f"{figures}.\n")
     return {"weightshare_recipe.yml": text, "README.md": card}

@@ -213,8 +213,9 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits:
 
     try:
         result = train(student, x[tr], y[tr], TrainConfig(epochs=epochs, batch_size=batch, optimizer="adam", lr=lr,
-                                                          schedule="cosine", warmup_steps=min(config.warmup_steps,
-                                                                                               epochs * steps_per_epoch),
+                                                          schedule="cosine",
+                                                          warmup_steps=min(config.warmup_steps,
+                                                                           epochs * steps_per_epoch),
                                                           seed=config.seed),
                        loss_fn=loss_fn, desc="table fine-tuning", params=params, on_epoch=on_epoch)
     finally:

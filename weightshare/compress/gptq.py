@@ -226,7 +226,8 @@ def fit_codebook(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | 
         n_groups, gs = 1, K
     else:
         if K % group_size:
-            raise ValueError(f"group_size must divide the row length\n  expected: a divisor of {K}\n  got: {group_size}")
+            raise ValueError(f"group_size must divide the row length\n  expected: a divisor of {K}\n"
+                             f"  got: {group_size}")
         n_groups, gs = K // group_size, group_size
     col_group = torch.arange(K) // gs
     imp = diag[None, :].expand(rows, K)

@@ -50,9 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ENV", "ISAS", "COMPUTES", "Layout", "Plan", "isa", "available", "bf16_supported", "amx_supported", "describe",
-           "encode_stream", "labels_of", "linear", "linear_eager", "embedding", "decode", "pad_tables", "layout_bits",
-           "table_entries", "row_bytes", "fused_max"]
+__all__ = ["ENV", "ISAS", "COMPUTES", "Layout", "Plan", "isa", "available", "bf16_supported", "amx_supported",
+           "describe", "encode_stream", "labels_of", "linear", "linear_eager", "embedding", "decode", "pad_tables",
+           "layout_bits", "table_entries", "row_bytes", "fused_max"]
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +391,8 @@ def _linear_impl(x, indices, tables, bias, in_features, bits, compute):
     N, lbits, entries, group, stride = _geometry(indices, tables, in_features, bits)
     K = in_features
     if x.shape[-1] != K:
-        raise ValueError(f"codebook linear: input features\n  expected: {K}\n  got: {x.shape[-1]} (input shape {tuple(x.shape)})")
+        raise ValueError(f"codebook linear: input features\n  expected: {K}\n"
+                         f"  got: {x.shape[-1]} (input shape {tuple(x.shape)})")
     lead = x.shape[:-1]
     out_dtype = x.dtype
     x2 = _as_rows(x, K)
@@ -457,8 +458,9 @@ def linear_eager(plan: Plan, x, indices, tables, bias, in_features: int, bits: i
     if x.dtype in (torch.bfloat16, torch.float16) and x.is_cpu and path != "torch":  # a model cast with .to(dtype)
         return linear_eager(plan, x.float(), indices, tables, bias, in_features, bits, compute).to(x.dtype)
     if (path == "torch" or x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu
-            or x.shape[-1] != in_features or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
-                                                                    or not bias.is_cpu))):
+            or x.shape[-1] != in_features
+            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
+                                      or not bias.is_cpu))):
         return linear(x, indices, tables, bias, in_features, bits, compute)
     address, N = plan.get(indices, tables, in_features, bits)
     if bias is not None and bias.shape != (N,):
@@ -544,17 +546,20 @@ def linear(x: torch.Tensor, indices: torch.Tensor, tables: torch.Tensor, bias: t
     return torch.ops.weightshare.codebook_linear(x, indices, tables, bias, in_features, bits, COMPUTES.index(compute))
 
 
-def embedding(ids: torch.Tensor, indices: torch.Tensor, tables: torch.Tensor, in_features: int, bits: int) -> torch.Tensor:
+def embedding(ids: torch.Tensor, indices: torch.Tensor, tables: torch.Tensor, in_features: int,
+              bits: int) -> torch.Tensor:
     """Rows ``ids`` of W decoded, fp32 (*ids.shape, K)."""
     return torch.ops.weightshare.codebook_rows(ids, indices, tables, in_features, bits)
 
 
 def decode(indices: torch.Tensor, tables: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The whole weight, fp32 (out_features, in_features): for export and inspection, never the forward pass."""
-    return embedding(torch.arange(layout.out_features, device=_CPU_DEVICE), indices, tables, layout.in_features, layout.bits)
+    return embedding(torch.arange(layout.out_features, device=_CPU_DEVICE), indices, tables, layout.in_features,
+                     layout.bits)
 
 
-def sparse_add_(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+def sparse_add_(y: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                val: torch.Tensor) -> torch.Tensor:
     """``y += x · Sᵀ`` for the CSR matrix S (row pointer ``crow``, columns ``col``, int64; values ``val``, fp32):
     x (M, K), y (M, N); the native loop for fp32, contiguous, gradient-free inputs, torch's sparse product
     otherwise (the forced torch path, autograd: gradients reach x)."""

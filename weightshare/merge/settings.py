@@ -30,8 +30,8 @@ from typing import Any, Iterator
 
 from weightshare.errors import clip
 
-__all__ = ["is_scalar", "is_conditions", "gradient_ok", "problems", "resolve", "leaves", "layer_positions", "per_tensor",
-           "unmatched_filters"]
+__all__ = ["is_scalar", "is_conditions", "gradient_ok", "problems", "resolve", "leaves", "layer_positions",
+           "per_tensor", "unmatched_filters"]
 
 MAX_ANCHORS = 4096  # a gradient longer than any layer stack is a mistake, not a setting
 MAX_DEPTH = 8  # conditions nest at most this deep

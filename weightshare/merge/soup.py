@@ -15,9 +15,10 @@ only the best ingredient.
 
 Float tensors (BatchNorm running statistics included) are averaged in float32 and
 cast back to the ingredient's dtype (a tensor equal in every ingredient, e.g. a
-frozen one, is copied exactly: a float32 mean of equal values can round); integer and bool tensors (``num_batches_tracked``,
-position ids) are never averaged: they are copied from the first ingredient, which
-in a greedy soup is the best one (the merge package's buffer policy).
+frozen one, is copied exactly: a float32 mean of equal values can round); integer
+and bool tensors (``num_batches_tracked``, position ids) are never averaged: they
+are copied from the first ingredient, which in a greedy soup is the best one (the
+merge package's buffer policy).
 """
 
 from __future__ import annotations

@@ -203,7 +203,8 @@ def _refuse_conflicts(planned: list[tuple[str, str]], source: dict, group_of: di
     for s, d in planned:
         where = group_of.get(d, ("name", d))
         feeders.setdefault(where, {}).setdefault(_key(source[s]), []).append((s, d))
-    conflicts = [sorted(p for pairs in by_src.values() for p in pairs) for by_src in feeders.values() if len(by_src) > 1]
+    conflicts = [sorted(p for pairs in by_src.values() for p in pairs)
+                 for by_src in feeders.values() if len(by_src) > 1]
     if conflicts:
         lines = [", ".join(f"{s} -> {d}" for s, d in c) for c in conflicts]
         raise ValueError(f"transfer: {len(conflicts)} conflict(s), nothing was copied: different source tensors "

@@ -64,7 +64,8 @@ class BasisConfig:
         if isinstance(self.layers, str):
             self.layers = [self.layers]
         if not self.layers or not all(isinstance(p, str) for p in self.layers):
-            raise ValueError(f"BasisConfig.layers\n  expected: names or glob patterns of weights\n  got: {self.layers!r}")
+            raise ValueError("BasisConfig.layers\n  expected: names or glob patterns of weights\n"
+                             f"  got: {self.layers!r}")
         if isinstance(self.num_bases, bool) or not isinstance(self.num_bases, int) or self.num_bases < 1:
             raise ValueError(f"BasisConfig.num_bases\n  expected: a positive integer\n  got: {self.num_bases!r}")
         if self.form not in FORMS:
@@ -85,7 +86,8 @@ def basis_params(form: str, layers: int, out: int, inp: int, rank: int, side: st
 
 
 def resolve_side(side: str, out: int, inp: int) -> str:
-    """"auto": share the larger side, where the basis saves the most (a wide FFN output projection shares its input side)."""
+    """"auto": share the larger side, where the basis saves the most (a wide FFN output projection shares its
+    input side)."""
     return ("left" if out >= inp else "right") if side == "auto" else side
 
 
@@ -132,10 +134,12 @@ def _group(model: nn.Module, config: BasisConfig) -> list[str]:
         raise ValueError(f"basis: {names[0]} has shape {tuple(first.shape)}\n  expected: 2-D (out, in) weights")
     out, inp = first.shape
     side = resolve_side(config.side, out, inp)
-    limit = len(names) if config.form == "mix" else (min(out, len(names) * inp) if side == "left" else min(inp, len(names) * out))
+    limit = len(names) if config.form == "mix" else (min(out, len(names) * inp) if side == "left"
+                                                     else min(inp, len(names) * out))
     if config.num_bases > limit:
         raise ValueError(f"basis: {config.num_bases} bases for {len(names)} weights of shape {tuple(first.shape)}\n"
-                         f"  expected: at most {limit} ({'one template per layer' if config.form == 'mix' else 'the rank of the stacked weights'})")
+                         f"  expected: at most {limit} "
+                         f"({'one template per layer' if config.form == 'mix' else 'the rank of the stacked weights'})")
     return names
 
 
@@ -284,7 +288,8 @@ class BasisMap(SharingMap):
         shared = shared_parameter(fetch(entry["basis"]), requires_grad=weight.requires_grad)
         coef = fetch(f"{name}.__coef")
         unmeta_(module, attr)
-        parametrize.register_parametrization(module, attr, _class(entry["form"], entry["side"])(shared, coef), unsafe=True)
+        parametrize.register_parametrization(module, attr, _class(entry["form"], entry["side"])(shared, coef),
+                                             unsafe=True)
 
     def decode(self, name, entry, fetch) -> torch.Tensor:
         shared, coef = fetch(entry["basis"]), fetch(f"{name}.__coef")

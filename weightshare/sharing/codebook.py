@@ -80,7 +80,8 @@ class CodebookConfig:
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
             raise ValueError(f"CodebookConfig.bits must be an integer in 1..8\n  got: {self.bits!r}")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"CodebookConfig.granularity\n  expected one of: {GRANULARITIES}\n  got: {self.granularity!r}")
+            raise ValueError(f"CodebookConfig.granularity\n  expected one of: {GRANULARITIES}\n"
+                             f"  got: {self.granularity!r}")
         if self.granularity == "per_group":
             if not _is_int(self.group_size) or self.group_size < 1:
                 raise ValueError(
@@ -92,12 +93,14 @@ class CodebookConfig:
                 f"  got: group_size={self.group_size} with granularity={self.granularity!r}"
             )
         if self.table_dtype not in TABLE_DTYPES:
-            raise ValueError(f"CodebookConfig.table_dtype\n  expected one of: {sorted(TABLE_DTYPES)}\n  got: {self.table_dtype!r}")
+            raise ValueError(f"CodebookConfig.table_dtype\n  expected one of: {sorted(TABLE_DTYPES)}\n"
+                             f"  got: {self.table_dtype!r}")
         if self.version != 1 or not _is_int(self.version):
             raise ValueError(f"CodebookConfig.version\n  expected: 1 (this release)\n  got: {self.version!r}")
 
 
-def group_layout(shape: torch.Size | tuple, granularity: str, group_size: int | None, name: str = "weight") -> tuple[int, int]:
+def group_layout(shape: torch.Size | tuple, granularity: str, group_size: int | None,
+                 name: str = "weight") -> tuple[int, int]:
     """(number of groups, weights per group); groups are contiguous runs of the row-major weight.
 
     Rows are the first dimension (output channels of Linear/Conv, tokens of Embedding).
@@ -327,7 +330,8 @@ def codebook_(module: nn.Module, name: str = "weight", config: CodebookConfig | 
 
 
 def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
-    """Modules whose ``weight`` a codebook applies to: Linear (and transformers' Conv1D), Embedding, Conv, not yet shared."""
+    """Modules whose ``weight`` a codebook applies to: Linear (and transformers' Conv1D), Embedding, Conv, not
+    yet shared."""
     chosen = []
     for fqn, module in model.named_modules():
         supported = isinstance(module, SUPPORTED_MODULES) or is_transposed_linear(module)
@@ -387,7 +391,8 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
         _check_weight(f"{fqn}.weight", module.weight, config, is_transposed_linear(module))
         imp = importance.get(f"{fqn}.weight")
         if imp is not None and tuple(imp.shape) != tuple(module.weight.shape):
-            raise ValueError(f"{fqn}.weight: importance shape\n  expected: {tuple(module.weight.shape)}\n  got: {tuple(imp.shape)}")
+            raise ValueError(f"{fqn}.weight: importance shape\n  expected: {tuple(module.weight.shape)}\n"
+                             f"  got: {tuple(imp.shape)}")
         group = owners.setdefault(id(module.weight), [])
         if not group:
             first.append((fqn, module))
@@ -464,7 +469,8 @@ def outlier_index_dtype(numel: int) -> torch.dtype:
 
 
 def outlier_bytes(count: int, numel: int, config: CodebookConfig) -> int:
-    """What ``count`` outliers of a ``numel``-weight codebook take in the file: a position and a table-dtype value each."""
+    """What ``count`` outliers of a ``numel``-weight codebook take in the file: a position and a table-dtype
+    value each."""
     return count * (outlier_index_dtype(numel).itemsize + TABLE_DTYPES[config.table_dtype].itemsize)
 
 
@@ -569,7 +575,8 @@ class CodebookMap(SharingMap):
             detail += f" + {module.outliers.index.numel()} outliers"
         return {"detail": detail + " (packed)", "shape": module._dense_shape(), "params_stored": stored,
                 "bytes_dense": numel * module.weight_dtype.itemsize,
-                "bytes_packed": packed_size(numel, config.bits) + stored * esize + _outlier_bytes(module.outliers, numel, config)}
+                "bytes_packed": (packed_size(numel, config.bits) + stored * esize
+                                 + _outlier_bytes(module.outliers, numel, config))}
 
     def apply(self, model, config, filter_fn) -> None:
         codebook_model_(model, config, filter_fn)
@@ -661,13 +668,15 @@ class CodebookMap(SharingMap):
         cb, tables = plist[0], plist.original
         numel = math.prod(cb.shape)
         esize = table_storage_dtype(tables.detach(), cb.config).itemsize
-        detail = f"{cb.config.bits}-bit {cb.config.granularity}" + (f"({cb.config.group_size})" if cb.config.group_size else "")
+        detail = (f"{cb.config.bits}-bit {cb.config.granularity}"
+                  + (f"({cb.config.group_size})" if cb.config.group_size else ""))
         o = cb._outliers()
         if o is not None:
             detail += f" + {o.index.numel()} outliers"
         return {"detail": detail, "shape": cb.shape, "params_stored": tables.numel(),
                 "bytes_dense": numel * tables.element_size(),
-                "bytes_packed": packed_size(numel, cb.config.bits) + tables.numel() * esize + _outlier_bytes(o, numel, cb.config)}
+                "bytes_packed": (packed_size(numel, cb.config.bits) + tables.numel() * esize
+                                 + _outlier_bytes(o, numel, cb.config))}
 
 
 register_map(CodebookMap())

@@ -180,7 +180,8 @@ class _Hash(Parametrization):
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
             idx, sgn = _index_rows(r0, r1, self.cols, self.buckets, self.seed, self.hash, self.sign, self.group)
-            yield r0 * self.cols, r1 * self.cols, torch.from_numpy(idx).to(device), torch.from_numpy(sgn).to(device, dtype)
+            yield (r0 * self.cols, r1 * self.cols, torch.from_numpy(idx).to(device),
+                   torch.from_numpy(sgn).to(device, dtype))
 
     def expand(self, theta: torch.Tensor) -> torch.Tensor:
         theta = theta.contiguous()
@@ -233,7 +234,8 @@ def layer_seed(seed: int, name: str) -> int:
 def _check_weight(name: str, weight: torch.Tensor) -> None:
     rows, cols = _layout(weight.shape)
     if rows >= _MAX_SIDE or cols >= _MAX_SIDE:
-        raise ValueError(f"{name}: too large to hash\n  expected: rows and columns below 2**31\n  got: {tuple(weight.shape)}")
+        raise ValueError(f"{name}: too large to hash\n  expected: rows and columns below 2**31\n"
+                         f"  got: {tuple(weight.shape)}")
 
 
 def hash_(module: nn.Module, name: str = "weight", config: HashConfig | None = None, fqn: str | None = None,
@@ -314,7 +316,8 @@ class HashMap(SharingMap):
         if not shape or rows >= _MAX_SIDE or cols >= _MAX_SIDE:
             raise ValueError(f"shape {list(shape)}: rows and columns must be in [1, 2**31)")
         g = entry["group"]
-        if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= max(cols, 1) or cols % g or k * g >= _MAX_SIDE:
+        if (isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= max(cols, 1) or cols % g
+                or k * g >= _MAX_SIDE):
             raise ValueError(clip(f"group\n  expected: a divisor of the {cols} columns\n  got: {g!r}"))
         return {self.state_key(name): ({dtype}, (k * g,))}
 

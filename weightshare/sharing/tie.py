@@ -58,7 +58,8 @@ class TieConfig:
         for field in ("groups", "delta_rank"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if field == "groups" else 0):
-                raise ValueError(f"TieConfig.{field}\n  expected: an integer >= {1 if field == 'groups' else 0}\n  got: {v!r}")
+                raise ValueError(f"TieConfig.{field}\n  expected: an integer >= {1 if field == 'groups' else 0}\n"
+                                 f"  got: {v!r}")
 
 
 def tie_groups(names: list[str], groups: int, strategy: str) -> list[list[str]]:
@@ -109,7 +110,8 @@ def tie_(model: nn.Module, params: list[str], init: str = "first", groups: int =
         shape = named[names[0]].shape
         if len(shape) != 2 or delta_rank > min(shape):
             raise ValueError(f"tie: delta_rank {delta_rank} for weights of shape {tuple(shape)}\n"
-                             f"  expected: 2-D weights and a rank of at most {min(shape) if len(shape) == 2 else 'their smaller side'}")
+                             "  expected: 2-D weights and a rank of at most "
+                             f"{min(shape) if len(shape) == 2 else 'their smaller side'}")
     shared_params = []
     for part in parts:
         with torch.no_grad():
@@ -199,8 +201,9 @@ class TieMap(SharingMap):
         p, delta = plist[0], plist.original
         stored = delta.numel() + (0 if id(p.shared) in seen else p.shared.numel())
         seen.add(id(p.shared))
-        return {"detail": f"tied + rank-{delta.shape[1]} delta", "shape": tuple(p.shared.shape), "params_stored": stored,
-                "bytes_dense": p.shared.numel() * delta.element_size(), "bytes_packed": stored * delta.element_size()}
+        return {"detail": f"tied + rank-{delta.shape[1]} delta", "shape": tuple(p.shared.shape),
+                "params_stored": stored, "bytes_dense": p.shared.numel() * delta.element_size(),
+                "bytes_packed": stored * delta.element_size()}
 
 
 register_map(TieMap())
