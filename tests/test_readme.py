@@ -79,8 +79,9 @@ def test_readme_commands_run_as_written(tmp_path):
     for made in ("mini4/weightshare.safetensors", "mini4-dense/config.json",
                  "mini4-shards/model.safetensors.index.json", "mini3/weightshare.safetensors",
                  "mini-8mb/weightshare.safetensors", "mini4-free/weightshare.safetensors",
-                 "pareto.png", "merged/mergekit_config.yml", "m/config.json"):
+                 "merged/mergekit_config.yml", "m/config.json"):
         assert (out / made).exists(), made
     assert (out / "mini-8mb" / "weightshare.safetensors").stat().st_size <= 8_000_000
     assert "top10_overlap" in proc.stdout  # the eval report
+    assert "all-MiniLM-L6-v2 on " in proc.stdout  # bench minilm's table
     assert (tmp_path / "cotrain.json").is_file()
