@@ -29,7 +29,8 @@ setup(
         Extension(
             "weightshare._kmeans_core",
             sources=["weightshare/_kmeans.c"],
-            extra_compile_args=["-O3", "-std=c99"],
+            extra_compile_args=["-O3", "-std=c99", "-pthread"],
+            extra_link_args=["-pthread"],
         ),
         Extension(  # HashedNets: weights expanded from their buckets with the hash recomputed, never stored
             "weightshare._hash_core",

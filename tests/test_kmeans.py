@@ -201,3 +201,20 @@ def test_rows_of_model_width_match_full_dp(n, kind):
         dist = np.abs(x[r][:, None] - centroids[r][None, :])
         assert np.allclose(dist[np.arange(n), labels[r]], dist.min(axis=1), rtol=0, atol=1e-15)
         assert labels[r].max() < np.unique(x[r]).size
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_large_problem_split_over_threads_is_bit_identical(weighted):
+    """One row's layers run on 2^depth threads (halves of >= 8192 points each); the split points are the
+    single thread's, so centroids and SSE must be equal bit for bit for any thread count."""
+    from weightshare.kmeans import _solve
+
+    rng = np.random.default_rng(5)
+    x = np.unique(np.concatenate([rng.standard_normal(40_000), 6 * rng.standard_t(3, 2_000)]))
+    w = rng.random(x.size) + 0.01 if weighted else None
+    offsets = np.array([0, x.size], dtype=np.int64)
+    c1, n1, s1 = _solve(x, w, offsets, 16, threads=1)
+    for threads in (2, 3, 4):
+        c, n, s = _solve(x, w, offsets, 16, threads=threads)
+        assert n[0] == n1[0] == 16
+        assert np.array_equal(c, c1) and s[0] == s1[0], threads

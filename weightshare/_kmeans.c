@@ -8,11 +8,14 @@
  *
  * This file is plain C with no Python API: weightshare/kmeans.py loads it
  * with ctypes, which releases the GIL, so batches of rows are solved on
- * several threads from Python.  PyInit_ exists only so that setuptools can
+ * several threads from Python.  One large problem (a whole tensor of
+ * distinct fp32 values) is split instead inside each layer: the two halves
+ * of a divide-and-conquer step are independent, so they run on threads.  PyInit_ exists only so that setuptools can
  * build and locate it as an extension module.
  */
 #include <Python.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,6 +113,57 @@ static void layer_dc(const prefix_t *p, const double *Dp, double *Dc, int32_t *T
     }
 }
 
+/* layer_dc with the top `depth` levels of its recursion split over threads:
+   after the middle point's argmin is known, the left half runs on a new
+   thread while this one takes the right.  The split points are the ones
+   layer_dc itself would take, so the result is bit for bit the same for any
+   number of threads.  Halves shorter than PAR_MIN points stay on one thread
+   (a thread costs tens of microseconds; a point about 20 ns). */
+#define PAR_MIN 8192
+typedef struct {
+    const prefix_t *p;
+    const double *Dp;
+    double *Dc;
+    int32_t *T;
+    const int32_t *Tp;
+    int64_t tphi, lo, hi, optlo, opthi;
+    int depth;
+} dc_job;
+
+static void layer_dc_par(const dc_job *job);
+
+static void *dc_thread(void *arg) {
+    layer_dc_par((const dc_job *)arg);
+    return NULL;
+}
+
+static void layer_dc_par(const dc_job *job) {
+    const int64_t lo = job->lo, hi = job->hi;
+    if (job->depth <= 0 || hi - lo < 2 * PAR_MIN) {
+        layer_dc(job->p, job->Dp, job->Dc, job->T, job->Tp, job->tphi, lo, hi, job->optlo, job->opthi);
+        return;
+    }
+    int64_t mid = lo + (hi - lo) / 2;
+    int64_t jhi = job->opthi < mid - 1 ? job->opthi : mid - 1;
+    int64_t jlo = job->optlo;
+    if (job->Tp) {
+        int32_t t = job->Tp[mid < job->tphi ? mid : job->tphi];
+        if (t > jlo) jlo = t;
+    }
+    double best;
+    int64_t bj = best_split(job->p, job->Dp, mid, jlo, jhi, &best);
+    job->Dc[mid] = best;
+    job->T[mid] = (int32_t)bj;
+    dc_job left = *job, right = *job;
+    left.hi = mid - 1; left.opthi = bj; left.depth = job->depth - 1;
+    right.lo = mid + 1; right.optlo = bj; right.depth = job->depth - 1;
+    pthread_t th;
+    int spawned = pthread_create(&th, NULL, dc_thread, &left) == 0;
+    if (!spawned) layer_dc_par(&left); /* no thread to be had: the same work, in turn */
+    layer_dc_par(&right);
+    if (spawned) pthread_join(th, NULL);
+}
+
 /* Fill Dc[i], T[i] for i in [lo, hi] by a downward sweep with Knuth's two bounds
    opt[c-1][i] <= opt[c][i] <= opt[c][i+1].  No recursion and no bookkeeping per i,
    but the band between the bounds is about i / (c (c-1)) wide: it beats divide and
@@ -137,11 +191,11 @@ static void layer_sweep(const prefix_t *p, const double *Dp, double *Dc, int32_t
  * allocation failure.  *sse receives the optimal weighted SSE.
  * scratch must hold 7*(n+1) doubles; T must hold k*(n+1) int32.  With unit
  * weights (ws NULL), inv[d] = 1/d for d <= n and counts holds n+1 int32;
- * otherwise inv is NULL.
+ * otherwise inv is NULL.  Each layer runs on up to 2^depth threads.
  */
 static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t k,
                          double *centroids, double *sse, double *scratch, int32_t *counts,
-                         const double *inv, int32_t *T) {
+                         const double *inv, int32_t *T, int depth) {
     double *u = scratch, *P0 = scratch + (n + 1), *P1 = scratch + 2 * (n + 1),
            *P2 = scratch + 3 * (n + 1), *Da = scratch + 4 * (n + 1), *Db = scratch + 5 * (n + 1),
            *E = scratch + 6 * (n + 1);
@@ -190,8 +244,10 @@ static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t 
                at m = 384 and 1536, k = 16) */
             if (Tp && 10 * c * (c - 1) >= m)
                 layer_sweep(&p, Dp, Dc, Tc, Tp, m - (kk - c) - 1, c, m - (kk - c), c - 1);
-            else
-                layer_dc(&p, Dp, Dc, Tc, Tp, m - (kk - c) - 1, c, m - (kk - c), c - 1, m - 1);
+            else {
+                dc_job job = {&p, Dp, Dc, Tc, Tp, m - (kk - c) - 1, c, m - (kk - c), c - 1, m - 1, depth};
+                layer_dc_par(&job);
+            }
         } else { /* the last layer is needed at i = m only */
             double best;
             int64_t j0 = Tp && Tp[m - 1] > c - 1 ? Tp[m - 1] : c - 1;
@@ -217,11 +273,15 @@ static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t 
  * Solve rows r0..r1-1 of a batch.  Row r holds the sorted values
  * xs[offsets[r] .. offsets[r+1]) and weights ws at the same positions
  * (ws may be NULL for unit weights).  centroids is R*k, nclusters and sse R.
+ * threads > 1 splits each row's layers over that many threads (for one large
+ * row; batches of small rows are split over threads by the caller instead).
  * Returns 0, or -1 when memory could not be allocated.
  */
 int ws_kmeans1d_batch(const double *xs, const double *ws, const int64_t *offsets,
-                      int64_t r0, int64_t r1, int64_t k,
+                      int64_t r0, int64_t r1, int64_t k, int64_t threads,
                       double *centroids, int64_t *nclusters, double *sse) {
+    int depth = 0;
+    while (depth < 6 && ((int64_t)1 << (depth + 1)) <= threads) depth++;
     int64_t nmax = 0;
     for (int64_t r = r0; r < r1; r++) {
         int64_t n = offsets[r + 1] - offsets[r];
@@ -243,7 +303,7 @@ int ws_kmeans1d_batch(const double *xs, const double *ws, const int64_t *offsets
     for (int64_t r = r0; r < r1; r++) {
         int64_t o = offsets[r], n = offsets[r + 1] - o;
         nclusters[r] = solve_one(xs + o, ws ? ws + o : NULL, n, k,
-                                 centroids + r * k, sse + r, scratch, counts, inv, T);
+                                 centroids + r * k, sse + r, scratch, counts, inv, T, depth);
     }
     free(scratch);
     free(T);

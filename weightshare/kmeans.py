@@ -34,7 +34,7 @@ def _load_core() -> ctypes.CDLL:
     i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
     c64 = ctypes.c_int64
     lib.ws_kmeans1d_batch.restype = ctypes.c_int
-    lib.ws_kmeans1d_batch.argtypes = [f64, ctypes.c_void_p, i64, c64, c64, c64, f64, i64, f64]
+    lib.ws_kmeans1d_batch.argtypes = [f64, ctypes.c_void_p, i64, c64, c64, c64, c64, f64, i64, f64]
     lib.ws_assign_batch.restype = ctypes.c_int
     lib.ws_assign_batch.argtypes = [f64, c64, f64, i64, c64, c64, c64, i32]
     return lib
@@ -71,8 +71,11 @@ def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, t
     sse = np.zeros(n_rows)
     wptr = ws.ctypes.data if ws is not None else None
 
+    # one row: its layers are split over threads inside C; many rows: the rows are
+    inner = threads if n_rows == 1 else 1
+
     def run(span):
-        if _core.ws_kmeans1d_batch(xs, wptr, offsets, span[0], span[1], k, centroids, nclusters, sse):
+        if _core.ws_kmeans1d_batch(xs, wptr, offsets, span[0], span[1], k, inner, centroids, nclusters, sse):
             raise MemoryError("kmeans1d: could not allocate the dynamic-programming table")
 
     # several spans per thread: rows differ in cost, so finer spans balance load
