@@ -187,10 +187,12 @@ def _result(system: str, proc: subprocess.CompletedProcess) -> dict:
     return {"system": system, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
-def _measure(system: str, path: str, save: str = "") -> dict:
-    """One load in a fresh process; ``save``: where the child writes its embeddings (.npy), if anywhere."""
-    return _result(system, subprocess.run(_child_argv(system, path, save), capture_output=True, text=True,
-                                          env=_child_env()))
+def run_child(early: dict[str, EarlyChild], system: str, argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    """A system's turn to measure: its early child if one was started (taken out of ``early``), else a fresh
+    process on ``argv``."""
+    if system in early:
+        return early.pop(system).run()
+    return subprocess.run(argv, capture_output=True, text=True, env=env)
 
 
 ORDER = 30  # its place in `weightshare bench --help` (the README's order)
@@ -230,10 +232,8 @@ def main(quick: bool = False) -> dict:
             for rep in range(repetitions):
                 for system in SYSTEMS:  # alternating, so drift on the shared machine hits both alike
                     save = str(Path(tmp) / f"{system}.npy") if rep == 0 else ""
-                    if system in early:
-                        r = _result(system, early.pop(system).run())
-                    else:
-                        r = _measure(system, packed_dir if system == "packed" else dense_dir, save)
+                    path = packed_dir if system == "packed" else dense_dir
+                    r = _result(system, run_child(early, system, _child_argv(system, path, save), _child_env()))
                     runs.append({"repetition": rep + 1, **r})
                     print(f"  {rep + 1}/{repetitions} {system:6s} load {r['load_seconds']:.3f} s, encode "
                           f"{r['encode_seconds']:.3f} s, peak RSS +{r['peak_rss_load_mb']:.1f} MB (load), "

