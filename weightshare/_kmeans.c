@@ -31,6 +31,7 @@ typedef struct {
     const int32_t *C;
     const double *inv;
     double *E;
+    int distinct; /* C[j] == j: unit weights, no value repeated */
 } prefix_t;
 
 static inline double seg_cost(const prefix_t *p, int64_t j, int64_t i) {
@@ -49,6 +50,17 @@ static inline int64_t best_split(const prefix_t *p, const double *Dp, int64_t i,
     const double P0i = p->P0[i], P1i = p->P1[i], P2i = p->P2[i];
     double best = INFINITY;
     int64_t bj = jlo;
+    if (p->inv && p->distinct) {
+        /* every point counted once: the weight of points j..i-1 is i - j */
+        const double *E = p->E, *P1 = p->P1, *inv = p->inv + i;
+        for (int64_t j = jlo; j <= jhi; j++) {
+            double s = P1i - P1[j];
+            double v = E[j] - s * s * inv[-j];
+            if (v < best) { best = v; bj = j; }
+        }
+        *best_out = best + P2i;
+        return bj;
+    }
     if (p->inv) {
         const double *E = p->E, *P1 = p->P1, *inv = p->inv;
         const int32_t *C = p->C;
@@ -229,7 +241,7 @@ static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t 
     }
     /* unit weights: P0 holds whole counts, so the reciprocal table applies */
     if (inv) for (int64_t i = 0; i <= m; i++) counts[i] = (int32_t)P0[i];
-    prefix_t p = {P0, P1, P2, inv ? counts : NULL, inv, E};
+    prefix_t p = {P0, P1, P2, inv ? counts : NULL, inv, E, inv && m == n};
     int64_t kk = k < m ? k : m;
     double *Dp = Da, *Dc = Db;
     for (int64_t i = 0; i <= m; i++) Dp[i] = seg_cost(&p, 0, i);
