@@ -32,7 +32,7 @@ from safetensors import safe_open
 
 __all__ = ["DTYPES", "HEADER_DTYPES", "TORCH_DTYPES", "CODES", "HeaderError", "TensorSpan", "Header", "read_header",
            "read_bytes", "read_tensor", "read_chunks", "layout", "header_bytes", "file_size", "write_safetensors",
-           "staged_dir", "check_dest"]
+           "SHARD_INDEX", "shard_plan", "write_shards", "staged_dir", "check_dest"]
 
 # the dtypes weightshare reads and writes, by the names packed specs use (torch's, without "torch.")
 DTYPES: dict[str, torch.dtype] = {
@@ -223,6 +223,32 @@ def write_safetensors(path: str | os.PathLike, entries: list[Entry], tensors: It
                     raise RuntimeError(f"write_safetensors: {name} is {piece.dtype}, the header says {dtype}")
                 if piece.numel():
                     f.write(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def shard_plan(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size):
+    """How ``save_pretrained`` would split tensors of these shapes and dtypes into files of at most
+    ``max_shard_size`` (an int, or a string such as "500MB"): huggingface_hub's splitter, its file names.
+
+    Raises ValueError (the splitter's message) for a ``max_shard_size`` it cannot read."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}
+    return split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
+
+
+def write_shards(out: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], plan, tensors) -> None:
+    """Write the files of a ``shard_plan`` into ``out``, and ``model.safetensors.index.json`` when there are
+    several.  ``tensors(entries)`` yields one file's tensors in ``entries`` order (see ``write_safetensors``),
+    so nothing but the tensor being written is held."""
+    for filename, names in plan.filename_to_tensors.items():  # as safetensors lays a shard out
+        entries = layout((name, *shapes[name]) for name in names)
+        write_safetensors(out / filename, entries, tensors(entries), metadata={"format": "pt"})
+    if plan.is_sharded:
+        index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
+        (out / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- folders

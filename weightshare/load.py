@@ -12,7 +12,6 @@ model into the plain directory its source was.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -277,8 +276,6 @@ def export(path: str | os.PathLike, dest: str | os.PathLike,
     ``model.safetensors.index.json``; a shard index of the source is never copied.
     Tensors are decoded and written one at a time, and the folder is renamed into place at the end.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-
     dest = Path(dest)
     with PackedFile(path) as pf:
         if pf.source["kind"] == "module":
@@ -292,9 +289,8 @@ def export(path: str | os.PathLike, dest: str | os.PathLike,
         check_fit(skeleton(pf), pf)  # the export must be a model its config.json describes, nothing else
         pf.fetch_all()  # every checksum before the first byte is written
         shapes = pf.dense_shapes()
-        metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}
         try:
-            plan = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
+            plan = io.shard_plan(shapes, max_shard_size)
         except ValueError as exc:
             raise PackError(clip(f"export: max_shard_size {max_shard_size!r}: {exc}")) from None
         with io.staged_dir(dest) as tmp:
@@ -305,12 +301,7 @@ def export(path: str | os.PathLike, dest: str | os.PathLike,
             hub.strip_packed_config(tmp / pf.source["weights_subdir"])
             out = tmp / pf.source["weights_subdir"]
             out.mkdir(parents=True, exist_ok=True)
-            for filename, names in plan.filename_to_tensors.items():  # as safetensors lays a shard out
-                entries = io.layout((name, *shapes[name]) for name in names)
-                io.write_safetensors(out / filename, entries, _decoded(pf, entries), metadata={"format": "pt"})
-            if plan.is_sharded:
-                index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
-                (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            io.write_shards(out, shapes, plan, lambda entries: _decoded(pf, entries))
     return dest
 
 
