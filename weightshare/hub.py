@@ -150,6 +150,76 @@ def load_pretrained(src: str | os.PathLike) -> nn.Module:
     return model
 
 
+_RANDOM_PIECE = 1 << 22  # values drawn per step: fixes the stream, and bounds the float32 scratch to 16 MB
+
+
+class _RandomTensor:
+    """A seeded random tensor made piece by piece (``io.write_safetensors`` writes each piece as it is made)."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float):
+        import zlib
+
+        self.name, self.shape, self.dtype, self.std = name, tuple(shape), dtype, std
+        # its own stream per tensor name: the same values whatever the order, the shards or the other tensors
+        self.seed = (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
+
+    def __iter__(self):
+        n = math.prod(self.shape)
+        if len(self.shape) < 2:  # norms' scales start at one, biases at zero, as transformers initialises them
+            yield torch.full((n,), 0.0 if self.name.endswith("bias") else 1.0, dtype=self.dtype)
+            return
+        g = torch.Generator().manual_seed(self.seed)
+        for start in range(0, n, _RANDOM_PIECE):
+            m = min(_RANDOM_PIECE, n - start)
+            yield (torch.randn(m, generator=g) * self.std).to(self.dtype)
+
+    def materialize(self) -> torch.Tensor:
+        """The whole tensor (tests; a writer takes it piece by piece)."""
+        return torch.cat(list(self)).reshape(self.shape)
+
+
+def _meta_causal_lm(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def random_tensors(config, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, _RandomTensor]:
+    """The tensors ``save_pretrained`` would write for a causal LM of ``config`` (a transformers config), each a
+    seeded random tensor made on demand: matrices drawn from N(0, initializer_range), norm scales one, biases
+    zero.  The model is built on the meta device only, for its names and shapes: nothing is allocated."""
+    model = _meta_causal_lm(config)
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tied = every - {name for name, _ in model.named_parameters()}  # the second name of a tied weight
+    std = float(getattr(config, "initializer_range", 0.02))
+    return {name: _RandomTensor(name, tuple(t.shape), dtype, seed, std)
+            for name, t in model.state_dict().items() if name not in tied}
+
+
+def write_random_pretrained(config, dest: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                            max_shard_size: int | str = "5GB") -> Path:
+    """A transformers model directory (``config.json`` and safetensors shards with their index, as
+    ``save_pretrained`` writes them) holding a causal LM of ``config`` with seeded random weights.
+
+    The model is never built: tensors are drawn and written a piece at a time, so a 7 B model is written
+    with a few tens of MB of memory.  For memory and speed work on large models without a hub; the same
+    ``seed`` gives the same bytes.  The folder is renamed into place when complete.
+    """
+    from weightshare import io
+
+    tensors = random_tensors(config, seed, dtype)
+    shapes = {name: (t.shape, dtype) for name, t in tensors.items()}
+    plan = io.shard_plan(shapes, max_shard_size)
+    with io.staged_dir(dest) as tmp:
+        config = config.__class__.from_dict(config.to_dict())  # a copy: the caller's config is not changed
+        config.dtype = dtype
+        config.architectures = [type(_meta_causal_lm(config)).__name__]
+        config.save_pretrained(tmp)
+        io.write_shards(tmp, shapes, plan, lambda entries: (tensors[name] for name, _, _ in entries))
+    return Path(dest)
+
+
 def inner_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a SentenceTransformer (or the model itself)."""
     try:
