@@ -1,0 +1,49 @@
+"""A merge streams its tensors in pieces: its peak memory stays far below one tensor of the model."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = """
+import sys
+import torch, transformers, yaml, safetensors  # noqa: F401  (imports before the baseline)
+import weightshare as ws
+from transformers import LlamaConfig
+from weightshare.hub import write_random_pretrained
+
+tmp = sys.argv[1]
+config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=2)
+for seed in (1, 2):
+    write_random_pretrained(config, f"{tmp}/m{seed}", seed=seed)
+
+def status(key):
+    return int([line for line in open("/proc/self/status") if line.startswith(key)][0].split()[1]) // 1024
+
+def grown(run):
+    before = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # the peak counter restarts here
+        f.write("5")
+    run()
+    return status("VmHWM") - before
+
+print(grown(lambda: ws.merge([f"{tmp}/m1", f"{tmp}/m2"], "linear", weights=[0.5, 0.5], out=f"{tmp}/linear",
+                             dtype="bfloat16")),
+      grown(lambda: ws.merge([f"{tmp}/m2"], "ties", base=f"{tmp}/m1", weights=[1.0], out=f"{tmp}/ties",
+                             dtype="bfloat16", density=0.5)))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
+def test_merge_peak_is_below_one_embedding_matrix(tmp_path):
+    """The embedding is 32000 x 512: 32.8 MB in bf16, 65.5 MB in float32 (merges compute in float32).
+    Two such models merge (linear, and TIES on task vectors) with less extra memory than half of one bf16
+    embedding (8 MB measured for each)."""
+    out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    linear_mb, ties_mb = map(int, out.stdout.split()[-2:])
+    assert linear_mb < 16 and ties_mb < 16, (linear_mb, ties_mb)
+    for method in ("linear", "ties"):
+        assert (tmp_path / method / "model.safetensors").stat().st_size > 2 * 16_000_000
