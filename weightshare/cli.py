@@ -188,7 +188,7 @@ def _cotrain(args) -> None:
 def _bench(args) -> None:
     from weightshare.bench import run
 
-    run(args.name, quick=args.quick, as_json=args.json, plot=args.plot)
+    run(args.name, quick=args.quick, as_json=args.json, plot=args.plot, size=args.size)
 
 
 def _global_options(default) -> argparse.ArgumentParser:
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="last line of output: one JSON object of the figures")
     b.add_argument("--plot", default=None, metavar="PNG",
                    help="minilm: write the size-vs-fidelity (Pareto) chart, one line per method (needs matplotlib)")
+    b.add_argument("--size", default=None, metavar="NAME",
+                   help="scale: the model size, 1b (default) or 7b")
     b.set_defaults(func=_bench)
     return p
 

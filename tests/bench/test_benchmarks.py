@@ -105,12 +105,13 @@ def test_a_benchmark_file_added_to_the_package_path_is_listed_and_runs(tmp_path,
 
     (tmp_path / "toy_bench.py").write_text(TOY)
     (tmp_path / "toy_chart.py").write_text("def main(quick=False, plot=None):\n    return {'plot': plot}\n")
+    (tmp_path / "toy_sized.py").write_text("def main(quick=False, size='s'):\n    return {'size': size}\n")
     (tmp_path / "_toy_helper.py").write_text("raise AssertionError('a helper is never imported to list it')\n")
     monkeypatch.setattr(bench, "__path__", [*bench.__path__, str(tmp_path)])
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     try:
         found = bench.discover()
-        assert list(found)[0] == "toy-bench" and list(found)[-1] == "toy-chart"  # no ORDER: last
+        assert list(found)[0] == "toy-bench" and list(found)[-2:] == ["toy-chart", "toy-sized"]  # no ORDER: last
         assert "toy-helper" not in found and "-toy-helper" not in found
         assert found["toy-chart"].draws_chart and not found["toy-bench"].draws_chart
         capsys.readouterr()
@@ -120,6 +121,10 @@ def test_a_benchmark_file_added_to_the_package_path_is_listed_and_runs(tmp_path,
         assert bench.run("toy-chart", plot="c.png") == {"plot": "c.png"}
         with pytest.raises(ValueError, match=r"draws a chart \(minilm, toy-chart\)"):
             bench.run("toy-bench", plot="c.png")
+        assert found["toy-sized"].takes_size and not found["toy-chart"].takes_size
+        assert bench.run("toy-sized", size="xl") == {"size": "xl"}
+        with pytest.raises(ValueError, match=r"runs at sizes \(scale, toy-sized\)"):
+            bench.run("toy-bench", size="1b")
         (tmp_path / "toy_bench.py").write_text("ORDER = 'first'\n" + TOY)
         with pytest.raises(ValueError, match="toy_bench.py: ORDER\n  expected: a number"):
             bench.discover()

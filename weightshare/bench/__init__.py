@@ -7,7 +7,8 @@ name with ``-`` for ``_`` (``digits_arch.py`` is ``digits-arch``).  The file def
     ORDER = 120                       # optional: its place in listings (without one: last, by name)
 
     def main(quick: bool = False) -> dict:   # prints its tables, returns its figures
-        ...                                  # (``main(quick, plot)`` if it draws a chart: --plot FILE)
+        ...                                  # (``main(quick, plot)`` if it draws a chart: --plot FILE;
+                                             #  ``main(quick, size)`` if it runs at sizes: --size NAME)
 
 Nothing else is edited to add one.  The files are read (``ast``), not imported, to list them:
 importing a benchmark imports torch, and OMP_WAIT_POLICY must be set before that; ``run`` sets it,
@@ -37,6 +38,7 @@ class Benchmark:
     module: str  # the module ``run`` imports
     order: float  # its ORDER, or inf without one
     draws_chart: bool  # its main takes ``plot`` (--plot FILE)
+    takes_size: bool = False  # its main takes ``size`` (--size NAME)
 
 
 def discover() -> dict[str, Benchmark]:
@@ -50,7 +52,7 @@ def discover() -> dict[str, Benchmark]:
 
 
 def _read(module: str, path: str) -> Benchmark:
-    order, draws_chart = math.inf, False
+    order, params = math.inf, set()
     for node in ast.parse(Path(path).read_bytes(), filename=path).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ORDER" for t in node.targets):
             if not (isinstance(node.value, ast.Constant) and type(node.value.value) in (int, float)):
@@ -58,8 +60,8 @@ def _read(module: str, path: str) -> Benchmark:
                                  f"\n  got: {ast.unparse(node.value)}")
             order = node.value.value
         elif isinstance(node, ast.FunctionDef) and node.name == "main":
-            draws_chart = "plot" in {a.arg for a in node.args.args + node.args.kwonlyargs}
-    return Benchmark(module.rpartition(".")[2].replace("_", "-"), module, order, draws_chart)
+            params = {a.arg for a in node.args.args + node.args.kwonlyargs}
+    return Benchmark(module.rpartition(".")[2].replace("_", "-"), module, order, "plot" in params, "size" in params)
 
 
 _FOUND = discover()
@@ -67,18 +69,23 @@ NAMES = tuple(_FOUND)  # what the CLI lists; ``run`` looks again, so a file adde
 PLOTS = tuple(name for name, b in _FOUND.items() if b.draws_chart)  # the benchmarks that draw a chart (--plot FILE)
 
 
-def run(name: str, quick: bool = False, as_json: bool = False, plot: str | None = None) -> dict:
+def run(name: str, quick: bool = False, as_json: bool = False, plot: str | None = None,
+        size: str | None = None) -> dict:
     found = discover()
     if name not in found:
         raise ValueError(f"unknown benchmark\n  expected one of: {', '.join(found)}\n  got: {name!r}")
     if plot and not found[name].draws_chart:
         charts = ", ".join(n for n, b in found.items() if b.draws_chart)
         raise ValueError(f"bench {name}: --plot\n  expected: a benchmark that draws a chart ({charts})")
+    if size and not found[name].takes_size:
+        sized = ", ".join(n for n, b in found.items() if b.takes_size)
+        raise ValueError(f"bench {name}: --size\n  expected: a benchmark that runs at sizes ({sized})")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the benchmarks' subprocesses
     print(omp_wait_policy_line(os.environ["OMP_WAIT_POLICY"], _startup_environ()), flush=True)
     module = importlib.import_module(found[name].module)
-    figures = module.main(quick=quick, plot=plot) if plot else module.main(quick=quick)
+    options = {key: value for key, value in (("plot", plot), ("size", size)) if value}
+    figures = module.main(quick=quick, **options)
     if as_json:
         print(json.dumps(figures))
     return figures
