@@ -218,3 +218,25 @@ def test_one_large_problem_split_over_threads_is_bit_identical(weighted):
         c, n, s = _solve(x, w, offsets, 16, threads=threads)
         assert n[0] == n1[0] == 16
         assert np.array_equal(c, c1) and s[0] == s1[0], threads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rows_of_a_half_tensor_converted_a_span_at_a_time_match_the_float64_rows(dtype):
+    """Rows go to float64 a span (about 1 M values) at a time: a 2400 x 512 tensor is several spans, and the
+    result is the one of the whole float64 array; uint8 labels equal the int32 ones."""
+    torch.manual_seed(3)
+    x = (torch.randn(2400, 512) * 0.02).to(dtype)
+    c64, l64 = kmeans1d_rows(x.double().numpy(), 16)
+    c, lab = kmeans1d_rows(x, 16, label_dtype=np.uint8)
+    assert lab.dtype == np.uint8 and np.array_equal(lab, l64) and np.array_equal(c, c64)
+    w = torch.rand(2400, 512)
+    cw, lw = kmeans1d_rows(x, 16, weights=w)
+    cw64, lw64 = kmeans1d_rows(x.double().numpy(), 16, weights=w.numpy())
+    assert lw.dtype == np.int32 and np.array_equal(lw, lw64) and np.array_equal(cw, cw64)
+
+
+def test_rows_label_dtype_must_hold_every_label():
+    with pytest.raises(ValueError, match="cannot hold labels up to 255"):
+        kmeans1d_rows(np.random.default_rng(0).standard_normal((4, 300)), 256, label_dtype=np.int8)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        kmeans1d_rows(torch.tensor([[0.0, float("nan")]], dtype=torch.bfloat16), 2)

@@ -220,7 +220,9 @@ class _Codebook(Parametrization):
 
     def initial(self, weight: torch.Tensor) -> torch.Tensor:
         k = 1 << self.config.bits
-        w, imp = weight.detach().float(), self._importance
+        w, imp = weight.detach(), self._importance
+        if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):  # clustered as float32 values
+            w = w.float()
         if self.transposed:
             w, imp = w.t(), None if imp is None else imp.t()
         w = w.reshape(self.n_groups, self.group_len)
@@ -229,13 +231,14 @@ class _Codebook(Parametrization):
         if self.n_groups == 1 and table_dtype != torch.float32:
             # one big table: cluster the weights as the table dtype rounds them, which turns
             # millions of distinct fp32 values into a histogram of at most 65,536 bins
-            centroids, labels = kmeans1d(w.to(table_dtype), k, weights=imp)
+            centroids, labels = kmeans1d(w.float().to(table_dtype), k, weights=imp)
             centroids = np.concatenate([centroids, np.full(k - centroids.size, centroids[-1])])[None, :]
             labels = labels.reshape(1, -1)
         else:
-            centroids, labels = kmeans1d_rows(w, k, weights=imp)
+            # rows go to float64 a span at a time inside: no float32 or float64 copy of the whole weight
+            centroids, labels = kmeans1d_rows(w, k, weights=imp, label_dtype=np.uint8)
         tables = torch.from_numpy(centroids).to(table_dtype).to(weight.dtype)
-        self.codes = self._encode(torch.from_numpy(labels.astype(np.uint8)).reshape(-1))
+        self.codes = self._encode(torch.from_numpy(labels.astype(np.uint8, copy=False)).reshape(-1))
         return tables
 
 
