@@ -10,8 +10,9 @@
  * with ctypes, which releases the GIL, so batches of rows are solved on
  * several threads from Python.  One large problem (a whole tensor of
  * distinct fp32 values) is split instead inside each layer: the two halves
- * of a divide-and-conquer step are independent, so they run on threads.  PyInit_ exists only so that setuptools can
- * build and locate it as an extension module.
+ * of a divide-and-conquer step are independent, so they run on threads.
+ * PyInit_ exists only so that setuptools can build and locate it as an
+ * extension module.
  */
 #include <Python.h>
 #include <math.h>

@@ -189,7 +189,10 @@ def random_tensors(config, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -
     """The tensors ``save_pretrained`` would write for a causal LM of ``config`` (a transformers config), each a
     seeded random tensor made on demand: matrices drawn from N(0, initializer_range), norm scales one, biases
     zero.  The model is built on the meta device only, for its names and shapes: nothing is allocated."""
-    model = _meta_causal_lm(config)
+    return _random_tensors_of(_meta_causal_lm(config), config, seed, dtype)
+
+
+def _random_tensors_of(model: nn.Module, config, seed: int, dtype: torch.dtype) -> dict[str, _RandomTensor]:
     every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     tied = every - {name for name, _ in model.named_parameters()}  # the second name of a tied weight
     std = float(getattr(config, "initializer_range", 0.02))
@@ -208,13 +211,14 @@ def write_random_pretrained(config, dest: str | os.PathLike, seed: int = 0, dtyp
     """
     from weightshare import io
 
-    tensors = random_tensors(config, seed, dtype)
+    model = _meta_causal_lm(config)
+    tensors = _random_tensors_of(model, config, seed, dtype)
     shapes = {name: (t.shape, dtype) for name, t in tensors.items()}
     plan = io.shard_plan(shapes, max_shard_size)
     with io.staged_dir(dest) as tmp:
         config = config.__class__.from_dict(config.to_dict())  # a copy: the caller's config is not changed
         config.dtype = dtype
-        config.architectures = [type(_meta_causal_lm(config)).__name__]
+        config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
         io.write_shards(tmp, shapes, plan, lambda entries: (tensors[name] for name, _, _ in entries))
     return Path(dest)

@@ -11,6 +11,7 @@ import sys
 import torch, transformers, yaml, safetensors  # noqa: F401  (imports before the baseline)
 import weightshare as ws
 from transformers import LlamaConfig
+from weightshare.bench.load import memory_kb, reset_peak_rss
 from weightshare.hub import write_random_pretrained
 
 tmp = sys.argv[1]
@@ -24,15 +25,11 @@ for seed in (1, 2):
 ws.merge([f"{tmp}/t1", f"{tmp}/t2"], "linear", weights=[0.5, 0.5], out=f"{tmp}/tl", dtype="bfloat16")
 ws.merge([f"{tmp}/t2"], "ties", base=f"{tmp}/t1", weights=[1.0], out=f"{tmp}/tt", dtype="bfloat16", density=0.5)
 
-def status(key):
-    return int([line for line in open("/proc/self/status") if line.startswith(key)][0].split()[1]) // 1024
-
 def grown(run):
-    before = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # the peak counter restarts here
-        f.write("5")
+    before = memory_kb()["VmRSS"]
+    reset_peak_rss()  # the peak counter restarts here
     run()
-    return status("VmHWM") - before
+    return (memory_kb()["VmHWM"] - before) // 1024
 
 print(grown(lambda: ws.merge([f"{tmp}/m1", f"{tmp}/m2"], "linear", weights=[0.5, 0.5], out=f"{tmp}/linear",
                              dtype="bfloat16")),

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from weightshare.bench import table
+from weightshare.bench.load import dir_bytes
 
 ORDER = 120  # its place in `weightshare bench --help` (the README's order)
 
@@ -48,15 +49,15 @@ import torch, transformers  # noqa: F401  (imports before the baseline, the mode
 import transformers.models.llama.modeling_llama  # noqa: F401
 import weightshare as ws
 import weightshare.kernels, weightshare.modules  # noqa: F401
+from weightshare.bench.load import memory_kb, reset_peak_rss
 from weightshare.compress import compress
 from weightshare.hub import write_random_pretrained
 
-def status(key):
-    return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) / 1024
+def status(key):  # MB
+    return memory_kb()[key] / 1024
 
 base = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:  # the peak counter restarts here
-    f.write("5")
+reset_peak_rss()  # the peak counter restarts here
 t0 = time.perf_counter()
 out = {}
 if step == "write":  # the first model is the one measured; the others are the merge's inputs
@@ -92,8 +93,7 @@ elif step == "merge":  # each method from a restarted peak counter
     m = args["models"]
     for method in ("linear", "ties"):
         before = status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        reset_peak_rss()
         t1 = time.perf_counter()
         if method == "linear":
             ws.merge(m, "linear", weights=[0.5, 0.3, 0.2], out=args["out"] + "-linear", dtype="bfloat16")
@@ -113,10 +113,6 @@ def _step(step: str, **args) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"bench scale: the {step} step failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _bytes_per_decode_step(packed: Path) -> int:
@@ -143,11 +139,11 @@ def main(quick: bool = False, size: str = "1b") -> dict:
         models = [(CONFIGS[name], 0, str(src))] + [(CONFIGS[merge_name], seed, str(p))
                                                     for seed, p in enumerate(merged) if p != src]
         w = _step("write", models=models)
-        source_bytes = _dir_bytes(src)
+        source_bytes = dir_bytes(src)
         rows.append({"step": f"write {name} (bf16 shards)", "seconds": w["first_seconds"],
                      "peak_over_imports_mb": w["first_peak_over_imports_mb"], "bytes": source_bytes})
         c = _step("compress", src=str(src), out=str(tmp / "packed"))
-        packed_bytes = _dir_bytes(tmp / "packed")
+        packed_bytes = dir_bytes(tmp / "packed")
         rows.append({"step": "compress 4-bit per-channel, 1 process", "seconds": c["seconds"],
                      "peak_rss_mb": c["peak_rss_mb"], "peak_over_imports_mb": c["peak_over_imports_mb"],
                      "bytes": packed_bytes, "Mweights_per_s": c["weights"] / c["clustering_seconds"] / 1e6})

@@ -43,7 +43,6 @@ __all__ = ["MergeError", "merge", "open_model"]
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -122,11 +121,11 @@ def _directory(path: Path) -> _Model:
         return _packed(path)
     source = hub.detect(path)
     weights = path / source.weights_subdir
-    if (weights / INDEX).is_file():
-        weight_map = hub.read_json(weights / INDEX, "shard index").get("weight_map")
+    if (weights / io.SHARD_INDEX).is_file():
+        weight_map = hub.read_json(weights / io.SHARD_INDEX, "shard index").get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{weights / INDEX}: no weight_map")
-        files = {k: hub.inside(weights, hub.check_relpath(v, f"{weights / INDEX}: shard of {k!r}"), "shard")
+            raise ValueError(f"{weights / io.SHARD_INDEX}: no weight_map")
+        files = {k: hub.inside(weights, hub.check_relpath(v, f"{weights / io.SHARD_INDEX}: shard of {k!r}"), "shard")
                  for k, v in weight_map.items()}
     elif (weights / WEIGHTS).is_file():
         model = _safetensors_files(str(path), {"": weights / WEIGHTS})
@@ -134,7 +133,7 @@ def _directory(path: Path) -> _Model:
         return model
     else:
         found = sorted(p.name for p in weights.iterdir())[:8]
-        raise ValueError(f"{weights}: no {WEIGHTS} or {INDEX}\n  got: {found}\n"
+        raise ValueError(f"{weights}: no {WEIGHTS} or {io.SHARD_INDEX}\n  got: {found}\n"
                          "  (pickled pytorch_model.bin files are not read: convert them to safetensors)")
     model = _safetensors_files(str(path), files)
     model.root, model.weights_subdir = path, source.weights_subdir
