@@ -46,7 +46,8 @@ _CHILD = r"""
 import json, sys, time
 step, args = sys.argv[1], json.loads(sys.argv[2])
 import torch, transformers  # noqa: F401  (imports before the baseline, the model's code and kernels too)
-import transformers.models.llama.modeling_llama  # noqa: F401
+if step != "merge":  # 3.5 s of import that a merge, which builds no model, does not need
+    import transformers.models.llama.modeling_llama  # noqa: F401
 import weightshare as ws
 import weightshare.kernels, weightshare.modules  # noqa: F401
 from weightshare.bench.load import memory_kb, reset_peak_rss
