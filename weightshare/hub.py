@@ -371,6 +371,35 @@ def check_shards(weights_dir: Path) -> None:
                              f"  expected: {len(shards)} files beside it\n  missing: {missing[:5]}")
 
 
+WEIGHTS = "model.safetensors"
+
+
+def checkpoint(weights_dir: Path):
+    """The safetensors checkpoint in ``weights_dir`` (``model.safetensors``, or shards and their index) as an
+    ``io.Tensors``: headers read and checked, data read on demand.  The index is untrusted: every shard it
+    names must be a relative path inside ``weights_dir``."""
+    from weightshare import io
+
+    if (weights_dir / io.SHARD_INDEX).is_file():
+        index = weights_dir / io.SHARD_INDEX
+        weight_map = read_json(index, "shard index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map\n  expected: {{\"weight_map\": {{tensor name: shard file}}}}")
+        files = {}
+        for name, rel in weight_map.items():
+            path = inside(weights_dir, check_relpath(rel, clip(f"{index}: shard of {name!r}")), f"{index}: shard")
+            if not path.is_file():
+                raise ValueError(clip(f"{index}: the shard {rel!r} of {name!r} is not there"))
+            files[name] = path
+        return io.Tensors(files)
+    if (weights_dir / WEIGHTS).is_file():
+        return io.Tensors({"": weights_dir / WEIGHTS})
+    found = sorted(p.name for p in weights_dir.iterdir())[:8]
+    raise ValueError(f"{weights_dir}: no {WEIGHTS} or {io.SHARD_INDEX}\n  got: {found}\n"
+                     "  (pickled pytorch_model.bin files are not read: convert them to safetensors)")
+
+
 def read_json(path: Path, what: str):
     """A JSON file we did not write: bounded in size, one clear error."""
     try:
@@ -392,7 +421,7 @@ def _count_fields(raw, prefix=""):
                 yield from _count_fields(v, prefix + str(k) + ".")
 
 
-def skeleton(config_dir: Path, n_tensors: int, buffer_budget: int) -> nn.Module:
+def skeleton(config_dir: Path, n_tensors: int, buffer_budget: int, dtype: torch.dtype | None = None) -> nn.Module:
     """The transformers architecture named by ``config_dir/config.json``, built without weight memory.
 
     Parameters live on the meta device, to be filled by ``ws.load``; buffers
@@ -400,7 +429,8 @@ def skeleton(config_dir: Path, n_tensors: int, buffer_budget: int) -> nn.Module:
     architecture's own constructor.  The config is untrusted: layer counts are
     bounded by the number of tensors in the file, and the unsaved buffers are
     sized on the meta device first and refused beyond ``buffer_budget`` bytes.
-    No code is executed from the folder (``trust_remote_code`` stays off).
+    No code is executed from the folder (``trust_remote_code`` stays off).  ``dtype``: the parameters'
+    dtype where ``config.json`` names none (from_pretrained takes the checkpoint's then).
     """
     from accelerate import init_empty_weights
     from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, PreTrainedModel
@@ -416,6 +446,8 @@ def skeleton(config_dir: Path, n_tensors: int, buffer_budget: int) -> nn.Module:
                              f"  expected: 0..{n_tensors} (the file holds {n_tensors} tensors)")
     cls = model_class(raw)
     config = AutoConfig.from_pretrained(str(config_dir), trust_remote_code=False)
+    if dtype is not None and getattr(config, "dtype", None) is None:
+        config.dtype = dtype
     build = cls._from_config if cls is not None else AutoModel.from_config
     with torch.device("meta"):
         probe = build(config)

@@ -17,6 +17,7 @@ pack.py (the packed container), load.py (export), merge/streaming.py, compress a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -30,9 +31,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from weightshare.errors import clip
+
 __all__ = ["DTYPES", "HEADER_DTYPES", "TORCH_DTYPES", "CODES", "HeaderError", "TensorSpan", "Header", "read_header",
            "read_bytes", "read_tensor", "read_chunks", "layout", "header_bytes", "file_size", "write_safetensors",
-           "SHARD_INDEX", "shard_plan", "write_shards", "staged_dir", "check_dest"]
+           "Tensors", "FileSpan", "SHARD_INDEX", "shard_plan", "write_shards", "trim_heap", "staged_dir", "check_dest"]
 
 # the dtypes weightshare reads and writes, by the names packed specs use (torch's, without "torch.")
 DTYPES: dict[str, torch.dtype] = {
@@ -162,9 +165,87 @@ def read_chunks(f, offset: int, nbytes: int, buffer: memoryview, name: str) -> I
         left -= step
 
 
+class Tensors:
+    """Tensors spread over safetensors files (a checkpoint, sharded or not): every header is read and checked
+    when it is opened, a tensor's data when it is asked for (``read``), with positioned reads.
+
+    ``files`` maps a tensor name to the file holding it (a shard index's ``weight_map``), or ``""`` to a
+    file all of whose tensors are taken; ``meta`` is ``{name: (shape, dtype)}``.  Raises ``ValueError``
+    naming the file for one that is not a readable safetensors file or holds a dtype weightshare does not read.
+    """
+
+    def __init__(self, files: dict[str, Path]):
+        self.meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.where: dict[str, tuple[Path, TensorSpan]] = {}
+        for file in sorted(set(files.values())):
+            try:
+                header = read_header(file)
+            except HeaderError as exc:
+                raise ValueError(clip(f"{file}: not a readable safetensors file ({exc})")) from None
+            for name, span in header.tensors.items():
+                if files.get(name, file) != file:
+                    continue  # an index names another shard for it
+                if span.dtype not in TORCH_DTYPES:
+                    raise ValueError(f"{file}: tensor {name!r} has dtype {span.dtype}\n"
+                                     f"  expected one of: {', '.join(TORCH_DTYPES)}")
+                self.meta[name] = (span.shape, TORCH_DTYPES[span.dtype])
+                self.where[name] = (file, span)
+        missing = sorted(name for name in files if name and name not in self.meta)
+        if missing:
+            raise ValueError(clip(f"{files[missing[0]]}: the shard index names {len(missing)} tensor(s) this file "
+                                   f"does not hold: {missing[:3]}"))
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor ``name``, or with ``start``/``stop`` its flat entries [start, stop)."""
+        file, span = self.where[name]
+        try:
+            return read_tensor(file, span, start, stop)
+        except EOFError:
+            raise ValueError(f"{file}: tensor {name!r} is cut short (the file changed or was truncated "
+                             "after its header was read)") from None
+        except OSError as exc:
+            raise ValueError(f"{file}: tensor {name!r} cannot be read ({exc.strerror or exc})") from None
+
+
 # ----------------------------------------------------------------------------- writing
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype) of a tensor to write
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """A tensor to write that lies, already serialized, in an open file (a scratch file): ``write_safetensors``
+    copies its ``nbytes`` at ``offset`` without holding them."""
+
+    file: object  # an open binary file
+    offset: int
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+_COPY_PIECE = 1 << 24
+
+
+def _copy_span(src, dst, offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` of ``src`` at ``offset`` to ``dst``'s position, in the kernel where it can."""
+    dst.flush()
+    at = dst.tell()
+    done = 0
+    try:
+        while done < nbytes:
+            step = os.copy_file_range(src.fileno(), dst.fileno(), min(nbytes - done, 1 << 30), offset + done, at + done)
+            if not step:
+                raise EOFError(f"{nbytes - done} bytes of the scratch file missing")
+            done += step
+    except OSError as exc:  # no copy_file_range here (another file system, an old kernel): copy through memory
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        dst.seek(at + done)
+        buffer = memoryview(bytearray(min(_COPY_PIECE, nbytes - done)))
+        for piece in read_chunks(src, offset + done, nbytes - done, buffer, "scratch"):
+            dst.write(piece)
+        return
+    dst.seek(at + nbytes)
 
 
 def layout(entries: Iterable[Entry]) -> list[Entry]:
@@ -209,8 +290,9 @@ def write_safetensors(path: str | os.PathLike, entries: list[Entry], tensors: It
     """Write a safetensors file whose header is known up front, pulling one tensor at a time from ``tensors``
     (an iterator in ``entries`` order): nothing is held but the tensor being written.
 
-    Each item of ``tensors`` is a tensor, or an object with a ``shape`` that yields the tensor's flat
-    pieces in order (a tensor made piece by piece is written as it is made, never whole).  ``entries``
+    Each item of ``tensors`` is a tensor, a ``FileSpan`` (its bytes copied from another file), or an object
+    with a ``shape`` that yields the tensor's flat pieces in order (a tensor made piece by piece is written as
+    it is made, never whole).  ``entries``
     are written in the order given: ``layout(entries)`` is the safetensors library's order.
     """
     with open(path, "wb") as f:
@@ -218,6 +300,11 @@ def write_safetensors(path: str | os.PathLike, entries: list[Entry], tensors: It
         for (name, shape, dtype), t in zip(entries, tensors, strict=True):
             if tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"write_safetensors: {name} is {tuple(t.shape)}, the header says {shape}")
+            if isinstance(t, FileSpan):
+                if t.nbytes != math.prod(shape) * dtype.itemsize:
+                    raise RuntimeError(f"write_safetensors: {name} spans {t.nbytes} bytes, the header says {shape}")
+                _copy_span(t.file, f, t.offset, t.nbytes)
+                continue
             for piece in ([t] if isinstance(t, torch.Tensor) else t):
                 if piece.dtype != dtype:
                     raise RuntimeError(f"write_safetensors: {name} is {piece.dtype}, the header says {dtype}")
@@ -249,6 +336,17 @@ def write_shards(out: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype
     if plan.is_sharded:
         index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
         (out / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def trim_heap() -> None:
+    """Hand freed scratch (file bytes read, tensors written) back to the OS: glibc keeps freed heap otherwise, and
+    a model read or written tensor by tensor would hold its largest tensors' worth of it to the end."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 # ----------------------------------------------------------------------------- folders

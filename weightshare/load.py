@@ -171,7 +171,7 @@ def install_(inner: nn.Module, pf: PackedFile, trainable: bool = False) -> None:
         released += sum(math.prod(shape) * io.DTYPES[dtype].itemsize
                         for dtype, shape in (pf.infos[key] for key in pf.keys_of.get(name, ())))
         if released >= _TRIM_EVERY:
-            _trim_heap()
+            io.trim_heap()
             released = 0
     for name, entry in pf.entries.items():
         if entry["map"] != "alias" or entry["of"] in packed:
@@ -199,16 +199,6 @@ def install_checked_(inner: nn.Module, pf: PackedFile, trainable: bool = False, 
     else:
         pf.fetch_all()
     install_(inner, pf, trainable=trainable)
-
-
-def _trim_heap() -> None:
-    """Hand the reading scratch (file bytes, packed indices) back to the OS (glibc keeps freed heap otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def skeleton(pf: PackedFile) -> nn.Module:
@@ -258,7 +248,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, trainable: boo
         else:
             inner = hub.inner_model(model)
         install_checked_(inner, pf, trainable=trainable, own=model is None)
-    _trim_heap()
+    io.trim_heap()
     if compute != "fp32":
         set_compute_(inner, compute)
     if model is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ from weightshare.io import DTYPES, HEADER_DTYPES, staged_dir, write_safetensors
 from weightshare.space import dtype_name, get_map, map_of, map_state, module_map, packable_maps
 
 __all__ = ["save", "read_spec", "dense_state_dict", "PackedFile", "PackError", "FILENAME", "FORMAT_VERSION",
-           "owned_modules", "check_dest", "file_size", "checksum", "tensor_checksum"]
+           "owned_modules", "check_dest", "file_size", "checksum", "tensor_checksum", "PackWriter", "write_side_files",
+           "write_records"]
 
 FILENAME = "weightshare.safetensors"
 FORMAT = "weightshare"
@@ -93,36 +95,50 @@ def owned_modules(model: nn.Module):
         yield (name + "." if name else ""), module
 
 
-def _collect(inner: nn.Module) -> tuple[dict, dict]:
-    """The tensors to write and the per-tensor spec of a (possibly shared) model."""
-    tensors: dict[str, torch.Tensor] = {}
-    stored_as: dict[int, str] = {}
-    alive: list[torch.Tensor] = []  # ids are only unique while the objects live: temporaries must not be reused
-    spec: dict[str, dict] = {}
-    seen: dict[int, str] = {}  # id of a tensor or parametrization state -> the first name it was written under
-    stacked: dict[str, parametrize.ParametrizationList] = {}  # state key -> the map stacked on that state
+class _Collector:
+    """The tensors to write and the per-tensor spec of a (possibly shared) model, one module at a time.
 
-    def put(key: str, t: torch.Tensor) -> str:
+    ``save`` feeds it every module of a model held whole; ``PackWriter`` feeds it the modules of a
+    model streamed from its checkpoint, and ``forget``s each module once it is written.
+    ``put(key, tensor)`` (``sink``) receives every stored tensor, in the order the file's spec lists them.
+    """
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.spec: dict[str, dict] = {}
+        self.keys: set[str] = set()
+        self._stored_as: dict[int, str] = {}
+        self._alive: dict[int, object] = {}  # ids are only unique while the objects live: nothing is reused
+        self._seen: dict[int, str] = {}  # id of a tensor or parametrization state -> the first name written
+        self._stacked: dict[str, parametrize.ParametrizationList] = {}  # state key -> the map stacked on that state
+
+    def _hold(self, obj) -> None:
+        self._alive[id(obj)] = obj
+
+    def put(self, key: str, t: torch.Tensor) -> str:
         # a map's state that another map makes (hashed buckets in a codebook): the stacked map is
         # written as an entry of its own under ``key``, and nothing dense is stored for it
-        if key in stacked:
-            inner = stacked.pop(key)
+        if key in self._stacked:
+            inner = self._stacked.pop(key)
             m2 = map_of(inner)
             if m2 is None:
                 raise ValueError(f"save: {key} has a parametrization the packed format does not know ({list(inner)})")
-            spec[key] = {"map": m2.name, **m2.pack(key, inner, put)}
+            self.spec[key] = {"map": m2.name, **m2.pack(key, inner, self.put)}
             return key
         # one object stored once, whichever entries refer to it (a basis shared by several layers)
-        if id(t) in stored_as:
-            return stored_as[id(t)]
-        if key in tensors:
+        if id(t) in self._stored_as:
+            return self._stored_as[id(t)]
+        if key in self.keys:
             raise ValueError(f"save: two tensors want the key {key!r}")
-        tensors[key] = t.detach().contiguous()
-        stored_as[id(t)] = key
-        alive.append(t)
+        self.keys.add(key)
+        self.sink(key, t.detach().contiguous())
+        self._stored_as[id(t)] = key
+        self._hold(t)
         return key
 
-    for prefix, module in owned_modules(inner):
+    def module(self, prefix: str, module: nn.Module) -> None:
+        """The entries of ``module``'s own tensors (not its children's), its name being ``prefix`` + "."."""
+        spec, seen = self.spec, self._seen
         packed = module_map(module)
         if packed is not None:  # a packed module (CodebookLinear): its map writes the entry of its weight
             full = prefix + "weight"
@@ -130,8 +146,8 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                 spec[full] = {"map": "alias", "of": seen[id(module.indices)]}
             else:
                 seen[id(module.indices)] = full
-                alive.append(module.indices)
-                spec[full] = {"map": packed.name, **packed.pack_module(full, module, put)}
+                self._hold(module.indices)
+                spec[full] = {"map": packed.name, **packed.pack_module(full, module, self.put)}
         if parametrize.is_parametrized(module):
             for tname, plist in module.parametrizations.items():
                 full = prefix + tname
@@ -145,11 +161,12 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                     raise ValueError(f"save: {full} has a parametrization the packed format does not know\n"
                                      f"  expected: one map registered in weightshare.space\n  got: {list(plist)}")
                 seen[id(plist)] = full
+                self._hold(plist)
                 state = map_state(full, plist)
                 if state is not None and state.stacked is not None:
-                    stacked[state.key] = state.stacked
-                spec[full] = {"map": m.name, **m.pack(full, plist, put)}
-                if stacked:  # the map's pack must hand its state to ``put`` under its state key
+                    self._stacked[state.key] = state.stacked
+                spec[full] = {"map": m.name, **m.pack(full, plist, self.put)}
+                if self._stacked:  # the map's pack must hand its state to ``put`` under its state key
                     raise ValueError(f"save: the {m.name} map did not store {full}'s state under {state.key!r}, "
                                      "where another map is stacked on it\n  fix the map's pack")
         items = list(module._parameters.items())
@@ -162,9 +179,25 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
                 spec[full] = {"map": "alias", "of": seen[id(t)]}
                 continue
             seen[id(t)] = full
-            put(full, t)
+            self.put(full, t)
             spec[full] = {"map": "dense", "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
-    return tensors, spec
+
+    def forget(self, keep=()) -> None:
+        """Let go of every object written so far but those in ``keep`` (tied to a module still to come): a
+        streamed model's modules are freed once written, and an id must not outlive its object here."""
+        ids = {id(o) for o in keep}
+        self._alive = {i: o for i, o in self._alive.items() if i in ids}
+        self._seen = {i: n for i, n in self._seen.items() if i in ids}
+        self._stored_as = {i: n for i, n in self._stored_as.items() if i in ids}
+
+
+def _collect(inner: nn.Module) -> tuple[dict, dict]:
+    """The tensors to write and the per-tensor spec of a (possibly shared) model."""
+    tensors: dict[str, torch.Tensor] = {}
+    collector = _Collector(tensors.__setitem__)
+    for prefix, module in owned_modules(inner):
+        collector.module(prefix, module)
+    return tensors, collector.spec
 
 
 def check_dest(path: Path, source_path: str | None = None) -> None:
@@ -190,20 +223,80 @@ def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | No
     inner = hub.inner_model(model)
     check_dest(path, source.path if source else None)
     contents = _contents(model)
-    source_meta = contents.source
     with staged_dir(path) as tmp:
-        if source is not None:
-            hub.copy_non_weight_files(source.path, tmp)
-        elif source_meta["kind"] == hub.TRANSFORMERS:
-            inner.config.save_pretrained(tmp)
-        if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
-            sub = source_meta["weights_subdir"]
-            hub.mark_packed_config(tmp / sub, FILENAME if not sub else None)
+        write_side_files(tmp, source, contents.source, inner)
         write_safetensors(tmp / FILENAME, contents.layout, (contents.tensors[name] for name, _, _ in contents.layout),
                           contents.metadata)
-        for name, text in (records or {}).items():
-            (tmp / name).write_text(text)
+        write_records(tmp, records)
     return path
+
+
+def write_side_files(folder: Path, source: hub.Source | None, source_meta: dict, inner=None) -> None:
+    """The packed folder's files besides the packed file: the source's config, tokenizer and module files (or
+    ``inner``'s config), ``config.json`` marked for transformers' quantizer registration."""
+    if source is not None:
+        hub.copy_non_weight_files(source.path, folder)
+    elif source_meta["kind"] == hub.TRANSFORMERS:
+        inner.config.save_pretrained(folder)
+    if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
+        sub = source_meta["weights_subdir"]
+        hub.mark_packed_config(folder / sub, FILENAME if not sub else None)
+
+
+def write_records(folder: Path, records: dict[str, str] | None) -> None:
+    for name, text in (records or {}).items():
+        (folder / name).write_text(text)
+
+
+class PackWriter:
+    """A packed file written module by module: for a model streamed from its checkpoint, never whole in memory.
+
+    ``add`` takes one module at a time (its own tensors, not its children's), as ``save`` walks a whole model
+    (``owned_modules``); the stored tensors go to a scratch file in ``folder`` as they come, their checksums
+    taken on the way.  ``close`` then writes ``weightshare.safetensors``, whose header needs every tensor's
+    dtype, shape and checksum (known only at the end), and copies the data into it in safetensors' layout.
+    The file is the one ``save`` writes for the same model held whole, byte for byte; the scratch file costs
+    the packed size on disk until ``close``.
+    """
+
+    SCRATCH = ".weightshare.scratch"
+
+    def __init__(self, folder: Path, source_meta: dict):
+        self.folder, self.source_meta = Path(folder), dict(source_meta)
+        self._scratch = open(self.folder / self.SCRATCH, "wb+")  # noqa: SIM115 (closed by close)
+        self._where: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        self._checksums: dict[str, str] = {}
+        self._collector = _Collector(self._store)
+
+    def _store(self, key: str, t: torch.Tensor) -> None:
+        data = t.reshape(-1).view(torch.uint8).numpy().data
+        self._checksums[key] = checksum(dtype_name(t.dtype), t.shape, [data])
+        self._where[key] = (self._scratch.tell(), tuple(t.shape), t.dtype)
+        self._scratch.write(data)
+
+    def add(self, prefix: str, module: nn.Module) -> None:
+        """Write the entries of ``module``'s own tensors (``prefix``: its name and a dot, or "")."""
+        self._collector.module(prefix, module)
+
+    def forget(self, keep=()) -> None:
+        """Let go of what was written, but the objects in ``keep`` (tied to modules still to come)."""
+        self._collector.forget(keep)
+
+    def close(self) -> Path:
+        """Write the packed file and delete the scratch file; returns the packed file's path."""
+        metadata = _metadata(self._collector.spec, self._checksums, self.source_meta)
+        entries = io.layout((name, shape, dtype) for name, (_, shape, dtype) in self._where.items())
+        spans = (io.FileSpan(self._scratch, self._where[name][0], shape, math.prod(shape) * dtype.itemsize)
+                 for name, shape, dtype in entries)
+        self._scratch.flush()
+        write_safetensors(self.folder / FILENAME, entries, spans, metadata)
+        self.discard()
+        return self.folder / FILENAME
+
+    def discard(self) -> None:
+        """Close and delete the scratch file (``close`` does; call it on failure)."""
+        self._scratch.close()
+        (self.folder / self.SCRATCH).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -228,11 +321,15 @@ def _contents(model: nn.Module) -> _Contents:
         source_meta = {"kind": hub.TRANSFORMERS, "weights_subdir": ""}
     else:
         source_meta = {"kind": "module", "weights_subdir": ""}
-    spec_json = json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": spec_json,
-            "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest()}
     layout = io.layout((name, tuple(t.shape), t.dtype) for name, t in tensors.items())
-    return _Contents(layout, tensors, meta, source_meta)
+    return _Contents(layout, tensors, _metadata(spec, checksums, source_meta), source_meta)
+
+
+def _metadata(spec: dict, checksums: dict[str, str], source_meta: dict) -> dict[str, str]:
+    """The packed file's metadata: format, version, the spec and its sha256."""
+    spec_json = json.dumps({"source": source_meta, "tensors": spec, "checksums": checksums})
+    return {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": spec_json,
+            "spec_sha256": hashlib.sha256(spec_json.encode()).hexdigest()}
 
 
 def file_size(model: nn.Module) -> int:

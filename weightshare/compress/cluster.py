@@ -131,8 +131,13 @@ def _has_tokenizer(model: nn.Module) -> bool:
     if getattr(model, "tokenizer", None) is not None:
         return True
     source = getattr(model, "_weightshare_source", None)
-    folder = None if source is None else Path(source.path) / source.weights_subdir
-    return folder is not None and any((folder / f).is_file() for f in _TOKENIZER_FILES)
+    return source is not None and _tokenizer_files(source)
+
+
+def _tokenizer_files(source: hub.Source) -> bool:
+    """Whether the model folder holds tokenizer files (where a sentence-transformers model keeps them too)."""
+    folders = {Path(source.path), Path(source.path) / source.weights_subdir}
+    return any((folder / f).is_file() for folder in folders for f in _TOKENIZER_FILES)
 
 
 BUILTIN = "builtin"  # calibration="builtin": the deterministic built-in corpus (text models)
@@ -166,7 +171,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
              method: str = "gptq", finetune_steps: int = 0, target_size: int | str | None = None,
              avg_bits: float | None = None, outliers: float = 0.0,
              recipe: str | os.PathLike | None = None, finetune_norms: bool = False,
-             evaluate_on: tuple[list[str], list | None] | None = None) -> tuple[nn.Module, Report, float]:
+             evaluate_on: tuple[list[str], list | None] | None = None,
+             stream: bool | None = None) -> tuple[nn.Module | None, Report, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
@@ -183,6 +189,12 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     seconds spent clustering, calibration included)``.  Everything that can be
     checked (config, method, source directory, output path, calibration file) is
     checked before the model is loaded.
+
+    Data-free compression (no calibration texts, no size budget; a recipe's layers allowed) streams by
+    default (``stream=None``): the checkpoint is read, clustered and written one tensor at a time and the
+    model never exists whole in memory (``stream.py``; the packed file is the same, byte for byte), and
+    the returned model is None (``ws.load(out)`` loads what was written).  ``stream=False`` loads the model
+    whole; ``stream=True`` refuses work that cannot stream.
     """
     plan = None
     if recipe is not None:  # checked whole before anything else
@@ -205,6 +217,27 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     pack.check_dest(out, source.path)  # before any work: save checks it again
     builtin = isinstance(calibration, str) and calibration == BUILTIN
     texts = _given_texts(calibration)
+    data_free = texts is None and not (builtin and _tokenizer_files(source))
+    why = _why_not_streamed(data_free, finetune_steps, target_bytes, avg_bits, outliers, evaluate_on)
+    if stream is not False and not why:
+        from weightshare.compress import stream as streaming
+
+        ss, why = streaming.open_source(src)
+        if ss is not None:
+            configs, dense = resolve(plan, ss.model, config, is_compressible) if plan else ({}, set())
+            settings = {"bits": config.bits, "granularity": config.granularity, "group_size": config.group_size,
+                        "calibration": _calibration_name(calibration, builtin, None), "method": None,
+                        "finetune_steps": 0, "finetune_norms": finetune_norms, "outliers": outliers,
+                        "target_size": None, "avg_bits": None}
+            rep, seconds = streaming.compress_streamed(
+                ss, out, config, is_compressible, configs, dense,
+                records=lambda rep, seconds: compress_records(src, settings, plan, rep, seconds))
+            log.info("clustered in %.2f s (streamed)", seconds)
+            return None, rep, seconds
+    if stream:
+        raise ValueError(f"compress: cannot stream {src}: {why}\n  expected: stream=None or False to load it whole")
+    if why and stream is None:
+        log.info("compressing with the model loaded whole: %s", why)
     model = hub.load_pretrained(src)
     configs, dense = resolve(plan, hub.inner_model(model), config, is_compressible) if plan else ({}, set())
     if builtin:
@@ -237,6 +270,19 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         model._weightshare_evaluation = evaluation
     pack.save(model, out, records=compress_records(src, settings, plan, rep, seconds, evaluation))
     return model, rep, seconds
+
+
+def _why_not_streamed(data_free: bool, finetune_steps, target_bytes, avg_bits, outliers, evaluate_on) -> str:
+    """Why a compression needs the model whole ("" when it can stream)."""
+    if not data_free:
+        return "calibration needs the model's activations"
+    if finetune_steps or outliers:
+        return "table fine-tuning and outliers need calibration"
+    if target_bytes is not None or avg_bits is not None:
+        return "a size budget weighs every tensor's error before any is clustered"
+    if evaluate_on is not None:
+        return "the evaluation runs the compressed model"
+    return ""
 
 
 def compress_records(src, settings: dict, plan, rep, seconds: float, evaluation=None) -> dict[str, str]:

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from weightshare import io
-from weightshare.errors import clip
-from weightshare.io import TORCH_DTYPES, write_safetensors
+from weightshare.hub import WEIGHTS
+from weightshare.io import write_safetensors
 from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
 from weightshare.pack import FILENAME as PACKED_FILENAME
@@ -42,7 +42,6 @@ __all__ = ["MergeError", "merge", "open_model"]
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -87,31 +86,9 @@ class _Model:
         return self._read(name, (start, stop))
 
 
-def _safetensors_files(label: str, files: dict[str, Path]) -> _Model:
-    """Tensors spread over safetensors files ({tensor name: file}): headers now, data on demand."""
-    meta, where = {}, {}
-    for file in sorted(set(files.values())):
-        try:
-            header = io.read_header(file)
-        except io.HeaderError as exc:
-            raise ValueError(clip(f"{file}: not a readable safetensors file ({exc})")) from None
-        for name, span in header.tensors.items():
-            if files.get(name, file) != file:
-                continue  # an index names another shard for it
-            if span.dtype not in TORCH_DTYPES:
-                raise ValueError(f"{file}: tensor {name!r} has dtype {span.dtype}\n"
-                                 f"  expected one of: {', '.join(TORCH_DTYPES)}")
-            meta[name] = (span.shape, TORCH_DTYPES[span.dtype])
-            where[name] = (file, span)
-
-    def read(name: str, span=None) -> torch.Tensor:
-        file, tensor_span = where[name]
-        try:  # span: flat entries [start, stop), a byte range of the row-major data
-            return io.read_tensor(file, tensor_span, *(span or ()))
-        except EOFError:
-            raise ValueError(f"{file}: tensor {name!r} is cut short (the file changed while merging?)") from None
-
-    return _Model(label, meta, read)
+def _safetensors_files(label: str, tensors: io.Tensors, root: Path | None = None, weights_subdir: str = "") -> _Model:
+    return _Model(label, tensors.meta, lambda name, span=None: tensors.read(name, *(span or ())), root=root,
+                  weights_subdir=weights_subdir)
 
 
 def _directory(path: Path) -> _Model:
@@ -120,24 +97,7 @@ def _directory(path: Path) -> _Model:
     if (path / PACKED_FILENAME).is_file():
         return _packed(path)
     source = hub.detect(path)
-    weights = path / source.weights_subdir
-    if (weights / io.SHARD_INDEX).is_file():
-        weight_map = hub.read_json(weights / io.SHARD_INDEX, "shard index").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{weights / io.SHARD_INDEX}: no weight_map")
-        files = {k: hub.inside(weights, hub.check_relpath(v, f"{weights / io.SHARD_INDEX}: shard of {k!r}"), "shard")
-                 for k, v in weight_map.items()}
-    elif (weights / WEIGHTS).is_file():
-        model = _safetensors_files(str(path), {"": weights / WEIGHTS})
-        model.root, model.weights_subdir = path, source.weights_subdir
-        return model
-    else:
-        found = sorted(p.name for p in weights.iterdir())[:8]
-        raise ValueError(f"{weights}: no {WEIGHTS} or {io.SHARD_INDEX}\n  got: {found}\n"
-                         "  (pickled pytorch_model.bin files are not read: convert them to safetensors)")
-    model = _safetensors_files(str(path), files)
-    model.root, model.weights_subdir = path, source.weights_subdir
-    return model
+    return _safetensors_files(str(path), hub.checkpoint(path / source.weights_subdir), path, source.weights_subdir)
 
 
 def _packed(path: Path) -> _Model:
@@ -182,7 +142,7 @@ def open_model(source, label: str | None = None) -> _Model:
         if path.is_dir():
             return _directory(path)
         if path.is_file() and path.suffix == ".safetensors":
-            return _safetensors_files(str(path), {"": path})
+            return _safetensors_files(str(path), io.Tensors({"": path}))
         if not path.exists():
             # mergekit's rule, kept so that its configs run unchanged: a relative path is taken from the
             # directory the command runs in, not the config's; the error says which directory that was

@@ -46,7 +46,7 @@ from weightshare.space import (
     unmeta_,
 )
 
-__all__ = ["CodebookConfig", "codebook_", "codebook_model_", "table_storage_dtype",
+__all__ = ["CodebookConfig", "codebook_", "codebook_model_", "table_storage_dtype", "select", "warn_if_tables_dominate",
            "SUPPORTED_MODULES"]
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def select(model: nn.Module, filter_fn=None) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
-def _warn_if_tables_dominate(shapes: list[tuple[tuple, bool]], config: CodebookConfig) -> None:
+def warn_if_tables_dominate(shapes: list[tuple[tuple, bool]], config: CodebookConfig) -> None:
     """Warn when the tables cost more bits per weight than the indices (e.g. 4-bit groups of 32)."""
     weights = table_bits = 0
     for shape, transposed in shapes:
@@ -400,7 +400,7 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
         if not group:
             first.append((fqn, module))
         group.append(module)
-    _warn_if_tables_dominate([(tuple(m.weight.shape), is_transposed_linear(m)) for _, m in first], config)
+    warn_if_tables_dominate([(tuple(m.weight.shape), is_transposed_linear(m)) for _, m in first], config)
     for fqn, module in progress(first, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
         tied = owners[id(module.weight)][1:]
         codebook_(module, "weight", configs.get(fqn, config), importance=importance.get(f"{fqn}.weight"),
