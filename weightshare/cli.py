@@ -40,6 +40,13 @@ def _check_compress_flags(args) -> None:
         raise ValueError(f"--avg-bits {args.avg_bits}: expected a number of bits per weight above 0")
     if (args.text_field or args.label_field) and not args.eval:
         raise ValueError("--text-field / --label-field name fields of the --eval file: give --eval FILE")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: expected 1 or more processes")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout {args.timeout}: expected seconds above 0")
+    if args.nproc > 1 and (args.calibration or args.target_size is not None or args.avg_bits is not None or args.eval):
+        raise ValueError("--nproc shares data-free work only (no --calibration, --target-size, --avg-bits or --eval):"
+                         " add --data-free, or use one process")
     if not 0 <= args.outliers < 1:
         raise ValueError(f"--outliers {args.outliers}: expected a fraction of the weights, 0 <= f < 1 (0.005: 0.5 %)")
 
@@ -54,11 +61,19 @@ _IMPORT_CHATTER = ("torchao", "torch.utils._pytree")
 
 
 def _compress(args) -> None:
-    from weightshare.compress import compress
+    from weightshare.compress import compress, distributed
     from weightshare.compress.cluster import BUILTIN
     from weightshare.sharing.codebook import CodebookConfig
 
     _check_compress_flags(args)
+    if args.nproc > 1 and not distributed.in_torchrun():
+        argv = _without_nproc(args.argv)
+        code = distributed.launch(argv, args.nproc)
+        if code:
+            print(f"weightshare compress: error: a process of the {args.nproc} failed (exit {code}); its message is "
+                  "above, nothing was written", file=sys.stderr)
+            raise SystemExit(code)
+        return
     texts = labels = None
     if args.eval:  # read before the model loads: a bad file costs nothing
         from weightshare.evaluate import read_data
@@ -66,16 +81,22 @@ def _compress(args) -> None:
         texts, labels = read_data(args.eval, args.text_field, args.label_field, flag="--eval")
     config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
     calibration = None if args.data_free else args.calibration or BUILTIN
+    ranks = distributed.in_torchrun()
     try:
         model, rep, seconds = compress(args.src, args.out, config, calibration=calibration, method=args.method,
                                        finetune_steps=args.finetune_steps, target_size=args.target_size,
                                        avg_bits=args.avg_bits, outliers=args.outliers, recipe=args.recipe,
                                        finetune_norms=args.finetune_norms,
-                                       evaluate_on=None if texts is None else (texts, labels))
+                                       evaluate_on=None if texts is None else (texts, labels),
+                                       distributed=ranks, timeout=args.timeout)
+    except distributed.RankError as exc:
+        raise ValueError(str(exc)) from None
     except ValueError as exc:
         if not args.eval:
             raise
         raise ValueError(str(exc).replace("--data", "--eval")) from None  # the measurement's data file is --eval here
+    if rep is None:  # a process of a distributed run other than rank 0: rank 0 reports
+        return
     plan = getattr(model, "_weightshare_bit_plan", None)
     if plan is not None:
         from collections import Counter
@@ -88,6 +109,23 @@ def _compress(args) -> None:
     evaluation = getattr(model, "_weightshare_evaluation", None)
     if evaluation is not None:
         print(evaluation)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The compress command line a process of ``--nproc`` runs: without the subcommand and --nproc."""
+    out, skip, command = [], False, False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif a.startswith("--nproc="):
+            continue
+        elif a == "compress" and not command:
+            command = True
+        else:
+            out.append(a)
+    return out
 
 
 def _check_eval_flags(args) -> None:
@@ -128,7 +166,7 @@ def _inspect(args) -> None:
         print(rep)
         if not buildable:
             print("(read from the packed file alone: no config.json to build the model from; buffers count as "
-                  "dense tensors, bytes in memory as 0)")
+                  "dense tensors, bytes in memory unknown)")
         print(f"kernel on this machine: {kernels.describe()}")
 
 
@@ -253,6 +291,13 @@ def _add_compress(sub, common: list) -> None:
                    help="bits and granularity per layer (glob on module names), layers kept dense, and any of the "
                         "settings above; its keys replace the flags (see weightshare/compress/recipe.py)")
     c.add_argument("--out", required=True, help="output directory (new, empty, or a packed model to replace)")
+    c.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-free work on N processes of this machine, one thread each (torchrun); across machines "
+                        "run `torchrun --nnodes M --nproc_per_node N ... -m weightshare.compress SRC ...` on each. "
+                        "The output is the same, byte for byte")
+    c.add_argument("--timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="with several processes: how long one waits for another before the run stops with an error "
+                        "naming it (default 1800)")
     c.add_argument("--eval", default=None, metavar="FILE",
                    help="at the end, measure the packed model against SRC on FILE, as `weightshare eval` does")
     _data_options(c)
@@ -328,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # compress --nproc hands it to its processes
     quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
     if quiet and verbose:
         parser.error("expected at most one of --quiet and --verbose, got both")

@@ -34,8 +34,9 @@ class Report:
     bytes_packed: int  # the same model in the packed format (indices at `bits` bits, tables, untouched tensors)
     bits_per_weight: float  # packed bits per virtual weight of the mapped (codebook, ...) tensors (dense bits if none)
     layers: list[LayerReport] = field(default_factory=list)
-    # what the model holds now: every distinct tensor storage (packed modules' indices and tables too)
-    bytes_in_memory: int = 0
+    # what the model holds now: every distinct tensor storage (packed modules' indices and tables too);
+    # None where no model was built (report_file)
+    bytes_in_memory: int | None = None
 
     def to_dict(self, layers: bool = True) -> dict:
         d = asdict(self)
@@ -55,8 +56,9 @@ class Report:
             f"bytes packed     {_size(self.bytes_packed)}  "
             f"({self.bytes_dense / max(self.bytes_packed, 1):.2f}x smaller)",
             f"bits per weight  {self.bits_per_weight:>14.3f}",
-            f"bytes in memory  {_size(self.bytes_in_memory)}  (what the loaded model holds)",
         ]
+        if self.bytes_in_memory is not None:
+            lines.append(f"bytes in memory  {_size(self.bytes_in_memory)}  (what the loaded model holds)")
         if self.layers:
             w = max(len(layer.name) for layer in self.layers)
             lines.append("")
@@ -163,8 +165,8 @@ def report_file(path) -> Report:
     Counts as ``report`` does, per stored entry: a tensor's virtual parameters are its shape's, an alias (a
     tied LM head) adds uses but stores nothing; a map's stored parameters are the floats of its own tensors
     (tables; a stacked map's too), its packed bytes every byte of them (indices, tables, outliers).  Unlike
-    ``report``, persistent buffers count as dense tensors (the file does not tell them apart) and nothing is
-    held in memory.
+    ``report``, persistent buffers count as dense tensors (the file does not tell them apart), and
+    ``bytes_in_memory`` is None (no model is built).
     """
     from weightshare.io import DTYPES
     from weightshare.pack import PackedFile
@@ -200,7 +202,7 @@ def report_file(path) -> Report:
     bytes_dense = sum(r.bytes_dense for r in layers)
     bpw = 8 * shared_bytes / shared_weights if shared_weights else 8 * bytes_dense / max(virtual, 1)
     return Report(virtual, stored, virtual / max(stored, 1), bytes_dense, sum(r.bytes_packed for r in layers), bpw,
-                  layers, 0)
+                  layers, None)
 
 
 def _config_detail(config: dict) -> str:

@@ -172,7 +172,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
              avg_bits: float | None = None, outliers: float = 0.0,
              recipe: str | os.PathLike | None = None, finetune_norms: bool = False,
              evaluate_on: tuple[list[str], list | None] | None = None,
-             stream: bool | None = None) -> tuple[nn.Module | None, Report, float]:
+             stream: bool | None = None, distributed: bool = False,
+             timeout: float | None = None) -> tuple[nn.Module | None, Report | None, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
@@ -194,7 +195,10 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     default (``stream=None``): the checkpoint is read, clustered and written one tensor at a time and the
     model never exists whole in memory (``stream.py``; the packed file is the same, byte for byte), and
     the returned model is None (``ws.load(out)`` loads what was written).  ``stream=False`` loads the model
-    whole; ``stream=True`` refuses work that cannot stream.
+    whole; ``stream=True`` refuses work that cannot stream.  ``distributed``: this process is one of several
+    torchrun started (``distributed.py``; streamed work only): they share the clustering, rank 0 writes ``out``
+    and returns the report, the others return ``(None, None, seconds)``; ``timeout``: seconds a process waits for
+    another before it stops with an error naming it.
     """
     plan = None
     if recipe is not None:  # checked whole before anything else
@@ -218,20 +222,37 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     builtin = isinstance(calibration, str) and calibration == BUILTIN
     texts = _given_texts(calibration)
     data_free = texts is None and not (builtin and _tokenizer_files(source))
-    why = _why_not_streamed(data_free, finetune_steps, target_bytes, avg_bits, outliers, evaluate_on)
+    if data_free and finetune_steps:
+        log.info("no calibration texts: table fine-tuning skipped")
+        finetune_steps = 0
+    why = _why_not_streamed(data_free, target_bytes, avg_bits, outliers, evaluate_on)
+    if distributed and (why or stream is False):
+        raise ValueError(f"compress: several processes share streamed work only, and {why or 'stream=False'}\n"
+                         "  expected: data-free compression (--data-free) without a size budget, or one process")
     if stream is not False and not why:
         from weightshare.compress import stream as streaming
 
         ss, why = streaming.open_source(src)
+        if ss is None and distributed:
+            raise ValueError(f"compress: several processes share streamed work only, and {src} cannot stream: {why}")
         if ss is not None:
             configs, dense = resolve(plan, ss.model, config, is_compressible) if plan else ({}, set())
             settings = {"bits": config.bits, "granularity": config.granularity, "group_size": config.group_size,
                         "calibration": _calibration_name(calibration, builtin, None), "method": None,
                         "finetune_steps": 0, "finetune_norms": finetune_norms, "outliers": outliers,
                         "target_size": None, "avg_bits": None}
-            rep, seconds = streaming.compress_streamed(
-                ss, out, config, is_compressible, configs, dense,
-                records=lambda rep, seconds: compress_records(src, settings, plan, rep, seconds))
+            def records(rep, seconds):
+                return compress_records(src, settings, plan, rep, seconds)
+
+            if distributed:
+                from weightshare.compress import distributed as ranks
+
+                timeout = ranks.DEFAULT_TIMEOUT if timeout is None else timeout
+                ranks.init(timeout)
+                rep, seconds = ranks.compress_distributed(ss, out, config, is_compressible, configs, dense, records,
+                                                          timeout)
+                return None, rep, seconds
+            rep, seconds = streaming.compress_streamed(ss, out, config, is_compressible, configs, dense, records)
             log.info("clustered in %.2f s (streamed)", seconds)
             return None, rep, seconds
     if stream:
@@ -272,12 +293,12 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     return model, rep, seconds
 
 
-def _why_not_streamed(data_free: bool, finetune_steps, target_bytes, avg_bits, outliers, evaluate_on) -> str:
+def _why_not_streamed(data_free: bool, target_bytes, avg_bits, outliers, evaluate_on) -> str:
     """Why a compression needs the model whole ("" when it can stream)."""
     if not data_free:
         return "calibration needs the model's activations"
-    if finetune_steps or outliers:
-        return "table fine-tuning and outliers need calibration"
+    if outliers:
+        return "outliers need calibration"
     if target_bytes is not None or avg_bits is not None:
         return "a size budget weighs every tensor's error before any is clustered"
     if evaluate_on is not None:

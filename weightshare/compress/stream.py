@@ -23,6 +23,7 @@ import errno
 import logging
 import time
 from collections import defaultdict
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from weightshare.sharing.codebook import (
 )
 from weightshare.space import share_parametrization_
 
-__all__ = ["StreamSource", "open_source", "compress_streamed"]
+__all__ = ["StreamSource", "Work", "open_source", "plan", "compress_streamed", "cluster_weight"]
 
 log = logging.getLogger(__name__)
 
@@ -164,21 +165,33 @@ def _read(ss: StreamSource, name: str, like: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressible, configs: dict | None = None,
-                      dense=frozenset(), records=None) -> tuple[Report, float]:
-    """Cluster the checkpoint of ``ss`` data-free with ``config`` and write the packed directory ``out``.
+@dataclass
+class Work:
+    """What a streamed compression does, worked out from the skeleton before any tensor is read (the same on every
+    process of a distributed run)."""
 
-    ``compressible(module, name)``: the modules whose weights are clustered (``is_compressible``);
-    ``configs``: a recipe's per-module configs; ``dense``: module names kept as they are.
-    ``records(report, seconds)`` -> the text files of the folder's top (model card, recipe).
-    Returns ``(report of the packed file, seconds spent reading, clustering and writing)``.
-    """
+    modules: list[tuple[str, nn.Module]]  # owned_modules of the skeleton: the order the packed file is written in
+    chosen: dict[int, str]  # index in modules -> module name, for the modules whose weight is clustered
+    clustered: list[int]  # the indices whose weight is clustered there (a tied weight's first owner)
+    last_use: dict[int, int]  # id of a module or skeleton tensor -> the last index that uses it
+    config: CodebookConfig
+    configs: dict[str, CodebookConfig]
+
+    def config_of(self, i: int) -> CodebookConfig:
+        return self.configs.get(self.chosen[i], self.config)
+
+    def numel(self, i: int) -> int:
+        return self.modules[i][1].weight.numel()
+
+
+def plan(ss: StreamSource, config: CodebookConfig, compressible, configs: dict | None = None,
+         dense=frozenset()) -> Work:
+    """The modules of ``ss`` to cluster with ``config`` (``compressible(module, name)``, a recipe's ``configs``
+    and ``dense`` names), every shape and group layout checked, and the ties between modules."""
     configs = dict(configs or {})
-    out = Path(out)
-    pack.check_dest(out, ss.source.path)
     _check_shapes(ss)
     modules = list(pack.owned_modules(ss.model))
-    chosen: dict[int, str] = {}  # index in modules -> module name, for the modules clustered
+    chosen: dict[int, str] = {}
     for i, (prefix, module) in enumerate(modules):
         name = prefix[:-1]
         if name not in dense and compressible(module, name) and isinstance(module.weight, torch.Tensor):
@@ -202,9 +215,26 @@ def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressibl
         cfg = configs.get(name, config)
         transposed = hub.is_transposed_linear(module)
         group_layout(channel_layout(w.shape, transposed), cfg.granularity, cfg.group_size, f"{name}.weight")
+    clustered = sorted(set(first.values()))
     warn_if_tables_dominate([(tuple(modules[i][1].weight.shape), hub.is_transposed_linear(modules[i][1]))
-                             for i in sorted(set(first.values()))], config)
+                             for i in clustered], config)
+    return Work(modules, chosen, clustered, last_use, config, configs)
 
+
+def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressible, configs: dict | None = None,
+                      dense=frozenset(), records=None, work: Work | None = None, results=None) -> tuple[Report, float]:
+    """Cluster the checkpoint of ``ss`` data-free with ``config`` and write the packed directory ``out``.
+
+    ``compressible(module, name)``: the modules whose weights are clustered (``is_compressible``);
+    ``configs``: a recipe's per-module configs; ``dense``: module names kept as they are.
+    ``records(report, seconds)`` -> the text files of the folder's top (model card, recipe).
+    ``work``: the ``plan`` already made; ``results(i)`` -> ``(tables, codes)`` of module ``i`` clustered
+    elsewhere (``distributed.py``): installed as they are, the weight not read.
+    Returns ``(report of the packed file, seconds spent reading, clustering and writing)``.
+    """
+    out = Path(out)
+    pack.check_dest(out, ss.source.path)
+    work = work or plan(ss, config, compressible, configs, dense)
     t0 = time.perf_counter()
     try:
         with io.staged_dir(out) as tmp:
@@ -212,7 +242,7 @@ def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressibl
             pack.write_side_files(tmp, ss.source, source_meta)
             writer = pack.PackWriter(tmp, source_meta)
             try:
-                _stream(ss, modules, chosen, first, last_use, config, configs, writer)
+                _stream(ss, work, writer, results)
                 writer.close()
             except BaseException:
                 writer.discard()
@@ -229,8 +259,20 @@ def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressibl
     return rep, seconds
 
 
-def _stream(ss, modules, chosen, first, last_use, config, configs, writer) -> None:
+def cluster_weight(ss: StreamSource, work: Work, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read and cluster module ``i``'s weight alone: its ``(tables, codes)``, as ``compress_streamed`` installs them
+    (a distributed run's share of the work).  The skeleton is left as it was: a copy of the module is clustered."""
+    prefix, module = work.modules[i]
+    copy = deepcopy(module)  # on the meta device: costs nothing
+    copy._parameters["weight"] = nn.Parameter(_read(ss, prefix + "weight", module.weight), module.weight.requires_grad)
+    codebook_(copy, "weight", work.config_of(i), fqn=f"{work.chosen[i]}.weight")
+    plist = copy.parametrizations["weight"]
+    return plist.original.detach(), plist[0].codes
+
+
+def _stream(ss: StreamSource, work: Work, writer: pack.PackWriter, results=None) -> None:
     """Read, cluster, write and let go of each module in turn (``compress_streamed``'s loop)."""
+    modules, chosen, last_use, config = work.modules, work.chosen, work.last_use, work.config
     skeleton = [t for _, m in modules for _, t in _stored(m)]  # noqa: F841 (held: ids below stay unique)
     real: dict[int, torch.Tensor] = {}  # id of a skeleton tensor -> its real tensor, while a later owner needs it
     clustered: dict[int, nn.Module] = {}  # id of a clustered weight -> its first owner, while a later one needs it
@@ -244,8 +286,8 @@ def _stream(ss, modules, chosen, first, last_use, config, configs, writer) -> No
             release[max([last_use[id(module)], *(last_use[id(t)] for _, t in own)])].append(module)
             weight = module.weight if i in chosen else None
             for n, t in own:
-                if weight is not None and t is weight and id(t) in clustered:
-                    continue  # its first owner's codebook is shared below
+                if weight is not None and t is weight and (id(t) in clustered or results is not None):
+                    continue  # its first owner's codebook is shared below, or it was clustered elsewhere
                 if id(t) in real:
                     value = real[id(t)]
                 elif prefix + n in ss.names:
@@ -262,8 +304,13 @@ def _stream(ss, modules, chosen, first, last_use, config, configs, writer) -> No
             if weight is not None:
                 if id(weight) in clustered:
                     share_parametrization_(clustered[id(weight)], module)
+                elif results is not None:
+                    tables, codes = results(i)
+                    codebook_(module, "weight", work.config_of(i), init=(tables, None, codes))
+                    if last_use[id(weight)] > i:
+                        clustered[id(weight)] = module
                 else:
-                    codebook_(module, "weight", configs.get(chosen[i], config), fqn=f"{chosen[i]}.weight")
+                    codebook_(module, "weight", work.config_of(i), fqn=f"{chosen[i]}.weight")
                     if last_use[id(weight)] > i:
                         clustered[id(weight)] = module
                 bar.update(1)
