@@ -131,6 +131,41 @@ def test_nan_weight_is_named(tiny):
     assert not any(hasattr(m, "parametrizations") for m in tiny.modules())
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_non_finite_value_is_refused_in_every_dtype(bad, dtype):
+    """The finite check is a min and max (both propagate NaN): each kind of bad value, anywhere, is caught."""
+    from weightshare.kmeans import all_finite
+
+    for where in (0, 777, 4095):
+        x = torch.randn(64, 64).to(dtype)
+        assert all_finite(x)
+        x.view(-1)[where] = bad
+        assert not all_finite(x)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            kmeans1d_rows(x, 4)
+        lin = torch.nn.Linear(64, 64).to(dtype)
+        with torch.no_grad():
+            lin.weight.copy_(x)
+        with pytest.raises(ValueError, match="weight contains NaN or inf"):
+            codebook_(lin, config=ws.CodebookConfig(bits=2))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packed_indices_are_the_bit_stream_of_the_labels(bits):
+    """What the packed file stores as indices is ``pack_bits`` of the labels at every width (at 4 and 8 bits
+    the parametrization's own codes are written as they are)."""
+    from weightshare.bitpack import pack_bits
+    from weightshare.space import get_map
+
+    lin = torch.nn.Linear(37, 5)  # an odd count of weights: the last byte is padded
+    codebook_(lin, config=ws.CodebookConfig(bits=bits, granularity="per_tensor"))
+    stored = {}
+    get_map("codebook").pack("w", lin.parametrizations["weight"], lambda k, t: stored.setdefault(k, t))
+    labels = lin.parametrizations["weight"][0].labels.numpy()
+    assert np.array_equal(stored["w.__indices"].numpy(), pack_bits(labels, bits))
+
+
 @pytest.mark.parametrize("granularity,group_size", [("per_channel", None), ("per_group", 8)])
 def test_transformers_conv1d_gets_tables_per_output_channel(granularity, group_size):
     # GPT-2's Conv1D stores its weight (in, out): an output channel is a column

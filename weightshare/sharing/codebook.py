@@ -30,7 +30,7 @@ from weightshare._progress import progress
 from weightshare.bitpack import pack_bits, packed_size, unpack_bits
 from weightshare.errors import clip
 from weightshare.hub import is_transposed_linear
-from weightshare.kmeans import kmeans1d, kmeans1d_rows
+from weightshare.kmeans import all_finite, kmeans1d, kmeans1d_rows
 from weightshare.modules import CodebookEmbedding, CodebookLinear, Outliers
 from weightshare.space import (
     MapState,
@@ -295,14 +295,8 @@ def table_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    # numpy's isfinite is ~10x faster than torch's on CPU; bf16 has no numpy dtype
-    t = t.detach().cpu()
-    return bool(np.isfinite((t.float() if t.dtype == torch.bfloat16 else t).numpy()).all())
-
-
 def _check_weight(name: str, weight: torch.Tensor, config: CodebookConfig, transposed: bool = False) -> None:
-    if not _all_finite(weight):
+    if not all_finite(weight.detach().cpu()):
         raise ValueError(f"{name}: weight contains NaN or inf\n  expected: finite values\n  fix the checkpoint first")
     group_layout(channel_layout(weight.shape, transposed), config.granularity, config.group_size, name)
 
@@ -593,7 +587,10 @@ class CodebookMap(SharingMap):
             log.info("%s: tables moved off the %s grid (trained?): stored as %s to stay exact",
                      name, cb.config.table_dtype, dtype_name(store))
         put(f"{name}.__tables", tables.to(store).contiguous())
-        put(f"{name}.__indices", torch.from_numpy(pack_bits(cb.labels.numpy(), cb.config.bits)))
+        # at 4 and 8 bits the codes the parametrization holds are the packed file's bit stream already
+        bits = cb.config.bits
+        indices = cb.codes if bits in (4, 8) else torch.from_numpy(pack_bits(cb.labels.numpy(), bits))
+        put(f"{name}.__indices", indices)
         entry = {"shape": list(cb.shape), "dtype": dtype_name(tables.dtype), "config": config_to_dict(cb.config)}
         if cb.transposed:  # labels and tables over W^T (transformers' Conv1D); makes the file version 2
             entry["transposed"] = True
