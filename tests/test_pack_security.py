@@ -16,6 +16,7 @@ import torch
 
 import weightshare as ws
 from tests import fuzz_helpers as fh
+from weightshare import io
 from weightshare.cli import main
 from weightshare.pack import FILENAME
 
@@ -224,7 +225,6 @@ def test_written_files_get_the_umask_mode(bert_packed, tmp_path, umask_022):
 
 def test_a_failed_save_leaves_the_old_model_or_none(tmp_path, monkeypatch):
     from tests.conftest import TinyNet
-    from weightshare import pack
 
     net = ws.share_(TinyNet(), ws.CodebookConfig(bits=2))
     old = ws.save(net, tmp_path / "m")
@@ -235,7 +235,7 @@ def test_a_failed_save_leaves_the_old_model_or_none(tmp_path, monkeypatch):
             f.write(b"half a header")
         raise OSError("killed mid-write")
 
-    monkeypatch.setattr(pack, "write_safetensors", crash)
+    monkeypatch.setattr(io, "write_safetensors", crash)
     with pytest.raises(OSError):
         ws.save(net, old)  # replacing: the old folder stays as it was
     with pytest.raises(OSError):

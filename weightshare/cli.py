@@ -66,6 +66,7 @@ def _compress(args) -> None:
     from weightshare.sharing.codebook import CodebookConfig
 
     _check_compress_flags(args)
+    _shard_size(args.max_shard_size)
     if args.nproc > 1 and not distributed.in_torchrun():
         argv = _without_nproc(args.argv)
         code = distributed.launch(argv, args.nproc)
@@ -88,7 +89,8 @@ def _compress(args) -> None:
                                        avg_bits=args.avg_bits, outliers=args.outliers, recipe=args.recipe,
                                        finetune_norms=args.finetune_norms,
                                        evaluate_on=None if texts is None else (texts, labels),
-                                       distributed=ranks, timeout=args.timeout)
+                                       distributed=ranks, timeout=args.timeout,
+                                       max_shard_size=_shard_size(args.max_shard_size))
     except distributed.RankError as exc:
         raise ValueError(str(exc)) from None
     except ValueError as exc:
@@ -109,6 +111,15 @@ def _compress(args) -> None:
     evaluation = getattr(model, "_weightshare_evaluation", None)
     if evaluation is not None:
         print(evaluation)
+
+
+def _shard_size(value: str) -> int | str:
+    """--max-shard-size as save_pretrained takes it (bytes as an int, else "500MB"), checked before any work."""
+    from weightshare.compress.budget import parse_size
+
+    size = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    parse_size(size, "--max-shard-size")
+    return size
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -172,13 +183,8 @@ def _inspect(args) -> None:
 
 def _export(args) -> None:
     import weightshare as ws
-    from weightshare.compress.budget import parse_size
 
-    if isinstance(args.max_shard_size, str) and args.max_shard_size.strip().isdigit():
-        args.max_shard_size = int(args.max_shard_size)  # bytes, as save_pretrained takes them
-    parse_size(args.max_shard_size, "--max-shard-size")  # before the model is opened
-
-    ws.export(args.dir, args.out, max_shard_size=args.max_shard_size)
+    ws.export(args.dir, args.out, max_shard_size=_shard_size(args.max_shard_size))
     print(f"dense model written to {args.out}")
 
 
@@ -291,6 +297,9 @@ def _add_compress(sub, common: list) -> None:
                    help="bits and granularity per layer (glob on module names), layers kept dense, and any of the "
                         "settings above; its keys replace the flags (see weightshare/compress/recipe.py)")
     c.add_argument("--out", required=True, help="output directory (new, empty, or a packed model to replace)")
+    c.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="a packed file larger than SIZE is written as weightshare-0000K-of-0000N.safetensors shards "
+                        "with weightshare.safetensors.index.json, as save_pretrained shards (default 5GB)")
     c.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-free work on N processes of this machine, one thread each (torchrun); across machines "
                         "run `torchrun --nnodes M --nproc_per_node N ... -m weightshare.compress SRC ...` on each. "

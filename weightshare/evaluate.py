@@ -108,7 +108,7 @@ def open_model(path: str | Path, flag: str) -> nn.Module:
     from weightshare.load import load
 
     p = Path(path)
-    if p.is_dir() and ((p / pack.FILENAME).is_file()):
+    if pack.is_packed(p):
         return load(p)
     try:
         return hub.load_pretrained(p)

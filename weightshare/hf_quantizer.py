@@ -72,12 +72,16 @@ class WeightshareHfQuantizer(HfQuantizer):
         from weightshare.modules import PackedModule
         from weightshare.pack import FILENAME, PackedFile
 
-        files = [Path(f) for f in checkpoint_files or []]
-        if len(files) != 1 or files[0].name != FILENAME:
-            raise ValueError(f"weightshare: a packed model is read from its {FILENAME}\n"
-                             f"  got: {[str(f) for f in files]}\n"
-                             "  load the directory weightshare compress wrote")
+        files = sorted(Path(f).resolve() for f in checkpoint_files or [])
+        if not files:
+            raise ValueError(f"weightshare: transformers found no weights file\n  expected: {FILENAME} or its shards"
+                             "\n  load the directory weightshare compress wrote")
         with PackedFile(files[0].parent) as pf:
+            # transformers found the files through config.json's transformers_weights: the packed file or its shards
+            if files != sorted(f.resolve() for f in pf.files):
+                raise ValueError(f"weightshare: a packed model is read from its {FILENAME} (or its shards)\n"
+                                 f"  got: {[str(f) for f in files]}\n"
+                                 "  load the directory weightshare compress wrote")
             install_checked_(model, pf, own=True)  # from_pretrained's own model: dropped if this raises
         for m in model.modules():
             if isinstance(m, PackedModule):

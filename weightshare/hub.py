@@ -90,7 +90,7 @@ def detect(path: str | os.PathLike) -> Source:
     )
 
 
-def _check_model_type(config_dir: Path) -> None:
+def check_model_type(config_dir: Path) -> None:
     from transformers import CONFIG_MAPPING
 
     try:
@@ -133,7 +133,7 @@ def load_pretrained(src: str | os.PathLike) -> nn.Module:
     """
     source = detect(src)
     config_dir = Path(source.path) / source.weights_subdir
-    _check_model_type(config_dir)
+    check_model_type(config_dir)
     if source.kind == SENTENCE_TRANSFORMERS:
         from sentence_transformers import SentenceTransformer
 

@@ -315,27 +315,34 @@ def write_safetensors(path: str | os.PathLike, entries: list[Entry], tensors: It
 SHARD_INDEX = "model.safetensors.index.json"
 
 
-def shard_plan(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size):
-    """How ``save_pretrained`` would split tensors of these shapes and dtypes into files of at most
-    ``max_shard_size`` (an int, or a string such as "500MB"): huggingface_hub's splitter, its file names.
+def shard_plan(shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size,
+               filename_pattern: str = "model{suffix}.safetensors"):
+    """How ``save_pretrained`` would split tensors of these shapes and dtypes (in this order) into files of at most
+    ``max_shard_size`` (an int, or a string such as "500MB"): huggingface_hub's splitter, its file names
+    (``filename_pattern``'s ``{suffix}`` is "" for one file, "-00001-of-00003" for shards).
 
     Raises ValueError (the splitter's message) for a ``max_shard_size`` it cannot read."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in shapes.items()}
-    return split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
+    return split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern)
 
 
-def write_shards(out: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], plan, tensors) -> None:
-    """Write the files of a ``shard_plan`` into ``out``, and ``model.safetensors.index.json`` when there are
-    several.  ``tensors(entries)`` yields one file's tensors in ``entries`` order (see ``write_safetensors``),
-    so nothing but the tensor being written is held."""
+def write_shards(out: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], plan, tensors,
+                 metadata: dict[str, str] | None = None, index: str = SHARD_INDEX) -> None:
+    """Write the files of a ``shard_plan`` into ``out``, and the index ``index`` when there are several.
+    ``tensors(entries)`` yields one file's tensors in ``entries`` order (see ``write_safetensors``), so nothing but
+    the tensor being written is held.  ``metadata``: the one file's (default ``{"format": "pt"}``); when sharded,
+    each shard has ``{"format": "pt"}`` and the index's ``metadata`` holds ``metadata`` and ``total_size``."""
+    shard_meta = {"format": "pt"}
     for filename, names in plan.filename_to_tensors.items():  # as safetensors lays a shard out
         entries = layout((name, *shapes[name]) for name in names)
-        write_safetensors(out / filename, entries, tensors(entries), metadata={"format": "pt"})
+        write_safetensors(out / filename, entries, tensors(entries),
+                          metadata=shard_meta if plan.is_sharded else (metadata or shard_meta))
     if plan.is_sharded:
-        index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
-        (out / SHARD_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        extra = {} if metadata is None else metadata
+        body = {"metadata": {**extra, "total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
+        (out / index).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
 def trim_heap() -> None:
@@ -358,14 +365,16 @@ def _umask() -> int:
     return mask
 
 
-def check_dest(path: Path, source_path: str | None, marker: str, kind: str) -> None:
-    """``path`` may be new, an empty folder, or an earlier ``kind`` (a folder holding ``marker``) to replace:
-    nothing else is overwritten, and never the source model's own folder (``source_path``)."""
+def check_dest(path: Path, source_path: str | None, marker: str | tuple[str, ...], kind: str) -> None:
+    """``path`` may be new, an empty folder, or an earlier ``kind`` (a folder holding ``marker``, or one of the
+    ``marker``s) to replace: nothing else is overwritten, and never the source model's own folder
+    (``source_path``)."""
+    markers = (marker,) if isinstance(marker, str) else marker
     if path.exists() and not path.is_dir():
         raise ValueError(f"output exists and is a file\n  got: {str(path)!r}\n  choose a directory path for --out")
     if source_path and path.exists() and path.resolve() == Path(source_path).resolve():
         raise ValueError(f"output is the source model directory {str(path)!r}: choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).is_file() for m in markers):
         raise ValueError(
             f"output directory is not empty and not a {kind}\n  got: {str(path)!r}\n"
             f"  choose a new or empty directory (an existing {kind} is replaced)"

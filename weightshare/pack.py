@@ -43,14 +43,17 @@ from torch.nn.utils import parametrize
 import weightshare.sharing  # noqa: F401  (registers every map: a file names its maps, the registry knows them)
 from weightshare import hub, io
 from weightshare.errors import clip
-from weightshare.io import DTYPES, HEADER_DTYPES, staged_dir, write_safetensors
+from weightshare.io import DTYPES, HEADER_DTYPES, staged_dir
 from weightshare.space import dtype_name, get_map, map_of, map_state, module_map, packable_maps
 
 __all__ = ["save", "read_spec", "dense_state_dict", "PackedFile", "PackError", "FILENAME", "FORMAT_VERSION",
            "owned_modules", "check_dest", "file_size", "checksum", "tensor_checksum", "PackWriter", "write_side_files",
-           "write_records"]
+           "write_records", "INDEX", "is_packed"]
 
 FILENAME = "weightshare.safetensors"
+INDEX = "weightshare.safetensors.index.json"  # of a packed file in shards
+SHARD_PATTERN = "weightshare{suffix}.safetensors"
+_SHARD = re.compile(r"weightshare-(\d{5})-of-(\d{5})\.safetensors")
 FORMAT = "weightshare"
 # 2 added codebooks laid out over W^T ("transposed"); 3 makes each checksum cover the tensor's dtype
 # and shape as well as its bytes, so that reinterpreting stored bytes (F16 tables read as BF16) is caught
@@ -200,13 +203,20 @@ def _collect(inner: nn.Module) -> tuple[dict, dict]:
     return tensors, collector.spec
 
 
+def is_packed(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding a packed file (whole or in shards); ``PackedFile`` checks it."""
+    path = Path(path)
+    return path.is_dir() and ((path / FILENAME).is_file() or (path / INDEX).is_file())
+
+
 def check_dest(path: Path, source_path: str | None = None) -> None:
     """``path`` may be new, an empty folder, or a packed model to replace: nothing else is overwritten (checked by
     ``save``, and by ``compress`` before its work)."""
-    io.check_dest(path, source_path, FILENAME, "packed model")
+    io.check_dest(path, source_path, (FILENAME, INDEX), "packed model")
 
 
-def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | None = None) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | None = None,
+         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write ``model`` as a packed directory at ``path`` and return the path.
 
     ``model`` is a transformers model or SentenceTransformer (its config,
@@ -216,31 +226,57 @@ def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | No
     place, so an existing packed model is replaced whole or not at all; the
     packed file is written one tensor at a time, never built whole in memory.
     ``records``: text files (name -> text) written at the folder's top, in place of
-    the source's (how the model was made: a model card, the recipe).
+    the source's (how the model was made: a model card, the recipe).  A packed file larger than
+    ``max_shard_size`` is written as shards ``weightshare-0000K-of-0000N.safetensors`` and
+    ``weightshare.safetensors.index.json`` (the spec in the index's metadata), as ``save_pretrained`` shards.
     """
     path = Path(path)
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
     inner = hub.inner_model(model)
     check_dest(path, source.path if source else None)
     contents = _contents(model)
+    plan = _shard_plan(contents.layout, max_shard_size)
     with staged_dir(path) as tmp:
-        write_side_files(tmp, source, contents.source, inner)
-        write_safetensors(tmp / FILENAME, contents.layout, (contents.tensors[name] for name, _, _ in contents.layout),
-                          contents.metadata)
+        write_side_files(tmp, source, contents.source, inner, sharded=plan.is_sharded)
+        _write_packed(tmp, contents.layout, plan, contents.metadata, lambda name: contents.tensors[name])
         write_records(tmp, records)
     return path
 
 
-def write_side_files(folder: Path, source: hub.Source | None, source_meta: dict, inner=None) -> None:
+def _shard_plan(layout: list[io.Entry], max_shard_size):
+    """The packed file's shards (huggingface_hub's splitter over the tensors in layout order)."""
+    try:
+        return io.shard_plan({name: (shape, dtype) for name, shape, dtype in layout}, max_shard_size,
+                             filename_pattern=SHARD_PATTERN)
+    except ValueError as exc:
+        raise ValueError(f"max_shard_size {max_shard_size!r}: {exc}\n  expected: bytes, or a size such as "
+                         "'500MB' or '5GB'") from None
+
+
+def _write_packed(folder: Path, layout: list[io.Entry], plan, metadata: dict[str, str], tensor_of) -> None:
+    """The packed file (or its shards and their index) in ``folder``; ``tensor_of(name)`` gives each tensor to
+    write, one at a time."""
+    shapes = {name: (shape, dtype) for name, shape, dtype in layout}
+    if plan.is_sharded:  # from_pretrained takes the dtype of a sharded checkpoint from its index (a shard of
+        # indices alone would say uint8); of one file, from its first float tensor: this is that tensor's dtype
+        first = next((dtype for _, _, dtype in layout if dtype.is_floating_point), torch.float32)
+        metadata = {**metadata, "dtype": dtype_name(first)}
+    io.write_shards(folder, shapes, plan, lambda entries: (tensor_of(name) for name, _, _ in entries),
+                    metadata=metadata, index=INDEX)
+
+
+def write_side_files(folder: Path, source: hub.Source | None, source_meta: dict, inner=None,
+                     sharded: bool = False) -> None:
     """The packed folder's files besides the packed file: the source's config, tokenizer and module files (or
-    ``inner``'s config), ``config.json`` marked for transformers' quantizer registration."""
+    ``inner``'s config), ``config.json`` marked for transformers' quantizer registration (naming the index when
+    the packed file is ``sharded``)."""
     if source is not None:
         hub.copy_non_weight_files(source.path, folder)
     elif source_meta["kind"] == hub.TRANSFORMERS:
         inner.config.save_pretrained(folder)
     if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
         sub = source_meta["weights_subdir"]
-        hub.mark_packed_config(folder / sub, FILENAME if not sub else None)
+        hub.mark_packed_config(folder / sub, (INDEX if sharded else FILENAME) if not sub else None)
 
 
 def write_records(folder: Path, records: dict[str, str] | None) -> None:
@@ -282,16 +318,24 @@ class PackWriter:
         """Let go of what was written, but the objects in ``keep`` (tied to modules still to come)."""
         self._collector.forget(keep)
 
-    def close(self) -> Path:
-        """Write the packed file and delete the scratch file; returns the packed file's path."""
+    def close(self, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+        """Write the packed file (shards and their index when larger than ``max_shard_size``, as ``save``) and
+        delete the scratch file."""
         metadata = _metadata(self._collector.spec, self._checksums, self.source_meta)
         entries = io.layout((name, shape, dtype) for name, (_, shape, dtype) in self._where.items())
-        spans = (io.FileSpan(self._scratch, self._where[name][0], shape, math.prod(shape) * dtype.itemsize)
-                 for name, shape, dtype in entries)
+        plan = _shard_plan(entries, max_shard_size)
+        if plan.is_sharded:  # config.json was written before the size was known
+            sub = self.source_meta["weights_subdir"]
+            if self.source_meta["kind"] != "module" and not sub:
+                hub.mark_packed_config(self.folder, INDEX)
         self._scratch.flush()
-        write_safetensors(self.folder / FILENAME, entries, spans, metadata)
+
+        def span(name):
+            offset, shape, dtype = self._where[name]
+            return io.FileSpan(self._scratch, offset, shape, math.prod(shape) * dtype.itemsize)
+
+        _write_packed(self.folder, entries, plan, metadata, span)
         self.discard()
-        return self.folder / FILENAME
 
     def discard(self) -> None:
         """Close and delete the scratch file (``close`` does; call it on failure)."""
@@ -371,6 +415,53 @@ def _read_header(file: Path) -> io.Header:
         if span.dtype not in HEADER_DTYPES:
             raise PackError(clip(f"{file}: tensor {key!r} has dtype {span.dtype}, which weightshare does not read"))
     return header
+
+
+def _read_shards(root: Path) -> tuple[dict, dict[str, tuple[Path, io.TensorSpan]]]:
+    """A packed file in shards: the index's metadata (the spec) and every stored tensor's (shard, span).
+
+    The index is untrusted: a JSON object with exactly ``metadata`` and ``weight_map``; every shard it
+    names is ``weightshare-0000K-of-0000N.safetensors`` with one N, every K from 1 to N used (so no path
+    is ever taken from it), each shard a file of the folder; and each shard holds exactly the tensors the
+    index assigns to it, no tensor in two.
+    """
+    index = root / INDEX
+    try:
+        raw = hub.read_json(index, "shard index")
+    except ValueError as exc:
+        raise PackError(str(exc)) from None
+    if not isinstance(raw, dict) or set(raw) != {"metadata", "weight_map"}:
+        raise PackError(clip(f"{index}: keys\n  expected: ['metadata', 'weight_map']\n"
+                             f"  got: {sorted(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__}"))
+    meta, weight_map = raw["metadata"], raw["weight_map"]
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for k, v in meta.items() if k != "total_size"):
+        raise PackError(f"{index}: metadata\n  expected: a JSON object of strings (and total_size)")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise PackError(f"{index}: weight_map\n  expected: a non-empty JSON object {{tensor: shard file}}")
+    shards: dict[str, list[str]] = {}
+    count = None
+    for key, shard in weight_map.items():
+        m = _SHARD.fullmatch(shard) if isinstance(shard, str) else None
+        if m is None or not 1 <= int(m[1]) <= int(m[2]) or (count is not None and int(m[2]) != count):
+            raise PackError(clip(f"{index}: shard of {key!r}\n  expected: weightshare-0000K-of-0000N.safetensors, one "
+                                 f"N for all\n  got: {shard!r}"))
+        count = int(m[2])
+        shards.setdefault(shard, []).append(key)
+    if len(shards) != count:
+        raise PackError(f"{index}: names {len(shards)} shard(s) of {count}\n  expected: every shard 1..{count}")
+    spans: dict[str, tuple[Path, io.TensorSpan]] = {}
+    for shard in sorted(shards):
+        file = root / shard
+        if not file.is_file() or file.is_symlink():
+            raise PackError(f"{index}: the shard {shard} is not a file of {root}")
+        header = _read_header(file)
+        if set(header.tensors) != set(shards[shard]):
+            extra = sorted(set(header.tensors) - set(shards[shard]))[:3]
+            missing = sorted(set(shards[shard]) - set(header.tensors))[:3]
+            raise PackError(clip(f"{file}: holds other tensors than the index says\n  not in the index: {extra}\n"
+                                 f"  missing: {missing}"))
+        spans.update((key, (file, span)) for key, span in header.tensors.items())
+    return meta, spans
 
 
 def _check_format(meta: dict, file: Path) -> int:
@@ -569,17 +660,22 @@ class PackedFile:
 
     def __init__(self, path: str | os.PathLike):
         self.root = Path(path)
-        self.file = self.root / FILENAME
+        self.file = self.root / FILENAME  # the index, for a packed file in shards: what messages name
         if not self.root.is_dir():
             raise PackError(f"packed model not found\n  expected: a directory holding {FILENAME}\n  got: {str(path)!r}")
-        if not self.file.is_file():
-            raise PackError(f"not a packed model: {str(path)!r} has no {FILENAME}\n"
+        if self.file.is_file():
+            header = _read_header(self.file)
+            self._spans = {key: (self.file, span) for key, span in header.tensors.items()}
+            meta = header.metadata
+        elif (self.root / INDEX).is_file():
+            self.file = self.root / INDEX
+            meta, self._spans = _read_shards(self.root)
+        else:
+            raise PackError(f"not a packed model: {str(path)!r} has no {FILENAME} (or {INDEX} and its shards)\n"
                             "  create one with `weightshare compress`")
-        header = _read_header(self.file)
-        self._spans = header.tensors
-        self.infos = {key: (HEADER_DTYPES[s.dtype], s.shape) for key, s in header.tensors.items()}
+        self.files = sorted({file for file, _ in self._spans.values()}) or [self.file]  # the data files
+        self.infos = {key: (HEADER_DTYPES[s.dtype], s.shape) for key, (_, s) in self._spans.items()}
         self._cache: dict[str, torch.Tensor] = {}
-        meta = header.metadata
         self.version = _check_format(meta, self.file)
         self.spec = _parse_spec(meta, self.file)
         self.source = _check_source(self.spec["source"])
@@ -613,7 +709,7 @@ class PackedFile:
     def _read(self, key: str) -> torch.Tensor:
         """One tensor by a positioned read into memory of its own (io.read_tensor)."""
         try:
-            return io.read_tensor(self.file, self._spans[key])
+            return io.read_tensor(*self._spans[key])
         except (OSError, EOFError) as exc:
             raise PackError(clip(f"{self.file}: tensor {key!r} cannot be read ({type(exc).__name__}: {exc})")) from None
 
@@ -641,17 +737,24 @@ class PackedFile:
         is refused before anything is written, at a peak of one chunk instead of the whole file (``fetch`` reads
         and checks each tensor again when it is used)."""
         buffer = memoryview(bytearray(chunk))
+        files = {}
         try:
-            with open(self.file, "rb", buffering=0) as f:
-                for key, (dtype, shape) in self.infos.items():
-                    if key in self._cache:
-                        continue
-                    span = self._spans[key]
-                    pieces = io.read_chunks(f, span.offset, span.nbytes, buffer, key)
-                    if checksum(dtype, shape, pieces, self.version) != self.checksums[key]:
-                        raise PackError(f"{self.file}: checksum mismatch for tensor {key!r}: the file is corrupted")
+            for key, (dtype, shape) in self.infos.items():
+                if key in self._cache:
+                    continue
+                file, span = self._spans[key]
+                if file not in files:
+                    for f in files.values():  # one file open at a time: a shard is read through in one go
+                        f.close()
+                    files = {file: open(file, "rb", buffering=0)}  # noqa: SIM115 (closed below)
+                pieces = io.read_chunks(files[file], span.offset, span.nbytes, buffer, key)
+                if checksum(dtype, shape, pieces, self.version) != self.checksums[key]:
+                    raise PackError(f"{file}: checksum mismatch for tensor {key!r}: the file is corrupted")
         except (OSError, EOFError) as exc:
             raise PackError(clip(f"{self.file}: cannot be read ({type(exc).__name__}: {exc})")) from None
+        finally:
+            for f in files.values():
+                f.close()
 
     def release(self, entry: str) -> None:
         """Forget the read tensors of an installed entry that no later entry needs (the model keeps what it uses).

@@ -172,8 +172,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
              avg_bits: float | None = None, outliers: float = 0.0,
              recipe: str | os.PathLike | None = None, finetune_norms: bool = False,
              evaluate_on: tuple[list[str], list | None] | None = None,
-             stream: bool | None = None, distributed: bool = False,
-             timeout: float | None = None) -> tuple[nn.Module | None, Report | None, float]:
+             stream: bool | None = None, distributed: bool = False, timeout: float | None = None,
+             max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE) -> tuple[nn.Module | None, Report | None, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
@@ -198,7 +198,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     whole; ``stream=True`` refuses work that cannot stream.  ``distributed``: this process is one of several
     torchrun started (``distributed.py``; streamed work only): they share the clustering, rank 0 writes ``out``
     and returns the report, the others return ``(None, None, seconds)``; ``timeout``: seconds a process waits for
-    another before it stops with an error naming it.
+    another before it stops with an error naming it.  A packed file larger than ``max_shard_size`` is written
+    in shards with an index (``pack.save``).
     """
     plan = None
     if recipe is not None:  # checked whole before anything else
@@ -250,9 +251,10 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
                 timeout = ranks.DEFAULT_TIMEOUT if timeout is None else timeout
                 ranks.init(timeout)
                 rep, seconds = ranks.compress_distributed(ss, out, config, is_compressible, configs, dense, records,
-                                                          timeout)
+                                                          timeout, max_shard_size)
                 return None, rep, seconds
-            rep, seconds = streaming.compress_streamed(ss, out, config, is_compressible, configs, dense, records)
+            rep, seconds = streaming.compress_streamed(ss, out, config, is_compressible, configs, dense, records,
+                                                       max_shard_size=max_shard_size)
             log.info("clustered in %.2f s (streamed)", seconds)
             return None, rep, seconds
     if stream:
@@ -289,7 +291,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
 
         evaluation = evaluate(model, hub.load_pretrained(src), *evaluate_on)
         model._weightshare_evaluation = evaluation
-    pack.save(model, out, records=compress_records(src, settings, plan, rep, seconds, evaluation))
+    pack.save(model, out, records=compress_records(src, settings, plan, rep, seconds, evaluation),
+              max_shard_size=max_shard_size)
     return model, rep, seconds
 
 

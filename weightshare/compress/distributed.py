@@ -139,7 +139,7 @@ def _receive(results: _Results, rank: int, share: list[int], world: int, timeout
 
 
 def compress_distributed(ss: stream.StreamSource, out, config, compressible, configs=None, dense=frozenset(),
-                         records=None, timeout: float = DEFAULT_TIMEOUT):
+                         records=None, timeout: float = DEFAULT_TIMEOUT, max_shard_size=None):
     """This process's part of a distributed streamed compression (``init`` first): rank 0 returns what
     ``stream.compress_streamed`` does, the others ``(None, seconds spent on their share)``."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -165,8 +165,9 @@ def compress_distributed(ss: stream.StreamSource, out, config, compressible, con
                 return None, time.perf_counter() - t0
             for r in range(1, world):
                 _receive(results, r, shares[r], world, timeout)
+            shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
             rep, _ = stream.compress_streamed(ss, out, config, compressible, configs, dense, records, work=work,
-                                              results=results.get)
+                                              results=results.get, **shards)
             return rep, time.perf_counter() - t0
         finally:
             results.close()

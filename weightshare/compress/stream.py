@@ -74,6 +74,7 @@ def open_source(src) -> tuple[StreamSource | None, str]:
     """
     source = hub.detect(src)
     config_dir = Path(source.path) / source.weights_subdir
+    hub.check_model_type(config_dir)  # before the weights: the first thing loading the model whole would say
     tensors = hub.checkpoint(config_dir)
     dtype = None
     if _config_dtype(config_dir) is None:  # from_pretrained takes the checkpoint's dtype then
@@ -222,14 +223,16 @@ def plan(ss: StreamSource, config: CodebookConfig, compressible, configs: dict |
 
 
 def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressible, configs: dict | None = None,
-                      dense=frozenset(), records=None, work: Work | None = None, results=None) -> tuple[Report, float]:
+                      dense=frozenset(), records=None, work: Work | None = None, results=None,
+                      max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE) -> tuple[Report, float]:
     """Cluster the checkpoint of ``ss`` data-free with ``config`` and write the packed directory ``out``.
 
     ``compressible(module, name)``: the modules whose weights are clustered (``is_compressible``);
     ``configs``: a recipe's per-module configs; ``dense``: module names kept as they are.
     ``records(report, seconds)`` -> the text files of the folder's top (model card, recipe).
     ``work``: the ``plan`` already made; ``results(i)`` -> ``(tables, codes)`` of module ``i`` clustered
-    elsewhere (``distributed.py``): installed as they are, the weight not read.
+    elsewhere (``distributed.py``): installed as they are, the weight not read.  A packed file larger than
+    ``max_shard_size`` is written in shards (``pack.save``).
     Returns ``(report of the packed file, seconds spent reading, clustering and writing)``.
     """
     out = Path(out)
@@ -243,7 +246,7 @@ def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressibl
             writer = pack.PackWriter(tmp, source_meta)
             try:
                 _stream(ss, work, writer, results)
-                writer.close()
+                writer.close(max_shard_size)
             except BaseException:
                 writer.discard()
                 raise

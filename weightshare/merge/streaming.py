@@ -36,7 +36,7 @@ from weightshare.hub import WEIGHTS
 from weightshare.io import write_safetensors
 from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
-from weightshare.pack import FILENAME as PACKED_FILENAME
+from weightshare.pack import is_packed
 
 __all__ = ["MergeError", "merge", "open_model"]
 
@@ -94,7 +94,7 @@ def _safetensors_files(label: str, tensors: io.Tensors, root: Path | None = None
 def _directory(path: Path) -> _Model:
     from weightshare import hub
 
-    if (path / PACKED_FILENAME).is_file():
+    if is_packed(path):
         return _packed(path)
     source = hub.detect(path)
     return _safetensors_files(str(path), hub.checkpoint(path / source.weights_subdir), path, source.weights_subdir)
