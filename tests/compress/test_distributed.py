@@ -105,3 +105,15 @@ def test_a_process_that_dies_or_hangs_is_named_and_nothing_is_written(tmp_path, 
             p.join(10)
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("flags,message", [(["--nproc", "0"], "--nproc 0: expected 1 or more"),
+                                           (["--timeout", "0"], "--timeout 0.0: expected seconds above 0"),
+                                           (["--max-shard-size", "lots"], "--max-shard-size"),
+                                           (["--nproc", "2", "--avg-bits", "3"], "--nproc shares data-free work")])
+def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys, flags, message):
+    from weightshare.cli import main
+
+    assert main(["compress", str(tmp_path / "nowhere"), "--data-free", *flags, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -60,6 +61,14 @@ def init(timeout: float = DEFAULT_TIMEOUT) -> None:
     """Join the gloo group torchrun's environment describes, waiting at most ``timeout`` s for any other process."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    # torchrun stops the other processes with SIGTERM when one fails: exit through Python, so that the scratch
+    # files and the staged output folder are removed on the way out
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_term)
+
+
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def deal(work: stream.Work, world: int) -> list[list[int]]:
