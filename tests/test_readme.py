@@ -79,7 +79,8 @@ def test_readme_commands_run_as_written(tmp_path):
     for made in ("mini4/weightshare.safetensors", "mini4-dense/config.json",
                  "mini4-shards/model.safetensors.index.json", "mini3/weightshare.safetensors",
                  "mini-8mb/weightshare.safetensors", "mini4-free/weightshare.safetensors",
-                 "merged/mergekit_config.yml", "m/config.json"):
+                 "merged/mergekit_config.yml", "m/config.json", "q4-t/weightshare.safetensors",
+                 "q4-shards/weightshare.safetensors.index.json"):
         assert (out / made).exists(), made
     assert (out / "mini-8mb" / "weightshare.safetensors").stat().st_size <= 8_000_000
     assert "top10_overlap" in proc.stdout  # the eval report

@@ -1,7 +1,8 @@
 """Loading packed models where users already load models: transformers' ``from_pretrained``.
 
 A packed directory's ``config.json`` carries ``"quantization_config": {"quant_method":
-"weightshare"}`` and ``"transformers_weights": "weightshare.safetensors"``; once
+"weightshare"}`` and ``"transformers_weights": "weightshare.safetensors"`` (the shard index
+``weightshare.safetensors.index.json`` for a packed file in shards); once
 ``weightshare`` is imported, this module is registered with transformers'
 quantizer registry (``register_quantization_config`` / ``register_quantizer``), as
 bitsandbytes, HQQ and torchao are, so that::
