@@ -99,7 +99,8 @@ def _edit_index(folder, edit):
 
 @pytest.mark.parametrize("shard", ["../victim.safetensors", "/etc/passwd", "weightshare.safetensors",
                                    "weightshare-00001-of-00009.safetensors", "weightshare-00000-of-00004.safetensors",
-                                   "sub/weightshare-00001-of-00004.safetensors", 7, None])
+                                   "sub/weightshare-00001-of-00004.safetensors", 7, None,
+                                   "weightshare-\u0660\u0660\u0660\u0660\u0661-of-00004.safetensors"])
 def test_index_naming_another_file_is_refused(packed, tmp_path, shard):
     folder = _copy(packed, tmp_path)
     (tmp_path / "victim.safetensors").write_bytes((folder / _shards(folder)[0]).read_bytes())

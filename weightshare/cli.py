@@ -114,12 +114,11 @@ def _compress(args) -> None:
 
 
 def _shard_size(value: str) -> int | str:
-    """--max-shard-size as save_pretrained takes it (bytes as an int, else "500MB"), checked before any work."""
+    """--max-shard-size in bytes (500MB, 1.5GiB, 2000000), checked before any work: huggingface_hub's splitter
+    takes the integer, whatever unit the user wrote."""
     from weightshare.compress.budget import parse_size
 
-    size = int(value) if isinstance(value, str) and value.strip().isdigit() else value
-    parse_size(size, "--max-shard-size")
-    return size
+    return parse_size(int(value) if isinstance(value, str) and value.strip().isdigit() else value, "--max-shard-size")
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -380,6 +380,8 @@ def checkpoint(weights_dir: Path):
     names must be a relative path inside ``weights_dir``."""
     from weightshare import io
 
+    if (weights_dir / WEIGHTS).is_file():  # the one file first, as from_pretrained takes it
+        return io.Tensors({"": weights_dir / WEIGHTS})
     if (weights_dir / io.SHARD_INDEX).is_file():
         index = weights_dir / io.SHARD_INDEX
         weight_map = read_json(index, "shard index")
@@ -393,8 +395,6 @@ def checkpoint(weights_dir: Path):
                 raise ValueError(clip(f"{index}: the shard {rel!r} of {name!r} is not there"))
             files[name] = path
         return io.Tensors(files)
-    if (weights_dir / WEIGHTS).is_file():
-        return io.Tensors({"": weights_dir / WEIGHTS})
     found = sorted(p.name for p in weights_dir.iterdir())[:8]
     raise ValueError(f"{weights_dir}: no {WEIGHTS} or {io.SHARD_INDEX}\n  got: {found}\n"
                      "  (pickled pytorch_model.bin files are not read: convert them to safetensors)")

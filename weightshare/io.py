@@ -231,19 +231,25 @@ def _copy_span(src, dst, offset: int, nbytes: int) -> None:
     dst.flush()
     at = dst.tell()
     done = 0
+    copy = getattr(os, "copy_file_range", None)  # Linux only
     try:
-        while done < nbytes:
-            step = os.copy_file_range(src.fileno(), dst.fileno(), min(nbytes - done, 1 << 30), offset + done, at + done)
+        while copy is not None and done < nbytes:
+            step = copy(src.fileno(), dst.fileno(), min(nbytes - done, 1 << 30), offset + done, at + done)
             if not step:
-                raise EOFError(f"{nbytes - done} bytes of the scratch file missing")
+                raise OSError(errno.EIO, f"{nbytes - done} bytes of the scratch file are missing")
             done += step
+        if copy is None:
+            raise OSError(errno.ENOSYS, "no copy_file_range")
     except OSError as exc:  # no copy_file_range here (another file system, an old kernel): copy through memory
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
         dst.seek(at + done)
         buffer = memoryview(bytearray(min(_COPY_PIECE, nbytes - done)))
-        for piece in read_chunks(src, offset + done, nbytes - done, buffer, "scratch"):
-            dst.write(piece)
+        try:
+            for piece in read_chunks(src, offset + done, nbytes - done, buffer, "scratch"):
+                dst.write(piece)
+        except EOFError as short:
+            raise OSError(errno.EIO, f"the scratch file is short: {short}") from None
         return
     dst.seek(at + nbytes)
 

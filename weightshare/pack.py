@@ -53,7 +53,7 @@ __all__ = ["save", "read_spec", "dense_state_dict", "PackedFile", "PackError", "
 FILENAME = "weightshare.safetensors"
 INDEX = "weightshare.safetensors.index.json"  # of a packed file in shards
 SHARD_PATTERN = "weightshare{suffix}.safetensors"
-_SHARD = re.compile(r"weightshare-(\d{5})-of-(\d{5})\.safetensors")
+_SHARD = re.compile(r"weightshare-([0-9]{5})-of-([0-9]{5})\.safetensors")  # ASCII digits: one spelling each
 FORMAT = "weightshare"
 # 2 added codebooks laid out over W^T ("transposed"); 3 makes each checksum cover the tensor's dtype
 # and shape as well as its bytes, so that reinterpreting stored bytes (F16 tables read as BF16) is caught
@@ -447,7 +447,8 @@ def _read_shards(root: Path) -> tuple[dict, dict[str, tuple[Path, io.TensorSpan]
                                  f"N for all\n  got: {shard!r}"))
         count = int(m[2])
         shards.setdefault(shard, []).append(key)
-    if len(shards) != count:
+    numbers = {int(_SHARD.fullmatch(shard)[1]) for shard in shards}
+    if len(shards) != count or numbers != set(range(1, count + 1)):
         raise PackError(f"{index}: names {len(shards)} shard(s) of {count}\n  expected: every shard 1..{count}")
     spans: dict[str, tuple[Path, io.TensorSpan]] = {}
     for shard in sorted(shards):

@@ -215,3 +215,39 @@ def test_streamed_peak_is_a_fraction_of_the_model(tmp_path):
 
     streamed, whole = peak(True), peak(False)
     assert streamed < 60 and whole > 94, (streamed, whole)
+
+
+def test_tied_weights_stored_twice_load_whole(tmp_path):
+    """A checkpoint holding an LM head and an embedding its config ties, with different values: from_pretrained
+    unties them, so streaming (which would tie them) leaves the decision to the whole-model path."""
+    from safetensors.torch import load_file, save_file
+
+    src = _llama(tmp_path / "src", tie=True)
+    state = load_file(src / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].flip(0).contiguous()
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    model, _, _ = compress(src, tmp_path / "o", ws.CodebookConfig(bits=3), calibration=None)
+    assert model is not None  # loaded whole
+    whole, _, _ = compress(src, tmp_path / "w", ws.CodebookConfig(bits=3), calibration=None, stream=False)
+    assert (tmp_path / "o" / pack.FILENAME).read_bytes() == (tmp_path / "w" / pack.FILENAME).read_bytes()
+
+
+def test_a_tied_weight_half_dense_is_refused_on_both_paths(tmp_path):
+    """Clustering a tied weight in one owner and not the other would write a file that does not load."""
+    src = _llama(tmp_path / "src", tie=True)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("dense: [lm_head]\n")
+    for stream in (None, False):
+        with pytest.raises(ValueError, match="tied to"):
+            compress(src, tmp_path / "o", ws.CodebookConfig(bits=3), calibration=None, recipe=recipe, stream=stream)
+    _no_output(tmp_path)
+
+
+def test_cli_max_shard_size_takes_binary_units(tmp_path):
+    from weightshare.cli import main
+
+    src = _llama(tmp_path / "src", tie=False)
+    assert main(["--quiet", "compress", str(src), "--data-free", "--bits", "3", "--max-shard-size", "30KiB",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / pack.INDEX).is_file()
+    assert len(list((tmp_path / "o").glob("weightshare-*-of-*.safetensors"))) > 1

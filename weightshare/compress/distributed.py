@@ -117,8 +117,9 @@ def _talk(peer: int, world: int, timeout: float, what: str, fn) -> None:
     try:
         fn()
     except (RuntimeError, ConnectionError, TimeoutError) as exc:
-        raise RankError(f"compress: rank {peer} of {world} stopped (crashed or killed) or did not answer within "
-                        f"{timeout:g} s, {what}\n  cause: {_first_line(exc)}\n  nothing was written") from None
+        raise RankError(f"compress: rank {peer} of {world} stopped, or did not answer within {timeout:g} s, {what} "
+                        f"(its own message, if it had one, is above)\n  cause: {_first_line(exc)}\n"
+                        "  nothing was written") from None
 
 
 def _send(results: _Results, share: list[int], world: int, timeout: float) -> None:

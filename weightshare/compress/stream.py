@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
 from collections import defaultdict
 from copy import deepcopy
@@ -75,6 +76,8 @@ def open_source(src) -> tuple[StreamSource | None, str]:
     source = hub.detect(src)
     config_dir = Path(source.path) / source.weights_subdir
     hub.check_model_type(config_dir)  # before the weights: the first thing loading the model whole would say
+    if not any((config_dir / f).is_file() for f in (hub.WEIGHTS, io.SHARD_INDEX)):
+        return None, "it has no safetensors checkpoint (transformers reads its other formats)"
     tensors = hub.checkpoint(config_dir)
     dtype = None
     if _config_dtype(config_dir) is None:  # from_pretrained takes the checkpoint's dtype then
@@ -82,7 +85,8 @@ def open_source(src) -> tuple[StreamSource | None, str]:
         if len(floats) > 1:
             return None, f"its config names no dtype and its checkpoint mixes {sorted(map(str, floats))}"
         dtype = next(iter(floats), None)
-    budget = _BUFFER_BUDGET + sum(max(1, len(shape)) for shape, _ in tensors.meta.values())
+    # what from_pretrained would build too (GPT-Neo's causal masks): bounded by the checkpoint's own size
+    budget = _BUFFER_BUDGET + sum(math.prod(shape) * dt.itemsize for shape, dt in tensors.meta.values())
     model = hub.skeleton(config_dir, len(tensors.meta), budget, dtype=dtype)
     model.tie_weights()  # as from_pretrained does: the config's ties (an LM head on its embedding), before any read
     main = next((p.dtype for p in model.parameters()), torch.float32)
@@ -128,7 +132,10 @@ def _match_names(model: nn.Module, tensors: io.Tensors) -> tuple[dict[str, str] 
     names: dict[str, str] = {}
     missing = []
     for group in by_object.values():
-        found = next((c for c in map(find, group) if c is not None), None)
+        present = {c for c in map(find, group) if c is not None}
+        if len(present) > 1:  # from_pretrained compares them and unties what differs: the whole model decides
+            return None, f"its checkpoint stores the tied weights {sorted(present)} separately"
+        found = next(iter(present), None)
         if found is None:
             if all(n in buffers for n in group):
                 continue  # a buffer the checkpoint does not hold keeps its constructor's value, as in from_pretrained

@@ -394,6 +394,7 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
         if not group:
             first.append((fqn, module))
         group.append(module)
+    _refuse_half_tied(model, owners, {id(m) for _, m in chosen}, dict((id(m), f) for f, m in first))
     warn_if_tables_dominate([(tuple(m.weight.shape), is_transposed_linear(m)) for _, m in first], config)
     for fqn, module in progress(first, desc=f"codebook {config.bits}-bit {config.granularity}", unit="tensor"):
         tied = owners[id(module.weight)][1:]
@@ -404,6 +405,19 @@ def codebook_model_(model: nn.Module, config: CodebookConfig, filter_fn=None,
     for _, state in states:  # stacked: the codebook is over the other map's stored state
         codebook_(state.plist, "original", config, fqn=state.key)
     return model
+
+
+def _refuse_half_tied(model: nn.Module, owners: dict, chosen: set[int], names: dict[int, str]) -> None:
+    """A weight tied across modules is clustered in all of them or in none: clustering replaces the one
+    tensor's contents with the tables, which a module left dense would then hold (a packed file that does not
+    load)."""
+    first = {id(group[0].weight): group[0] for group in owners.values()}
+    for fqn, module in model.named_modules():
+        w = module._parameters.get("weight")
+        if w is not None and id(w) in first and id(module) not in chosen:
+            other = names.get(id(first[id(w)]), "another layer")
+            raise ValueError(f"{fqn}.weight is tied to {other}.weight, which is clustered\n  expected: all of its "
+                             "owners clustered or all dense (list every one of them in a recipe's dense:)")
 
 
 def _stackable_states(model: nn.Module, filter_fn=None) -> list[tuple[str, MapState]]:
