@@ -1,6 +1,7 @@
 """Compression over several processes (compress/distributed.py): the output equals a single process's byte for
 byte, the work is dealt out by size, and a process that dies or hangs stops the run with an error naming it."""
 
+import json
 import os
 import socket
 import subprocess
@@ -116,4 +117,22 @@ def test_bad_flags_are_refused_before_anything_starts(tmp_path, capsys, flags, m
 
     assert main(["compress", str(tmp_path / "nowhere"), "--data-free", *flags, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failing_process_gives_its_message_and_no_traceback(tmp_path):
+    """A NaN in one tensor: the process that clusters it says so, the other that it stopped; the command exits 2
+    with no Python traceback (the launcher runs in-process and catches torch's ChildFailedError)."""
+    from safetensors.torch import load_file, save_file
+
+    src = _llama(tmp_path / "src", tie=False)
+    index = src / "model.safetensors.index.json"
+    shard = src / json.loads(index.read_text())["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    state = load_file(shard)
+    state["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
+    save_file(state, shard, metadata={"format": "pt"})
+    out = _cli(src, "--data-free", "--bits", "3", "--nproc", "2", "--out", tmp_path / "o")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "model.layers.1.mlp.up_proj.weight: weight contains NaN" in out.stderr
+    assert "Traceback" not in out.stderr and "a process of the 2 failed (exit 2)" in out.stderr
     assert not (tmp_path / "o").exists()

@@ -1,7 +1,7 @@
 """Compression over many processes and machines (torch.distributed, gloo), launched by torchrun.
 
 ``weightshare compress SRC --data-free --nproc N --out DIR`` runs N processes on this machine
-(``python -m torch.distributed.run --standalone``, ``launch``).  Across machines, run on each
+(``launch``: torch.distributed's elastic launcher, as ``torchrun --standalone`` runs it).  Across machines, run on each
 ``torchrun --nnodes M --nproc_per_node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m weightshare.compress
 SRC --data-free --out DIR`` with the source at the same path on every machine.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -184,23 +183,22 @@ def compress_distributed(ss: stream.StreamSource, out, config, compressible, con
 
 
 def launch(argv: list[str], nproc: int) -> int:
-    """Run ``weightshare compress`` with ``argv`` (its flags, without --nproc) on ``nproc`` local processes under
-    ``python -m torch.distributed.run --standalone``; returns its exit code.  One thread each unless
+    """Run ``weightshare compress`` with ``argv`` (its flags, without --nproc) on ``nproc`` local processes, as
+    ``torchrun --standalone`` does (torch.distributed's elastic launcher, in this process); returns 0, or the
+    exit code of the first process that failed, whose own message is already on stderr.  One thread each unless
     OMP_NUM_THREADS says otherwise."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "weightshare.compress", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its own group: stopped as a whole
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     try:
-        return proc.wait()
-    except BaseException:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=10)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        raise
+        elastic_launch(config, sys.executable)("-m", "weightshare.compress", *argv)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        return code if isinstance(code, int) and code > 0 else 1
+    return 0
