@@ -65,8 +65,12 @@ def test_deal_balances_by_size_and_covers_every_tensor(tmp_path):
 
 
 def _rank(rank, world, port, src, out, fault, timeout, queue):
+    import tempfile
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+    tempfile.tempdir = os.path.join(os.path.dirname(out), "scratch")  # a killed process's scratch stays in the test's
+    os.makedirs(tempfile.tempdir, exist_ok=True)
     ws.set_progress(False)
     if rank == 1 and fault == "dead":
         stream.cluster_weight = lambda *a: os._exit(3)

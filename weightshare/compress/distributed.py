@@ -189,6 +189,7 @@ def launch(argv: list[str], nproc: int) -> int:
     OMP_NUM_THREADS says otherwise."""
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -198,7 +199,9 @@ def launch(argv: list[str], nproc: int) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "weightshare.compress", *argv)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        _, failure = exc.get_first_failure()
         code = failure.exitcode
         return code if isinstance(code, int) and code > 0 else 1
+    except SignalException:  # Ctrl-C or a kill: the launcher has stopped the processes; say it as Python does
+        raise KeyboardInterrupt from None
     return 0
