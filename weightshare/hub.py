@@ -421,6 +421,11 @@ def _count_fields(raw, prefix=""):
                 yield from _count_fields(v, prefix + str(k) + ".")
 
 
+# unsaved buffers (position ids, rotary tables, masks) a config.json may make skeleton build beyond the size of
+# the weights it comes with: load.py and compress/stream.py add that size to it
+BUFFER_BUDGET = 64 << 20
+
+
 def skeleton(config_dir: Path, n_tensors: int, buffer_budget: int, dtype: torch.dtype | None = None) -> nn.Module:
     """The transformers architecture named by ``config_dir/config.json``, built without weight memory.
 

@@ -27,7 +27,6 @@ from weightshare.space import get_map, share_parametrization_
 
 __all__ = ["load", "export", "skeleton"]
 
-_BUFFER_BUDGET = 64 << 20  # unsaved buffers (position ids, rotary tables) a config.json may make us build
 # glibc keeps freed heap for reuse, and read tensors of a few MB come from the heap once its mmap threshold has
 # grown: handed back every 64 MB of released reads, a 1.1 B model's load peaks at 1.06x what it keeps
 # (1.5x when trimmed only at the end); each trim costs a few ms
@@ -209,7 +208,7 @@ def skeleton(pf: PackedFile) -> nn.Module:
         if not (config_dir / "config.json").is_file():
             raise ValueError(f"{pf.root}: no config.json in {sub or 'the folder'}")
         return hub.skeleton(config_dir, len(pf.entries),
-                            _BUFFER_BUDGET + sum(math.prod(s) for _, s in pf.infos.values()))
+                            hub.BUFFER_BUDGET + sum(math.prod(s) for _, s in pf.infos.values()))
     except PackError:
         raise
     except Exception as exc:  # the config is untrusted: whatever transformers makes of it is one error

@@ -274,6 +274,11 @@ def write_side_files(folder: Path, source: hub.Source | None, source_meta: dict,
         hub.copy_non_weight_files(source.path, folder)
     elif source_meta["kind"] == hub.TRANSFORMERS:
         inner.config.save_pretrained(folder)
+    _mark_config(folder, source_meta, sharded)
+
+
+def _mark_config(folder: Path, source_meta: dict, sharded: bool) -> None:
+    """``config.json`` gains the quantization_config (and, at the top, the packed file or its index to read)."""
     if source_meta["kind"] != "module":  # transformers' from_pretrained finds the packed file through it
         sub = source_meta["weights_subdir"]
         hub.mark_packed_config(folder / sub, (INDEX if sharded else FILENAME) if not sub else None)
@@ -325,9 +330,7 @@ class PackWriter:
         entries = io.layout((name, shape, dtype) for name, (_, shape, dtype) in self._where.items())
         plan = _shard_plan(entries, max_shard_size)
         if plan.is_sharded:  # config.json was written before the size was known
-            sub = self.source_meta["weights_subdir"]
-            if self.source_meta["kind"] != "module" and not sub:
-                hub.mark_packed_config(self.folder, INDEX)
+            _mark_config(self.folder, self.source_meta, sharded=True)
         self._scratch.flush()
 
         def span(name):

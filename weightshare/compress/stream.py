@@ -48,7 +48,6 @@ __all__ = ["StreamSource", "Work", "open_source", "plan", "compress_streamed", "
 
 log = logging.getLogger(__name__)
 
-_BUFFER_BUDGET = 64 << 20  # unsaved buffers (rotary tables) the config may make us build
 
 
 @dataclass
@@ -86,7 +85,7 @@ def open_source(src) -> tuple[StreamSource | None, str]:
             return None, f"its config names no dtype and its checkpoint mixes {sorted(map(str, floats))}"
         dtype = next(iter(floats), None)
     # what from_pretrained would build too (GPT-Neo's causal masks): bounded by the checkpoint's own size
-    budget = _BUFFER_BUDGET + sum(math.prod(shape) * dt.itemsize for shape, dt in tensors.meta.values())
+    budget = hub.BUFFER_BUDGET + sum(math.prod(shape) * dt.itemsize for shape, dt in tensors.meta.values())
     model = hub.skeleton(config_dir, len(tensors.meta), budget, dtype=dtype)
     model.tie_weights()  # as from_pretrained does: the config's ties (an LM head on its embedding), before any read
     main = next((p.dtype for p in model.parameters()), torch.float32)
