@@ -100,13 +100,18 @@ def _nearest(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_assign(W: torch.Tensor, tables: torch.Tensor, col_group: torch.Tensor) -> torch.Tensor:
-    """Plain assignment: every weight to its nearest table entry (rows, K) uint8."""
+    """Plain assignment: every weight to its nearest table entry (rows, K) uint8.  The distances are taken a
+    few rows at a time: all at once they are rows x K x entries floats (2 GB for a 32000 x 512 LM head at 4 bits)."""
     out = torch.empty(W.shape, dtype=torch.uint8)
     for g in range(tables.shape[1]):
         cols = (col_group == g).nonzero().flatten()
         if cols.numel():
             t = tables[:, g, :]
-            out[:, cols] = (W[:, cols, None] - t[:, None, :]).abs().argmin(2).to(torch.uint8)
+            step = max(1, (1 << 22) // (cols.numel() * t.shape[1]))
+            for r0 in range(0, W.shape[0], step):
+                r1 = min(W.shape[0], r0 + step)
+                d = (W[r0:r1, cols, None] - t[r0:r1, None, :]).abs()
+                out[r0:r1, cols] = d.argmin(2).to(torch.uint8)
     return out
 
 
@@ -165,31 +170,38 @@ def refit_tables(W: torch.Tensor, Hd: torch.Tensor, labels: torch.Tensor, tables
     for g in range(n_groups):
         cols = (col_group == g).nonzero().flatten()
         H = Hd[cols][:, cols]
-        Wg, lab = W[:, cols], labels[:, cols].long()
-        free = None if outliers is None else (~outliers[:, cols]).to(W.dtype)
-        if free is not None:
-            Wg = Wg * free
-        HW = Wg @ H  # (rows, k): H w for every row (H is symmetric)
-        step = max(1, (1 << 23) // max(1, cols.numel() * E))  # bounded one-hot chunks
+        step = max(1, (1 << 23) // max(1, cols.numel() * E))  # rows at a time: bounded one-hot pieces
         Gs, rhss = [], []
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            A = torch.nn.functional.one_hot(lab[r0:r1], E).to(W.dtype)  # (n, k, E)
+            Wg, lab = W[r0:r1, cols], labels[r0:r1, cols].long()
+            free = None if outliers is None else (~outliers[r0:r1, cols]).to(W.dtype)
             if free is not None:
-                A = A * free[r0:r1, :, None]
+                Wg = Wg * free
+            HW = Wg @ H  # (n, k): H w for each row (H is symmetric)
+            A = torch.nn.functional.one_hot(lab, E).to(W.dtype)  # (n, k, E)
+            if free is not None:
+                A = A * free[:, :, None]
             G = A.transpose(1, 2) @ (H @ A)  # (n, E, E)
-            rhs = (A.transpose(1, 2) @ HW[r0:r1, :, None]).squeeze(2)  # (n, E)
+            rhs = (A.transpose(1, 2) @ HW[:, :, None]).squeeze(2)  # (n, E)
             if n_tab == 1:
-                G, rhs = G.sum(0, keepdim=True), rhs.sum(0, keepdim=True)
-            Gs.append(G.to(torch.float64))
-            rhss.append(rhs.to(torch.float64))
-        G = torch.stack(Gs).sum(0) if n_tab == 1 else torch.cat(Gs)
-        rhs = torch.stack(rhss).sum(0) if n_tab == 1 else torch.cat(rhss)
-        lam = ridge * torch.diagonal(G, dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
-        t_old = tables[:, g, :].to(torch.float64)
-        sol = torch.linalg.solve(G + torch.diag_embed(lam.expand(-1, E)), rhs + lam * t_old)
-        out[:, g, :] = sol.to(out.dtype)
+                Gs.append(G.sum(0, keepdim=True).to(torch.float64))
+                rhss.append(rhs.sum(0, keepdim=True).to(torch.float64))
+            else:  # a table per row: its rows' systems are solved now, not kept for all rows (GBs for an LM head)
+                out[r0:r1, g, :] = _solve_tables(G.to(torch.float64), rhs.to(torch.float64), tables[r0:r1, g, :],
+                                                 ridge, out.dtype)
+        if n_tab == 1:
+            out[:, g, :] = _solve_tables(torch.stack(Gs).sum(0), torch.stack(rhss).sum(0), tables[:, g, :], ridge,
+                                         out.dtype)
     return out
+
+
+def _solve_tables(G: torch.Tensor, rhs: torch.Tensor, t_old: torch.Tensor, ridge: float, dtype) -> torch.Tensor:
+    """``(G + λI) t = rhs + λ t_old`` for each table, λ a ``ridge`` fraction of the mean of ``G``'s diagonal."""
+    E = G.shape[-1]
+    lam = ridge * torch.diagonal(G, dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]
+    sol = torch.linalg.solve(G + torch.diag_embed(lam.expand(-1, E)), rhs + lam * t_old.to(torch.float64))
+    return sol.to(dtype)
 
 
 def _sorted(tables: torch.Tensor, labels: torch.Tensor, col_group: torch.Tensor):
@@ -246,8 +258,15 @@ def fit_codebook(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | 
     def expand(t):
         return t.expand(rows, -1, -1) if per_tensor else t
 
+    step = max(1, (1 << 20) // K)  # rows per piece of the objective: a few MB of float64, however large W is
+
     def score(t, lab):
-        return layer_objective(W, _decode(expand(t), lab, col_group, W, outliers), Hd)
+        tt, total = expand(t), 0.0
+        for r0 in range(0, rows, step):
+            r = slice(r0, min(rows, r0 + step))
+            mask = None if outliers is None else outliers[r]
+            total += layer_objective(W[r], _decode(tt[r], lab[r], col_group, W[r], mask), Hd)
+        return total
 
     labels = nearest_assign(W, expand(tables), col_group)
     best = (score(tables, labels), tables, labels)
