@@ -224,6 +224,22 @@ def write_random_pretrained(config, dest: str | os.PathLike, seed: int = 0, dtyp
     return Path(dest)
 
 
+def write_word_tokenizer(dest: str | os.PathLike, words: int) -> list[str]:
+    """A word-level tokenizer saved into ``dest`` (as ``save_pretrained`` writes one) for a model written by
+    ``write_random_pretrained``: ``<unk>``, ``<pad>``, ``</s>`` (ids 0..2), then the words ``w0 .. w{words-1}``,
+    split on whitespace.  Calibrated compression of a model built from a config, with no hub.  Returns the words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [f"w{i}" for i in range(words)]
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(vocab)}},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="</s>").save_pretrained(str(dest))
+    return vocab
+
+
 def inner_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a SentenceTransformer (or the model itself)."""
     try:

@@ -317,6 +317,67 @@ def _keep_exact(param, mask, weight: torch.Tensor, table_dtype: torch.dtype) -> 
     return int(index.numel())
 
 
+def cluster_embeddings_(model: nn.Module, tied: dict[str, nn.Module], batches, config, configs: dict | None,
+                        outliers: float, stop_at: nn.Module | None = None) -> dict:
+    """Cluster the embeddings of ``tied`` (and the layers sharing their weights) by k-means weighted with how often
+    each row is looked up in ``batches`` (embeddings have no input activations).  ``stop_at``: a module whose call
+    ends each pass (the first transformer block: the rest of the model is not needed).  Their results."""
+    from weightshare.compress.gptq import select_outliers
+    from weightshare.sharing.codebook import TABLE_DTYPES, codebook_model_
+
+    embeddings = {n: m for n, m in tied.items() if isinstance(m, nn.Embedding)}
+    stop = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
+    try:
+        counts, _ = layer_statistics(model, embeddings, batches)
+    finally:
+        if stop is not None:
+            stop.remove()
+    masks = {n: select_outliers(tied[n].weight, None, outliers) for n in counts}
+    importance = {}
+    for n in counts:
+        imp = (1.0 + counts[n].float())[:, None].expand_as(tied[n].weight)
+        # exact weights weigh nothing in the k-means
+        importance[f"{n}.weight"] = imp.contiguous() if masks[n] is None else imp * ~masks[n]
+    exact = {n: tied[n].weight.detach().clone() for n, m in masks.items() if m is not None}
+    codebook_model_(model, config, filter_fn=lambda m, n: n in tied, importance=importance, configs=configs)
+    results = {}
+    for n, weight in exact.items():
+        cfg = (configs or {}).get(n, config)
+        count = _keep_exact(tied[n].parametrizations.weight[0], masks[n], weight, TABLE_DTYPES[cfg.table_dtype])
+        results[f"{n}.weight"] = {"outliers": count}
+    return results
+
+
+def _stop(module, args):
+    raise _Enough
+
+
+@torch.no_grad()
+def fit_layer_(module: nn.Module, name: str, H: torch.Tensor | None, tokens: int, cfg, alternations: int,
+               outliers: float) -> dict:
+    """Fit one Linear's (or Conv2d's) tables and labels to its inputs' second moment ``H`` (``gptq.fit_codebook``;
+    the identity where no calibration input reached it) and install them; its result."""
+    from weightshare.compress.gptq import fit_codebook, select_outliers
+    from weightshare.sharing.codebook import TABLE_DTYPES, codebook_
+
+    transposed = is_transposed_linear(module)
+    W = module.weight.detach().t() if transposed else module.weight.detach()
+    W = W.reshape(W.shape[0], -1)  # a Conv2d's (out, in, kh, kw) as (out, in·kh·kw)
+    H = H if H is not None else torch.eye(W.shape[1], dtype=torch.float64)
+    W = W.contiguous()
+    mask = select_outliers(W, torch.diagonal(H).clamp_min(0)[None, :], outliers)
+    fit = fit_codebook(W, H, cfg.bits,
+                       group_size=cfg.group_size if cfg.granularity == "per_group" else None,
+                       per_tensor=cfg.granularity == "per_tensor",
+                       table_dtype=TABLE_DTYPES[cfg.table_dtype],
+                       alternations=alternations, outliers=mask)
+    tables = fit.tables.reshape(-1, fit.tables.shape[2]).to(module.weight.dtype)
+    W = W.clone()  # the parametrization below replaces the weight this views
+    codebook_(module, "weight", cfg, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
+    count = _keep_exact(module.parametrizations.weight[0], mask, W, TABLE_DTYPES[cfg.table_dtype])
+    return {"objective": fit.objective, "nearest": fit.history[0][1], "tokens": tokens, "outliers": count}
+
+
 def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alternations: int = 2,
                           configs: dict | None = None, outliers: float = 0.0) -> dict:
     """Codebooks fit to calibration data, layer after layer, in place (GPTQ on a codebook).
@@ -335,9 +396,6 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
     Returns ``{weight name: {"objective", "nearest", "tokens"}}``: the layer objective
     reached and that of plain nearest-entry assignment with k-means tables.
     """
-    from weightshare.compress.gptq import fit_codebook, select_outliers
-    from weightshare.sharing.codebook import TABLE_DTYPES, codebook_, codebook_model_
-
     batches = list(batches)
     if not batches:
         raise ValueError("calibration: no batches\n  expected: at least one input batch")
@@ -353,21 +411,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
     results: dict[str, dict] = {}
     try:
         if tied:  # embeddings have no input activations: weighted by how often each row is looked up
-            counts, _ = layer_statistics(model, {n: chosen[n] for n in tied if isinstance(chosen[n], nn.Embedding)},
-                                         batches)
-            masks = {n: select_outliers(chosen[n].weight, None, outliers) for n in counts}
-            importance = {}
-            for n in counts:
-                imp = (1.0 + counts[n].float())[:, None].expand_as(chosen[n].weight)
-                # exact weights weigh nothing in the k-means
-                importance[f"{n}.weight"] = imp.contiguous() if masks[n] is None else imp * ~masks[n]
-            exact = {n: chosen[n].weight.detach().clone() for n, m in masks.items() if m is not None}
-            codebook_model_(model, config, filter_fn=lambda m, n: n in tied, importance=importance, configs=configs)
-            for n, weight in exact.items():
-                cfg = (configs or {}).get(n, config)
-                count = _keep_exact(chosen[n].parametrizations.weight[0], masks[n], weight,
-                                    TABLE_DTYPES[cfg.table_dtype])
-                results[f"{n}.weight"] = {"outliers": count}
+            results.update(cluster_embeddings_(model, {n: chosen[n] for n in tied}, batches, config, configs, outliers))
         order = _execution_order(model, batches[0], linears)
         stages = _stages(model, order)
         configs = configs or {}
@@ -375,25 +419,8 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
         for stage in stages:
             stats, tokens = layer_statistics(model, {n: linears[n] for n in stage}, batches, stop_after=stage[-1])
             for name in stage:
-                module = linears[name]
-                transposed = is_transposed_linear(module)
-                W = module.weight.detach().t() if transposed else module.weight.detach()
-                W = W.reshape(W.shape[0], -1)  # a Conv2d's (out, in, kh, kw) as (out, in·kh·kw)
-                H = stats[name] if name in stats else torch.eye(W.shape[1], dtype=torch.float64)
-                cfg = configs.get(name, config)
-                W = W.contiguous()
-                mask = select_outliers(W, torch.diagonal(H).clamp_min(0)[None, :], outliers)
-                fit = fit_codebook(W, H, cfg.bits,
-                                   group_size=cfg.group_size if cfg.granularity == "per_group" else None,
-                                   per_tensor=cfg.granularity == "per_tensor",
-                                   table_dtype=TABLE_DTYPES[cfg.table_dtype],
-                                   alternations=alternations, outliers=mask)
-                tables = fit.tables.reshape(-1, fit.tables.shape[2]).to(module.weight.dtype)
-                W = W.clone()  # the parametrization below replaces the weight this views
-                codebook_(module, "weight", cfg, init=(tables, fit.labels.reshape(-1)), fqn=f"{name}.weight")
-                count = _keep_exact(module.parametrizations.weight[0], mask, W, TABLE_DTYPES[cfg.table_dtype])
-                results[f"{name}.weight"] = {"objective": fit.objective, "nearest": fit.history[0][1],
-                                             "tokens": tokens.get(name, 0), "outliers": count}
+                results[f"{name}.weight"] = fit_layer_(linears[name], name, stats.get(name), tokens.get(name, 0),
+                                                       configs.get(name, config), alternations, outliers)
                 bar.update(1)
         bar.close()
     finally:

@@ -193,7 +193,9 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
 
     Data-free compression (no calibration texts, no size budget; a recipe's layers allowed) streams by
     default (``stream=None``): the checkpoint is read, clustered and written one tensor at a time and the
-    model never exists whole in memory (``stream.py``; the packed file is the same, byte for byte), and
+    model never exists whole in memory (``stream.py``; the packed file is the same, byte for byte).
+    Calibrated GPTQ compression (no table fine-tuning, no size budget) streams one transformer block at a
+    time (``blockwise.py``: the blocks' outputs on the calibration texts carry one block to the next), and
     the returned model is None (``ws.load(out)`` loads what was written).  ``stream=False`` loads the model
     whole; ``stream=True`` refuses work that cannot stream.  ``distributed``: this process is one of several
     torchrun started (``distributed.py``; streamed work only): they share the clustering, rank 0 writes ``out``
@@ -226,7 +228,9 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     if data_free and finetune_steps:
         log.info("no calibration texts: table fine-tuning skipped")
         finetune_steps = 0
-    why = _why_not_streamed(data_free, target_bytes, avg_bits, outliers, evaluate_on)
+    why = _why_not_streamed(data_free, target_bytes, avg_bits, outliers, evaluate_on, method, finetune_steps)
+    if distributed and not data_free:
+        why = why or "calibration runs through the model block after block"
     if distributed and (why or stream is False):
         raise ValueError(f"compress: several processes share streamed work only, and {why or 'stream=False'}\n"
                          "  expected: data-free compression (--data-free) without a size budget, or one process")
@@ -236,10 +240,22 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         ss, why = streaming.open_source(src)
         if ss is None and distributed:
             raise ValueError(f"compress: several processes share streamed work only, and {src} cannot stream: {why}")
+        lay = None
+        if ss is not None and not data_free:  # calibrated: one transformer block at a time (blockwise.py)
+            from weightshare.compress import blockwise
+
+            configs, dense = resolve(plan, ss.model, config, is_compressible) if plan else ({}, set())
+            lay, why = blockwise.layout(ss, streaming.plan(ss, config, is_compressible, configs, dense))
+            if lay is not None and not _tokenizer_files(ss.source):
+                lay, why = None, "it has no tokenizer files"
+            ss = ss if lay is not None else None
         if ss is not None:
             configs, dense = resolve(plan, ss.model, config, is_compressible) if plan else ({}, set())
+            if not data_free and texts is None:  # the built-in corpus
+                texts = calibration_sentences(BUILTIN_SENTENCES)
             settings = {"bits": config.bits, "granularity": config.granularity, "group_size": config.group_size,
-                        "calibration": _calibration_name(calibration, builtin, None), "method": None,
+                        "calibration": _calibration_name(calibration, builtin, texts),
+                        "method": None if data_free else method,
                         "finetune_steps": 0, "finetune_norms": finetune_norms, "outliers": outliers,
                         "target_size": None, "avg_bits": None}
             def records(rep, seconds):
@@ -253,8 +269,12 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
                 rep, seconds = ranks.compress_distributed(ss, out, config, is_compressible, configs, dense, records,
                                                           timeout, max_shard_size)
                 return None, rep, seconds
-            rep, seconds = streaming.compress_streamed(ss, out, config, is_compressible, configs, dense, records,
-                                                       max_shard_size=max_shard_size)
+            if data_free:
+                rep, seconds = streaming.compress_streamed(ss, out, config, is_compressible, configs, dense, records,
+                                                           max_shard_size=max_shard_size)
+            else:
+                rep, seconds = blockwise.compress_blockwise(ss, out, config, is_compressible, texts, configs, dense,
+                                                            records, outliers=outliers, max_shard_size=max_shard_size)
             log.info("clustered in %.2f s (streamed)", seconds)
             return None, rep, seconds
     if stream:
@@ -296,11 +316,14 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     return model, rep, seconds
 
 
-def _why_not_streamed(data_free: bool, target_bytes, avg_bits, outliers, evaluate_on) -> str:
+def _why_not_streamed(data_free: bool, target_bytes, avg_bits, outliers, evaluate_on, method: str,
+                      finetune_steps: int) -> str:
     """Why a compression needs the model whole ("" when it can stream)."""
-    if not data_free:
-        return "calibration needs the model's activations"
-    if outliers:
+    if not data_free and method != "gptq":
+        return f"the {method} method weighs every layer in one pass through the whole model"
+    if not data_free and finetune_steps:
+        return "table fine-tuning trains every table at once"
+    if data_free and outliers:
         return "outliers need calibration"
     if target_bytes is not None or avg_bits is not None:
         return "a size budget weighs every tensor's error before any is clustered"

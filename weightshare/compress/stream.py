@@ -230,7 +230,7 @@ def plan(ss: StreamSource, config: CodebookConfig, compressible, configs: dict |
 
 def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressible, configs: dict | None = None,
                       dense=frozenset(), records=None, work: Work | None = None, results=None,
-                      max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE) -> tuple[Report, float]:
+                      max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE, fill=None) -> tuple[Report, float]:
     """Cluster the checkpoint of ``ss`` data-free with ``config`` and write the packed directory ``out``.
 
     ``compressible(module, name)``: the modules whose weights are clustered (``is_compressible``);
@@ -238,7 +238,8 @@ def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressibl
     ``records(report, seconds)`` -> the text files of the folder's top (model card, recipe).
     ``work``: the ``plan`` already made; ``results(i)`` -> ``(tables, codes)`` of module ``i`` clustered
     elsewhere (``distributed.py``): installed as they are, the weight not read.  A packed file larger than
-    ``max_shard_size`` is written in shards (``pack.save``).
+    ``max_shard_size`` is written in shards (``pack.save``).  ``fill(writer)``: what reads, clusters and hands
+    the modules to the writer instead of the data-free loop (``blockwise.py``: calibrated, block by block).
     Returns ``(report of the packed file, seconds spent reading, clustering and writing)``.
     """
     out = Path(out)
@@ -251,7 +252,7 @@ def compress_streamed(ss: StreamSource, out, config: CodebookConfig, compressibl
             pack.write_side_files(tmp, ss.source, source_meta)
             writer = pack.PackWriter(tmp, source_meta)
             try:
-                _stream(ss, work, writer, results)
+                fill(writer) if fill is not None else _stream(ss, work, writer, results)
                 writer.close(max_shard_size)
             except BaseException:
                 writer.discard()
