@@ -61,3 +61,48 @@ def test_read_texts(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
     with pytest.raises(ValueError, match="not UTF-8"):
         read_texts(tmp_path / "bin.txt")
+
+
+def test_layers_fed_one_input_share_one_statistic(tmp_path):
+    """A Llama block's q, k, v (and gate, up) take the very same tensor: their H is computed once and shared, and
+    equals, bit for bit, the one each would get alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from weightshare.compress.calibrate import layer_statistics
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers.0" in n}
+    batches = [{"input_ids": torch.randint(0, 50, (2, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3])}
+               for _ in range(3)]
+    shared, tokens = layer_statistics(model, mods, batches)
+    alone, tokens_alone = layer_statistics(model, mods, batches, share=False)
+    assert tokens == tokens_alone and set(shared) == set(alone) == set(mods)
+    for n in mods:
+        assert torch.equal(shared[n], alone[n]), n
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert shared[attn + "k_proj"] is shared[attn + "q_proj"] is shared[attn + "v_proj"]
+    assert shared[mlp + "up_proj"] is shared[mlp + "gate_proj"]
+    assert shared[attn + "o_proj"] is not shared[attn + "q_proj"]
+
+
+def test_layers_that_share_an_input_only_sometimes_are_measured_apart():
+    """Two layers fed one tensor in the first batch and two equal copies later: measured again without sharing,
+    the same statistics as computed apart."""
+    from weightshare.compress.calibrate import layer_statistics
+
+    class Toggle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+        def forward(self, x):  # the first batch has 5 rows, the others 6
+            return self.a(x) + self.b(x if len(x) == 5 else x * 2)
+
+    torch.manual_seed(0)
+    net, batches = Toggle(), [torch.randn(5 if k == 0 else 6, 4) for k in range(3)]
+    stats, _ = layer_statistics(net, {"a": net.a, "b": net.b}, batches)
+    apart, _ = layer_statistics(net, {"a": net.a, "b": net.b}, batches, share=False)
+    assert torch.equal(stats["a"], apart["a"]) and torch.equal(stats["b"], apart["b"])
+    assert not torch.equal(stats["a"], stats["b"])

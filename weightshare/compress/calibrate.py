@@ -220,19 +220,45 @@ def token_rows(x: torch.Tensor, mask) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, stop_after: str | None = None
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+def layer_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, stop_after: str | None = None,
+                     share: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """One calibration pass: for each Linear of ``modules`` the second moment ``H = XᵀX / n`` (float64) of
     its inputs over real tokens, for each Embedding how often each row is looked up.  Returns
     ``(statistics, tokens)``; a module no batch reached has no entry.  ``stop_after``: a module whose
-    input ends the pass (the rest of the model is not run)."""
+    input ends the pass (the rest of the model is not run).  Layers fed the same input tensor get one H
+    (``share``): a 7 B block's q, k, v, gate and up need two matrices of 134 MB and two products, not five."""
     sums: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     state: dict = {"mask": None}
+    # Layers fed the very same input tensor (a block's q, k and v; gate and up) share one H, computed once per batch.
+    # ``seen`` holds this batch's inputs (so that no id is reused while it lasts) and the layer that took each
+    # first; ``same[name]`` is that layer, found in the first batch and checked in every other (a model whose
+    # layers share inputs in one batch and not in another is measured again without sharing).
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
+    same: dict[str, str] = {}
+    state["batches"] = 0
+
+    def new_batch(mod, args):
+        seen.clear()
+        state["batches"] += 1
 
     def hook_for(name, module):
         def linear(mod, args):
             x = args[0].detach()
+            if share and not _is_conv(mod):
+                hit = seen.get(id(args[0]))
+                first = None if hit is None else hit[1]
+                if state["batches"] == 1 and first is not None:
+                    same[name] = first
+                elif same.get(name) != first:
+                    raise _Diverged
+                if first is None:
+                    seen[id(args[0])] = (args[0], name)
+                else:
+                    tokens[name] = tokens.get(name, 0) + _token_count(x, state["mask"])
+                    if name == stop_after:
+                        raise _Enough
+                    return
             x = (_conv_rows(mod, x) if _is_conv(mod) else token_rows(x, state["mask"])).to(torch.float64)
             sums[name] = sums.get(name, 0) + x.t() @ x
             tokens[name] = tokens.get(name, 0) + x.shape[0]
@@ -248,16 +274,35 @@ def layer_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, s
         return embedding if isinstance(module, nn.Embedding) else linear
 
     hooks = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules.items()]
+    hooks.append(model.register_forward_pre_hook(new_batch))
     was_training = model.training
     model.eval()
+    diverged = False
     try:
         run_batches(model, batches, state)
+    except _Diverged:
+        diverged = True
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+        seen.clear()
+    if diverged:
+        return layer_statistics(model, modules, batches, stop_after, share=False)
     stats = {n: sums[n] if isinstance(modules[n], nn.Embedding) else sums[n] / tokens[n] for n in sums}
+    stats.update({n: stats[f] for n, f in same.items() if f in stats})  # one tensor for all: never changed in place
     return stats, tokens
+
+
+class _Diverged(Exception):
+    """Layers that shared an input in the first batch do not in a later one (``layer_statistics``)."""
+
+
+def _token_count(x: torch.Tensor, mask) -> int:
+    """The rows ``token_rows`` would give, without gathering them."""
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return int(mask.sum())
+    return x.numel() // x.shape[-1]
 
 
 def _execution_order(model: nn.Module, batch, modules: dict[str, nn.Module]) -> list[str]:
