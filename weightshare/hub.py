@@ -581,7 +581,10 @@ def sentence_encoder(path: str | os.PathLike, trainable_layers: int | None = Non
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks: the longest ``nn.ModuleList`` in the model."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    # a codebook's ParametrizationList is a ModuleList too: a one-block model's stack is as long as it
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and not isinstance(m, ParametrizationList)]
     if not lists:
         raise ValueError(f"{type(model).__name__}: no stack of transformer layers (nn.ModuleList) found")
     return max(lists, key=len)

@@ -57,6 +57,37 @@ def test_blockwise_llama_equals_the_whole_model_path(tmp_path, tie):
         assert torch.equal(ws.load(out)(ids).logits, ws.load(tmp_path / "whole")(ids).logits)
 
 
+def test_blockwise_one_block_llama(tmp_path):
+    """One block: the codebook's own ParametrizationList (a ModuleList of length 1 after the embedding is
+    clustered) is not taken for the stack of blocks by the whole-model path either."""
+    _same_packed(_llama(tmp_path / "src", tie=True, layers=1), tmp_path, ws.CodebookConfig(bits=3))
+
+
+def test_a_layer_stored_after_the_blocks_but_run_before_them(tmp_path):
+    """Gemma 4 with per-layer inputs: its per_layer_model_projection is stored after the blocks and runs before
+    them; it is fit first, as the whole-model path fits it.  Sharing keys and values across layers cannot be
+    replayed: that model loads whole, with the reason."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    base = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=8,
+                vocab_size_per_layer_input=300, pad_token_id=1, eos_token_id=2, bos_token_id=2,
+                architectures=["Gemma4ForCausalLM"])
+    src = tmp_path / "ple"
+    write_random_pretrained(transformers.Gemma4TextConfig(**base, hidden_size_per_layer_input=8), src, seed=1,
+                            dtype=torch.float32)
+    _tokenizer(src)
+    _same_packed(src, tmp_path / "a", ws.CodebookConfig(bits=3, granularity="per_channel"))
+    kv = tmp_path / "kv"
+    write_random_pretrained(transformers.Gemma4TextConfig(
+        **base, hidden_size_per_layer_input=0, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2), kv, seed=1, dtype=torch.float32)
+    _tokenizer(kv)
+    with pytest.raises(ValueError, match="num_kv_shared_layers"):
+        compress(kv, tmp_path / "kv-out", ws.CodebookConfig(bits=3), calibration=TEXTS, stream=True)
+
+
 def test_blockwise_with_outliers_and_per_group(tmp_path):
     src = _llama(tmp_path / "src", tie=False, layers=2)
     _same_packed(src, tmp_path, ws.CodebookConfig(bits=2, granularity="per_group", group_size=32), outliers=0.01)

@@ -229,3 +229,14 @@ def test_any_module_with_tensor_batches():
         err = ((net(x) - ref(x)) ** 2).mean()
         err_plain = ((plain(x) - ref(x)) ** 2).mean()
     assert err < 0.7 * err_plain
+
+
+def test_nearest_assign_takes_one_table_for_every_row():
+    """A (1, groups, E) table broadcasts over all rows, in row pieces as with a table per row."""
+    from weightshare.compress.gptq import nearest_assign
+
+    torch.manual_seed(0)
+    W = torch.randn(3000, 512)
+    table = torch.sort(torch.randn(1, 1, 16), dim=2).values
+    labels = nearest_assign(W, table, torch.zeros(512, dtype=torch.long))
+    assert torch.equal(labels.long(), (W[:, :, None] - table[0, 0]).abs().argmin(2))

@@ -29,12 +29,12 @@ from weightshare import hub, io, pack
 from weightshare._progress import progress
 from weightshare.compress import stream
 from weightshare.compress.calibrate import (
-    _Enough,
-    _is_linear,
+    Enough,
     cluster_embeddings_,
     fit_layer_,
     layer_statistics,
     run_batches,
+    takes_calibration,
     text_batches,
 )
 
@@ -60,6 +60,10 @@ def layout(ss: stream.StreamSource, work: stream.Work) -> tuple[Layout | None, s
         blocks = hub.transformer_blocks(ss.model)
     except ValueError:
         return None, "it has no stack of transformer blocks"
+    if isinstance(blocks[0], (nn.ModuleList, nn.ModuleDict)):
+        return None, "its transformer blocks are containers, never called themselves"
+    if getattr(getattr(ss.model, "config", None), "num_kv_shared_layers", 0):
+        return None, "its later layers reuse the keys and values of earlier ones (num_kv_shared_layers)"
     block_of = {id(m): b for b, blk in enumerate(blocks) for m in blk.modules()}
     section = [block_of.get(id(m)) for _, m in work.modules]
     inside = [i for i, s in enumerate(section) if s is not None]
@@ -70,7 +74,7 @@ def layout(ss: stream.StreamSource, work: stream.Work) -> tuple[Layout | None, s
         return None, "its modules are not stored block after block"
     owners: dict[int, set] = {}
     for i, (_, m) in enumerate(work.modules):
-        for _, t in stream._stored(m):
+        for _, t in stream.stored_tensors(m):
             owners.setdefault(id(t), set()).add(section[i])
     if any(len(s) > 1 and s != {None} for s in owners.values()):
         return None, "a weight is shared between a transformer block and another module"
@@ -79,14 +83,12 @@ def layout(ss: stream.StreamSource, work: stream.Work) -> tuple[Layout | None, s
     tied = set()
     for i, name in work.chosen.items():
         m = work.modules[i][1]
-        if not (_is_linear(m) or isinstance(m, nn.Embedding)):
+        if not (takes_calibration(m) or isinstance(m, nn.Embedding)):
             return None, f"{name} ({type(m).__name__}) is clustered without calibration"
         if isinstance(m, nn.Embedding) or id(m.weight) in embedding_weights:
             if section[i] is not None:
                 return None, f"{name} is an embedding inside a transformer block"
             tied.add(name)
-        elif i < first:
-            return None, f"{name} is a layer before its transformer blocks"
     return Layout(blocks, section, first, last, tied), ""
 
 
@@ -147,7 +149,14 @@ class _Replay:
             return self.outputs[self.batch]
         return forward
 
+    def _versions(self):
+        """Each cached tensor's version counter: a block that changed its input in place would feed the next
+        pass a different input than the whole-model path computes afresh."""
+        return {(k, e): t._version for k, out in enumerate(self.outputs or []) if out is not None
+                for e, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)}
+
     def __enter__(self):
+        self.versions = self._versions()
         self.handles = []
         if self.upto:
             self.handles.append(self.model.register_forward_pre_hook(self._which, with_kwargs=True))
@@ -157,11 +166,16 @@ class _Replay:
             self.blocks[j].forward = self._call(j)  # an instance attribute: nn.Module.__call__ takes it
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, *exc):
         for h in self.handles:
             h.remove()
         for j in range(self.upto):
             del self.blocks[j].forward
+        now = self._versions()
+        if kind is None and any(v != self.versions.get(key) for key, v in now.items()):
+            raise RuntimeError(f"{type(self.blocks[0]).__name__}: a block changed its input in place, which "
+                               "block-by-block calibration cannot replay\n  compress it with the model loaded whole "
+                               "(stream=False)")
         return False
 
 
@@ -175,17 +189,20 @@ def _hooks(*handles):
 
 
 def _stop(module, args, output):
-    raise _Enough
+    raise Enough
 
 
 @torch.no_grad()
-def _outputs(model: nn.Module, block: nn.Module, batches) -> list:
-    """``block``'s output for every batch (the rest of the model is not run)."""
+def _outputs(model: nn.Module, block: nn.Module, batches, release: list | None = None) -> list:
+    """``block``'s output for every batch (the rest of the model is not run).  ``release``: the previous block's
+    outputs, each let go once its batch has gone through (two blocks' activations are never held whole)."""
     outs = []
 
     def grab(module, args, output):
         outs.append(output)
-        raise _Enough
+        if release is not None:
+            release[len(outs) - 1] = None
+        raise Enough
 
     model.eval()
     with _hooks(block.register_forward_hook(grab)):
@@ -195,24 +212,37 @@ def _outputs(model: nn.Module, block: nn.Module, batches) -> list:
     return outs
 
 
-def _execution_order(model: nn.Module, batch, linears: dict[str, nn.Module], stop: nn.Module | None = None) -> list:
-    """The names of ``linears`` in the order one forward pass calls them (those never called last)."""
+def _execution_order(model: nn.Module, batch, linears: dict[str, nn.Module], stop: nn.Module | None = None,
+                     before: bool = False) -> list:
+    """The names of ``linears`` in the order one forward pass calls them (those never called last), the pass
+    stopped after ``stop`` runs, or as it is called with ``before``: then only the layers called are named."""
     order: list[str] = []
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
                for n, m in linears.items()]
     if stop is not None:
-        handles.append(stop.register_forward_hook(_stop))
+        handles.append(stop.register_forward_pre_hook(_stop_now) if before else stop.register_forward_hook(_stop))
     with _hooks(*handles), torch.no_grad():
         model.eval()
         run_batches(model, [batch], {})
-    return order + [n for n in linears if n not in order]
+    return order if before else order + [n for n in linears if n not in order]
+
+
+def _stop_now(module, args):
+    raise Enough
+
+
+def _between(name: str):
+    def hook(module, args):
+        raise RuntimeError(f"{name} runs between the transformer blocks, which block-by-block calibration cannot "
+                           "replay\n  compress it with the model loaded whole (stream=False)")
+    return hook
 
 
 def _blockwise(ss: stream.StreamSource, work: stream.Work, lay: Layout, writer: pack.PackWriter, batches,
                outliers: float, alternations: int) -> None:
     """Read, calibrate, cluster, write and free each block in turn (``compress_blockwise``'s loop)."""
     model, modules, blocks = ss.model, work.modules, lay.blocks
-    skeleton = [t for _, m in modules for _, t in stream._stored(m)]  # noqa: F841 (held: ids below stay unique)
+    skeleton = [t for _, m in modules for _, t in stream.stored_tensors(m)]  # noqa: F841 (held: ids below stay unique)
     real: dict[int, torch.Tensor] = {}  # id of a skeleton tensor -> its real tensor (tied owners share it)
     config, configs = work.config, work.configs
     outer = [i for i, s in enumerate(lay.section) if s is None]
@@ -224,10 +254,19 @@ def _blockwise(ss: stream.StreamSource, work: stream.Work, lay: Layout, writer: 
     if lay.tied:
         cluster_embeddings_(model, {n: by_name[n] for n in lay.tied}, batches, config, configs, outliers,
                             stop_at=blocks[0])
+    outside = {work.chosen[i]: modules[i][1] for i in work.chosen
+               if lay.section[i] is None and work.chosen[i] not in lay.tied}
+    # the layers outside the blocks that run before them (wherever they are stored), each fit as its own stage
+    for name in [n for n in _execution_order(model, batches[0], outside, stop=blocks[0], before=True)]:
+        stats, tokens = layer_statistics(model, {name: outside.pop(name)}, batches, stop_after=name)
+        fit_layer_(by_name[name], name, stats.get(name), tokens.get(name, 0), configs.get(name, config),
+                   alternations, outliers)
+        bar.update(1)
     for i in range(lay.first):
         writer.add(*modules[i])
-    keep = [obj for i in outer for obj in stream._held(modules[i][1])]
+    keep = [obj for i in outer for obj in stream.held_by(modules[i][1])]
     outputs = None
+    between = [m.register_forward_pre_hook(_between(n)) for n, m in outside.items()]
     for b, block in enumerate(blocks):
         inside = [i for i in range(lay.first, lay.last + 1) if lay.section[i] == b]
         for i in inside:
@@ -242,19 +281,21 @@ def _blockwise(ss: stream.StreamSource, work: stream.Work, lay: Layout, writer: 
                     fit_layer_(linears[name], name, stats.get(name), tokens.get(name, 0),
                                configs.get(name, config), alternations, outliers)
                     bar.update(1)
-            outputs = _outputs(model, block, batches)
+                del stats, tokens
+            outputs = _outputs(model, block, batches, release=outputs)
         for i in inside:
             writer.add(*modules[i])
         writer.forget(keep)
         for i in inside:
-            stream._free(modules[i][1])
+            stream.free_module(modules[i][1])
         io.trim_heap()
+    for h in between:
+        h.remove()
     # the layers after the blocks (an LM head of its own, a pooler), each fit with the earlier ones compressed
-    tail = {work.chosen[i]: modules[i][1] for i in work.chosen if i > lay.last and work.chosen[i] not in lay.tied}
     with _Replay(model, blocks, len(blocks), outputs, batches):
-        for name in _execution_order(model, batches[0], tail) if tail else []:
-            stats, tokens = layer_statistics(model, {name: tail[name]}, batches, stop_after=name)
-            fit_layer_(tail[name], name, stats.get(name), tokens.get(name, 0), configs.get(name, config),
+        for name in _execution_order(model, batches[0], outside) if outside else []:
+            stats, tokens = layer_statistics(model, {name: outside[name]}, batches, stop_after=name)
+            fit_layer_(outside[name], name, stats.get(name), tokens.get(name, 0), configs.get(name, config),
                        alternations, outliers)
             bar.update(1)
     bar.close()
@@ -264,11 +305,11 @@ def _blockwise(ss: stream.StreamSource, work: stream.Work, lay: Layout, writer: 
 
 def _load(ss: stream.StreamSource, prefix: str, module: nn.Module, real: dict) -> None:
     """Give ``module`` its own tensors from the checkpoint (a tensor tied to one already read: that one)."""
-    for n, t in list(stream._stored(module)):
+    for n, t in list(stream.stored_tensors(module)):
         if id(t) in real:
             value = real[id(t)]
         elif prefix + n in ss.names:
-            value = stream._read(ss, prefix + n, t)
+            value = stream.read_as(ss, prefix + n, t)
             if n in module._parameters:
                 value = nn.Parameter(value, t.requires_grad)
             real[id(t)] = value

@@ -149,7 +149,7 @@ def input_second_moments(model: nn.Module, tokenizer, texts: list[str], names: l
 # ----------------------------------------------------------------------------- sequential calibration
 
 
-class _Enough(Exception):
+class Enough(Exception):
     """Raised by a hook once a calibration pass has seen every input it needs: the rest of the model is skipped."""
 
 
@@ -176,7 +176,7 @@ def text_batches(tokenizer, texts: list[str], batch_size: int = 32, max_length: 
     return batches
 
 
-def _is_linear(module: nn.Module) -> bool:
+def takes_calibration(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_transposed_linear(module) or _is_conv(module)
 
 
@@ -208,7 +208,7 @@ def run_batches(model: nn.Module, batches, state: dict) -> None:
                          else None)
         try:
             call(model, batch)
-        except _Enough:
+        except Enough:
             pass
 
 
@@ -257,13 +257,13 @@ def layer_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, s
                 else:
                     tokens[name] = tokens.get(name, 0) + _token_count(x, state["mask"])
                     if name == stop_after:
-                        raise _Enough
+                        raise Enough
                     return
             x = (_conv_rows(mod, x) if _is_conv(mod) else token_rows(x, state["mask"])).to(torch.float64)
             sums[name] = sums.get(name, 0) + x.t() @ x
             tokens[name] = tokens.get(name, 0) + x.shape[0]
             if name == stop_after:
-                raise _Enough
+                raise Enough
 
         def embedding(mod, args):
             ids, mask = args[0], state["mask"]
@@ -306,7 +306,9 @@ def _token_count(x: torch.Tensor, mask) -> int:
 
 
 def _execution_order(model: nn.Module, batch, modules: dict[str, nn.Module]) -> list[str]:
-    """Names of ``modules`` in the order one forward pass first calls them."""
+    """Names of ``modules`` in the order one forward pass first calls them.  A layer never called (its weight
+    read directly, as Mamba's ``dt_proj``) comes right after the last called layer of its own transformer block,
+    as ``blockwise.py`` fits it, calibrated on nothing; outside the blocks, last."""
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
              for n, m in modules.items()]
@@ -315,30 +317,33 @@ def _execution_order(model: nn.Module, batch, modules: dict[str, nn.Module]) -> 
     finally:
         for h in hooks:
             h.remove()
-    return order + [n for n in modules if n not in order]  # never called: last, calibrated on nothing
+    block = _block_of(model)
+    for n in [n for n in modules if n not in order]:
+        mine = [k for k, o in enumerate(order) if block(o) is not None and block(o) == block(n)]
+        order.insert(mine[-1] + 1 if mine else len(order), n)
+    return order
+
+
+def _block_of(model: nn.Module):
+    """name -> the index of the transformer block it is in (None outside the blocks, or without blocks)."""
+    from weightshare.hub import transformer_blocks
+
+    try:
+        blocks = transformer_blocks(model)
+    except ValueError:
+        return lambda name: None
+    index = {id(b): i for i, b in enumerate(blocks)}
+    prefixes = [(fqn + ".", index[id(m)]) for fqn, m in model.named_modules() if id(m) in index]
+
+    def block(name):
+        return next((i for p, i in prefixes if name.startswith(p)), None)
+    return block
 
 
 def _stages(model: nn.Module, order: list[str]) -> list[list[str]]:
     """Consecutive layers of one transformer block form one stage (they see the earlier blocks compressed);
     a layer outside the blocks is a stage of its own."""
-    from weightshare.hub import transformer_blocks
-
-    try:
-        blocks = transformer_blocks(model)
-        prefix = {id(b): i for i, b in enumerate(blocks)}
-        owner_of = {}
-        for fqn, m in model.named_modules():
-            if id(m) in prefix:
-                owner_of[fqn] = prefix[id(m)]
-    except ValueError:
-        owner_of = {}
-
-    def block(name):
-        for fqn, i in owner_of.items():
-            if name.startswith(fqn + "."):
-                return i
-        return None
-
+    block = _block_of(model)
     stages: list[list[str]] = []
     last = object()
     for name in order:
@@ -394,7 +399,7 @@ def cluster_embeddings_(model: nn.Module, tied: dict[str, nn.Module], batches, c
 
 
 def _stop(module, args):
-    raise _Enough
+    raise Enough
 
 
 @torch.no_grad()
@@ -446,7 +451,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
         raise ValueError("calibration: no batches\n  expected: at least one input batch")
     keep = filter_fn or (lambda m, n: True)
     chosen = {fqn: m for fqn, m in model.named_modules()
-              if (_is_linear(m) or isinstance(m, nn.Embedding)) and keep(m, fqn)
+              if (takes_calibration(m) or isinstance(m, nn.Embedding)) and keep(m, fqn)
               and not parametrize.is_parametrized(m, "weight")}
     embedding_weights = {id(m.weight) for m in chosen.values() if isinstance(m, nn.Embedding)}
     tied = {fqn for fqn, m in chosen.items() if isinstance(m, nn.Embedding) or id(m.weight) in embedding_weights}
@@ -467,6 +472,7 @@ def sequential_codebooks_(model: nn.Module, config, batches, filter_fn=None, alt
                 results[f"{name}.weight"] = fit_layer_(linears[name], name, stats.get(name), tokens.get(name, 0),
                                                        configs.get(name, config), alternations, outliers)
                 bar.update(1)
+            del stats, tokens  # before the next stage's are gathered: a 7 B block's are GBs
         bar.close()
     finally:
         model.train(was_training)

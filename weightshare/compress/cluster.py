@@ -272,15 +272,24 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
             if data_free:
                 rep, seconds = streaming.compress_streamed(ss, out, config, is_compressible, configs, dense, records,
                                                            max_shard_size=max_shard_size)
-            else:
+                log.info("clustered in %.2f s (streamed)", seconds)
+                return None, rep, seconds
+            try:
                 rep, seconds = blockwise.compress_blockwise(ss, out, config, is_compressible, texts, configs, dense,
                                                             records, outliers=outliers, max_shard_size=max_shard_size)
-            log.info("clustered in %.2f s (streamed)", seconds)
-            return None, rep, seconds
+                log.info("clustered in %.2f s (block by block)", seconds)
+                return None, rep, seconds
+            except (ValueError, OSError, MemoryError):
+                raise  # the source, the disk or the machine: loading the model whole would not help
+            except Exception as exc:  # an architecture the replay of its blocks does not fit; nothing was written
+                if stream:
+                    raise RuntimeError(f"compress: calibrating {src} block by block failed: {exc}\n  expected: "
+                                       "stream=None or False to load the model whole") from exc
+                why = f"calibrating block by block failed ({type(exc).__name__}: {exc})"
     if stream:
         raise ValueError(f"compress: cannot stream {src}: {why}\n  expected: stream=None or False to load it whole")
     if why and stream is None:
-        log.info("compressing with the model loaded whole: %s", why)
+        (log.warning if "failed" in why else log.info)("compressing with the model loaded whole: %s", why)
     model = hub.load_pretrained(src)
     configs, dense = resolve(plan, hub.inner_model(model), config, is_compressible) if plan else ({}, set())
     if builtin:

@@ -110,7 +110,8 @@ def nearest_assign(W: torch.Tensor, tables: torch.Tensor, col_group: torch.Tenso
             step = max(1, (1 << 22) // (cols.numel() * t.shape[1]))
             for r0 in range(0, W.shape[0], step):
                 r1 = min(W.shape[0], r0 + step)
-                d = (W[r0:r1, cols, None] - t[r0:r1, None, :]).abs()
+                tr = t[r0:r1] if t.shape[0] > 1 else t  # one table for all rows broadcasts
+                d = (W[r0:r1, cols, None] - tr[:, None, :]).abs()
                 out[r0:r1, cols] = d.argmin(2).to(torch.uint8)
     return out
 

@@ -99,7 +99,7 @@ def open_source(src) -> tuple[StreamSource | None, str]:
     return StreamSource(source, tensors, model, names), ""
 
 
-def _stored(module: nn.Module):
+def stored_tensors(module: nn.Module):
     """(name, tensor) of ``module``'s own parameters and saved buffers."""
     for n, t in module._parameters.items():
         if t is not None:
@@ -124,7 +124,7 @@ def _match_names(model: nn.Module, tensors: io.Tensors) -> tuple[dict[str, str] 
     by_object: dict[int, list[str]] = defaultdict(list)
     buffers: set[str] = set()
     for prefix_, module in pack.owned_modules(model):
-        for n, t in _stored(module):
+        for n, t in stored_tensors(module):
             by_object[id(t)].append(prefix_ + n)
             if n in module._buffers:
                 buffers.add(prefix_ + n)
@@ -151,7 +151,7 @@ def _match_names(model: nn.Module, tensors: io.Tensors) -> tuple[dict[str, str] 
 def _check_shapes(ss: StreamSource) -> None:
     """Every tensor of the checkpoint the model takes has the skeleton's shape, before anything is written."""
     for prefix, module in pack.owned_modules(ss.model):
-        for n, t in _stored(module):
+        for n, t in stored_tensors(module):
             name = ss.names.get(prefix + n)
             if name is None:
                 continue
@@ -162,7 +162,7 @@ def _check_shapes(ss: StreamSource) -> None:
                                  f"config.json describes the model\n  the checkpoint and its config disagree")
 
 
-def _read(ss: StreamSource, name: str, like: torch.Tensor) -> torch.Tensor:
+def read_as(ss: StreamSource, name: str, like: torch.Tensor) -> torch.Tensor:
     t = ss.tensors.read(ss.names[name])
     if t.dtype != like.dtype:
         if not (t.dtype.is_floating_point and like.dtype.is_floating_point):
@@ -208,7 +208,7 @@ def plan(ss: StreamSource, config: CodebookConfig, compressible, configs: dict |
     owners: dict[int, list[int]] = defaultdict(list)
     for i, (_, module) in enumerate(modules):
         last_use[id(module)] = i
-        for _, t in _stored(module):
+        for _, t in stored_tensors(module):
             last_use[id(t)] = i
             owners[id(t)].append(i)
     first: dict[int, int] = {}  # id of a clustered weight -> its first owner
@@ -274,7 +274,8 @@ def cluster_weight(ss: StreamSource, work: Work, i: int) -> tuple[torch.Tensor, 
     (a distributed run's share of the work).  The skeleton is left as it was: a copy of the module is clustered."""
     prefix, module = work.modules[i]
     copy = deepcopy(module)  # on the meta device: costs nothing
-    copy._parameters["weight"] = nn.Parameter(_read(ss, prefix + "weight", module.weight), module.weight.requires_grad)
+    weight = read_as(ss, prefix + "weight", module.weight)
+    copy._parameters["weight"] = nn.Parameter(weight, module.weight.requires_grad)
     codebook_(copy, "weight", work.config_of(i), fqn=f"{work.chosen[i]}.weight")
     plist = copy.parametrizations["weight"]
     return plist.original.detach(), plist[0].codes
@@ -283,7 +284,7 @@ def cluster_weight(ss: StreamSource, work: Work, i: int) -> tuple[torch.Tensor, 
 def _stream(ss: StreamSource, work: Work, writer: pack.PackWriter, results=None) -> None:
     """Read, cluster, write and let go of each module in turn (``compress_streamed``'s loop)."""
     modules, chosen, last_use, config = work.modules, work.chosen, work.last_use, work.config
-    skeleton = [t for _, m in modules for _, t in _stored(m)]  # noqa: F841 (held: ids below stay unique)
+    skeleton = [t for _, m in modules for _, t in stored_tensors(m)]  # noqa: F841 (held: ids below stay unique)
     real: dict[int, torch.Tensor] = {}  # id of a skeleton tensor -> its real tensor, while a later owner needs it
     clustered: dict[int, nn.Module] = {}  # id of a clustered weight -> its first owner, while a later one needs it
     done: set[int] = set()
@@ -292,7 +293,7 @@ def _stream(ss: StreamSource, work: Work, writer: pack.PackWriter, results=None)
     for i, (prefix, module) in enumerate(modules):
         if id(module) not in done:  # a module registered under two names is read once
             done.add(id(module))
-            own = list(_stored(module))
+            own = list(stored_tensors(module))
             release[max([last_use[id(module)], *(last_use[id(t)] for _, t in own)])].append(module)
             weight = module.weight if i in chosen else None
             for n, t in own:
@@ -301,7 +302,7 @@ def _stream(ss: StreamSource, work: Work, writer: pack.PackWriter, results=None)
                 if id(t) in real:
                     value = real[id(t)]
                 elif prefix + n in ss.names:
-                    value = _read(ss, prefix + n, t)
+                    value = read_as(ss, prefix + n, t)
                 else:
                     continue  # a buffer the checkpoint does not hold: the constructor's value
                 if n in module._parameters:
@@ -332,23 +333,23 @@ def _stream(ss: StreamSource, work: Work, writer: pack.PackWriter, results=None)
         keep = list(real.values())
         for j, later in release.items():
             if j > i:
-                keep += [obj for m in later for obj in _held(m)]
+                keep += [obj for m in later for obj in held_by(m)]
         writer.forget(keep)
         for m in release.pop(i, []):
-            _free(m)
+            free_module(m)
         if i in chosen:
             io.trim_heap()  # the clustering's scratch, before the next tensor is read (a few ms)
     bar.close()
 
 
-def _held(module: nn.Module):
+def held_by(module: nn.Module):
     """What the packed writer remembers ``module`` by: its stored tensors and its parametrizations."""
-    yield from (t for _, t in _stored(module))
+    yield from (t for _, t in stored_tensors(module))
     if parametrize.is_parametrized(module):
         yield from module.parametrizations.values()
 
 
-def _free(module: nn.Module) -> None:
+def free_module(module: nn.Module) -> None:
     """Drop a written module's tensors (it stays in the skeleton, empty)."""
     module._modules.pop("parametrizations", None)
     for n in module._parameters:
