@@ -33,14 +33,18 @@ def _gpt2(path):
     return path
 
 
-def _same_packed(src, tmp_path, config, **kwargs):
-    streamed, rep_s, _ = compress(src, tmp_path / "streamed", config, calibration=None, **kwargs)
-    whole, rep_w, _ = compress(src, tmp_path / "whole", config, calibration=None, stream=False, **kwargs)
+def _same_packed(src, tmp_path, config, calibration=None, reports=True, **kwargs):
+    """Compress ``src`` streamed (the default) and whole: the same packed file, report and recipe."""
+    streamed, rep_s, _ = compress(src, tmp_path / "streamed", config, calibration=calibration, **kwargs)
+    whole, rep_w, _ = compress(src, tmp_path / "whole", config, calibration=calibration, stream=False, **kwargs)
     assert streamed is None and whole is not None  # the first streamed, the second did not
     a = (tmp_path / "streamed" / pack.FILENAME).read_bytes()
     b = (tmp_path / "whole" / pack.FILENAME).read_bytes()
     assert a == b
-    assert (rep_s.params_virtual, rep_s.bytes_packed) == (rep_w.params_virtual, rep_w.bytes_packed)
+    if reports:
+        assert (rep_s.params_virtual, rep_s.bytes_packed) == (rep_w.params_virtual, rep_w.bytes_packed)
+    recipe = (tmp_path / "streamed" / "weightshare_recipe.yml").read_text()
+    assert recipe == (tmp_path / "whole" / "weightshare_recipe.yml").read_text()
     assert not (tmp_path / "streamed" / pack.PackWriter.SCRATCH).exists()
     return tmp_path / "streamed"
 
