@@ -34,6 +34,7 @@ from weightshare.compress.calibrate import (
     fit_layer_,
     layer_statistics,
     run_batches,
+    stop_pass,
     takes_calibration,
     text_batches,
 )
@@ -94,10 +95,11 @@ def layout(ss: stream.StreamSource, work: stream.Work) -> tuple[Layout | None, s
 
 def compress_blockwise(ss: stream.StreamSource, out, config, compressible, texts: list[str], configs=None,
                        dense=frozenset(), records=None, outliers: float = 0.0, alternations: int = 2,
-                       max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE):
+                       max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE, work: stream.Work | None = None):
     """GPTQ codebooks fit to ``texts`` one block at a time: ``compress_streamed`` with calibration (the same
-    arguments, and ``outliers`` as in ``sequential_codebooks_``).  Returns ``(report, seconds)``."""
-    work = stream.plan(ss, config, compressible, configs, dense)
+    arguments, ``work`` the ``plan`` already made, and ``outliers`` as in ``sequential_codebooks_``).
+    Returns ``(report, seconds)``."""
+    work = work or stream.plan(ss, config, compressible, configs, dense)
     lay, why = layout(ss, work)
     if lay is None:
         raise ValueError(f"compress: cannot calibrate one block at a time: {why}\n  expected: stream=None or False "
@@ -220,15 +222,11 @@ def _execution_order(model: nn.Module, batch, linears: dict[str, nn.Module], sto
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
                for n, m in linears.items()]
     if stop is not None:
-        handles.append(stop.register_forward_pre_hook(_stop_now) if before else stop.register_forward_hook(_stop))
+        handles.append(stop.register_forward_pre_hook(stop_pass) if before else stop.register_forward_hook(_stop))
     with _hooks(*handles), torch.no_grad():
         model.eval()
         run_batches(model, [batch], {})
     return order if before else order + [n for n in linears if n not in order]
-
-
-def _stop_now(module, args):
-    raise Enough
 
 
 def _between(name: str):
@@ -257,7 +255,7 @@ def _blockwise(ss: stream.StreamSource, work: stream.Work, lay: Layout, writer: 
     outside = {work.chosen[i]: modules[i][1] for i in work.chosen
                if lay.section[i] is None and work.chosen[i] not in lay.tied}
     # the layers outside the blocks that run before them (wherever they are stored), each fit as its own stage
-    for name in [n for n in _execution_order(model, batches[0], outside, stop=blocks[0], before=True)]:
+    for name in _execution_order(model, batches[0], outside, stop=blocks[0], before=True):
         stats, tokens = layer_statistics(model, {name: outside.pop(name)}, batches, stop_after=name)
         fit_layer_(by_name[name], name, stats.get(name), tokens.get(name, 0), configs.get(name, config),
                    alternations, outliers)

@@ -376,7 +376,7 @@ def cluster_embeddings_(model: nn.Module, tied: dict[str, nn.Module], batches, c
     from weightshare.sharing.codebook import TABLE_DTYPES, codebook_model_
 
     embeddings = {n: m for n, m in tied.items() if isinstance(m, nn.Embedding)}
-    stop = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
+    stop = stop_at.register_forward_pre_hook(stop_pass) if stop_at is not None else None
     try:
         counts, _ = layer_statistics(model, embeddings, batches)
     finally:
@@ -398,7 +398,8 @@ def cluster_embeddings_(model: nn.Module, tied: dict[str, nn.Module], batches, c
     return results
 
 
-def _stop(module, args):
+def stop_pass(module, args):
+    """A forward pre-hook that ends the calibration pass at its module (``run_batches`` catches it)."""
     raise Enough
 
 

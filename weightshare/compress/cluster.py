@@ -240,17 +240,17 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         ss, why = streaming.open_source(src)
         if ss is None and distributed:
             raise ValueError(f"compress: several processes share streamed work only, and {src} cannot stream: {why}")
-        lay = None
+        if ss is not None:
+            configs, dense = resolve(plan, ss.model, config, is_compressible) if plan else ({}, set())
         if ss is not None and not data_free:  # calibrated: one transformer block at a time (blockwise.py)
             from weightshare.compress import blockwise
 
-            configs, dense = resolve(plan, ss.model, config, is_compressible) if plan else ({}, set())
-            lay, why = blockwise.layout(ss, streaming.plan(ss, config, is_compressible, configs, dense))
+            work = streaming.plan(ss, config, is_compressible, configs, dense)
+            lay, why = blockwise.layout(ss, work)
             if lay is not None and not _tokenizer_files(ss.source):
                 lay, why = None, "it has no tokenizer files"
             ss = ss if lay is not None else None
         if ss is not None:
-            configs, dense = resolve(plan, ss.model, config, is_compressible) if plan else ({}, set())
             if not data_free and texts is None:  # the built-in corpus
                 texts = calibration_sentences(BUILTIN_SENTENCES)
             settings = {"bits": config.bits, "granularity": config.granularity, "group_size": config.group_size,
@@ -276,7 +276,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
                 return None, rep, seconds
             try:
                 rep, seconds = blockwise.compress_blockwise(ss, out, config, is_compressible, texts, configs, dense,
-                                                            records, outliers=outliers, max_shard_size=max_shard_size)
+                                                            records, outliers=outliers, max_shard_size=max_shard_size,
+                                                            work=work)
                 log.info("clustered in %.2f s (block by block)", seconds)
                 return None, rep, seconds
             except (ValueError, OSError, MemoryError):
