@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import weightshare as ws
 from weightshare.kmeans import kmeans1d_rows
@@ -240,3 +242,73 @@ def test_rows_label_dtype_must_hold_every_label():
         kmeans1d_rows(np.random.default_rng(0).standard_normal((4, 300)), 256, label_dtype=np.int8)
     with pytest.raises(ValueError, match="x contains NaN"):
         kmeans1d_rows(torch.tensor([[0.0, float("nan")]], dtype=torch.bfloat16), 2)
+
+
+# --- every code path of the solver (WEIGHTSHARE_KMEANS), against the full DP and against each other ---
+from weightshare.kmeans import PATH_ENV, simd_path, simd_paths  # noqa: E402
+
+
+@pytest.fixture(params=simd_paths())
+def kmeans_path(request, monkeypatch):
+    """Run the test on one forced path; the paths this CPU lacks are not parametrised (CI's CPU has AVX2)."""
+    monkeypatch.setenv(PATH_ENV, request.param)
+    assert simd_path() == request.param
+    return request.param
+
+
+@pytest.mark.parametrize("n", [384, 1536])
+def test_rows_of_distinct_values_match_full_dp_on_every_path(kmeans_path, n):
+    # distinct values with unit weights are the rows the AVX2 path solves breadth-first
+    rng = np.random.default_rng(n + 7)
+    x = rng.standard_t(4, size=(4, n)) * 0.02
+    centroids, labels = kmeans1d_rows(x, 16)
+    for r in range(4):
+        assert sse_of(x[r], None, centroids[r], labels[r]) == pytest.approx(dense_dp_sse(x[r], 16), rel=1e-9)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 90), k=st.integers(1, 24), rows=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 1e4]), tails=st.booleans())
+def test_paths_agree_and_reach_the_full_dp_optimum(monkeypatch, n, k, rows, seed, scale, tails):
+    """Short rows put every window length (1 to 4 candidates, and longer) and every level count through the
+    AVX2 path; its windows differ from the portable divide and conquer, its optimum must not."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_t(2, size=(rows, n)) if tails else rng.normal(size=(rows, n))) * scale
+    results = {}
+    for path in simd_paths():
+        monkeypatch.setenv(PATH_ENV, path)
+        results[path] = kmeans1d_rows(x, k)
+    for r in range(rows):
+        best = dense_dp_sse(x[r], k)
+        floor = 1e-14 * float((x[r] ** 2).sum())  # rounding of centroids at the data's scale (k >= n: SSE 0)
+        for path, (c, lab) in results.items():
+            got = sse_of(x[r], None, c[r], lab[r])
+            assert got == pytest.approx(best, rel=1e-9, abs=floor), (path, r)
+    c0 = results["portable"][0]
+    for c, _ in results.values():
+        assert np.allclose(c, c0, rtol=1e-12, atol=0)
+
+
+def test_the_longest_breadth_first_row_and_the_first_past_it_agree_across_paths(monkeypatch):
+    # 16,384 distinct values is the largest problem the AVX2 path takes; one more goes to divide and conquer
+    rng = np.random.default_rng(11)
+    for n in (16_384, 16_385):
+        x = np.unique(rng.standard_t(3, size=n + 50))[:n]
+        assert x.size == n
+        got = {}
+        for path in simd_paths():
+            monkeypatch.setenv(PATH_ENV, path)
+            c, _ = ws.kmeans1d(x, 16)
+            got[path] = c
+        for c in got.values():
+            assert np.allclose(c, got["portable"], rtol=1e-12, atol=0)
+
+
+def test_a_path_this_cpu_cannot_run_or_a_misspelt_one_is_refused(monkeypatch):
+    monkeypatch.setenv(PATH_ENV, "avx3")
+    with pytest.raises(ValueError, match="expected one of: auto, portable, avx2"):
+        kmeans1d_rows(np.arange(8.0).reshape(2, 4), 2)
+    if "avx2" not in simd_paths():
+        monkeypatch.setenv(PATH_ENV, "avx2")
+        with pytest.raises(RuntimeError, match="cannot run that path"):
+            kmeans1d_rows(np.arange(8.0).reshape(2, 4), 2)

@@ -13,6 +13,10 @@
  * of a divide-and-conquer step are independent, so they run on threads.
  * PyInit_ exists only so that setuptools can build and locate it as an
  * extension module.
+ *
+ * Rows (one table per channel: a few hundred distinct values each) take a
+ * third schedule on CPUs with AVX2, layer_levels_avx2, chosen at run time (the
+ * file is built without -march flags); other CPUs run layer_dc / layer_sweep.
  */
 #include <Python.h>
 #include <math.h>
@@ -20,6 +24,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 typedef struct {
     const double *P0, *P1, *P2; /* prefix sums of w, w*x, w*x^2 (centred x) */
@@ -198,20 +205,119 @@ static void layer_sweep(const prefix_t *p, const double *Dp, double *Dc, int32_t
 }
 
 /*
+ * Rows, on CPUs with AVX2: divide and conquer in breadth-first order.  Every
+ * point at one depth of the recursion is independent of the others once the
+ * coarser depths are done: point t at step s searches between the argmins of
+ * t - s and t + s (Knuth's bounds, with the previous layer's argmin from
+ * below).  Run depth by depth, the searches form a flat loop with no chain of
+ * dependent results, so the CPU overlaps several, and each search is four
+ * candidates per vector step.  About 70 % of windows on rows of a few hundred
+ * values hold at most four candidates; they take one step and find their
+ * argmin from a lane mask, with no loop.  layer_dc's recursion serialises the
+ * same searches (each waits for its parent's argmin) and measured 1.5x slower.
+ *
+ * Ties keep the lowest index, and the arithmetic is best_split's in the same
+ * order (no FMA), so a search returns what best_split would for its window.
+ * Unit weights and distinct values only (the E / reciprocal form).
+ * rinv[M - d] = 1/d makes the reciprocals of consecutive candidates
+ * contiguous.  work holds hi - lo + 3 int32 (the argmins and the two bounds).
+ * E and P1 are read up to 3 entries past the last candidate (padded, masked).
+ */
+#define LEVELS_MAX (2 * PAR_MIN) /* longer problems keep layer_dc: its threads, and depth-first stays in cache */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define HAVE_AVX2_PATH 1
+__attribute__((target("avx2"))) static void layer_levels_avx2(const prefix_t *p, const double *rinv, int64_t M,
+                                                              double *En, int32_t *T, const int32_t *Tp,
+                                                              int64_t lo, int64_t hi, int64_t optlo, int64_t opthi,
+                                                              int32_t *work) {
+    const int64_t N = hi - lo + 1;
+    int64_t S = 1;
+    while (S * 2 <= N) S *= 2;
+    int32_t *Tx = work + 1; /* Tx[t] = argmin of point lo + t; the bounds at t = -1 and t = N */
+    Tx[-1] = (int32_t)optlo;
+    Tx[N] = (int32_t)opthi;
+    const double *E = p->E, *P1 = p->P1, *P2 = p->P2;
+    const __m256d inf = _mm256_set1_pd(INFINITY), four = _mm256_set1_pd(4.0), iota = _mm256_set_pd(3, 2, 1, 0);
+    /* lanes holding candidates when the window has 1, 2, 3 or 4+ of them */
+    static const int64_t valid[4][4] = {{-1, 0, 0, 0}, {-1, -1, 0, 0}, {-1, -1, -1, 0}, {-1, -1, -1, -1}};
+    for (int64_t s = S; s >= 1; s >>= 1) {
+        for (int64_t t = s - 1; t < N; t += 2 * s) {
+            const int64_t i = lo + t;
+            int64_t jl = Tx[t - s], jh = Tx[t + s < N ? t + s : N]; /* t - s >= -1 */
+            jl = Tp[i] > jl ? Tp[i] : jl;
+            jh = jh < i - 1 ? jh : i - 1;
+            const double *rv = rinv + (M - i);
+            const __m256d p1i = _mm256_broadcast_sd(P1 + i);
+            const int64_t span = jh - jl;
+            __m256d d = _mm256_sub_pd(p1i, _mm256_loadu_pd(P1 + jl));
+            __m256d v = _mm256_sub_pd(_mm256_loadu_pd(E + jl),
+                                      _mm256_mul_pd(_mm256_mul_pd(d, d), _mm256_loadu_pd(rv + jl)));
+            const __m256d ok = _mm256_loadu_pd((const double *)valid[span < 3 ? span : 3]);
+            v = _mm256_blendv_pd(inf, v, ok);
+            double m, arg;
+            if (span < 4) { /* one step: the argmin is the first lane equal to the minimum */
+                __m256d h = _mm256_min_pd(v, _mm256_permute2f128_pd(v, v, 1));
+                h = _mm256_min_pd(h, _mm256_permute_pd(h, 5));
+                m = _mm256_cvtsd_f64(h);
+                arg = (double)(jl + __builtin_ctz(_mm256_movemask_pd(_mm256_cmp_pd(v, h, _CMP_EQ_OQ))));
+            } else {
+                const __m256d jhv = _mm256_set1_pd((double)jh);
+                __m256d j = _mm256_add_pd(_mm256_set1_pd((double)jl), iota), best = v, bidx = j;
+                for (int64_t a = jl + 4; a <= jh; a += 4) {
+                    j = _mm256_add_pd(j, four);
+                    d = _mm256_sub_pd(p1i, _mm256_loadu_pd(P1 + a));
+                    v = _mm256_sub_pd(_mm256_loadu_pd(E + a),
+                                      _mm256_mul_pd(_mm256_mul_pd(d, d), _mm256_loadu_pd(rv + a)));
+                    v = _mm256_blendv_pd(v, inf, _mm256_cmp_pd(j, jhv, _CMP_GT_OQ));
+                    bidx = _mm256_blendv_pd(bidx, j, _mm256_cmp_pd(v, best, _CMP_LT_OQ));
+                    best = _mm256_min_pd(v, best); /* v < best ? v : best: a lane keeps its first minimum */
+                }
+                /* each lane kept its first minimum; the lowest index among the lanes holding the overall one */
+                __m256d h = _mm256_min_pd(best, _mm256_permute2f128_pd(best, best, 1));
+                h = _mm256_min_pd(h, _mm256_permute_pd(h, 5));
+                __m256d k = _mm256_blendv_pd(inf, bidx, _mm256_cmp_pd(best, h, _CMP_EQ_OQ));
+                k = _mm256_min_pd(k, _mm256_permute2f128_pd(k, k, 1));
+                k = _mm256_min_pd(k, _mm256_permute_pd(k, 5));
+                m = _mm256_cvtsd_f64(h);
+                arg = _mm256_cvtsd_f64(k);
+            }
+            En[i] = (m + P2[i]) - P2[i]; /* best_split's D, less P2: the next layer's E, with the same rounding */
+            T[i] = Tx[t] = (int32_t)arg;
+        }
+    }
+}
+#else
+#define HAVE_AVX2_PATH 0
+#endif
+
+/* The vector paths this build and CPU can run: bit 0 portable (always), bit 1 AVX2. */
+int ws_kmeans1d_paths(void) {
+#if HAVE_AVX2_PATH
+    if (__builtin_cpu_supports("avx2")) return 3;
+#endif
+    return 1;
+}
+
+/*
  * Solve one problem on n sorted values xs with weights ws (duplicates allowed,
  * zero weights allowed).  Writes up to k sorted centroids, returns how many
  * (min(k, number of distinct values with positive weight)), or -1 on
  * allocation failure.  *sse receives the optimal weighted SSE.
- * scratch must hold 7*(n+1) doubles; T must hold k*(n+1) int32.  With unit
+ * scratch must hold 8*(n+1)+16 doubles; T must hold k*(n+1) int32.  With unit
  * weights (ws NULL), inv[d] = 1/d for d <= n and counts holds n+1 int32;
- * otherwise inv is NULL.  Each layer runs on up to 2^depth threads.
+ * otherwise inv is NULL.  path 2 runs distinct rows on layer_levels_avx2, with
+ * its rinv (rinv[M - d] = 1/d) and work; path 1 never does.  Each layer runs
+ * on up to 2^depth threads.
  */
 static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t k,
                          double *centroids, double *sse, double *scratch, int32_t *counts,
-                         const double *inv, int32_t *T, int depth) {
+                         const double *inv, int32_t *T, int depth, const double *rinv, int64_t M,
+                         int32_t *work, int path) {
+    /* E and En are followed by 8 padding entries: layer_levels_avx2 reads past the last candidate */
     double *u = scratch, *P0 = scratch + (n + 1), *P1 = scratch + 2 * (n + 1),
            *P2 = scratch + 3 * (n + 1), *Da = scratch + 4 * (n + 1), *Db = scratch + 5 * (n + 1),
-           *E = scratch + 6 * (n + 1);
+           *E = scratch + 6 * (n + 1), *En = scratch + 7 * (n + 1) + 8;
     /* collapse duplicates and zero weights into distinct points u with weight P0 */
     int64_t m = 0;
     double wsum = 0.0, wxsum = 0.0;
@@ -246,11 +352,32 @@ static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t 
     int64_t kk = k < m ? k : m;
     double *Dp = Da, *Dc = Db;
     for (int64_t i = 0; i <= m; i++) Dp[i] = seg_cost(&p, 0, i);
+    /* rows: breadth-first layers, which also write the next layer's E */
+    const int levels = HAVE_AVX2_PATH && path == 2 && p.distinct && m <= LEVELS_MAX && rinv;
+    if (levels) { /* what the vector lanes read past the candidates: finite, never chosen */
+        for (int64_t j = 0; j < 4; j++) E[m + j] = 0.0;
+        memset(En, 0, sizeof(double) * (size_t)(m + 4));
+    }
     for (int64_t c = 2; c <= kk; c++) {
         int32_t *Tc = T + (c - 1) * (m + 1);
-        const int32_t *Tp = c > 2 ? T + (c - 2) * (m + 1) : NULL;
-        if (inv) for (int64_t j = 0; j < m; j++) E[j] = Dp[j] - P2[j];
-        if (c < kk) {
+        int32_t *Tp = c > 2 ? T + (c - 2) * (m + 1) : NULL;
+        if (levels && c > 2) {
+            double *x = E; E = En; En = x;
+            p.E = E;
+        } else if (inv)
+            for (int64_t j = 0; j < m; j++) E[j] = Dp[j] - P2[j];
+        if (c < kk && levels) {
+            /* the bound from below, never NULL: layer 1's row (unused by the walk back) holds c - 1 = 1, and
+               the previous layer, which stops at hi - 1, repeats its last argmin at hi (argmins are monotone) */
+            if (!Tp) {
+                Tp = T;
+                for (int64_t i = 0; i <= m; i++) T[i] = 1;
+            } else
+                Tp[m - (kk - c)] = Tp[m - (kk - c) - 1];
+#if HAVE_AVX2_PATH
+            layer_levels_avx2(&p, rinv, M, En, Tc, Tp, c, m - (kk - c), c - 1, m - 1, work);
+#endif
+        } else if (c < kk) {
             /* i beyond m - (kk - c) would leave too few points for the later clusters */
             /* the sweep's band (~ m / (c (c-1)) per point) is narrower than divide and
                conquer's ~6 evaluations once 10 c (c-1) >= m (measured with cachegrind
@@ -288,11 +415,13 @@ static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t 
  * (ws may be NULL for unit weights).  centroids is R*k, nclusters and sse R.
  * threads > 1 splits each row's layers over that many threads (for one large
  * row; batches of small rows are split over threads by the caller instead).
- * Returns 0, or -1 when memory could not be allocated.
+ * path: 1 portable, 2 AVX2 for rows of distinct values (ws_kmeans1d_paths says which run here).
+ * Returns 0, -1 when memory could not be allocated, -2 when path cannot run on this CPU.
  */
 int ws_kmeans1d_batch(const double *xs, const double *ws, const int64_t *offsets,
                       int64_t r0, int64_t r1, int64_t k, int64_t threads,
-                      double *centroids, int64_t *nclusters, double *sse) {
+                      double *centroids, int64_t *nclusters, double *sse, int64_t path) {
+    if (path == 2 && !(ws_kmeans1d_paths() & 2)) return -2;
     int depth = 0;
     while (depth < 6 && ((int64_t)1 << (depth + 1)) <= threads) depth++;
     int64_t nmax = 0;
@@ -300,28 +429,37 @@ int ws_kmeans1d_batch(const double *xs, const double *ws, const int64_t *offsets
         int64_t n = offsets[r + 1] - offsets[r];
         if (n > nmax) nmax = n;
     }
-    double *scratch = malloc(sizeof(double) * 7 * (size_t)(nmax + 1));
+    double *scratch = malloc(sizeof(double) * (8 * (size_t)(nmax + 1) + 16));
     int32_t *T = malloc(sizeof(int32_t) * (size_t)k * (size_t)(nmax + 1));
     /* unit weights: the weight of any run of points is a count <= nmax */
     double *inv = ws ? NULL : malloc(sizeof(double) * (size_t)(nmax + 1));
     int32_t *counts = ws ? NULL : malloc(sizeof(int32_t) * (size_t)(nmax + 1));
-    if (!scratch || !T || (!ws && (!inv || !counts))) {
-        free(scratch); free(T); free(inv); free(counts);
+    /* layer_levels_avx2's reversed reciprocals (lanes past a window read rinv[M .. M + 3]) and argmins */
+    const int64_t M = nmax + 4;
+    double *rinv = ws || nmax > LEVELS_MAX || path != 2 ? NULL : calloc((size_t)(M + 4), sizeof(double));
+    int32_t *work = rinv ? malloc(sizeof(int32_t) * ((size_t)nmax + 3)) : NULL;
+    if (!scratch || !T || (!ws && (!inv || !counts)) || (rinv && !work) || (!ws && nmax <= LEVELS_MAX && path == 2 && !rinv)) {
+        free(scratch); free(T); free(inv); free(counts); free(rinv); free(work);
         return -1;
     }
     if (inv) {
         inv[0] = 0.0; /* never read: every run holds at least one point */
         for (int64_t d = 1; d <= nmax; d++) inv[d] = 1.0 / (double)d;
     }
+    if (rinv)
+        for (int64_t d = 1; d <= nmax; d++) rinv[M - d] = inv[d];
     for (int64_t r = r0; r < r1; r++) {
         int64_t o = offsets[r], n = offsets[r + 1] - o;
         nclusters[r] = solve_one(xs + o, ws ? ws + o : NULL, n, k,
-                                 centroids + r * k, sse + r, scratch, counts, inv, T, depth);
+                                 centroids + r * k, sse + r, scratch, counts, inv, T, depth, rinv, M, work,
+                                 (int)path);
     }
     free(scratch);
     free(T);
     free(inv);
     free(counts);
+    free(rinv);
+    free(work);
     return 0;
 }
 

@@ -34,13 +34,40 @@ def _load_core() -> ctypes.CDLL:
     i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
     c64 = ctypes.c_int64
     lib.ws_kmeans1d_batch.restype = ctypes.c_int
-    lib.ws_kmeans1d_batch.argtypes = [f64, ctypes.c_void_p, i64, c64, c64, c64, c64, f64, i64, f64]
+    lib.ws_kmeans1d_batch.argtypes = [f64, ctypes.c_void_p, i64, c64, c64, c64, c64, f64, i64, f64, c64]
+    lib.ws_kmeans1d_paths.restype = ctypes.c_int
+    lib.ws_kmeans1d_paths.argtypes = []
     lib.ws_assign_batch.restype = ctypes.c_int
     lib.ws_assign_batch.argtypes = [f64, c64, f64, i64, c64, c64, c64, i32]
     return lib
 
 
 _core = _load_core()
+
+PATH_ENV = "WEIGHTSHARE_KMEANS"
+PATHS = {"portable": 1, "avx2": 2}  # the C core's codes; avx2 runs rows of distinct values breadth-first
+
+
+def simd_paths() -> list[str]:
+    """The solver's code paths this CPU can run, slowest first."""
+    have = _core.ws_kmeans1d_paths()
+    return [name for name, code in PATHS.items() if have & code]
+
+
+def simd_path() -> str:
+    """The path the solver takes: ``WEIGHTSHARE_KMEANS`` if set (``portable`` or ``avx2``; checked), else the
+    fastest this CPU has.  Every path finds the optimum; forcing one is for tests and comparisons."""
+    have = simd_paths()
+    forced = os.environ.get(PATH_ENV, "").strip().lower()
+    if forced in ("", "auto"):
+        return have[-1]
+    if forced not in PATHS:
+        raise ValueError(f"{PATH_ENV}={forced!r}\n  expected one of: auto, {', '.join(PATHS)}\n"
+                         "  unset it to let weightshare choose")
+    if forced not in have:
+        raise RuntimeError(f"{PATH_ENV}={forced!r}: this CPU cannot run that path (it has: {', '.join(have)})\n"
+                           "  unset it or choose one it has")
+    return forced
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -82,9 +109,10 @@ def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, t
 
     # one row: its layers are split over threads inside C; many rows: the rows are
     inner = threads if n_rows == 1 else 1
+    path = PATHS[simd_path()]
 
     def run(span):
-        if _core.ws_kmeans1d_batch(xs, wptr, offsets, span[0], span[1], k, inner, centroids, nclusters, sse):
+        if _core.ws_kmeans1d_batch(xs, wptr, offsets, span[0], span[1], k, inner, centroids, nclusters, sse, path):
             raise MemoryError("kmeans1d: could not allocate the dynamic-programming table")
 
     # several spans per thread: rows differ in cost, so finer spans balance load

