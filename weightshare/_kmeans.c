@@ -220,7 +220,8 @@ static void layer_sweep(const prefix_t *p, const double *Dp, double *Dc, int32_t
  * order (no FMA), so a search returns what best_split would for its window.
  * Unit weights and distinct values only (the E / reciprocal form).
  * rinv[M - d] = 1/d makes the reciprocals of consecutive candidates
- * contiguous.  work holds hi - lo + 3 int32 (the argmins and the two bounds).
+ * contiguous.  work holds 4 (hi - lo) + 32 int32: the argmins with the two
+ * bounds, and the window lists.
  * E and P1 are read up to 3 entries past the last candidate (padded, masked).
  */
 #define LEVELS_MAX (2 * PAR_MIN) /* longer problems keep layer_dc: its threads, and depth-first stays in cache */
@@ -241,49 +242,63 @@ __attribute__((target("avx2"))) static void layer_levels_avx2(const prefix_t *p,
     const __m256d inf = _mm256_set1_pd(INFINITY), four = _mm256_set1_pd(4.0), iota = _mm256_set_pd(3, 2, 1, 0);
     /* lanes holding candidates when the window has 1, 2, 3 or 4+ of them */
     static const int64_t valid[4][4] = {{-1, 0, 0, 0}, {-1, -1, 0, 0}, {-1, -1, -1, 0}, {-1, -1, -1, -1}};
+    int32_t *shl = work + N + 4, *lgl = shl + 3 * (N / 2 + 2); /* (t, jl, jh) of short and long windows */
     for (int64_t s = S; s >= 1; s >>= 1) {
+        /* list the windows of this depth, short (<= 4 candidates) and long apart: written to both lists, kept by
+           one (a branch on the length mispredicts about a third of the time, and costs more than the search) */
+        int64_t ns = 0, nl = 0;
         for (int64_t t = s - 1; t < N; t += 2 * s) {
             const int64_t i = lo + t;
-            int64_t jl = Tx[t - s], jh = Tx[t + s < N ? t + s : N]; /* t - s >= -1 */
-            jl = Tp[i] > jl ? Tp[i] : jl;
-            jh = jh < i - 1 ? jh : i - 1;
+            int32_t jl = Tx[t - s], jh = Tx[t + s < N ? t + s : N];
+            const int32_t q = Tp[i], last = (int32_t)(i - 1);
+            jl = q > jl ? q : jl;
+            jh = jh < last ? jh : last;
+            const int is_long = jh - jl >= 4;
+            int32_t *x = shl + 3 * ns, *y = lgl + 3 * nl;
+            x[0] = y[0] = (int32_t)t; x[1] = y[1] = jl; x[2] = y[2] = jh;
+            nl += is_long; ns += !is_long;
+        }
+        /* short windows: one step, the argmin is the first lane equal to the minimum */
+        for (int64_t g = 0; g < ns; g++) {
+            const int32_t *w = shl + 3 * g;
+            const int64_t t = w[0], i = lo + t, jl = w[1], span = w[2] - w[1];
             const double *rv = rinv + (M - i);
             const __m256d p1i = _mm256_broadcast_sd(P1 + i);
-            const int64_t span = jh - jl;
             __m256d d = _mm256_sub_pd(p1i, _mm256_loadu_pd(P1 + jl));
-            __m256d v = _mm256_sub_pd(_mm256_loadu_pd(E + jl),
-                                      _mm256_mul_pd(_mm256_mul_pd(d, d), _mm256_loadu_pd(rv + jl)));
-            const __m256d ok = _mm256_loadu_pd((const double *)valid[span < 3 ? span : 3]);
-            v = _mm256_blendv_pd(inf, v, ok);
-            double m, arg;
-            if (span < 4) { /* one step: the argmin is the first lane equal to the minimum */
-                __m256d h = _mm256_min_pd(v, _mm256_permute2f128_pd(v, v, 1));
-                h = _mm256_min_pd(h, _mm256_permute_pd(h, 5));
-                m = _mm256_cvtsd_f64(h);
-                arg = (double)(jl + __builtin_ctz(_mm256_movemask_pd(_mm256_cmp_pd(v, h, _CMP_EQ_OQ))));
-            } else {
-                const __m256d jhv = _mm256_set1_pd((double)jh);
-                __m256d j = _mm256_add_pd(_mm256_set1_pd((double)jl), iota), best = v, bidx = j;
-                for (int64_t a = jl + 4; a <= jh; a += 4) {
-                    j = _mm256_add_pd(j, four);
-                    d = _mm256_sub_pd(p1i, _mm256_loadu_pd(P1 + a));
-                    v = _mm256_sub_pd(_mm256_loadu_pd(E + a),
-                                      _mm256_mul_pd(_mm256_mul_pd(d, d), _mm256_loadu_pd(rv + a)));
-                    v = _mm256_blendv_pd(v, inf, _mm256_cmp_pd(j, jhv, _CMP_GT_OQ));
-                    bidx = _mm256_blendv_pd(bidx, j, _mm256_cmp_pd(v, best, _CMP_LT_OQ));
-                    best = _mm256_min_pd(v, best); /* v < best ? v : best: a lane keeps its first minimum */
-                }
-                /* each lane kept its first minimum; the lowest index among the lanes holding the overall one */
-                __m256d h = _mm256_min_pd(best, _mm256_permute2f128_pd(best, best, 1));
-                h = _mm256_min_pd(h, _mm256_permute_pd(h, 5));
-                __m256d k = _mm256_blendv_pd(inf, bidx, _mm256_cmp_pd(best, h, _CMP_EQ_OQ));
-                k = _mm256_min_pd(k, _mm256_permute2f128_pd(k, k, 1));
-                k = _mm256_min_pd(k, _mm256_permute_pd(k, 5));
-                m = _mm256_cvtsd_f64(h);
-                arg = _mm256_cvtsd_f64(k);
-            }
+            __m256d v = _mm256_sub_pd(_mm256_loadu_pd(E + jl), _mm256_mul_pd(_mm256_mul_pd(d, d), _mm256_loadu_pd(rv + jl)));
+            v = _mm256_blendv_pd(inf, v, _mm256_loadu_pd((const double *)valid[span]));
+            __m256d h = _mm256_min_pd(v, _mm256_permute2f128_pd(v, v, 1));
+            h = _mm256_min_pd(h, _mm256_permute_pd(h, 5));
+            const double m = _mm256_cvtsd_f64(h);
+            const int32_t arg = (int32_t)(jl + __builtin_ctz(_mm256_movemask_pd(_mm256_cmp_pd(v, h, _CMP_EQ_OQ))));
             En[i] = (m + P2[i]) - P2[i]; /* best_split's D, less P2: the next layer's E, with the same rounding */
-            T[i] = Tx[t] = (int32_t)arg;
+            T[i] = Tx[t] = arg;
+        }
+        /* long windows: four candidates per step; each lane keeps its first minimum, then the lowest index
+           among the lanes holding the overall one */
+        for (int64_t g = 0; g < nl; g++) {
+            const int32_t *w = lgl + 3 * g;
+            const int64_t t = w[0], i = lo + t, jl = w[1], jh = w[2];
+            const double *rv = rinv + (M - i);
+            const __m256d p1i = _mm256_broadcast_sd(P1 + i);
+            const __m256d jhv = _mm256_set1_pd((double)jh);
+            __m256d j = _mm256_add_pd(_mm256_set1_pd((double)jl), iota), best = inf, bidx = j;
+            for (int64_t a = jl; a <= jh; a += 4) {
+                __m256d d = _mm256_sub_pd(p1i, _mm256_loadu_pd(P1 + a));
+                __m256d v = _mm256_sub_pd(_mm256_loadu_pd(E + a), _mm256_mul_pd(_mm256_mul_pd(d, d), _mm256_loadu_pd(rv + a)));
+                v = _mm256_blendv_pd(v, inf, _mm256_cmp_pd(j, jhv, _CMP_GT_OQ));
+                bidx = _mm256_blendv_pd(bidx, j, _mm256_cmp_pd(v, best, _CMP_LT_OQ));
+                best = _mm256_min_pd(v, best);
+                j = _mm256_add_pd(j, four);
+            }
+            __m256d h = _mm256_min_pd(best, _mm256_permute2f128_pd(best, best, 1));
+            h = _mm256_min_pd(h, _mm256_permute_pd(h, 5));
+            __m256d k = _mm256_blendv_pd(inf, bidx, _mm256_cmp_pd(best, h, _CMP_EQ_OQ));
+            k = _mm256_min_pd(k, _mm256_permute2f128_pd(k, k, 1));
+            k = _mm256_min_pd(k, _mm256_permute_pd(k, 5));
+            const double m = _mm256_cvtsd_f64(h);
+            En[i] = (m + P2[i]) - P2[i];
+            T[i] = Tx[t] = (int32_t)_mm256_cvtsd_f64(k);
         }
     }
 }
@@ -437,7 +452,7 @@ int ws_kmeans1d_batch(const double *xs, const double *ws, const int64_t *offsets
     /* layer_levels_avx2's reversed reciprocals (lanes past a window read rinv[M .. M + 3]) and argmins */
     const int64_t M = nmax + 4;
     double *rinv = ws || nmax > LEVELS_MAX || path != 2 ? NULL : calloc((size_t)(M + 4), sizeof(double));
-    int32_t *work = rinv ? malloc(sizeof(int32_t) * ((size_t)nmax + 3)) : NULL;
+    int32_t *work = rinv ? malloc(sizeof(int32_t) * (4 * (size_t)nmax + 32)) : NULL;
     if (!scratch || !T || (!ws && (!inv || !counts)) || (rinv && !work) || (!ws && nmax <= LEVELS_MAX && path == 2 && !rinv)) {
         free(scratch); free(T); free(inv); free(counts); free(rinv); free(work);
         return -1;
