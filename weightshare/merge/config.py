@@ -61,10 +61,15 @@ def _fall_back(own, everyone):
 
 
 def _place_base(method, base: str | None, entries: list, problems: list[str]) -> tuple[str | None, list]:
-    """(base, model entries) as ``merge`` takes them, from mergekit's ``base_model``: one end of the
-    interpolation for a method with a ``base_endpoint`` (slerp: the first model), not used by a method
-    without task vectors (mergekit's linear averages a base listed among the models), else the base
-    of the task vectors (and, listed among the models, not one of them)."""
+    """(base, model entries) as ``merge`` takes them, from mergekit's ``base_model``, never dropped:
+
+    - a method with a ``base_endpoint`` (slerp): the base is one end, the first model;
+    - a method that uses a base (task vectors: TIES; optional: nuslerp): the base, and listed among the
+      models, not one of them;
+    - a method that takes none: listed among the models it is merged as one of them (mergekit's linear);
+      otherwise mergekit appends it to the models, which we follow where the method merges it as a model
+      (``base_as_model``: karcher) and refuse where mergekit would fail or ignore it (linear: the
+      appended base has no weight)."""
     paths = [m for m, _ in entries]
     if method is not None and method.base_endpoint:
         count = method.models[0]
@@ -73,7 +78,13 @@ def _place_base(method, base: str | None, entries: list, problems: list[str]) ->
                             f"base_model ({method.base_endpoint})")
             return base, entries
         return None, sorted(entries, key=lambda e: e[0] != base)
-    if method is not None and not method.needs_base:
+    if method is not None and not method.uses_base:
+        if base is None or base in paths:
+            return None, entries
+        if method.base_as_model:
+            return None, [*entries, (base, {})]
+        problems.append(f"base_model: {method.name} takes no base model, so {base} would not be merged; "
+                        "list it under models to merge it in, or remove base_model")
         return None, entries
     if base is not None and base in paths:
         return base, [e for e in entries if e[0] != base]

@@ -111,6 +111,16 @@ class MergeMethod:
     # for a method whose models are the ends of an interpolation (slerp), the end mergekit's base_model
     # names ("the t = 0 end"): a config's base_model is then the first model, not a base
     base_endpoint: str = ""
+    # a base is optional: given, the method works on task vectors θ_i − base (nuslerp, multislerp)
+    takes_base: bool = False
+    # mergekit appends a config's base_model to the models when the method takes no base: for a method
+    # that merges it as one more model (karcher), a config's base_model is that last model
+    base_as_model: bool = False
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a base given to the method is used at all (as the base of task vectors)."""
+        return self.needs_base or self.takes_base
 
     @property
     def model_params(self) -> dict[str, Any]:
@@ -143,7 +153,8 @@ def row_length(shape) -> int:
 def register_merge(name: str, *, source: str, parameters: tuple[Param, ...] = (), needs_base: bool = False,
                    models: tuple[int, int | None] = (1, None), tensorwise: bool = True, elementwise: bool = False,
                    prepare: Callable | None = None, rows: bool = False,
-                   check: Callable[[dict[str, list]], list[str]] | None = None, base_endpoint: str = ""):
+                   check: Callable[[dict[str, list]], list[str]] | None = None, base_endpoint: str = "",
+                   takes_base: bool = False, base_as_model: bool = False):
     """Decorator registering ``fn`` as the merge method ``name`` (see the module for ``fn``'s contract)."""
     names = [p.name for p in parameters]
     if len(set(names)) != len(names):
@@ -154,7 +165,7 @@ def register_merge(name: str, *, source: str, parameters: tuple[Param, ...] = ()
 
     def wrap(fn):
         MERGE_METHODS[name] = MergeMethod(name, fn, source, needs_base, tuple(parameters), models, tensorwise,
-                                          elementwise, prepare, rows, check, base_endpoint)
+                                          elementwise, prepare, rows, check, base_endpoint, takes_base, base_as_model)
         return fn
 
     return wrap
@@ -210,6 +221,9 @@ def _names_and_counts(method: MergeMethod, n_models: int, has_base: bool, model_
         problems.append(f"{method.name} merges {want} models (the base not counted); got {n_models}")
     if method.needs_base and not has_base:
         problems.append(f"{method.name} needs a base model (base=...): its task vectors are θ_i − base")
+    if has_base and not method.uses_base:
+        problems.append(f"{method.name} takes no base model (base=...): it would not be used; "
+                        "pass it as one of the models to merge it in, or leave it out")
     for key, values in model_params.items():
         if key not in method.model_params:
             problems.append(f"{method.name} has no per-model parameter {key!r} "
