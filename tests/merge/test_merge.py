@@ -364,6 +364,12 @@ PREPARED = [  # every method that streams a large tensor through its prepare hoo
     pytest.param("slerp", dict(t=0.3), False, id="slerp"),
     pytest.param("model_stock", dict(filter_wise=False), False, id="model_stock"),
     pytest.param("model_stock", dict(filter_wise=True), False, id="model_stock-filter_wise"),
+    pytest.param("nuslerp", dict(weights=[0.4, 0.6]), False, id="nuslerp"),
+    pytest.param("multislerp", dict(weights=[1.0, 2.0]), False, id="multislerp"),
+    pytest.param("karcher", dict(max_iter=20), False, id="karcher"),
+    pytest.param("ramplus_tl", dict(r=0.3, alpha=0.5), True, id="ramplus_tl"),
+    pytest.param("ram", dict(), True, id="ram"),
+    pytest.param("nearswap", dict(t=0.01), True, id="nearswap"),
 ]
 
 
@@ -372,8 +378,9 @@ def test_prepared_methods_merge_large_tensors_piece_by_piece_with_the_same_resul
                                                                                  method, params, exact):
     from weightshare.merge import streaming
 
-    models = [berts["a"], berts["b"]]
-    kwargs = dict(params) if method == "slerp" else dict(params, base=berts["base"])
+    spec = MERGE_METHODS[method]
+    models = [berts["a"]] if spec.models[1] == 1 else [berts["a"], berts["b"]]
+    kwargs = dict(params, base=berts["base"]) if spec.uses_base else dict(params)
     whole = ws.merge(models, method, **kwargs)
     reads = []
     read = streaming._Model.read

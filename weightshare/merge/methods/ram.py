@@ -32,19 +32,38 @@ def ram(tensors: list[torch.Tensor], base: torch.Tensor | None, *, name: str, ep
     return base + (tv / count.clamp(min=1)).sum(0).reshape(base.shape)
 
 
+def _lambdas(shared: torch.Tensor, unique: torch.Tensor, epsilon: float, r: float, alpha: float) -> torch.Tensor:
+    """λ_i = 1 + r · clamp(ρ_i, 0, alpha), ρ_i = shared_i / max(unique_i, epsilon), in float32 as mergekit."""
+    rho = (shared / unique.clamp(min=float(epsilon))).to(torch.float32)
+    return 1 + float(r) * rho.clamp(min=0, max=float(alpha))
+
+
+def _prepare_plus(read, numel: int, *, name: str, epsilon: float = 1e-5, r: float = 0.1, alpha: float = 0.2,
+                  **_) -> dict:
+    """Each model's counts of active entries at shared and at unique positions, gathered piece by piece:
+    then every position merges on its own, and the tensor streams."""
+    shared = unique = None
+    for models, base in read():
+        _, active, count = _active(models, base, float(epsilon))
+        s, u = (active & (count > 1)).sum(dim=1), (active & (count == 1)).sum(dim=1)
+        shared, unique = (s, u) if shared is None else (shared + s, unique + u)
+    return {"lam": _lambdas(shared, unique, epsilon, r, alpha)}
+
+
 @register_merge("ramplus_tl", source="arXiv:2601.13572 (RAM+); mergekit semantics (merge_methods/ram.py, ramplus_tl)",
                 needs_base=True, parameters=(EPSILON, Param("r", 0.1, rule=interval("[0, 1e3]")),
-                                             Param("alpha", 0.2, rule=interval("[0, 1e3]"))), models=(1, None))
+                                             Param("alpha", 0.2, rule=interval("[0, 1e3]"))), models=(1, None),
+                prepare=_prepare_plus)
 def ramplus_tl(tensors: list[torch.Tensor], base: torch.Tensor | None, *, name: str, epsilon: float = 1e-5,
-               r: float = 0.1, alpha: float = 0.2) -> torch.Tensor:
+               r: float = 0.1, alpha: float = 0.2, lam: torch.Tensor | None = None,
+               span: tuple[int, int] | None = None) -> torch.Tensor:
     """RAM with each model's unique entries scaled by λ_i = 1 + r · clamp(ρ_i, 0, alpha), ρ_i = (its active
     entries at positions others share) / max(its unique entries, epsilon), counted over this tensor
-    ("tensor-local"; the paper counts over the whole model).  λ is computed in float32 as mergekit does."""
+    ("tensor-local"; the paper counts over the whole model).  λ is computed in float32 as mergekit does.
+    ``lam`` (from ``_prepare_plus``, the whole tensor's) merges a large tensor piece by piece."""
     tv, active, count = _active(tensors, base, float(epsilon))
     overlap, unique = count > 1, count == 1
-    shared_i = (active & overlap).sum(dim=1)
-    unique_i = (active & unique).sum(dim=1)
-    rho = shared_i / unique_i.clamp(min=float(epsilon))
-    lam = (1 + float(r) * rho.clamp(min=0, max=float(alpha))).to(torch.float32)
+    if lam is None:
+        lam = _lambdas((active & overlap).sum(dim=1), (active & unique).sum(dim=1), epsilon, r, alpha)
     merged = (tv * unique * lam[:, None].to(tv.dtype) + tv * overlap / count.clamp(min=1)).sum(0)
     return base + merged.reshape(base.shape)
