@@ -196,10 +196,12 @@ def _merge(args) -> None:
         raise ValueError("merge: --out\n  expected: a new or empty directory for the merged model (or --dry-run)")
     if args.dry_run:
         print(json.dumps({k: v for k, v in kwargs.items() if v is not None}, indent=2, default=str))
-        _print_plan(merge(**kwargs, plan=True, strict=args.strict))
+        if "slices" not in kwargs:  # a frankenmerge's slices are checked when it runs
+            _print_plan(merge(**kwargs, plan=True, strict=args.strict))
         return
     merge_from_config(args.config, args.out, strict=args.strict)
-    print(f"merged model ({kwargs['method']}, {len(kwargs['models'])} models) written to {args.out}")
+    what = f"{len(kwargs['slices'])} slices" if "slices" in kwargs else f"{len(kwargs['models'])} models"
+    print(f"merged model ({kwargs['method']}, {what}) written to {args.out}")
 
 
 def _print_plan(plan: dict) -> None:

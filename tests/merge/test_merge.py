@@ -268,7 +268,8 @@ dtype: float8
     with pytest.raises(MergeError) as info:
         read_config(config)
     message = str(info.value)
-    for part in ("'slices'", "'tokenizer_source'", "models[0].parameters.weight", "models[0].parameters.colour",
+    for part in ("models and slices: a config has one or the other", "'tokenizer_source'",
+                 "models[0].parameters.weight", "models[0].parameters.colour",
                  "parameters.t", "float8"):
         assert part in message, part
     config.write_text("merge_method: frankenmerge\nmodels: [a]\n")

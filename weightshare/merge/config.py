@@ -26,7 +26,8 @@ layers and ``filter`` conditions on tensor names (``settings.py``)::
         - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}
         - {value: 0.5}
 
-Keys we do not support (``slices``, ``tokenizer_source``, ...) are refused by
+``slices`` (layer ranges of several models stacked: ``weightshare/merge/slices.py``) replace
+``models`` for a frankenmerge.  Keys we do not support (``tokenizer_source``, ...) are refused by
 name, never ignored.
 ``int8_mask`` only changes how mergekit stores masks in memory and is accepted.
 """
@@ -44,7 +45,7 @@ from weightshare.merge.streaming import OUT_DTYPES, MergeError, merge
 
 __all__ = ["read_config", "merge_from_config"]
 
-_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "int8_mask"}
+_TOP = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "int8_mask"}
 _RENAMED = {"lambda": "scale"}
 _STORAGE_ONLY = {"int8_mask"}  # no effect on the numbers
 _COUNTS = {2: "two", 3: "three"}  # a model count in words, as the messages say it
@@ -131,10 +132,15 @@ def read_config(path: str | os.PathLike) -> dict:
                 out[name] = value
         return out
 
+    if "slices" in raw and "models" in raw:
+        problems.append("models and slices: a config has one or the other")
+    elif "slices" in raw:  # a frankenmerge (slices.py): layer ranges stacked, merged slice by slice
+        return _read_slices(raw, path, method, problems, params_of)
     models = raw.get("models")
     entries = []
     if not isinstance(models, list) or not models:
-        problems.append("models: expected a non-empty list of {model: PATH, parameters: {...}}")
+        problems.append("models: expected a non-empty list of {model: PATH, parameters: {...}} "
+                        "(or slices: for a frankenmerge)")
         models = []
     for i, entry in enumerate(models):
         if isinstance(entry, str):
@@ -169,6 +175,54 @@ def read_config(path: str | os.PathLike) -> dict:
     return kwargs
 
 
+def _read_slices(raw: dict, path: Path, method, problems: list[str], params_of) -> dict:
+    """A config with ``slices`` (``weightshare/merge/slices.py``), as ``merge_slices`` keyword arguments."""
+    slices = raw["slices"]
+    if not isinstance(slices, list) or not slices:
+        problems.append("slices: expected a non-empty list of {sources: [{model: PATH, layer_range: [a, b]}]}")
+        slices = []
+    allowed = {**(method.params if method else {}), **(method.model_params if method else {})}
+    out = []
+    for i, sl in enumerate(slices):
+        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list):
+            problems.append(clip(f"slices[{i}]: expected {{sources: [{{model: PATH, layer_range: [a, b]}}]}}, "
+                                 f"got {sl!r}"))
+            continue
+        extra = [k for k in sl if k not in ("sources", "parameters", "base_model")]
+        if extra:
+            problems.append(f"slices[{i}]: unsupported keys {extra}")
+        sources = []
+        for j, src in enumerate(sl["sources"]):
+            if not isinstance(src, dict) or not isinstance(src.get("model"), str):
+                problems.append(clip(f"slices[{i}].sources[{j}]: expected {{model: PATH, layer_range: [a, b]}}, "
+                                     f"got {src!r}"))
+                continue
+            bad = [k for k in src if k not in ("model", "layer_range", "parameters")]
+            if bad:
+                problems.append(f"slices[{i}].sources[{j}]: unsupported keys {bad}")
+            sources.append({"model": src["model"], "layer_range": src.get("layer_range"),
+                            "parameters": params_of(src.get("parameters"), f"slices[{i}].sources[{j}].parameters",
+                                                    allowed)})
+        out.append({"sources": sources, "parameters": params_of(sl.get("parameters"), f"slices[{i}].parameters",
+                                                                allowed),
+                    **({"base_model": sl["base_model"]} if "base_model" in sl else {})})
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        problems.append(clip(f"base_model: expected a path, got {base!r}"))
+    dtype = raw.get("out_dtype", raw.get("dtype"))
+    if dtype is not None and dtype not in OUT_DTYPES:
+        problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
+    glob = params_of(raw.get("parameters"), "parameters", allowed)
+    if problems:
+        raise MergeError(f"{path}: {len(problems)} problem(s), nothing was read:\n  - " + "\n  - ".join(problems))
+    return {"slices": out, "method": raw["merge_method"], "base": base, "dtype": dtype, **glob}
+
+
 def merge_from_config(path: str | os.PathLike, out: str | os.PathLike, strict: bool = False) -> Path:
     """Run the merge a mergekit-style config describes, streaming the result to ``out`` (``strict``: see ``merge``)."""
-    return merge(**read_config(path), out=out, strict=strict)
+    kwargs = read_config(path)
+    if "slices" in kwargs:
+        from weightshare.merge.slices import merge_slices
+
+        return merge_slices(**kwargs, out=out, strict=strict)
+    return merge(**kwargs, out=out, strict=strict)

@@ -38,7 +38,7 @@ from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
 from weightshare.pack import is_packed
 
-__all__ = ["MergeError", "merge", "open_model"]
+__all__ = ["MergeError", "merge", "merged_stream", "model_view", "open_model", "state_dict_of", "write_model"]
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,10 @@ def _in_memory(label: str, state: dict) -> _Model:
 
 
 def open_model(source, label: str | None = None) -> _Model:
-    """An input of ``merge``: a model directory, a .safetensors file, a state dict or an nn.Module."""
+    """An input of ``merge``: a model directory, a .safetensors file, a state dict or an nn.Module (or one
+    already opened: a view of some of a model's layers, from ``slices``)."""
+    if isinstance(source, _Model):
+        return source
     if isinstance(source, torch.nn.Module):
         return _in_memory(label or type(source).__name__, source.state_dict())
     if isinstance(source, dict):
@@ -221,6 +224,52 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     config's gradients and filters give each tensor.  It reads headers only (and a packed
     input's stored data, to check its checksums), never writes.
     """
+    checked = _checked(models, method, base, weights, out, dtype, strict, params)
+    spec, ref, inputs, model_params, method_params, varying = checked[:6]
+    if plan:
+        if not spec.tensorwise:
+            raise MergeError(f"merge: plan: {method} works on whole models; its parameters do not vary by tensor")
+        return {k: {**method_params, **(varying[k] if varying else {})} for k, (_, dt) in ref.meta.items()
+                if dt.is_floating_point}
+    if not spec.tensorwise:
+        states = [{k: m.read(k) for k in ref.meta} for m in inputs]
+        return spec.fn(states, **{k: v for k, v in model_params.items()}, **params)
+    entries, tensors = _stream(method, checked, dtype)
+    if out is None:
+        return state_dict_of(entries, tensors)
+    with io.staged_dir(out) as tmp:
+        write_model(tmp, ref, entries, tensors)
+        _record(tmp, method, models, base, model_params, params, spec, dtype)
+    return Path(out)
+
+
+def state_dict_of(entries, tensors) -> dict:
+    """The merged tensors in memory: {name: tensor} from ``merged_stream``'s entries and tensors."""
+    return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, tensors)}
+
+
+def model_view(model: _Model, mapping: dict[str, str], label: str) -> _Model:
+    """Some of an opened model's tensors under other names (new name -> the model's name), read from it when
+    asked: a slice's layers renumbered (``slices``)."""
+    return _Model(label, {new: model.meta[old] for new, old in mapping.items()},
+                  lambda name, span=None: model._read(mapping[name], span), root=model.root,
+                  weights_subdir=model.weights_subdir, confine=model.confine)
+
+
+def merged_stream(models, method: str, base=None, weights=None, dtype: str | None = None, strict: bool = False,
+                  **params):
+    """``merge``'s checks, then (reference model, entries, tensors): the output's (name, shape, dtype) and the
+    merged tensors made lazily in that order, for a caller that writes them with others (``slices``)."""
+    checked = _checked(models, method, base, weights, None, dtype, strict, params)
+    if not checked[0].tensorwise:
+        raise MergeError(f"merge: {method} works on whole models in memory; it cannot merge slices")
+    entries, tensors = _stream(method, checked, dtype)
+    return checked[1], entries, tensors
+
+
+def _checked(models, method, base, weights, out, dtype, strict, params):
+    """Every check of ``merge`` (one MergeError with all problems), then what merging needs:
+    (spec, ref, inputs, model_params, method_params, varying, base_model)."""
     spec = get_method(method)
     if not isinstance(models, (list, tuple)) or not models:
         raise MergeError(f"merge: models\n  expected: a non-empty list of models\n  got: {type(models).__name__}")
@@ -249,27 +298,17 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
                          + "\n  - ".join(shown))
     method_params = {**{k: model_params.get(k, [d] * n) for k, d in spec.model_params.items()},
                      **{k: params.get(k, d) for k, d in spec.params.items()}}
-    if plan:
-        if not spec.tensorwise:
-            raise MergeError(f"merge: plan: {method} works on whole models; its parameters do not vary by tensor")
-        return {k: {**method_params, **(varying[k] if varying else {})} for k, (_, dt) in ref.meta.items()
-                if dt.is_floating_point}
-    if not spec.tensorwise:
-        states = [{k: m.read(k) for k in ref.meta} for m in inputs]
-        return spec.fn(states, **{k: v for k, v in model_params.items()}, **params)
+    return spec, ref, inputs, model_params, method_params, varying, base_model
 
+
+def _stream(method: str, checked, dtype: str | None):
+    spec, ref, inputs, _, method_params, varying, base_model = checked
     out_dtype = OUT_DTYPES.get(dtype)
     entries = [(k, shape, (out_dtype or dt) if dt.is_floating_point else dt) for k, (shape, dt) in ref.meta.items()]
-    tensors = _merged(method, spec, entries, ref, inputs, base_model, method_params, varying)
-    if out is None:
-        return {name: t.whole() if isinstance(t, _Pieces) else t.clone() for (name, _, _), t in zip(entries, tensors)}
-    with io.staged_dir(out) as tmp:
-        _write_model(tmp, ref, entries, tensors)
-        _record(tmp, method, models, base, model_params, params, spec, dtype)
-    return Path(out)
+    return entries, _merged(method, spec, entries, ref, inputs, base_model, method_params, varying)
 
 
-def _write_model(folder: Path, ref: _Model, entries: list, tensors) -> None:
+def write_model(folder: Path, ref: _Model, entries: list, tensors) -> None:
     """The merged model's directory: the reference's config and tokenizer files, and the tensors streamed in."""
     if ref.root is not None:
         from weightshare.hub import copy_non_weight_files, strip_packed_config
