@@ -58,17 +58,31 @@ def test_compress_keeps_the_dense_module_through_load_and_export(st_dense, tmp_p
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.9  # 4-bit encoder, same projection
 
 
-def test_merge_copies_an_equal_dense_module_and_refuses_differing_ones(st_dense, tmp_path):
+def test_merge_merges_the_dense_module_with_the_method_and_refuses_another_pooling(st_dense, tmp_path):
+    import json
+    import shutil
+
     from sentence_transformers import SentenceTransformer
 
     (a, pa), (_, pb), (_, pc) = st_dense["a"], st_dense["b"], st_dense["c"]
-    out = ws.merge([pa, pb], "linear", out=tmp_path / "merged")
+    out = ws.merge([pa, pb], "linear", out=tmp_path / "merged")  # the same Dense twice: the same pipeline
     merged = SentenceTransformer(str(out), device="cpu")
     torch.testing.assert_close(merged.encode(SENTENCES, convert_to_tensor=True),
                                a.encode(SENTENCES, convert_to_tensor=True), rtol=0, atol=1e-5)
-    assert (load_file(out / "2_Dense" / "model.safetensors").keys()
-            == load_file(pa / "2_Dense" / "model.safetensors").keys())
-    with pytest.raises(MergeError, match=r"c: sentence-transformers module weights \['2_Dense/model.safetensors'\] "
-                                         r"differ from those of .*a; merge merges the Transformer's weights"):
-        ws.merge([pa, pc], "linear", out=tmp_path / "refused")
+    # two Dense projections: merged by the method (here weighted linear), as the Transformer is (mergekit #286)
+    out = ws.merge([pa, pc], "linear", weights=[1.0, 3.0], out=tmp_path / "dense-merged")
+    da, dc, got = (load_file(p / "2_Dense" / "model.safetensors") for p in (pa, pc, out))
+    assert got.keys() == da.keys()
+    for k in da:
+        torch.testing.assert_close(got[k], (da[k] + 3 * dc[k]) / 4, rtol=0, atol=1e-6)
+    assert SentenceTransformer(str(out), device="cpu").encode(SENTENCES, convert_to_tensor=True).shape == (3, 8)
+    # another pooling: refused by name, nothing written
+    other = tmp_path / "other-pooling"
+    shutil.copytree(pc, other)
+    pooling = json.loads((other / "1_Pooling" / "config.json").read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    (other / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    with pytest.raises(MergeError, match=r"other-pooling: sentence-transformers module settings "
+                                         r"\['1_Pooling/config.json'\] differ from those of .*a \(a Pooling mode"):
+        ws.merge([pa, other], "linear", out=tmp_path / "refused")
     assert not (tmp_path / "refused").exists()

@@ -284,6 +284,25 @@ def side_module_weights(path: str | os.PathLike) -> list[Path]:
     return found
 
 
+def side_module_settings(path: str | os.PathLike) -> list[Path]:
+    """The files of a sentence-transformers model's modules other than its Transformer that are not weights
+    (``1_Pooling/config.json``, a Dense's ``config.json``), relative to ``path``: what makes two pipelines
+    pool and project alike.  None for a transformers model."""
+    p = Path(path)
+    try:
+        entries = json.loads((p / "modules.json").read_text())
+        folders = [e["path"] for e in entries if e["type"].rsplit(".", 1)[-1] != "Transformer" and e["path"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    found = []
+    for folder in folders:
+        sub = p / check_relpath(folder, f"{p / 'modules.json'}: module path")
+        if sub.is_dir() and not sub.is_symlink():
+            found += sorted(f.relative_to(p) for f in sub.iterdir()
+                            if f.is_file() and f.suffix not in (".safetensors", ".bin") and not f.name.startswith("."))
+    return found
+
+
 def copy_non_weight_files(src: str | os.PathLike, dest: str | os.PathLike, confine: bool = False) -> None:
     """Copy config, tokenizer and module files (everything but the model's weights and shard indices)
     into ``dest``; a sentence-transformers model's other modules keep their weights (``side_module_weights``).

@@ -169,28 +169,52 @@ def _per_model(value, n: int):
 
 
 def _side_module_problems(ref: _Model, others: list[_Model]) -> list[str]:
-    """A sentence-transformers model's modules besides its Transformer (a Dense projection) are
-    copied from the reference, not merged: inputs whose copies differ are refused, never
-    silently given the reference's."""
+    """A sentence-transformers model's modules besides its Transformer (a Dense projection) are merged with
+    the same method, file by file (``_merge_side_modules``): every input must have the same ones, and the
+    modules' own settings (Pooling's mode, Dense's sizes and activation) must agree: a pipeline that pools
+    differently is another model, refused by name, never given the reference's silently."""
     import hashlib
 
-    from weightshare.hub import side_module_weights
+    from weightshare.hub import side_module_settings, side_module_weights
 
-    def digests(root):
-        return {str(f): hashlib.sha256((root / f).read_bytes()).hexdigest() for f in side_module_weights(root)}
-
-    want = digests(ref.root)
+    if ref.root is None:
+        return []
+    want_weights = {str(f) for f in side_module_weights(ref.root)}
+    want = {str(f): hashlib.sha256((ref.root / f).read_bytes()).hexdigest() for f in side_module_settings(ref.root)}
     problems = []
     for m in others:
         if m.root is None:
+            if want_weights:
+                problems.append(f"{m.label}: has no sentence-transformers modules, {ref.label} has "
+                                f"{sorted(want_weights)}: give every input the whole pipeline")
             continue
-        got = digests(m.root)
+        weights = {str(f) for f in side_module_weights(m.root)}
+        if weights != want_weights:
+            problems.append(f"{m.label}: sentence-transformers module weights {sorted(weights)}, but {ref.label} "
+                            f"has {sorted(want_weights)}: the pipelines differ")
+        got = {str(f): hashlib.sha256((m.root / f).read_bytes()).hexdigest() for f in side_module_settings(m.root)}
         differ = sorted(f for f in set(want) | set(got) if want.get(f) != got.get(f))
         if differ:
-            problems.append(f"{m.label}: sentence-transformers module weights {differ} differ from those of "
-                            f"{ref.label}; merge merges the Transformer's weights and copies the other modules: "
-                            "give every input the same ones")
+            problems.append(f"{m.label}: sentence-transformers module settings {differ} differ from those of "
+                            f"{ref.label} (a Pooling mode, a Dense size or activation): pipelines that pool or "
+                            "project differently cannot be merged")
     return problems
+
+
+def _merge_side_modules(folder: Path, ref: _Model, inputs: list[_Model], base_model: _Model | None, method: str,
+                        model_params: dict, params: dict, dtype: str | None) -> None:
+    """Each sentence-transformers module file besides the Transformer's (a Dense projection), merged across
+    the inputs as their Transformer weights were, written over the reference's copy."""
+    from weightshare.hub import side_module_weights
+
+    if ref.root is None:
+        return
+    per_model = {("weights" if k == "weight" else k): v for k, v in model_params.items()}
+    for rel in side_module_weights(ref.root):
+        models = [m.root / rel for m in inputs]
+        base = base_model.root / rel if base_model is not None else None
+        _, entries, tensors = merged_stream(models, method, base=base, dtype=dtype, **per_model, **params)
+        write_safetensors(folder / rel, entries, tensors, metadata={"format": "pt"})
 
 
 def merge(models, method: str = "linear", base=None, weights=None, out: str | os.PathLike | None = None,
@@ -239,6 +263,8 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
         return state_dict_of(entries, tensors)
     with io.staged_dir(out) as tmp:
         write_model(tmp, ref, entries, tensors)
+        _merge_side_modules(tmp, ref, inputs, checked[6], method,
+                            model_params, params, dtype)
         _record(tmp, method, models, base, model_params, params, spec, dtype)
     return Path(out)
 
