@@ -258,7 +258,7 @@ def test_mergekit_yaml_problems_are_named_all_at_once(tmp_path):
     config.write_text("""
 merge_method: ties
 slices: []
-tokenizer_source: base
+chat_template: auto
 models:
   - model: a
     parameters: {weight: [0.1, x], colour: 1}
@@ -268,7 +268,7 @@ dtype: float8
     with pytest.raises(MergeError) as info:
         read_config(config)
     message = str(info.value)
-    for part in ("models and slices: a config has one or the other", "'tokenizer_source'",
+    for part in ("models and slices: a config has one or the other", "'chat_template'",
                  "models[0].parameters.weight", "models[0].parameters.colour",
                  "parameters.t", "float8"):
         assert part in message, part

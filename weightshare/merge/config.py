@@ -27,8 +27,9 @@ layers and ``filter`` conditions on tensor names (``settings.py``)::
         - {value: 0.5}
 
 ``slices`` (layer ranges of several models stacked: ``weightshare/merge/slices.py``) replace
-``models`` for a frankenmerge.  Keys we do not support (``tokenizer_source``, ...) are refused by
-name, never ignored.
+``models`` for a frankenmerge; ``tokenizer_source`` (``base``, ``union`` or a model) merges models
+whose vocabularies differ (``weightshare/merge/tokenizer.py``).  Keys we do not support are refused
+by name, never ignored.
 ``int8_mask`` only changes how mergekit stores masks in memory and is accepted.
 """
 
@@ -45,7 +46,8 @@ from weightshare.merge.streaming import OUT_DTYPES, MergeError, merge
 
 __all__ = ["read_config", "merge_from_config"]
 
-_TOP = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "int8_mask"}
+_TOP = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "int8_mask",
+        "tokenizer_source"}
 _RENAMED = {"lambda": "scale"}
 _STORAGE_ONLY = {"int8_mask"}  # no effect on the numbers
 _COUNTS = {2: "two", 3: "three"}  # a model count in words, as the messages say it
@@ -162,9 +164,13 @@ def read_config(path: str | os.PathLike) -> dict:
     if dtype is not None and dtype not in OUT_DTYPES:
         problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
     base, entries = _place_base(method, base, entries, problems)
+    tokenizer_source = raw.get("tokenizer_source")
+    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
+        problems.append(clip(f"tokenizer_source: expected base, union or a model's path, got {tokenizer_source!r}"))
     if problems:
         raise MergeError(f"{path}: {len(problems)} problem(s), nothing was read:\n  - " + "\n  - ".join(problems))
-    kwargs: dict = {"models": [m for m, _ in entries], "method": method_name, "base": base, "dtype": dtype}
+    kwargs: dict = {"models": [m for m, _ in entries], "method": method_name, "base": base, "dtype": dtype,
+                    **({"tokenizer_source": tokenizer_source} if tokenizer_source is not None else {})}
     # a per-model parameter given globally applies to every model that does not set its own
     for key in method.model_params:
         values = [_fall_back(per.get(key), glob.get(key)) for _, per in entries]

@@ -38,7 +38,8 @@ from weightshare.merge import settings
 from weightshare.merge.registry import check_params, get_method, row_length
 from weightshare.pack import is_packed
 
-__all__ = ["MergeError", "merge", "merged_stream", "model_view", "open_model", "state_dict_of", "write_model"]
+__all__ = ["MergeError", "derived_model", "merge", "merged_stream", "model_view", "open_model", "state_dict_of",
+           "write_model"]
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,8 @@ def _merge_side_modules(folder: Path, ref: _Model, inputs: list[_Model], base_mo
 
 
 def merge(models, method: str = "linear", base=None, weights=None, out: str | os.PathLike | None = None,
-          dtype: str | None = None, plan: bool = False, strict: bool = False, **params):
+          dtype: str | None = None, plan: bool = False, strict: bool = False, tokenizer_source: str | None = None,
+          **params):
     """Merge ``models`` with ``method`` (a name in ``weightshare.merge.MERGE_METHODS``).
 
     ``models``: a list of model directories (Hugging Face or sentence-transformers, sharded
@@ -248,6 +250,15 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
     config's gradients and filters give each tensor.  It reads headers only (and a packed
     input's stored data, to check its checksums), never writes.
     """
+    tokenizer, given = None, (models, base)
+    if tokenizer_source is not None:  # every model's embedding rows put in one vocabulary first (tokenizer.py)
+        from weightshare.merge.tokenizer import remap_vocabularies
+
+        opened, problems = _open_all(models, base)
+        if problems:
+            raise MergeError("merge: " + "; ".join(problems))
+        models, base, tokenizer = remap_vocabularies(opened[:len(models)], opened[len(models)] if base is not None
+                                                     else None, tokenizer_source)
     checked = _checked(models, method, base, weights, out, dtype, strict, params)
     spec, ref, inputs, model_params, method_params, varying = checked[:6]
     if plan:
@@ -265,7 +276,13 @@ def merge(models, method: str = "linear", base=None, weights=None, out: str | os
         write_model(tmp, ref, entries, tensors)
         _merge_side_modules(tmp, ref, inputs, checked[6], method,
                             model_params, params, dtype)
-        _record(tmp, method, models, base, model_params, params, spec, dtype)
+        _record(tmp, method, *given, model_params, params, spec, dtype)
+        if tokenizer is not None:
+            from weightshare.merge.tokenizer import write_tokenizer
+
+            write_tokenizer(tmp, ref.weights_subdir, tokenizer)
+            with open(tmp / "mergekit_config.yml", "a") as f:
+                f.write(f"tokenizer_source: {json.dumps(str(tokenizer_source))}\n")
     return Path(out)
 
 
@@ -280,6 +297,12 @@ def model_view(model: _Model, mapping: dict[str, str], label: str) -> _Model:
     return _Model(label, {new: model.meta[old] for new, old in mapping.items()},
                   lambda name, span=None: model._read(mapping[name], span), root=model.root,
                   weights_subdir=model.weights_subdir, confine=model.confine)
+
+
+def derived_model(like: _Model, meta: dict, read, label: str) -> _Model:
+    """A model whose tensors (``meta``: name -> (shape, dtype)) come from ``read(name, span)``, with the
+    files of ``like`` (config, tokenizer): a model seen through a change, such as a remapped vocabulary."""
+    return _Model(label, meta, read, root=like.root, weights_subdir=like.weights_subdir, confine=like.confine)
 
 
 def merged_stream(models, method: str, base=None, weights=None, dtype: str | None = None, strict: bool = False,
