@@ -153,3 +153,18 @@ def test_a_slice_base_must_be_one_of_its_sources(berts, tmp_path):  # noqa: F811
         merge_slices([{"sources": [{"model": str(berts["a"]), "layer_range": [0, 2]},
                                    {"model": str(berts["b"]), "layer_range": [0, 2]}]}],
                      "ties", base=str(berts["base"]), density=0.5)
+
+
+def test_a_malformed_slices_config_names_every_field_at_once(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(json.dumps({"merge_method": "passthrough", "slices": [
+        {"sources": "./a"},
+        {"sources": [{"model": 3, "layer_range": [0, 1]}, {"model": "./a", "layer_range": [0, 1], "colour": 1}],
+         "residual": 0.5}]}))
+    with pytest.raises(MergeError) as exc:
+        read_config(config)
+    text = str(exc.value)
+    for part in ("slices[0]: expected {sources: [{model: PATH, layer_range: [a, b]}]}, got {'sources': './a'}",
+                 "slices[1]: unsupported keys ['residual']", "slices[1].sources[0]: expected {model: PATH",
+                 "slices[1].sources[1]: unsupported keys ['colour']"):
+        assert part in text, part

@@ -157,12 +157,7 @@ def read_config(path: str | os.PathLike) -> dict:
         entries.append((entry["model"], per))
     glob = params_of(raw.get("parameters"), "parameters", {**(method.params if method else {}),
                                                               **(method.model_params if method else {})})
-    base = raw.get("base_model")
-    if base is not None and not isinstance(base, str):
-        problems.append(clip(f"base_model: expected a path, got {base!r}"))
-    dtype = raw.get("out_dtype", raw.get("dtype"))
-    if dtype is not None and dtype not in OUT_DTYPES:
-        problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
+    base, dtype = _base_and_dtype(raw, problems)
     base, entries = _place_base(method, base, entries, problems)
     tokenizer_source = raw.get("tokenizer_source")
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
@@ -181,6 +176,30 @@ def read_config(path: str | os.PathLike) -> dict:
     return kwargs
 
 
+def _base_and_dtype(raw: dict, problems: list[str]) -> tuple:
+    """The config's ``base_model`` and output dtype (``out_dtype``, else ``dtype``), each checked."""
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        problems.append(clip(f"base_model: expected a path, got {base!r}"))
+    dtype = raw.get("out_dtype", raw.get("dtype"))
+    if dtype is not None and dtype not in OUT_DTYPES:
+        problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
+    return base, dtype
+
+
+def _entry(value, where: str, keys: tuple[str, ...], shape: str, problems: list[str]) -> bool:
+    """Whether a slice or source entry is a mapping with its first key (``sources``, ``model``) of the right
+    kind; its unknown keys are problems, named."""
+    first = value.get(keys[0]) if isinstance(value, dict) else None
+    if not (isinstance(first, list) if keys[0] == "sources" else isinstance(first, str)):
+        problems.append(clip(f"{where}: expected {shape}, got {value!r}"))
+        return False
+    extra = [k for k in value if k not in keys]
+    if extra:
+        problems.append(f"{where}: unsupported keys {extra}")
+    return True
+
+
 def _read_slices(raw: dict, path: Path, method, problems: list[str], params_of) -> dict:
     """A config with ``slices`` (``weightshare/merge/slices.py``), as ``merge_slices`` keyword arguments."""
     slices = raw["slices"]
@@ -189,35 +208,23 @@ def _read_slices(raw: dict, path: Path, method, problems: list[str], params_of) 
         slices = []
     allowed = {**(method.params if method else {}), **(method.model_params if method else {})}
     out = []
+    source_shape = "{model: PATH, layer_range: [a, b]}"
     for i, sl in enumerate(slices):
-        if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list):
-            problems.append(clip(f"slices[{i}]: expected {{sources: [{{model: PATH, layer_range: [a, b]}}]}}, "
-                                 f"got {sl!r}"))
+        if not _entry(sl, f"slices[{i}]", ("sources", "parameters", "base_model"), f"{{sources: [{source_shape}]}}",
+                      problems):
             continue
-        extra = [k for k in sl if k not in ("sources", "parameters", "base_model")]
-        if extra:
-            problems.append(f"slices[{i}]: unsupported keys {extra}")
         sources = []
         for j, src in enumerate(sl["sources"]):
-            if not isinstance(src, dict) or not isinstance(src.get("model"), str):
-                problems.append(clip(f"slices[{i}].sources[{j}]: expected {{model: PATH, layer_range: [a, b]}}, "
-                                     f"got {src!r}"))
+            if not _entry(src, f"slices[{i}].sources[{j}]", ("model", "layer_range", "parameters"), source_shape,
+                          problems):
                 continue
-            bad = [k for k in src if k not in ("model", "layer_range", "parameters")]
-            if bad:
-                problems.append(f"slices[{i}].sources[{j}]: unsupported keys {bad}")
             sources.append({"model": src["model"], "layer_range": src.get("layer_range"),
                             "parameters": params_of(src.get("parameters"), f"slices[{i}].sources[{j}].parameters",
                                                     allowed)})
         out.append({"sources": sources, "parameters": params_of(sl.get("parameters"), f"slices[{i}].parameters",
                                                                 allowed),
                     **({"base_model": sl["base_model"]} if "base_model" in sl else {})})
-    base = raw.get("base_model")
-    if base is not None and not isinstance(base, str):
-        problems.append(clip(f"base_model: expected a path, got {base!r}"))
-    dtype = raw.get("out_dtype", raw.get("dtype"))
-    if dtype is not None and dtype not in OUT_DTYPES:
-        problems.append(f"dtype: {dtype!r}, expected one of {', '.join(OUT_DTYPES)}")
+    base, dtype = _base_and_dtype(raw, problems)
     glob = params_of(raw.get("parameters"), "parameters", allowed)
     if problems:
         raise MergeError(f"{path}: {len(problems)} problem(s), nothing was read:\n  - " + "\n  - ".join(problems))
