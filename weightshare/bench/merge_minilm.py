@@ -69,7 +69,8 @@ SCALES, QUICK_SCALES = (1.0, 1.5, 2.0), (1.0,)  # λ tried where a method has on
 FIXED = {"ties": {"density": DENSITY}, "dare_linear": {"density": DENSITY}, "dare_ties": {"density": DENSITY},
          "breadcrumbs": {"density": DENSITY}, "breadcrumbs_ties": {"density": DENSITY},  # and mergekit's gamma 0.01
          "della": {"density": DENSITY}, "della_linear": {"density": DENSITY},  # and mergekit's epsilon 0.15
-         "slerp": {"t": 0.5}}
+         "slerp": {"t": 0.5},
+         "nuslerp": {"weight": 1.0}, "multislerp": {"weight": 1.0}}  # equal weights (mergekit requires them)
 BOOTSTRAP = 1000
 
 _PEAK = """
@@ -84,7 +85,7 @@ base = rss('VmRSS:')
 ws.set_progress(False)
 a, b, base_path, out, method, params = sys.argv[1:]
 spec = MERGE_METHODS[method]
-ws.merge([a, b], method, base=base_path if spec.needs_base else None, out=out, **json.loads(params))
+ws.merge([a, b], method, base=base_path if spec.uses_base else None, out=out, **json.loads(params))
 print(json.dumps({'baseline': base, 'peak': rss('VmHWM:')}))
 """
 
@@ -189,6 +190,12 @@ def _probe(emb, y, train_idx, test_idx):
     return clf.predict(e[test_idx]) == y[test_idx]
 
 
+def merges_two(spec) -> bool:
+    """Whether a method merges two fine-tunes (the bench's case): not one applied to a single model against
+    its base (nearswap, arcee_fusion) or passed through (passthrough)."""
+    return spec.models[1] is None or spec.models[1] >= 2
+
+
 def configs(method: str, quick: bool = False) -> list[dict]:
     """The parameter sets a method is merged with: each scale, where it has one."""
     from weightshare.merge import MERGE_METHODS
@@ -251,8 +258,8 @@ def main(quick: bool = False) -> dict:
              for tr, te in StratifiedKFold(QUICK_FOLDS if quick else FOLDS, shuffle=True,
                                            random_state=0).split(sentences, labels["package"])]
     cfg = TrainConfig(epochs=QUICK_EPOCHS if quick else EPOCHS, batch_size=BATCH, lr=LR, seed=0)
-    methods = [m for m, spec in sorted(MERGE_METHODS.items())
-               if spec.tensorwise and (not quick or m in QUICK_METHODS)]  # greedy soup: see bench soups
+    methods = [m for m, spec in sorted(MERGE_METHODS.items())  # greedy soup: see bench soups
+               if spec.tensorwise and merges_two(spec) and (not quick or m in QUICK_METHODS)]
     grid = {m: configs(m, quick) for m in methods}
     if quick:  # one fold's models score its half of the sentences; λ is then chosen on that fold itself
         folds = folds[:1]
@@ -310,7 +317,7 @@ def main(quick: bool = False) -> dict:
             for method in methods:
                 spec = MERGE_METHODS[method]
                 for i, params in enumerate(grid[method]):
-                    out = ws.merge([dirs[t] for t in tasks], method, base=base_path if spec.needs_base else None,
+                    out = ws.merge([dirs[t] for t in tasks], method, base=base_path if spec.uses_base else None,
                                    out=tmp / f"fold{f}-{method}-{i}", **params)
                     score(out, (method, i))
                     shutil.rmtree(out)
@@ -397,7 +404,7 @@ def main(quick: bool = False) -> dict:
             f"{t} {ceilings['multitask']['kept'][v][t]:.0%}" for t in tasks))
     for m, mem in memory.items():
         above = mem["peak"] - mem["baseline"]
-        print(f"peak memory, {m} merge of two checkpoints{' and the base' if MERGE_METHODS[m].needs_base else ''}: "
+        print(f"peak memory, {m} merge of two checkpoints{' and the base' if MERGE_METHODS[m].uses_base else ''}: "
               f"{above / 2**20:.1f} MiB above the baseline ({mem['baseline'] / 2**20:.0f} MiB after imports) = "
               f"{above / checkpoint:.2f}x one checkpoint ({checkpoint / 2**20:.1f} MiB; target < 1.5x)")
     return {"tasks": tasks, "sentences": n, "folds": len(folds),
