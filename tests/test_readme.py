@@ -65,8 +65,9 @@ def test_readme_commands_run_as_written(tmp_path):
     assert len(blocks) >= 3 and blocks[0].startswith("source .venv/bin/activate")
     venv = Path(sys.prefix)  # the venv running the tests, where the README's .venv would be
     (tmp_path / ".venv").symlink_to(venv)
-    for name, key in (("merge.yaml", "merge_method:"), ("cotrain.yaml", "workers:")):
-        (config,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if key in b]
+    # merge.yaml is the README's config with models (its frankenmerge example has slices instead)
+    for name, keys in (("merge.yaml", ("merge_method:", "\nmodels:")), ("cotrain.yaml", ("workers:",))):
+        (config,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if all(k in b for k in keys)]
         (tmp_path / name).write_text(config)
     _tiny_llama(tmp_path / "ft-a", 0)  # the user's two fine-tunes in the README's merge.yaml
     _tiny_llama(tmp_path / "ft-b", 1)
