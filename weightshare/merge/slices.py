@@ -107,7 +107,7 @@ def merge_slices(slices, method: str = "passthrough", base=None, out: str | os.P
                 opened[key] = None
         return opened[key]
 
-    plan = []  # per slice: (sources [(model, a, b, parameters)], slice parameters, base path)
+    plan = []  # per slice: ([(model, first, end, own parameters, field, path)], slice parameters, base, field)
     for i, sl in enumerate(slices):
         where = f"slices[{i}]"
         sources = sl.get("sources") if isinstance(sl, dict) else None
