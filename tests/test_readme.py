@@ -31,14 +31,25 @@ def test_readme_merge_config_is_read_as_mergekit_reads_it(tmp_path):
     from weightshare.merge.config import read_config
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    (config,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "merge_method:" in b]
-    (tmp_path / "merge.yaml").write_text(config)
+    (tmp_path / "merge.yaml").write_text(yaml_block(text, "merge_method:", "\nmodels:"))
     kwargs = read_config(tmp_path / "merge.yaml")  # checked without opening a model
     assert kwargs["models"] == ["./ft-a", "./ft-b"] and kwargs["dtype"] == "bfloat16"
     t = kwargs["t"]  # at layer 1 of 5 (t = 0.25): attention 0.5, mlp 0.5; a norm outside the stack: 0.5
     assert settings.resolve(t, "model.layers.1.self_attn.q_proj.weight", 0.25) == 0.5
     assert settings.resolve(t, "model.layers.2.mlp.up_proj.weight", 0.5) == 0.7
     assert settings.resolve(t, "model.norm.weight", 0.0) == 0.5
+    # the frankenmerge example: two slices of the same two fine-tunes
+    (tmp_path / "franken.yaml").write_text(yaml_block(text, "merge_method:", "\nslices:"))
+    kwargs = read_config(tmp_path / "franken.yaml")
+    assert kwargs["method"] == "passthrough"
+    assert [(s["sources"][0]["model"], s["sources"][0]["layer_range"]) for s in kwargs["slices"]] == [
+        ("./ft-a", [0, 2]), ("./ft-b", [1, 2])]
+
+
+def yaml_block(text: str, *keys: str) -> str:
+    """The README's one ```yaml block holding every key."""
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if all(k in b for k in keys)]
+    return block
 
 
 def _tiny_llama(path, seed):
@@ -67,8 +78,7 @@ def test_readme_commands_run_as_written(tmp_path):
     (tmp_path / ".venv").symlink_to(venv)
     # merge.yaml is the README's config with models (its frankenmerge example has slices instead)
     for name, keys in (("merge.yaml", ("merge_method:", "\nmodels:")), ("cotrain.yaml", ("workers:",))):
-        (config,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if all(k in b for k in keys)]
-        (tmp_path / name).write_text(config)
+        (tmp_path / name).write_text(yaml_block(text, *keys))
     _tiny_llama(tmp_path / "ft-a", 0)  # the user's two fine-tunes in the README's merge.yaml
     _tiny_llama(tmp_path / "ft-b", 1)
     script = "set -euo pipefail\n" + "\n".join(blocks)
