@@ -134,8 +134,8 @@ def leaves(value) -> Iterator[Any]:
             yield from leaves(cond.get("value"))
 
 
-def layer_positions(names) -> dict[str, float]:
-    """Each tensor's depth in [0, 1]: its layer's place in the stack, 0 outside it (see the module)."""
+def _numbered(names) -> tuple[dict[str, set[int]], dict[str, tuple[str, int]]]:
+    """(prefix -> the integers after it, name -> (prefix, its integer)): each name's first numbered part."""
     numbered: dict[str, set[int]] = defaultdict(set)
     where = {}
     for name in names:
@@ -146,9 +146,22 @@ def layer_positions(names) -> dict[str, float]:
                 numbered[prefix].add(int(part))
                 where[name] = (prefix, int(part))
                 break
+    return numbered, where
+
+
+def layer_stack(names) -> str | None:
+    """The layer stack's prefix: the one before the most distinct integers (``encoder.layer``, ``model.layers``,
+    ``""`` in an ``nn.Sequential``); None when no name is numbered."""
+    numbered, _ = _numbered(names)
+    return max(sorted(numbered), key=lambda p: len(numbered[p])) if numbered else None
+
+
+def layer_positions(names) -> dict[str, float]:
+    """Each tensor's depth in [0, 1]: its layer's place in the stack, 0 outside it (see the module)."""
+    numbered, where = _numbered(names)
     if not numbered:
         return {name: 0.0 for name in names}
-    stack = max(sorted(numbered), key=lambda p: len(numbered[p]))
+    stack = layer_stack(names)
     last = max(numbered[stack])
     out = {}
     for name in names:

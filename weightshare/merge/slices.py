@@ -28,11 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import defaultdict
 from itertools import chain
 from pathlib import Path
 
 from weightshare import io
+from weightshare.merge.settings import layer_stack
 from weightshare.merge.streaming import MergeError, merged_stream, model_view, open_model, state_dict_of, write_model
 
 __all__ = ["merge_slices", "is_after_stack"]
@@ -46,19 +46,6 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 def is_after_stack(name: str) -> bool:
     """Whether a tensor outside the layer stack comes after it (the final norm, LM head, pooler)."""
     return any(part in _AFTER for part in name.split(".")[:-1])
-
-
-def _stack(names) -> str | None:
-    """The layer stack's prefix: the one before the most distinct integers (``encoder.layer``, ``model.layers``),
-    the rule ``settings.layer_positions`` uses."""
-    numbered: dict[str, set[int]] = defaultdict(set)
-    for name in names:
-        parts = name.split(".")
-        for k, part in enumerate(parts[:-1]):
-            if part.isdigit():
-                numbered[".".join(parts[:k])].add(int(part))
-                break
-    return max(sorted(numbered), key=lambda p: len(numbered[p])) if numbered else None
 
 
 def _layer(name: str, prefix: str) -> tuple[int, str] | None:
@@ -139,7 +126,7 @@ def merge_slices(slices, method: str = "passthrough", base=None, out: str | os.P
             if m is None:
                 continue
             if id(m) not in stacks:
-                prefix = _stack(m.meta)
+                prefix = layer_stack(m.meta)
                 count = 1 + max((lay[0] for n in m.meta if prefix is not None and (lay := _layer(n, prefix))),
                                 default=-1)
                 stacks[id(m)] = (prefix, count)
@@ -151,7 +138,8 @@ def merge_slices(slices, method: str = "passthrough", base=None, out: str | os.P
                 problems.append(f"{at}.layer_range: [{a}, {b}] is outside {path}'s layers [0, {count}) "
                                 "(the end is excluded)")
             lengths.add(b - a)
-            size = _config(m).get("hidden_size", _config(m).get("n_embd"))
+            config = _config(m)
+            size = config.get("hidden_size", config.get("n_embd"))
             if size is not None:
                 if hidden is None:
                     hidden = (size, at)

@@ -72,16 +72,17 @@ def remap_vocabularies(models: list, base, source: str):
     matrices have the output vocabulary's rows, and the tokenizer to save with the merge."""
     everyone = [*models, *([base] if base is not None else [])]
     donor = base if base is not None else models[0]
+    sizes = [_vocab_size(m) for m in everyone]  # each model's config read once
+    own = [_vocab(_tokenizer(m, "a model"), size) for m, size in zip(everyone, sizes)]  # token -> row
     if source == "base":
         out = _tokenizer(donor, "the base model" if base is not None else "the first model")
     elif source == "union":
         out = _tokenizer(donor, "the base model" if base is not None else "the first model")
         have = set(out.get_vocab())
-        for m in models:
+        for k, m in enumerate(models):
             if m is donor:
                 continue
-            tok = _tokenizer(m, "a model")
-            new = [t for t, _ in sorted(_vocab(tok, _vocab_size(m)).items(), key=lambda kv: kv[1]) if t not in have]
+            new = [t for t, _ in sorted(own[k].items(), key=lambda kv: kv[1]) if t not in have]
             if new:
                 out.add_tokens(new)
                 have.update(new)
@@ -95,13 +96,12 @@ def remap_vocabularies(models: list, base, source: str):
     if sorted(vocab.values()) != list(range(size)):
         raise MergeError("tokenizer_source: the output tokenizer's ids are not 0 .. n-1; its vocabulary cannot "
                          "index an embedding matrix")
-    own = [_vocab(_tokenizer(m, "a model"), _vocab_size(m)) for m in everyone]
     base_index = len(models) if base is not None else None
     cache: dict[str, list[torch.Tensor]] = {}
 
-    def is_embedding(m, name: str) -> bool:
-        shape, dt = m.meta[name]
-        rows = _vocab_size(m)
+    def is_embedding(k: int, name: str) -> bool:
+        shape, dt = everyone[k].meta[name]
+        rows = sizes[k]
         return (dt.is_floating_point and len(shape) == 2 and any(w in name for w in _EMBED_WORDS)
                 and rows is not None and shape[0] == rows)
 
@@ -137,7 +137,7 @@ def remap_vocabularies(models: list, base, source: str):
 
     views = []
     for k, m in enumerate(everyone):
-        embeds = {n for n in m.meta if is_embedding(m, n)}
+        embeds = {n for n in m.meta if is_embedding(k, n)}
         meta = {n: ((size, m.meta[n][0][1]), m.meta[n][1]) if n in embeds else m.meta[n] for n in m.meta}
 
         def read(name, span=None, m=m, k=k, embeds=embeds):
@@ -147,7 +147,7 @@ def remap_vocabularies(models: list, base, source: str):
             return t if span is None else t.reshape(-1)[span[0]:span[1]]
 
         views.append(derived_model(m, meta, read, f"{m.label} (vocabulary remapped)"))
-    if not any(is_embedding(m, n) for m in everyone for n in m.meta):
+    if not any(is_embedding(k, n) for k, m in enumerate(everyone) for n in m.meta):
         raise MergeError("tokenizer_source: no embedding matrix found to remap (a 2-D tensor with one row per "
                          "token of the model's vocab_size, named embed..., wte, word_embeddings, lm_head)")
     return views[:len(models)], (views[len(models)] if base is not None else None), out
