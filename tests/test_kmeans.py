@@ -245,7 +245,7 @@ def test_rows_label_dtype_must_hold_every_label():
 
 
 # --- every code path of the solver (WEIGHTSHARE_KMEANS), against the full DP and against each other ---
-from weightshare.kmeans import PATH_ENV, simd_path, simd_paths  # noqa: E402
+from weightshare.kmeans import PATH_ENV, price_passes, simd_path, simd_paths  # noqa: E402
 
 
 @pytest.fixture(params=simd_paths())
@@ -258,7 +258,7 @@ def kmeans_path(request, monkeypatch):
 
 @pytest.mark.parametrize("n", [384, 1536])
 def test_rows_of_distinct_values_match_full_dp_on_every_path(kmeans_path, n):
-    # distinct values with unit weights are the rows the AVX2 path solves breadth-first
+    # rows of distinct values with unit weights are solved by price passes; AVX2 scans four end points a step
     rng = np.random.default_rng(n + 7)
     x = rng.standard_t(4, size=(4, n)) * 0.02
     centroids, labels = kmeans1d_rows(x, 16)
@@ -270,8 +270,8 @@ def test_rows_of_distinct_values_match_full_dp_on_every_path(kmeans_path, n):
 @given(n=st.integers(1, 90), k=st.integers(1, 24), rows=st.integers(1, 5), seed=st.integers(0, 2**31 - 1),
        scale=st.sampled_from([1e-3, 1.0, 1e4]), tails=st.booleans())
 def test_paths_agree_and_reach_the_full_dp_optimum(monkeypatch, n, k, rows, seed, scale, tails):
-    """Short rows put every window length (1 to 4 candidates, and longer) and every level count through the
-    AVX2 path; its windows differ from the portable divide and conquer, its optimum must not."""
+    """Short rows put every count of clusters and every scan length (under and past one vector step, and past
+    the scan into the binary search) through the price passes of each path; the optimum must be the DP's."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_t(2, size=(rows, n)) if tails else rng.normal(size=(rows, n))) * scale
     results = {}
@@ -289,8 +289,8 @@ def test_paths_agree_and_reach_the_full_dp_optimum(monkeypatch, n, k, rows, seed
         assert np.allclose(c, c0, rtol=1e-12, atol=0)
 
 
-def test_the_longest_breadth_first_row_and_the_first_past_it_agree_across_paths(monkeypatch):
-    # 16,384 distinct values is the largest problem the AVX2 path takes; one more goes to divide and conquer
+def test_the_longest_row_solved_by_price_passes_and_the_first_past_it_agree_across_paths(monkeypatch):
+    # 16,384 distinct values is the longest row the price passes take; one more goes to the layered DP
     rng = np.random.default_rng(11)
     for n in (16_384, 16_385):
         x = np.unique(rng.standard_t(3, size=n + 50))[:n]
@@ -300,8 +300,32 @@ def test_the_longest_breadth_first_row_and_the_first_past_it_agree_across_paths(
             monkeypatch.setenv(PATH_ENV, path)
             c, _ = ws.kmeans1d(x, 16)
             got[path] = c
+            assert (price_passes(x[None], 16)[0] > 0) == (n == 16_384)
         for c in got.values():
             assert np.allclose(c, got["portable"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("k", [2, 16, 64])
+def test_rows_of_trained_weights_are_solved_by_price_passes(kmeans_path, k):
+    """The fast path is the one that runs: heavy-tailed rows (as trained weights are) find a price giving
+    exactly k clusters in a few passes, none falls back to the layered DP, and the optimum is the DP's."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_t(4, size=(40, 384)) * 0.02
+    passes = price_passes(x, k)
+    assert (passes > 0).all() and passes.mean() < 6
+    centroids, labels = kmeans1d_rows(x, k)
+    for r in range(0, 40, 13):
+        assert sse_of(x[r], None, centroids[r], labels[r]) == pytest.approx(dense_dp_sse(x[r], k), rel=1e-9)
+
+
+@pytest.mark.parametrize("n, k", [(4, 3), (10, 6), (10, 7), (30, 9)])
+def test_evenly_spaced_rows_with_no_price_for_k_fall_back_to_the_layered_dp(kmeans_path, n, k):
+    """On evenly spaced values two neighbouring gains can be equal, so no price gives exactly k clusters (0..3
+    with k = 3: gains 0.5 and 0.5); the row must then take the layered DP and still reach the optimum."""
+    x = np.arange(float(n))[None] * 0.1
+    assert price_passes(x, k)[0] == 0
+    centroids, labels = kmeans1d_rows(x, k)
+    assert sse_of(x[0], None, centroids[0], labels[0]) == pytest.approx(dense_dp_sse(x[0], k), rel=1e-9, abs=1e-15)
 
 
 def test_a_path_this_cpu_cannot_run_or_a_misspelt_one_is_refused(monkeypatch):

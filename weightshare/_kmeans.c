@@ -14,9 +14,10 @@
  * PyInit_ exists only so that setuptools can build and locate it as an
  * extension module.
  *
- * Rows (one table per channel: a few hundred distinct values each) take a
- * third schedule on CPUs with AVX2, layer_levels_avx2, chosen at run time (the
- * file is built without -march flags); other CPUs run layer_dc / layer_sweep.
+ * Rows (one table per channel: a few hundred to a few thousand values each,
+ * unit weights) are solved without layers, by a price per cluster (see
+ * lagr_solve); its inner scan has an AVX2 form chosen at run time (the file
+ * is built without -march flags).
  */
 #include <Python.h>
 #include <math.h>
@@ -205,106 +206,170 @@ static void layer_sweep(const prefix_t *p, const double *Dp, double *Dc, int32_t
 }
 
 /*
- * Rows, on CPUs with AVX2: divide and conquer in breadth-first order.  Every
- * point at one depth of the recursion is independent of the others once the
- * coarser depths are done: point t at step s searches between the argmins of
- * t - s and t + s (Knuth's bounds, with the previous layer's argmin from
- * below).  Run depth by depth, the searches form a flat loop with no chain of
- * dependent results, so the CPU overlaps several, and each search is four
- * candidates per vector step.  About 70 % of windows on rows of a few hundred
- * values hold at most four candidates; they take one step and find their
- * argmin from a lane mask, with no loop.  layer_dc's recursion serialises the
- * same searches (each waits for its parent's argmin) and measured 1.5x slower.
+ * Rows: a price per cluster instead of one layer per cluster (Lagrangian
+ * relaxation).  With a price lam on every cluster, the best clustering with
+ * any number of clusters,
+ *     F[i] = lam + min_{j<i} F[j] + SSE(points j..i-1),
+ * takes one pass over the points.  When its optimum has exactly k clusters
+ * it is also the best k-clustering: every other k-clustering pays the same
+ * k * lam, so one with a lower SSE would have won the pass.  The optimal SSE
+ * is convex in k, so such a price exists unless two neighbouring gains
+ * SSE(k-1) - SSE(k) and SSE(k) - SSE(k+1) are equal (evenly spaced values
+ * can do that); those rows, and any row whose price is not found in
+ * LAGR_PASSES passes, take the layered DP.  A pass costs about what one or
+ * two of the k - 1 layers cost, and rows of trained weights take about two
+ * passes (measured on MiniLM's 52,156 rows; `weightshare bench kmeans`).
  *
- * Ties keep the lowest index, and the arithmetic is best_split's in the same
- * order (no FMA), so a search returns what best_split would for its window.
- * Unit weights and distinct values only (the E / reciprocal form).
- * rinv[M - d] = 1/d makes the reciprocals of consecutive candidates
- * contiguous.  work holds 4 (hi - lo) + 32 int32: the argmins with the two
- * bounds, and the window lists.
- * E and P1 are read up to 3 entries past the last candidate (padded, masked).
+ * One pass is the least-weight-subsequence algorithm for costs with the
+ * quadrangle inequality (Galil and Park; Hirschberg and Larmore): once a
+ * later split j2 is at least as good as j1 for some end point it stays so for
+ * every later end point, so the live splits form a queue in which each owns a
+ * run of end points.  A new split takes the tail of the queue from the first
+ * end point where it wins, found by a short forward scan (four end points per
+ * step on AVX2: a new split usually wins about a cluster's length further on)
+ * and a binary search past it.
+ *
+ * The first price is the high-resolution estimate of the k-th cluster's gain
+ * (Panter and Dite: SSE(k) ~ W I^3 / (12 k^2) with I the integral of
+ * p^(1/3), so the gain is about W I^3 / (6 k^3)), I estimated from the row's
+ * own sorted values.  Later prices step by the same law, SSE gain ~ k^-3,
+ * until both sides of k are known, then interpolate between them.  The price
+ * depends on the row alone, so a result never depends on how rows are batched.
  */
-#define LEVELS_MAX (2 * PAR_MIN) /* longer problems keep layer_dc: its threads, and depth-first stays in cache */
+#define LAGR_MAX 16384 /* longer rows keep the layered DP: its threads, and the scans grow with the clusters */
+#define LAGR_PASSES 16
+#define LAGR_SCAN 32 /* end points scanned before the binary search */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define HAVE_AVX2_PATH 1
-__attribute__((target("avx2"))) static void layer_levels_avx2(const prefix_t *p, const double *rinv, int64_t M,
-                                                              double *En, int32_t *T, const int32_t *Tp,
-                                                              int64_t lo, int64_t hi, int64_t optlo, int64_t opthi,
-                                                              int32_t *work) {
-    const int64_t N = hi - lo + 1;
-    int64_t S = 1;
-    while (S * 2 <= N) S *= 2;
-    int32_t *Tx = work + 1; /* Tx[t] = argmin of point lo + t; the bounds at t = -1 and t = N */
-    Tx[-1] = (int32_t)optlo;
-    Tx[N] = (int32_t)opthi;
-    const double *E = p->E, *P1 = p->P1, *P2 = p->P2;
-    const __m256d inf = _mm256_set1_pd(INFINITY), four = _mm256_set1_pd(4.0), iota = _mm256_set_pd(3, 2, 1, 0);
-    /* lanes holding candidates when the window has 1, 2, 3 or 4+ of them */
-    static const int64_t valid[4][4] = {{-1, 0, 0, 0}, {-1, -1, 0, 0}, {-1, -1, -1, 0}, {-1, -1, -1, -1}};
-    int32_t *shl = work + N + 4, *lgl = shl + 3 * (N / 2 + 2); /* (t, jl, jh) of short and long windows */
-    for (int64_t s = S; s >= 1; s >>= 1) {
-        /* list the windows of this depth, short (<= 4 candidates) and long apart: written to both lists, kept by
-           one (a branch on the length mispredicts about a third of the time, and costs more than the search) */
-        int64_t ns = 0, nl = 0;
-        for (int64_t t = s - 1; t < N; t += 2 * s) {
-            const int64_t i = lo + t;
-            int32_t jl = Tx[t - s], jh = Tx[t + s < N ? t + s : N];
-            const int32_t q = Tp[i], last = (int32_t)(i - 1);
-            jl = q > jl ? q : jl;
-            jh = jh < last ? jh : last;
-            const int is_long = jh - jl >= 4;
-            int32_t *x = shl + 3 * ns, *y = lgl + 3 * nl;
-            x[0] = y[0] = (int32_t)t; x[1] = y[1] = jl; x[2] = y[2] = jh;
-            nl += is_long; ns += !is_long;
-        }
-        /* short windows: one step, the argmin is the first lane equal to the minimum */
-        for (int64_t g = 0; g < ns; g++) {
-            const int32_t *w = shl + 3 * g;
-            const int64_t t = w[0], i = lo + t, jl = w[1], span = w[2] - w[1];
-            const double *rv = rinv + (M - i);
-            const __m256d p1i = _mm256_broadcast_sd(P1 + i);
-            __m256d d = _mm256_sub_pd(p1i, _mm256_loadu_pd(P1 + jl));
-            __m256d v = _mm256_sub_pd(_mm256_loadu_pd(E + jl), _mm256_mul_pd(_mm256_mul_pd(d, d), _mm256_loadu_pd(rv + jl)));
-            v = _mm256_blendv_pd(inf, v, _mm256_loadu_pd((const double *)valid[span]));
-            __m256d h = _mm256_min_pd(v, _mm256_permute2f128_pd(v, v, 1));
-            h = _mm256_min_pd(h, _mm256_permute_pd(h, 5));
-            const double m = _mm256_cvtsd_f64(h);
-            const int32_t arg = (int32_t)(jl + __builtin_ctz(_mm256_movemask_pd(_mm256_cmp_pd(v, h, _CMP_EQ_OQ))));
-            En[i] = (m + P2[i]) - P2[i]; /* best_split's D, less P2: the next layer's E, with the same rounding */
-            T[i] = Tx[t] = arg;
-        }
-        /* long windows: four candidates per step; each lane keeps its first minimum, then the lowest index
-           among the lanes holding the overall one */
-        for (int64_t g = 0; g < nl; g++) {
-            const int32_t *w = lgl + 3 * g;
-            const int64_t t = w[0], i = lo + t, jl = w[1], jh = w[2];
-            const double *rv = rinv + (M - i);
-            const __m256d p1i = _mm256_broadcast_sd(P1 + i);
-            const __m256d jhv = _mm256_set1_pd((double)jh);
-            __m256d j = _mm256_add_pd(_mm256_set1_pd((double)jl), iota), best = inf, bidx = j;
-            for (int64_t a = jl; a <= jh; a += 4) {
-                __m256d d = _mm256_sub_pd(p1i, _mm256_loadu_pd(P1 + a));
-                __m256d v = _mm256_sub_pd(_mm256_loadu_pd(E + a), _mm256_mul_pd(_mm256_mul_pd(d, d), _mm256_loadu_pd(rv + a)));
-                v = _mm256_blendv_pd(v, inf, _mm256_cmp_pd(j, jhv, _CMP_GT_OQ));
-                bidx = _mm256_blendv_pd(bidx, j, _mm256_cmp_pd(v, best, _CMP_LT_OQ));
-                best = _mm256_min_pd(v, best);
-                j = _mm256_add_pd(j, four);
-            }
-            __m256d h = _mm256_min_pd(best, _mm256_permute2f128_pd(best, best, 1));
-            h = _mm256_min_pd(h, _mm256_permute_pd(h, 5));
-            __m256d k = _mm256_blendv_pd(inf, bidx, _mm256_cmp_pd(best, h, _CMP_EQ_OQ));
-            k = _mm256_min_pd(k, _mm256_permute2f128_pd(k, k, 1));
-            k = _mm256_min_pd(k, _mm256_permute_pd(k, 5));
-            const double m = _mm256_cvtsd_f64(h);
-            En[i] = (m + P2[i]) - P2[i];
-            T[i] = Tx[t] = (int32_t)_mm256_cvtsd_f64(k);
-        }
-    }
-}
 #else
 #define HAVE_AVX2_PATH 0
 #endif
+
+typedef struct {
+    int32_t *cnt, *par, *cand, *start; /* clusters and split of each end point; the queue of splits */
+} lagr_buf;
+
+/* What split j costs end point x, less P2[x] (the same for every split). */
+static inline double lagr_val(const prefix_t *p, int64_t j, int64_t x) {
+    double s = p->P1[x] - p->P1[j];
+    return p->E[j] - s * s * (p->distinct ? p->inv[x - j] : p->inv[p->C[x] - p->C[j]]);
+}
+
+/* The first end point x in [a, m] where split i (> b) is at least as good as split b, or m + 1.
+   The quadrangle inequality makes "i wins at x" monotone in x, so past the scan a binary search is exact. */
+static int64_t first_win_search(const prefix_t *p, int64_t i, int64_t b, int64_t a, int64_t m) {
+    int64_t hi = m + 1;
+    while (a < hi) {
+        int64_t mid = a + (hi - a) / 2;
+        if (lagr_val(p, i, mid) <= lagr_val(p, b, mid)) hi = mid;
+        else a = mid + 1;
+    }
+    return a;
+}
+
+static int64_t first_win(const prefix_t *p, int64_t i, int64_t b, int64_t a, int64_t m) {
+    for (const int64_t stop = a + LAGR_SCAN; a <= m && a < stop; a++)
+        if (lagr_val(p, i, a) <= lagr_val(p, b, a)) return a;
+    return first_win_search(p, i, b, a, m);
+}
+
+#if HAVE_AVX2_PATH
+/* first_win for distinct values, four end points per step.  P1 and inv are read up to 3 entries past m
+   (finite padding; those lanes are discarded). */
+__attribute__((target("avx2"))) static int64_t first_win_avx2(const prefix_t *p, int64_t i, int64_t b, int64_t a,
+                                                              int64_t m) {
+    const double *P1 = p->P1, *inv = p->inv;
+    const __m256d Ei = _mm256_set1_pd(p->E[i]), Eb = _mm256_set1_pd(p->E[b]);
+    const __m256d P1i = _mm256_set1_pd(P1[i]), P1b = _mm256_set1_pd(P1[b]);
+    for (const int64_t stop = a + LAGR_SCAN; a <= m && a < stop; a += 4) {
+        __m256d x = _mm256_loadu_pd(P1 + a);
+        __m256d di = _mm256_sub_pd(x, P1i), db = _mm256_sub_pd(x, P1b);
+        __m256d vi = _mm256_sub_pd(Ei, _mm256_mul_pd(_mm256_mul_pd(di, di), _mm256_loadu_pd(inv + (a - i))));
+        __m256d vb = _mm256_sub_pd(Eb, _mm256_mul_pd(_mm256_mul_pd(db, db), _mm256_loadu_pd(inv + (a - b))));
+        int won = _mm256_movemask_pd(_mm256_cmp_pd(vi, vb, _CMP_LE_OQ));
+        if (won) {
+            int64_t x0 = a + __builtin_ctz(won);
+            return x0 <= m ? x0 : m + 1;
+        }
+    }
+    return first_win_search(p, i, b, a, m);
+}
+#endif
+
+/* One pass at price lam over points 0..m-1; returns the number of clusters of its optimum (q->par holds
+   the splits).  p->E[j] becomes F[j] - P2[j]. */
+static int64_t lagr_pass(const prefix_t *p, int64_t m, double lam, const lagr_buf *q, int vec) {
+    double *E = p->E;
+    int32_t *cnt = q->cnt, *par = q->par, *cand = q->cand, *start = q->start;
+    int64_t head = 0, tail = 1;
+    E[0] = 0.0;
+    cnt[0] = 0;
+    cand[0] = 0;
+    start[0] = 1;
+    for (int64_t i = 1; i <= m; i++) {
+        while (head + 1 < tail && start[head + 1] <= i) head++;
+        const int64_t j = cand[head];
+        E[i] = lagr_val(p, j, i) + lam;
+        cnt[i] = cnt[j] + 1;
+        par[i] = (int32_t)j;
+        if (i == m) break;
+        /* split i takes over the queue's tail from the first end point where it wins */
+        int64_t x = i + 1;
+        while (tail > head) {
+            const int64_t b = cand[tail - 1], s = start[tail - 1] > i + 1 ? start[tail - 1] : i + 1;
+#if HAVE_AVX2_PATH
+            x = vec ? first_win_avx2(p, i, b, s, m) : first_win(p, i, b, s, m);
+#else
+            (void)vec;
+            x = first_win(p, i, b, s, m);
+#endif
+            if (x > s) break;
+            tail--; /* i wins from where b starts: b is never needed again */
+            x = i + 1;
+        }
+        if (x <= m) {
+            cand[tail] = (int32_t)i;
+            start[tail] = (int32_t)x;
+            tail++;
+        }
+    }
+    return cnt[m];
+}
+
+/* Exactly k clusters of points 0..m-1 (2 <= k < m) by the price search; 0 when no price was found (the caller
+   then runs the layered DP), else the passes it took, with the k - 1 splits in q->par. */
+static int lagr_solve(const prefix_t *p, const double *u, int64_t m, int64_t k, const lagr_buf *q, int vec) {
+    const double W = p->P0[m];
+    double I = 0.0; /* the integral of p^(1/3), over blocks of 8 points */
+    for (int64_t a = 0, e; a < m - 1; a = e) {
+        e = a + 8 < m - 1 ? a + 8 : m - 1;
+        double w = u[e] - u[a];
+        I += cbrt((p->P0[e] - p->P0[a]) / W * w * w);
+    }
+    double lam = W * I * I * I / (6.0 * (double)k * (double)k * (double)k);
+    if (!(lam > 0.0 && lam < INFINITY)) lam = p->P2[m] / ((double)k * (double)k * (double)k);
+    double lo = 0.0, hi = INFINITY; /* prices known to give more (lo) and fewer (hi) than k clusters */
+    int64_t mlo = 0, mhi = 0;
+    for (int pass = 1; pass <= LAGR_PASSES; pass++) {
+        const int64_t got = lagr_pass(p, m, lam, q, vec);
+        if (got == k) return pass;
+        if (got > k) { lo = lam; mlo = got; }
+        else { hi = lam; mhi = got; }
+        double next;
+        if (lo > 0.0 && hi < INFINITY) {
+            if (hi <= lo * (1.0 + 1e-12)) return 0; /* the count jumps over k: equal gains on both sides */
+            next = exp(log(lo) + (double)(mlo - k) / (double)(mlo - mhi) * (log(hi) - log(lo)));
+            if (!(next > lo && next < hi)) next = sqrt(lo * hi);
+        } else {
+            const double r = (double)got / (double)k;
+            next = lam * r * r * r;
+            if (!(next > lo && next < hi)) next = hi < INFINITY ? hi / 4.0 : lam * 4.0;
+        }
+        lam = next;
+    }
+    return 0;
+}
 
 /* The vector paths this build and CPU can run: bit 0 portable (always), bit 1 AVX2. */
 int ws_kmeans1d_paths(void) {
@@ -318,21 +383,20 @@ int ws_kmeans1d_paths(void) {
  * Solve one problem on n sorted values xs with weights ws (duplicates allowed,
  * zero weights allowed).  Writes up to k sorted centroids, returns how many
  * (min(k, number of distinct values with positive weight)), or -1 on
- * allocation failure.  *sse receives the optimal weighted SSE.
+ * allocation failure.  *sse receives the optimal weighted SSE, *passes the
+ * price passes that solved it (0: the layered DP did).
  * scratch must hold 8*(n+1)+16 doubles; T must hold k*(n+1) int32.  With unit
- * weights (ws NULL), inv[d] = 1/d for d <= n and counts holds n+1 int32;
- * otherwise inv is NULL.  path 2 runs distinct rows on layer_levels_avx2, with
- * its rinv (rinv[M - d] = 1/d) and work; path 1 never does.  Each layer runs
- * on up to 2^depth threads.
+ * weights (ws NULL), inv[d] = 1/d for d <= n (zero up to n + 7) and counts
+ * holds n+1 int32, and q (when not NULL) the price passes' buffers of n + 2
+ * int32 each; otherwise inv is NULL.  path 2 scans with AVX2.  Each layer of
+ * the DP runs on up to 2^depth threads.
  */
 static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t k,
-                         double *centroids, double *sse, double *scratch, int32_t *counts,
-                         const double *inv, int32_t *T, int depth, const double *rinv, int64_t M,
-                         int32_t *work, int path) {
-    /* E and En are followed by 8 padding entries: layer_levels_avx2 reads past the last candidate */
+                         double *centroids, double *sse, int64_t *passes, double *scratch, int32_t *counts,
+                         const double *inv, int32_t *T, int depth, const lagr_buf *q, int path) {
     double *u = scratch, *P0 = scratch + (n + 1), *P1 = scratch + 2 * (n + 1),
            *P2 = scratch + 3 * (n + 1), *Da = scratch + 4 * (n + 1), *Db = scratch + 5 * (n + 1),
-           *E = scratch + 6 * (n + 1), *En = scratch + 7 * (n + 1) + 8;
+           *E = scratch + 6 * (n + 1);
     /* collapse duplicates and zero weights into distinct points u with weight P0 */
     int64_t m = 0;
     double wsum = 0.0, wxsum = 0.0;
@@ -350,6 +414,7 @@ static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t 
         wxsum += w * xs[i];
     }
     *sse = 0.0;
+    *passes = 0;
     if (m == 0) return 0;
     /* centre the values: keeps the prefix sums of x^2 small, so the
        cancellation in SSE = S2 - S1^2/S0 stays at rounding level */
@@ -365,34 +430,30 @@ static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t 
     if (inv) for (int64_t i = 0; i <= m; i++) counts[i] = (int32_t)P0[i];
     prefix_t p = {P0, P1, P2, inv ? counts : NULL, inv, E, inv && m == n};
     int64_t kk = k < m ? k : m;
+    if (q && inv && kk >= 2 && kk < m && m <= LAGR_MAX) {
+        const int got = lagr_solve(&p, u, m, kk, q, path == 2 && p.distinct);
+        if (got) {
+            /* walk the splits back from the last point */
+            double total = 0.0;
+            for (int64_t c = kk, b = m; c >= 1; c--) {
+                const int64_t a = q->par[b];
+                centroids[c - 1] = mean + (P1[b] - P1[a]) / (P0[b] - P0[a]);
+                total += seg_cost(&p, a, b);
+                b = a;
+            }
+            *sse = total;
+            *passes = got;
+            return kk;
+        }
+    }
     double *Dp = Da, *Dc = Db;
     for (int64_t i = 0; i <= m; i++) Dp[i] = seg_cost(&p, 0, i);
-    /* rows: breadth-first layers, which also write the next layer's E */
-    const int levels = HAVE_AVX2_PATH && path == 2 && p.distinct && m <= LEVELS_MAX && rinv;
-    if (levels) { /* what the vector lanes read past the candidates: finite, never chosen */
-        for (int64_t j = 0; j < 4; j++) E[m + j] = 0.0;
-        memset(En, 0, sizeof(double) * (size_t)(m + 4));
-    }
     for (int64_t c = 2; c <= kk; c++) {
         int32_t *Tc = T + (c - 1) * (m + 1);
         int32_t *Tp = c > 2 ? T + (c - 2) * (m + 1) : NULL;
-        if (levels && c > 2) {
-            double *x = E; E = En; En = x;
-            p.E = E;
-        } else if (inv)
+        if (inv)
             for (int64_t j = 0; j < m; j++) E[j] = Dp[j] - P2[j];
-        if (c < kk && levels) {
-            /* the bound from below, never NULL: layer 1's row (unused by the walk back) holds c - 1 = 1, and
-               the previous layer, which stops at hi - 1, repeats its last argmin at hi (argmins are monotone) */
-            if (!Tp) {
-                Tp = T;
-                for (int64_t i = 0; i <= m; i++) T[i] = 1;
-            } else
-                Tp[m - (kk - c)] = Tp[m - (kk - c) - 1];
-#if HAVE_AVX2_PATH
-            layer_levels_avx2(&p, rinv, M, En, Tc, Tp, c, m - (kk - c), c - 1, m - 1, work);
-#endif
-        } else if (c < kk) {
+        if (c < kk) {
             /* i beyond m - (kk - c) would leave too few points for the later clusters */
             /* the sweep's band (~ m / (c (c-1)) per point) is narrower than divide and
                conquer's ~6 evaluations once 10 c (c-1) >= m (measured with cachegrind
@@ -427,15 +488,16 @@ static int64_t solve_one(const double *xs, const double *ws, int64_t n, int64_t 
 /*
  * Solve rows r0..r1-1 of a batch.  Row r holds the sorted values
  * xs[offsets[r] .. offsets[r+1]) and weights ws at the same positions
- * (ws may be NULL for unit weights).  centroids is R*k, nclusters and sse R.
+ * (ws may be NULL for unit weights).  centroids is R*k; nclusters, sse and
+ * passes R (passes: the price passes that solved the row, 0 for the layered DP).
  * threads > 1 splits each row's layers over that many threads (for one large
  * row; batches of small rows are split over threads by the caller instead).
- * path: 1 portable, 2 AVX2 for rows of distinct values (ws_kmeans1d_paths says which run here).
+ * path: 1 portable, 2 AVX2 (ws_kmeans1d_paths says which run here).
  * Returns 0, -1 when memory could not be allocated, -2 when path cannot run on this CPU.
  */
 int ws_kmeans1d_batch(const double *xs, const double *ws, const int64_t *offsets,
                       int64_t r0, int64_t r1, int64_t k, int64_t threads,
-                      double *centroids, int64_t *nclusters, double *sse, int64_t path) {
+                      double *centroids, int64_t *nclusters, double *sse, int64_t *passes, int64_t path) {
     if (path == 2 && !(ws_kmeans1d_paths() & 2)) return -2;
     int depth = 0;
     while (depth < 6 && ((int64_t)1 << (depth + 1)) <= threads) depth++;
@@ -446,35 +508,27 @@ int ws_kmeans1d_batch(const double *xs, const double *ws, const int64_t *offsets
     }
     double *scratch = malloc(sizeof(double) * (8 * (size_t)(nmax + 1) + 16));
     int32_t *T = malloc(sizeof(int32_t) * (size_t)k * (size_t)(nmax + 1));
-    /* unit weights: the weight of any run of points is a count <= nmax */
-    double *inv = ws ? NULL : malloc(sizeof(double) * (size_t)(nmax + 1));
+    /* unit weights: the weight of any run of points is a count <= nmax; the AVX2 scan reads 3 past it */
+    double *inv = ws ? NULL : calloc((size_t)nmax + 8, sizeof(double));
     int32_t *counts = ws ? NULL : malloc(sizeof(int32_t) * (size_t)(nmax + 1));
-    /* layer_levels_avx2's reversed reciprocals (lanes past a window read rinv[M .. M + 3]) and argmins */
-    const int64_t M = nmax + 4;
-    double *rinv = ws || nmax > LEVELS_MAX || path != 2 ? NULL : calloc((size_t)(M + 4), sizeof(double));
-    int32_t *work = rinv ? malloc(sizeof(int32_t) * (4 * (size_t)nmax + 32)) : NULL;
-    if (!scratch || !T || (!ws && (!inv || !counts)) || (rinv && !work) || (!ws && nmax <= LEVELS_MAX && path == 2 && !rinv)) {
-        free(scratch); free(T); free(inv); free(counts); free(rinv); free(work);
+    int32_t *qb = ws ? NULL : malloc(sizeof(int32_t) * 4 * (size_t)(nmax + 2));
+    if (!scratch || !T || (!ws && (!inv || !counts || !qb))) {
+        free(scratch); free(T); free(inv); free(counts); free(qb);
         return -1;
     }
-    if (inv) {
-        inv[0] = 0.0; /* never read: every run holds at least one point */
-        for (int64_t d = 1; d <= nmax; d++) inv[d] = 1.0 / (double)d;
-    }
-    if (rinv)
-        for (int64_t d = 1; d <= nmax; d++) rinv[M - d] = inv[d];
+    if (inv)
+        for (int64_t d = 1; d <= nmax; d++) inv[d] = 1.0 / (double)d; /* inv[0] never read: runs hold a point */
+    lagr_buf q = {qb, qb + (nmax + 2), qb + 2 * (nmax + 2), qb + 3 * (nmax + 2)};
     for (int64_t r = r0; r < r1; r++) {
         int64_t o = offsets[r], n = offsets[r + 1] - o;
-        nclusters[r] = solve_one(xs + o, ws ? ws + o : NULL, n, k,
-                                 centroids + r * k, sse + r, scratch, counts, inv, T, depth, rinv, M, work,
-                                 (int)path);
+        nclusters[r] = solve_one(xs + o, ws ? ws + o : NULL, n, k, centroids + r * k, sse + r, passes + r,
+                                 scratch, counts, inv, T, depth, qb ? &q : NULL, (int)path);
     }
     free(scratch);
     free(T);
     free(inv);
     free(counts);
-    free(rinv);
-    free(work);
+    free(qb);
     return 0;
 }
 

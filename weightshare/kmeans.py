@@ -2,12 +2,15 @@
 
 ``kmeans1d`` finds the globally optimal clustering (minimum weighted sum of
 squared errors) by dynamic programming over the sorted distinct values; it is
-not Lloyd's algorithm and has no random start.  Two things keep it fast:
+not Lloyd's algorithm and has no random start.  Three things keep it fast:
 
 * 16-bit floats have at most 65,536 distinct bit patterns, so fp16/bf16 input
   is reduced to a histogram first: cost and memory barely grow with size.
 * many small problems (one table per row or per group) are solved in one call
   into the C core (``_kmeans.c``), split over threads that run without the GIL.
+* a row of up to 16,384 values (unit weights) is solved by a price per cluster
+  (Lagrangian relaxation: one pass over the row per price, about two prices a
+  row) instead of one dynamic-programming layer per cluster.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def _load_core() -> ctypes.CDLL:
     i32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
     c64 = ctypes.c_int64
     lib.ws_kmeans1d_batch.restype = ctypes.c_int
-    lib.ws_kmeans1d_batch.argtypes = [f64, ctypes.c_void_p, i64, c64, c64, c64, c64, f64, i64, f64, c64]
+    lib.ws_kmeans1d_batch.argtypes = [f64, ctypes.c_void_p, i64, c64, c64, c64, c64, f64, i64, f64, i64, c64]
     lib.ws_kmeans1d_paths.restype = ctypes.c_int
     lib.ws_kmeans1d_paths.argtypes = []
     lib.ws_assign_batch.restype = ctypes.c_int
@@ -45,7 +48,7 @@ def _load_core() -> ctypes.CDLL:
 _core = _load_core()
 
 PATH_ENV = "WEIGHTSHARE_KMEANS"
-PATHS = {"portable": 1, "avx2": 2}  # the C core's codes; avx2 runs rows of distinct values breadth-first
+PATHS = {"portable": 1, "avx2": 2}  # the C core's codes; avx2 scans four end points per step in price passes
 
 
 def simd_paths() -> list[str]:
@@ -88,8 +91,10 @@ def _split(n_rows: int, n_parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, threads: int | None = None):
-    """Run the C solver on rows given by ``offsets`` (values sorted within each row)."""
+def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, threads: int | None = None,
+           passes: np.ndarray | None = None):
+    """Run the C solver on rows given by ``offsets`` (values sorted within each row).  ``passes`` (int64, one
+    per row) receives the price passes that solved each row, 0 where the layered DP did."""
     n_rows = offsets.size - 1
     threads = threads or _n_threads()
     longest = int(np.diff(offsets).max()) if n_rows else 0
@@ -105,6 +110,7 @@ def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, t
     centroids = np.full((n_rows, k), np.nan)
     nclusters = np.zeros(n_rows, dtype=np.int64)
     sse = np.zeros(n_rows)
+    passes = np.zeros(n_rows, dtype=np.int64) if passes is None else passes
     wptr = ws.ctypes.data if ws is not None else None
 
     # one row: its layers are split over threads inside C; many rows: the rows are
@@ -112,7 +118,8 @@ def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, t
     path = PATHS[simd_path()]
 
     def run(span):
-        if _core.ws_kmeans1d_batch(xs, wptr, offsets, span[0], span[1], k, inner, centroids, nclusters, sse, path):
+        if _core.ws_kmeans1d_batch(xs, wptr, offsets, span[0], span[1], k, inner, centroids, nclusters, sse, passes,
+                                   path):
             raise MemoryError("kmeans1d: could not allocate the dynamic-programming table")
 
     # several spans per thread: rows differ in cost, so finer spans balance load
@@ -123,6 +130,18 @@ def _solve(xs: np.ndarray, ws: np.ndarray | None, offsets: np.ndarray, k: int, t
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(run, spans))
     return centroids, nclusters, sse
+
+
+def price_passes(x, k: int) -> np.ndarray:
+    """How each row of ``x`` (2-D, unit weights) was solved: the number of price passes (the Lagrangian
+    search of ``_kmeans.c``), or 0 where no price gives exactly k clusters and the layered DP ran instead.
+    Both reach the optimum; this says which ran, for benchmarks and tests."""
+    k = _check_k(k)
+    xs = np.sort(np.ascontiguousarray(x, dtype=np.float64), axis=1)
+    offsets = np.arange(xs.shape[0] + 1, dtype=np.int64) * xs.shape[1]
+    passes = np.zeros(xs.shape[0], dtype=np.int64)
+    _solve(np.ascontiguousarray(xs), None, offsets, k, passes=passes)
+    return passes
 
 
 def _check_k(k) -> int:

