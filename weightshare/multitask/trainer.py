@@ -146,11 +146,12 @@ def _training_loop(model: nn.Module, params, rows: torch.Tensor, config: TrainCo
     return result
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig | None = None,
+def train(model: nn.Module, x, y: torch.Tensor, config: TrainConfig | None = None,
           loss_fn: Callable = nn.functional.cross_entropy, desc: str = "train",
           on_step: Callable[[int], object] | None = None, params=None,
           on_epoch: Callable[[int], bool] | None = None) -> TrainResult:
     """Train ``model`` on (x, y) in place with ``config``; returns the per-epoch losses and step times.
+    ``x``: a tensor, or a tokenizer's output (a dict of tensors; each batch cut to its longest sequence).
 
     ``on_step(k)``, if given, is called after the k-th optimizer step (k = 1, 2, ...), outside the
     step's timing: co-training (``weightshare.merge.cotrain.CoTrainer.step``) syncs there.
@@ -158,24 +159,28 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     ``on_epoch(e)`` is called after epoch e (1, 2, ...); returning True stops training there
     (early stopping on a held-out set)."""
     config = config or TrainConfig()
-    if len(x) != len(y) or len(x) == 0:
+    rows = num_rows(x)
+    if rows != len(y) or rows == 0:
         raise ValueError("train: inputs and targets\n  expected: the same, non-zero number of rows\n"
-                         f"  got: {len(x)} and {len(y)}")
+                         f"  got: {rows} and {len(y)}")
 
     def step(idx: torch.Tensor) -> float:
-        loss = loss_fn(model(x[idx]), y[idx])
+        loss = loss_fn(model(select_rows(x, idx)), y[idx])
         loss.backward()
         return float(loss.detach())
 
-    return _training_loop(model, model.parameters() if params is None else params, torch.arange(len(x)), config, step,
+    return _training_loop(model, model.parameters() if params is None else params, torch.arange(rows), config, step,
                           desc, on_step, None if on_epoch is None else lambda e, _: on_epoch(e))
 
 
 @torch.no_grad()
-def error_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of rows whose arg-max prediction is not the label (0..1)."""
+def error_rate(model: nn.Module, x, y: torch.Tensor, batch: int = 256) -> float:
+    """Fraction of rows whose arg-max prediction is not the label (0..1); ``x`` as in ``train``, scored
+    ``batch`` rows at a time."""
     model.eval()
-    return float((model(x).argmax(-1) != y).float().mean())
+    rows = torch.arange(num_rows(x))
+    wrong = sum(int((model(select_rows(x, idx)).argmax(-1) != y[idx]).sum()) for idx in rows.split(batch))
+    return wrong / len(rows)
 
 
 # ------------------------------------------------------------------------------------ multi-task

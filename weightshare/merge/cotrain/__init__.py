@@ -4,7 +4,10 @@ One file per part, in the order a run meets them:
 
 - ``config.py``: the YAML config, its defaults, and every check that needs no process
   (``read_config``, ``parse_config``, ``check``);
-- ``zoo.py``: the built-in models and data a config may name (``model: cnn``, ``data: digits``);
+- ``data.py``: the data a config names: the built-in ``digits`` or a labelled .jsonl / .csv / .npz file,
+  each row checked, and the stratified splits (one part per worker, one test split);
+- ``zoo.py``: the models a config may name: the built-in ``cnn`` / ``gru``, or a model directory read as a
+  ``TextClassifier`` (transformers, sentence-transformers or packed);
 - ``launcher.py``: ``launch(config, nproc)``, torchrun on this machine (``weightshare cotrain CONFIG``);
 - ``worker.py``: one process's runs under torchrun (``torchrun -m weightshare.cotrain CONFIG``);
 - ``sync.py``: ``CoTrainer``, the shared subset of one worker's model and its syncs over torch.distributed.

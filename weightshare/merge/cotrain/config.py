@@ -7,8 +7,9 @@ workers every ``sync_every`` steps (``weightshare.merge.cotrain.sync.CoTrainer``
 workers are scored on the same held-out test split.  The config is checked field by field
 before anything runs: unknown keys are refused by name, every problem is reported at once,
 and the workers' shared subsets are resolved against their models and compared (shapes)
-before a process group exists.  Models and data are built-in names (``zoo.py``), never code
-from the config.
+before a process group exists.  A model is a built-in name or a model directory (``zoo.py``), the
+data a built-in name or a labelled file (``data.py``): never code from the config.  Paths are
+relative to the working directory.
 
 ``timeout`` bounds every wait for the other workers: the start of each run (with
 ``compare_alone`` the workers arrive there as far apart as their alone runs took), each sync
@@ -23,14 +24,22 @@ Example::
     timeout: 120               # seconds a worker waits for the others at any meeting point (see below)
     compare_alone: true        # also train each model alone on its part, from the same start
     results: cotrain.json      # optional: rank 0 writes every figure there
+    data: digits               # built-in, or a .jsonl / .csv / .npz file (data.py): one part per worker
     workers:                   # one per process, in rank order
-      - model: cnn             # built-in: cnn | gru (weightshare.merge.cotrain.zoo)
+      - model: cnn             # built-in: cnn | gru, or a model directory (weightshare.merge.cotrain.zoo)
         width: 32
         shared: {"proj.*": "proj.*", "head.*": "head.*"}    # parameter pattern -> shared name
         train: {epochs: 20, batch_size: 64, optimizer: adam, lr: 0.003}
       - model: gru
         shared: {"proj.*": "proj.*", "head.*": "head.*"}
         train: {epochs: 20, batch_size: 64, optimizer: adam, lr: 0.003}
+
+A worker naming a model directory trains it as a text classifier on text data::
+
+      - model: models/all-MiniLM-L6-v2     # transformers, sentence-transformers, or packed
+        trainable_layers: 2                # optional: train only the last 2 transformer layers (and the head)
+        shared: {"transformer.encoder.layer.5.*": "layer5.*", "head.*": "head.*"}
+        data: {path: mine.csv, text: sentence, label: topic}   # optional: this worker's own data, own test split
 """
 
 from __future__ import annotations
@@ -38,14 +47,17 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from weightshare.merge.cotrain.data import DataError, DataSpec, Rows, parse_data, read_rows, split_parts, split_test
 from weightshare.merge.cotrain.sync import OuterSGD, shared_names
-from weightshare.merge.cotrain.zoo import DATA, MODELS
+from weightshare.merge.cotrain.zoo import DATA, MODELS, build_model
 
-__all__ = ["CoTrainConfig", "WorkerSpec", "parse_config", "read_config", "check", "steps_per_run"]
+__all__ = ["CoTrainConfig", "WorkerSpec", "parse_config", "read_config", "check", "steps_per_run", "worker_rows",
+           "worker_split"]
 
 TOP_KEYS = ("workers", "sync_every", "outer", "seeds", "timeout", "data", "test_size", "compare_alone", "results")
-WORKER_KEYS = ("model", "width", "shared", "train")
+WORKER_KEYS = ("model", "width", "shared", "train", "trainable_layers", "data")
 TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "restart_epochs")
 OUTER_KEYS = ("lr", "momentum", "nesterov")
 TRAIN_DEFAULTS = {"epochs": 20, "batch_size": 64, "optimizer": "adam", "lr": 0.003}
@@ -57,6 +69,8 @@ class WorkerSpec:
     shared: dict[str, str]
     width: int = 32
     train: object = None  # a TrainConfig (its seed is set per run from ``seeds``)
+    trainable_layers: int | None = None  # a model directory's last layers that train (None: all)
+    data: str | DataSpec | None = None  # this worker's own data (None: its part of the config's ``data``)
 
 
 @dataclass
@@ -66,7 +80,7 @@ class CoTrainConfig:
     outer: OuterSGD | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     timeout: float = 120.0
-    data: str = "digits"
+    data: str | DataSpec = "digits"
     test_size: float = 0.25
     compare_alone: bool = False
     results: str | None = None
@@ -115,8 +129,7 @@ def parse_config(raw, source: str = "config") -> CoTrainConfig:
     seeds = raw.get("seeds", [0])
     _check(p, "seeds", seeds, isinstance(seeds, list) and len(seeds) >= 1 and all(_is_int(s) and s >= 0 for s in seeds)
            and len(set(seeds)) == len(seeds), "a non-empty list of distinct integers >= 0")
-    data = raw.get("data", "digits")
-    _check(p, "data", data, isinstance(data, str) and data in DATA, f"one of: {', '.join(DATA)}")
+    data = parse_data(raw.get("data", "digits"), "data", p)
     test_size = raw.get("test_size", 0.25)
     _check(p, "test_size", test_size, _is_num(test_size) and 0.05 <= test_size <= 0.5, "a fraction in [0.05, 0.5]")
     compare = raw.get("compare_alone", False)
@@ -152,24 +165,39 @@ def _parse_outer(outer, p: list[str]) -> OuterSGD | None:
 
 def _parse_worker(w, at: str, p: list[str]) -> WorkerSpec | None:
     """One ``workers`` entry as a ``WorkerSpec`` (None if it has a problem: appended to ``p``)."""
-    if not _check(p, at, w, isinstance(w, dict), "a mapping (model, width, shared, train)"):
+    if not _check(p, at, w, isinstance(w, dict), f"a mapping ({', '.join(WORKER_KEYS)})"):
         return None
     _unknown(at + ".", w, WORKER_KEYS, p)
     for key in ("model", "shared"):
         if key not in w:
             p.append(f"{at}.{key}: missing (required)")
     model = w.get("model")
-    good = "model" in w and _check(p, f"{at}.model", model, isinstance(model, str) and model in MODELS,
-                                   f"a built-in model: {', '.join(MODELS)}")
+    built_in = isinstance(model, str) and model in MODELS
+    found = isinstance(model, str) and (built_in or Path(model).is_dir())
+    good = "model" in w and _check(p, f"{at}.model", model, found,
+                                   f"a built-in model ({', '.join(MODELS)}) or a model directory (none found there)")
     width = w.get("width", 32)
     good &= _check(p, f"{at}.width", width, _is_int(width) and 1 <= width <= 4096, "an integer in 1..4096")
+    layers = w.get("trainable_layers")
+    good &= _check(p, f"{at}.trainable_layers", layers, layers is None or (_is_int(layers) and layers >= 0),
+                   "an integer >= 0 or null (train every layer)")
+    if layers is not None and built_in:
+        p.append(f"{at}.trainable_layers: only for a model directory; the built-in {model} trains whole")
+        good = False
     shared = w.get("shared")
     good &= "shared" in w and _check(
         p, f"{at}.shared", shared, isinstance(shared, dict) and len(shared) >= 1
         and all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in shared.items()),
         "a non-empty mapping of strings {parameter pattern: shared name pattern}")
+    data = None
+    if "data" in w:
+        n = len(p)
+        data = parse_data(w["data"], f"{at}.data", p)
+        good &= len(p) == n
     tc = _parse_train(w.get("train", {}), f"{at}.train", p)
-    return WorkerSpec(model=model, shared=dict(shared), width=width, train=tc) if good and tc is not None else None
+    if not (good and tc is not None):
+        return None
+    return WorkerSpec(model=model, shared=dict(shared), width=width, train=tc, trainable_layers=layers, data=data)
 
 
 def _parse_train(tr, at: str, p: list[str]):
@@ -208,13 +236,40 @@ def read_config(path) -> CoTrainConfig:
     return parse_config(raw, str(path))
 
 
-def steps_per_run(cfg: CoTrainConfig, world: int) -> dict[int, list[int]]:
+def worker_rows(cfg: CoTrainConfig) -> list[tuple[Rows, str, bool]]:
+    """Each worker's data set, the config key naming it, and whether it is the config's ``data`` (cut into one
+    part per worker that uses it) rather than the worker's own.  Each file is read once; a problem is a
+    ``DataError`` naming the key."""
+    cache: dict = {}
+
+    def rows_of(d, at: str) -> Rows:
+        if d not in cache:
+            cache[d] = DATA[d]() if isinstance(d, str) else read_rows(d, at)
+        return cache[d]
+
+    return [(rows_of(w.data, f"workers[{i}].data"), f"workers[{i}].data", False) if w.data is not None
+            else (rows_of(cfg.data, "data"), "data", True) for i, w in enumerate(cfg.workers)]
+
+
+def worker_split(cfg: CoTrainConfig, plan: list[tuple[Rows, str, bool]], rank: int, seed: int):
+    """((x, y) worker ``rank`` trains on, (x_test, y_test) it is scored on) for ``seed``: a stratified test
+    split, and of the config's ``data`` one disjoint stratified part per worker that uses it."""
+    rows, at, common = plan[rank]
+    train, test = split_test(rows.y, cfg.test_size, seed, at)
+    if common:
+        users = [r for r, (_, _, c) in enumerate(plan) if c]
+        train = split_parts(rows.y, train, len(users), seed, at)[users.index(rank)]
+    return rows.take(train), rows.take(test)
+
+
+def steps_per_run(cfg: CoTrainConfig, world: int, plan=None) -> dict[int, list[int]]:
     """{seed: [each worker's number of optimizer steps]} (epochs x ceil(rows of its part / batch))."""
+    plan = worker_rows(cfg) if plan is None else plan
     out = {}
     for seed in cfg.seeds:
-        parts, _ = DATA[cfg.data](world, seed, cfg.test_size)
         steps = []
-        for w, (x, _) in zip(cfg.workers, parts):
+        for rank, w in enumerate(cfg.workers[:world]):
+            (x, _), _ = worker_split(cfg, plan, rank, seed)
             tc = w.train
             batch = len(x) if tc.batch_size is None or tc.optimizer == "gd" else min(tc.batch_size, len(x))
             steps.append(tc.epochs * -(-len(x) // batch))
@@ -222,17 +277,27 @@ def steps_per_run(cfg: CoTrainConfig, world: int) -> dict[int, list[int]]:
     return out
 
 
-def check(cfg: CoTrainConfig, world: int) -> None:
-    """What can be known before any process starts: the number of workers, each worker's shared
-    subset against its model, the shapes across workers, the same number of steps everywhere.
-    Every problem in one ``ValueError``."""
+def check(cfg: CoTrainConfig, world: int, models: bool = True) -> None:
+    """What can be known before any process starts: the number of workers, their data, each worker's
+    model and shared subset, the shapes across workers, the same number of steps everywhere.  Every
+    problem in one ``ValueError``.  ``models=False`` builds no model (a worker process, whose
+    ``CoTrainer`` checks the subsets across workers anyway, after the launcher checked them here)."""
     p = []
     if world != len(cfg.workers):
         p.append(f"the config has {len(cfg.workers)} workers for {world} processes "
                  f"(expected: --nproc_per_node x nodes = {len(cfg.workers)})")
+    try:
+        plan = worker_rows(cfg)
+        per_seed = steps_per_run(cfg, len(cfg.workers), plan)
+    except DataError as exc:  # the models need the data (their classes, text or not): nothing more to check
+        raise ValueError(f"cotrain config: {exc}") from None
     held: dict[str, list] = {}
-    for i, w in enumerate(cfg.workers):
-        model = MODELS[w.model](w.width)
+    for i, w in enumerate(cfg.workers if models else []):
+        try:
+            model = build_model(w, plan[i][0], f"workers[{i}]")
+        except ValueError as exc:
+            p.append(str(exc).replace("\n  ", "; "))
+            continue
         try:
             names = shared_names(model, w.shared)
         except ValueError as exc:
@@ -251,7 +316,7 @@ def check(cfg: CoTrainConfig, world: int) -> None:
                 p.append(f"shared name {s!r}: shapes differ: workers[{first[0]}] {first[1]} {first[2]!r} "
                          f"{first[3]} vs workers[{e[0]}] {e[1]} {e[2]!r} {e[3]}")
     if world == len(cfg.workers) and not p:
-        for seed, steps in steps_per_run(cfg, world).items():
+        for seed, steps in per_seed.items():
             if len(set(steps)) > 1:
                 p.append(f"seed {seed}: the workers take {steps} steps: a sync is made by all workers together, so "
                          "every worker needs the same number (epochs x ceil(rows of its part / batch_size))")

@@ -17,13 +17,14 @@ import sys
 import time
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from weightshare.merge.cotrain.config import CoTrainConfig, check, read_config, steps_per_run
+from weightshare.merge.cotrain.config import CoTrainConfig, check, read_config, steps_per_run, worker_rows, worker_split
 from weightshare.merge.cotrain.sync import CoTrainer, CoTrainError
-from weightshare.merge.cotrain.zoo import DATA, MODELS
+from weightshare.merge.cotrain.zoo import build_model, encode
 
 __all__ = ["main", "run", "summary_rows"]
 
@@ -33,18 +34,20 @@ def run(cfg: CoTrainConfig, rank: int, world: int, log=None) -> dict | None:
     worker's figures (gathered), the others None.  ``log``: rank 0's progress printer."""
     from weightshare.multitask.trainer import error_rate, train
 
-    spec = cfg.workers[rank]
-    model_cls, data = MODELS[spec.model], DATA[cfg.data]
-    steps = steps_per_run(cfg, world)
+    spec, at = cfg.workers[rank], f"workers[{rank}]"
+    plan = worker_rows(cfg)
+    steps = steps_per_run(cfg, world, plan)
     records = []
-    _warm_up(model_cls(spec.width), *data(world, cfg.seeds[0], cfg.test_size)[0][rank])
+    (x, y), _ = worker_split(cfg, plan, rank, cfg.seeds[0])
+    warm = build_model(spec, plan[rank][0], at)
+    _warm_up(warm, encode(warm, x[:64]), y[:64])
     for seed in cfg.seeds:
-        parts, (xte, yte) = data(world, seed, cfg.test_size)
-        x, y = parts[rank]
+        (x, y), (xte, yte) = worker_split(cfg, plan, rank, seed)
         tc = replace(spec.train, seed=seed)
         torch.manual_seed(seed)
-        model = model_cls(spec.width)
-        rec = {"seed": seed, "rows": len(x)}
+        model = build_model(spec, plan[rank][0], at)  # a model directory's new head is drawn under the seed
+        x, xte = encode(model, x), encode(model, xte)
+        rec = {"seed": seed, "rows": len(y)}
         if cfg.compare_alone:
             alone = copy.deepcopy(model)
             t0 = time.perf_counter()
@@ -62,9 +65,10 @@ def run(cfg: CoTrainConfig, rank: int, world: int, log=None) -> dict | None:
         records.append(rec)
         if log is not None:
             alone_text = f", alone {rec['acc_alone']:.4f}" if cfg.compare_alone else ""
-            log(f"seed {seed}: rank 0 ({spec.model}) accuracy {rec['acc']:.4f}{alone_text}; "
+            log(f"seed {seed}: rank 0 ({_short(spec.model)}) accuracy {rec['acc']:.4f}{alone_text}; "
                 f"{rec['syncs']} syncs, {rec['bytes_sent']} bytes sent")
-    mine = {"rank": rank, "model": spec.model, "params": sum(p.numel() for p in model.parameters()), "seeds": records}
+    mine = {"rank": rank, "model": _short(spec.model), "params": sum(p.numel() for p in model.parameters()),
+            "seeds": records}
     everyone = [None] * world
     try:
         dist.all_gather_object(everyone, mine)
@@ -75,11 +79,17 @@ def run(cfg: CoTrainConfig, rank: int, world: int, log=None) -> dict | None:
             "workers": everyone} if rank == 0 else None
 
 
+def _short(model: str) -> str:
+    """A model's name for the table: a built-in name, or a directory's last two path parts."""
+    parts = Path(model).parts
+    return model if len(parts) <= 2 else str(Path(*parts[-2:]))
+
+
 def _warm_up(model, x, y) -> None:
     """A few steps on a throw-away model, so that the timed runs do not pay the process's first-call costs."""
     from weightshare.multitask.trainer import TrainConfig, train
 
-    train(model, x[:128], y[:128], TrainConfig(epochs=2, batch_size=64), desc="warm-up")
+    train(model, x, y, TrainConfig(epochs=2, batch_size=32), desc="warm-up")
 
 
 def summary_rows(result: dict) -> list[dict]:
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ws.set_progress(rank == 0 and not args.quiet)
     try:
         cfg = read_config(args.config)
-        check(cfg, world)
+        check(cfg, world, models=False)  # each rank builds its own model; CoTrainer compares the subsets
     except ValueError as exc:  # every rank finds the same problems: one of them says so
         if rank == 0:
             print(f"weightshare cotrain: error: {exc}", file=sys.stderr)
