@@ -36,13 +36,15 @@ LOGIT_BUDGET = 1 << 25  # floats of logits held at once in a perplexity batch (1
 
 
 def read_data(path: str | Path, text_field: str | None = None, label_field: str | None = None,
-              limit: int | None = None, flag: str = "--data") -> tuple[list[str], list | None]:
+              limit: int | None = None, flag: str = "--data",
+              field_flags: tuple[str, str] = ("--text-field", "--label-field")) -> tuple[list[str], list | None]:
     """Texts (and labels, where the file has them) from ``path``.
 
     ``.csv``: a header row, the text in ``text_field`` (default: the first of
     ``TEXT_FIELDS`` the header has), labels in ``label_field`` (default: the first of
     ``LABEL_FIELDS``, if any).  ``.jsonl``: one JSON object per line, the same fields.
-    Anything else: UTF-8 text, one text per non-empty line, no labels.  Errors name ``flag``.
+    Anything else: UTF-8 text, one text per non-empty line, no labels.  Errors name ``flag``,
+    and ``field_flags`` where the user names the two fields (a YAML key, for a config file).
     """
     p = Path(path)
     if not p.is_file():
@@ -53,7 +55,10 @@ def read_data(path: str | Path, text_field: str | None = None, label_field: str 
         raise ValueError(f"{flag} {str(path)!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     suffix = p.suffix.lower()
     if suffix == ".csv":
-        rows = list(csv.DictReader(raw.splitlines()))
+        try:
+            rows = list(csv.DictReader(raw.splitlines()))
+        except csv.Error as exc:
+            raise ValueError(f"{flag} {str(path)!r}: not a readable CSV file ({exc})") from None
         where = lambda i: f"row {i + 2}"  # noqa: E731 - the header is row 1
     elif suffix in (".jsonl", ".ndjson"):
         rows = []
@@ -70,7 +75,7 @@ def read_data(path: str | Path, text_field: str | None = None, label_field: str 
         where = lambda i: f"record {i + 1}"  # noqa: E731
     else:
         if text_field or label_field:
-            raise ValueError(f"{flag} {str(path)!r}: --text-field and --label-field need a .csv or .jsonl file")
+            raise ValueError(f"{flag} {str(path)!r}: {' and '.join(field_flags)} need a .csv or .jsonl file")
         texts = [line.strip() for line in raw.splitlines() if line.strip()][:limit]
         if not texts:
             raise ValueError(f"{flag} {str(path)!r}: no text lines")
@@ -82,10 +87,10 @@ def read_data(path: str | Path, text_field: str | None = None, label_field: str 
     if text_key not in fields:
         raise ValueError(f"{flag} {str(path)!r}: no text field {text_key or ''!r} "
                          f"(fields: {', '.join(map(str, fields))}); "
-                         "name it with --text-field")
+                         f"name it with {field_flags[0]}")
     if label_field and label_field not in fields:
         raise ValueError(f"{flag} {str(path)!r}: no label field {label_field!r} "
-                         f"(fields: {', '.join(map(str, fields))})")
+                         f"(fields: {', '.join(map(str, fields))}); name it with {field_flags[1]}")
     label_key = label_field or next((f for f in LABEL_FIELDS if f in fields), None)
     rows = rows[:limit]
     texts, labels = [], []

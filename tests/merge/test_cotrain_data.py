@@ -59,6 +59,10 @@ def test_jsonl_csv_and_npz_read_to_the_same_rows(tmp_path):
     (tmp_path / "d.csv").write_text("sentence,topic\n" + "".join(f'"{t}",{y}\n' for t, y in zip(texts, labels)))
     b = read_rows(DataSpec(str(tmp_path / "d.csv"), text="sentence", label="topic"))
     assert a.inputs == b.inputs == texts and a.names == b.names == ["neg", "pos"]
+    (tmp_path / "e.csv").write_text("id,sentence,class\n" + "".join(f"{i},{t},{y}\n" for i, (t, y) in
+                                                                  enumerate(zip(texts, labels))))
+    e = read_rows(DataSpec(str(tmp_path / "e.csv")))  # the fields weightshare eval finds by default
+    assert e.inputs == texts and e.names == ["neg", "pos"]
     assert a.y.tolist() == b.y.tolist() == [1, 0] * 6
     x = np.arange(24, dtype=np.float32).reshape(12, 2)
     np.savez(tmp_path / "d.npz", x=x, y=np.array([3, 5] * 6))
@@ -78,24 +82,24 @@ def test_listed_labels_fix_the_order_and_csv_integers_are_read_as_the_listed_one
 def _bad_files(tmp_path):
     j = tmp_path / "d.jsonl"
     yield "jsonl, no label column", lambda: j.write_text('{"text": "a b", "label": "x"}\n{"text": "c"}\n'), \
-        DataSpec(str(j)), r"d\.jsonl, line 2: no column 'label' \(it has: text\)\n  name the column with data\.label"
+        DataSpec(str(j)), r"d\.jsonl': record 2 has no label in 'label'"
     yield "jsonl, not JSON", lambda: j.write_text('{"text": "a", "label": 1}\n{oops\n'), \
-        DataSpec(str(j)), r"line 2: not a JSON object"
+        DataSpec(str(j)), r"d\.jsonl': line 2 is not JSON"
     yield "jsonl, a list", lambda: j.write_text('[1, 2]\n'), DataSpec(str(j)), \
-        r"line 1: expected a JSON object, got list"
+        r"line 1 is not a JSON object"
     yield "jsonl, empty text", lambda: j.write_text('{"text": "a", "label": 1}\n{"text": " ", "label": 2}\n'), \
-        DataSpec(str(j)), r"line 2: column 'text' must hold non-empty text"
+        DataSpec(str(j)), r"record 2 has no text in 'text'"
     yield "jsonl, a float label", lambda: j.write_text('{"text": "a", "label": 1.5}\n'), \
-        DataSpec(str(j)), r"line 1: column 'label' must hold a label"
+        DataSpec(str(j)), r"record 1: a label must be a string or an integer, got 1\.5"
     yield "unknown label", lambda: j.write_text('{"text": "a", "label": "x"}\n' * 2
                                                 + '{"text": "b", "label": "z"}\n'), \
         DataSpec(str(j), labels=("x", "y")), \
-        r"line 3: unknown label 'z' in column 'label'\n  expected one of data\.labels"
+        r"record 3: unknown label 'z' in column 'label'\n  expected one of data\.labels"
     yield "one label only", lambda: j.write_text('{"text": "a", "label": "x"}\n' * 3), DataSpec(str(j)), \
         r"every row has the label 'x'"
     c = tmp_path / "d.csv"
     yield "csv, no such column", lambda: c.write_text("body,label\nhello,1\n"), DataSpec(str(c)), \
-        r"no column 'text' in the header \(it has: body, label\)\n  name the column with data\.text"
+        r"no text field '' \(fields: body, label\); name it with data\.text"
     n = tmp_path / "d.npz"
     yield "npz, object array", lambda: np.savez(n, x=np.array([[1.0]], dtype=object), y=np.array([1])), \
         DataSpec(str(n), "x", "y"), r"array 'x' declares object \(1, 1\).*objects, which are never unpickled"
@@ -255,7 +259,7 @@ def test_check_refuses_data_a_model_cannot_read_and_a_directory_that_does_not_lo
         ({"data": data, "workers": [{"model": tiny_bert, "shared": shared, "trainable_layers": 5}]},
          "trainable_layers: the model has 2 layers; got 5"),
         ({"data": {"path": data, "labels": ["pos", "other"]}, "workers": [{"model": tiny_bert, "shared": shared}]},
-         "cotrain config: data: .*t.jsonl, line 2: unknown label 'neg'"),
+         "cotrain config: data '.*t.jsonl': record 2: unknown label 'neg'"),
     ]
     for extra, message in cases:
         with pytest.raises(ValueError) as e:

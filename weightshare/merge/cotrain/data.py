@@ -12,17 +12,18 @@ test split)::
       label: category             # the text (or features) and label columns / arrays
       labels: [neg, pos]          # optional: the label set, in order; a row with another label is refused
 
-Defaults: ``text: text``, ``label: label`` (``.npz``: arrays ``x`` and ``y``).  The labels are
-the file's distinct labels, sorted, unless ``labels`` lists them.  A file is untrusted input:
-every row is checked (columns present, text a non-empty string, label known) and a problem is
-reported with its file, line and column before any process starts; ``.npz`` files are read
-without pickles.
+Text files are read by ``weightshare.evaluate.read_data`` (the one reader of labelled text, also
+behind ``weightshare eval``): by default the text is the first of its ``TEXT_FIELDS`` a file has
+(``text``, ``sentence``, ...) and the label the first of its ``LABEL_FIELDS``; ``.npz`` arrays
+default to ``x`` and ``y``.  The labels are the file's distinct labels, sorted, unless ``labels``
+lists them.  A file is untrusted input: every row is checked (columns present, text a non-empty
+string, label known) and a problem is reported with its file, row and column before any process
+starts; ``.npz`` headers are checked before numpy allocates what they declare, and no pickle is
+ever loaded.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ __all__ = ["DataSpec", "Rows", "parse_data", "read_rows", "split_parts", "split_
 BUILT_IN = ("digits",)
 DATA_KEYS = ("path", "text", "label", "labels")
 SUFFIXES = (".jsonl", ".csv", ".npz")
-MAX_ROWS = 10_000_000  # a bound on what a file may make us hold, checked before the rows are built
+MAX_ROWS = 10_000_000  # rows a data file may hold
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class DataSpec:
     """A labelled file and the columns (arrays, for ``.npz``) holding the inputs and the labels."""
 
     path: str
-    text: str = "text"
-    label: str = "label"
+    text: str | None = None  # None: read_data's default fields (npz: "x")
+    label: str | None = None  # (npz: "y")
     labels: tuple | None = None
 
     @property
@@ -93,10 +94,10 @@ def parse_data(raw, at: str, problems: list[str]) -> str | DataSpec | None:
                         f"{', '.join(BUILT_IN)})")
         return None
     npz = Path(path).suffix.lower() == ".npz"
-    text, label = raw.get("text", "x" if npz else "text"), raw.get("label", "y" if npz else "label")
+    text, label = raw.get("text", "x" if npz else None), raw.get("label", "y" if npz else None)
     ok = not bad
     for key, value in (("text", text), ("label", label)):
-        if not isinstance(value, str) or not value:
+        if value is not None and (not isinstance(value, str) or not value):
             problems.append(f"{at}.{key}: expected a column name, got {value!r}")
             ok = False
     labels = raw.get("labels")
@@ -123,80 +124,42 @@ def read_rows(spec: DataSpec, at: str = "data") -> Rows:
     if spec.kind == ".npz":
         inputs, raw_labels = _read_npz(path, spec, at)
     else:
-        try:
-            inputs, raw_labels = (_read_jsonl if spec.kind == ".jsonl" else _read_csv)(path, spec, at)
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{at}: {spec.path}: not UTF-8 text (byte {exc.start} of a line)") from None
-        except csv.Error as exc:
-            raise DataError(f"{at}: {spec.path}: not a readable CSV file ({exc})") from None
+        inputs, raw_labels = _read_text(path, spec, at)
     if len(raw_labels) < 2:
-        raise DataError(f"{at}: {spec.path}: {len(raw_labels)} row(s); expected at least 2 labelled rows")
+        raise DataError(f"{at} {spec.path!r}: {len(raw_labels)} row(s); expected at least 2 labelled rows")
     names = list(spec.labels) if spec.labels is not None else sorted(set(raw_labels), key=lambda v: (str(type(v)), v))
     index = {v: i for i, v in enumerate(names)}
     for row, v in enumerate(raw_labels):
         if v not in index:
-            where = f"row {row}" if spec.kind == ".npz" else f"line {row + (2 if spec.kind == '.csv' else 1)}"
-            raise DataError(f"{at}: {spec.path}, {where}: unknown label {v!r} in column {spec.label!r}\n"
+            where = {".npz": f"row {row}", ".csv": f"row {row + 2}"}.get(spec.kind, f"record {row + 1}")
+            raise DataError(f"{at} {spec.path!r}: {where}: unknown label {v!r} in column {spec.label or 'label'!r}\n"
                             f"  expected one of {at}.labels: {names}")
     if len(names) < 2:
-        raise DataError(f"{at}: {spec.path}: every row has the label {names[0]!r}; expected at least 2 labels")
+        raise DataError(f"{at} {spec.path!r}: every row has the label {names[0]!r}; expected at least 2 labels")
     y = torch.tensor([index[v] for v in raw_labels], dtype=torch.long)
     return Rows(inputs, y, names)
 
 
-def _label(value, spec: DataSpec, at: str, where: str):
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        raise DataError(f"{at}: {spec.path}, {where}: column {spec.label!r} must hold a label (a string or an "
-                        f"integer), got {value!r}")
-    return value
+def _read_text(path: Path, spec: DataSpec, at: str) -> tuple[list[str], list]:
+    """Texts and labels of a .jsonl / .csv file through ``evaluate.read_data``; labels must be strings or integers
+    (a CSV holds strings: "1" is the label 1 when ``labels`` lists integers)."""
+    from weightshare.evaluate import LABEL_FIELDS, read_data
 
-
-def _text(value, spec: DataSpec, at: str, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{at}: {spec.path}, {where}: column {spec.text!r} must hold non-empty text, got {value!r}")
-    return value
-
-
-def _read_jsonl(path: Path, spec: DataSpec, at: str):
-    texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {line_no}"
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"{at}: {spec.path}, {where}: not a JSON object ({exc})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{at}: {spec.path}, {where}: expected a JSON object, got {type(obj).__name__}")
-            for col in (spec.text, spec.label):
-                if col not in obj:
-                    raise DataError(f"{at}: {spec.path}, {where}: no column {col!r} (it has: {', '.join(obj)})\n"
-                                    f"  name the column with {at}.{'text' if col == spec.text else 'label'}")
-            texts.append(_text(obj[spec.text], spec, at, where))
-            labels.append(_label(obj[spec.label], spec, at, where))
-            if len(labels) > MAX_ROWS:
-                raise DataError(f"{at}: {spec.path}: more than {MAX_ROWS:,} rows")
-    return texts, labels
-
-
-def _read_csv(path: Path, spec: DataSpec, at: str):
-    texts, labels = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        for col, key in ((spec.text, "text"), (spec.label, "label")):
-            if col not in header:
-                raise DataError(f"{at}: {spec.path}: no column {col!r} in the header (it has: {', '.join(header)})\n"
-                                f"  name the column with {at}.{key}")
-        for row in reader:
-            where = f"line {reader.line_num}"
-            texts.append(_text(row[spec.text], spec, at, where))
-            labels.append(_label(row[spec.label], spec, at, where))
-            if len(labels) > MAX_ROWS:
-                raise DataError(f"{at}: {spec.path}: more than {MAX_ROWS:,} rows")
-    if spec.labels is not None:  # CSV holds strings: "1" is the label 1 when the config lists integers
+    try:
+        texts, labels = read_data(path, spec.text, spec.label, flag=at, field_flags=(f"{at}.text", f"{at}.label"))
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    if labels is None:
+        raise DataError(f"{at} {spec.path!r}: no label field (looked for: {', '.join(LABEL_FIELDS)}); "
+                        f"name it with {at}.label")
+    if len(labels) > MAX_ROWS:
+        raise DataError(f"{at} {spec.path!r}: {len(labels):,} rows; at most {MAX_ROWS:,}")
+    where = "row {}" if spec.kind == ".csv" else "record {}"
+    for i, v in enumerate(labels):
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            n = i + 2 if spec.kind == ".csv" else i + 1
+            raise DataError(f"{at} {spec.path!r}: {where.format(n)}: a label must be a string or an integer, got {v!r}")
+    if spec.labels is not None and spec.kind == ".csv":
         as_text = {str(v): v for v in spec.labels}
         labels = [as_text.get(v, v) for v in labels]
     return texts, labels
@@ -216,7 +179,7 @@ def _npz_header(zf, name: str, spec: DataSpec, at: str) -> None:
         shape, _, dtype = (npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0)(f)
     count = math.prod(shape)
     if dtype.hasobject or count > MAX_NPZ_VALUES or count * dtype.itemsize > info.file_size:
-        raise DataError(f"{at}: {spec.path}: array {name!r} declares {dtype} {shape}, which its "
+        raise DataError(f"{at} {spec.path!r}: array {name!r} declares {dtype} {shape}, which its "
                         f"{info.file_size:,} stored bytes cannot hold (or objects, which are never unpickled)")
 
 
@@ -228,7 +191,7 @@ def _read_npz(path: Path, spec: DataSpec, at: str):
             names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
             for name, key in ((spec.text, "text"), (spec.label, "label")):
                 if name not in names:
-                    raise DataError(f"{at}: {spec.path}: no array {name!r} (it has: {', '.join(names)})\n"
+                    raise DataError(f"{at} {spec.path!r}: no array {name!r} (it has: {', '.join(names)})\n"
                                     f"  name the array with {at}.{key}")
                 _npz_header(zf, name, spec, at)
         with np.load(path, allow_pickle=False) as z:
@@ -236,17 +199,17 @@ def _read_npz(path: Path, spec: DataSpec, at: str):
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - zipfile, zlib and numpy raise many types on a damaged file
-        raise DataError(f"{at}: {spec.path}: not a readable .npz of arrays ({type(exc).__name__}: "
+        raise DataError(f"{at} {spec.path!r}: not a readable .npz of arrays ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if x.dtype.kind not in "fiu" or x.ndim < 2 or x.shape[0] == 0:
-        raise DataError(f"{at}: {spec.path}: array {spec.text!r} must be numbers with one row per sample, "
+        raise DataError(f"{at} {spec.path!r}: array {spec.text!r} must be numbers with one row per sample, "
                         f"got {x.dtype} {x.shape}")
     if y.ndim != 1 or y.shape[0] != x.shape[0] or y.dtype.kind not in "iuU":
-        raise DataError(f"{at}: {spec.path}: array {spec.label!r} must hold one integer or string label per row of "
+        raise DataError(f"{at} {spec.path!r}: array {spec.label!r} must hold one integer or string label per row of "
                         f"{spec.text!r} ({x.shape[0]}), got {y.dtype} {y.shape}")
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
-        raise DataError(f"{at}: {spec.path}: array {spec.text!r} holds NaN or infinite values")
+        raise DataError(f"{at} {spec.path!r}: array {spec.text!r} holds NaN or infinite values")
     labels = [v.item() if hasattr(v, "item") else v for v in y]
     return torch.from_numpy(x.reshape(x.shape[0], -1)), labels
 
