@@ -30,6 +30,8 @@ _EXPORTS = {
     "save": "weightshare.pack",
     "set_progress": "weightshare._progress",
     "share_": "weightshare.space",
+    "step_": "weightshare.training",
+    "freeze_": "weightshare.training",
 }
 # the config class of every map in weightshare/sharing/ (CodebookConfig, HashConfig, ...) is exported too,
 # found in the registry: adding a map edits nothing here

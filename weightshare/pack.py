@@ -230,7 +230,12 @@ def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | No
     ``max_shard_size`` is written as shards ``weightshare-0000K-of-0000N.safetensors`` and
     ``weightshare.safetensors.index.json`` (the spec in the index's metadata), as ``save_pretrained`` shards.
     """
+    from weightshare.training.recluster import training_sharing
+
     path = Path(path)
+    if training_sharing(model):
+        raise ValueError(f"save: {training_sharing(model)[0][0]} still re-clusters while training (train='recluster')"
+                         "\n  call ws.freeze_(model) first: it fixes the clusters and their means as the tables")
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
     inner = hub.inner_model(model)
     check_dest(path, source.path if source else None)

@@ -279,14 +279,20 @@ def config_from_dict(d: dict):
     if not isinstance(name, str) or name not in _CONFIGS:
         raise ValueError(clip(f"unknown sharing config\n  expected one of: {sorted(_CONFIGS)}\n  got: {name!r}"))
     cls = _CONFIGS[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in _stored_fields(cls)}
     if set(d) != fields:
         raise ValueError(clip(f"{name}: fields\n  expected: {sorted(fields)}\n  got: {sorted(map(str, d))}"))
     return cls(**d)
 
 
+def _stored_fields(cls) -> list:
+    """A config's fields that packed files hold: not the training-time ones (``metadata={"training": True}``),
+    since a packed model is frozen."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("training")]
+
+
 def config_to_dict(config) -> dict:
-    return {"type": type(config).__name__, **dataclasses.asdict(config)}
+    return {"type": type(config).__name__, **{f.name: getattr(config, f.name) for f in _stored_fields(config)}}
 
 
 def share_(model: nn.Module, config, filter_fn: FilterFn | None = None) -> nn.Module:

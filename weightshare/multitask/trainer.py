@@ -122,6 +122,9 @@ def _training_loop(model: nn.Module, params, rows: torch.Tensor, config: TrainCo
     order = torch.Generator().manual_seed(config.seed)
     result = TrainResult()
     model.train()
+    from weightshare.training.recluster import step_, training_sharing
+
+    recluster = bool(training_sharing(model))  # codebooks that re-cluster as the weights move (train='recluster')
     for epoch in progress(range(config.epochs), desc=desc, unit="epoch", leave=False):
         t_epoch = time.perf_counter()
         perm = rows[torch.randperm(n, generator=order)] if batch < n else rows
@@ -134,6 +137,8 @@ def _training_loop(model: nn.Module, params, rows: torch.Tensor, config: TrainCo
             opt.step()
             if sched is not None:
                 sched.step()
+            if recluster:
+                step_(model)
             result.step_seconds.append(time.perf_counter() - t0)
             total += loss * len(idx)
             if on_step is not None:

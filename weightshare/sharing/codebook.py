@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ __all__ = ["CodebookConfig", "codebook_", "codebook_model_", "table_storage_dtyp
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+TRAIN_MODES = (None, "recluster")
 TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUPPORTED_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECODE_CHUNK = 1 << 18  # weights decoded per step at inference: bounds the int64 index temporary to 8 MB
@@ -75,6 +76,10 @@ class CodebookConfig:
     group_size: int | None = None  # per_group only: consecutive input weights of a row sharing one table
     table_dtype: str = "float16"  # tables are rounded to this dtype, so the packed file is exact
     version: int = 1  # bumped when the meaning of a field changes (stored in packed files)
+    # training-time sharing (training/recluster.py); never stored: a packed model is frozen (ws.freeze_)
+    train: str | None = field(default=None, metadata={"training": True})  # None | "recluster"
+    recluster_every: int = field(default=100, metadata={"training": True})  # optimizer steps between re-clusterings
+    recluster_until: int | None = field(default=None, metadata={"training": True})  # last step that re-clusters
 
     def __post_init__(self):
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -97,6 +102,15 @@ class CodebookConfig:
                              f"  got: {self.table_dtype!r}")
         if self.version != 1 or not _is_int(self.version):
             raise ValueError(f"CodebookConfig.version\n  expected: 1 (this release)\n  got: {self.version!r}")
+        if self.train not in TRAIN_MODES:
+            later = " (dkm and soft weight-sharing are not in this release)" if self.train in ("dkm", "soft") else ""
+            raise ValueError(f"CodebookConfig.train\n  expected one of: {TRAIN_MODES}{later}\n  got: {self.train!r}")
+        if not _is_int(self.recluster_every) or self.recluster_every < 1:
+            raise ValueError("CodebookConfig.recluster_every\n  expected: a positive number of optimizer steps\n"
+                             f"  got: {self.recluster_every!r}")
+        if self.recluster_until is not None and (not _is_int(self.recluster_until) or self.recluster_until < 0):
+            raise ValueError("CodebookConfig.recluster_until\n  expected: a step number >= 0, or None (re-cluster "
+                             f"for the whole run)\n  got: {self.recluster_until!r}")
 
 
 def group_layout(shape: torch.Size | tuple, granularity: str, group_size: int | None,
@@ -119,7 +133,7 @@ def group_layout(shape: torch.Size | tuple, granularity: str, group_size: int | 
     return rows * (row_len // group_size), group_size
 
 
-class _Codebook(Parametrization):
+class CodebookParametrization(Parametrization):
     """Parametrization W = tables[g, labels[i]].
 
     ``right_inverse`` (run by ``register_parametrization``) clusters the dense
@@ -277,7 +291,7 @@ class RowLookupEmbedding(nn.Embedding):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if parametrize.is_parametrized(self, "weight") and self.max_norm is None and not torch.is_grad_enabled():
             plist = self.parametrizations.weight
-            if len(plist) == 1 and isinstance(plist[0], _Codebook) and not plist[0].transposed:
+            if len(plist) == 1 and isinstance(plist[0], CodebookParametrization) and not plist[0].transposed:
                 return plist[0].rows(plist.original, input)
         return super().forward(input)
 
@@ -289,7 +303,8 @@ def table_parameters(model: nn.Module) -> list[nn.Parameter]:
         if not parametrize.is_parametrized(module):
             continue
         for plist in module.parametrizations.values():
-            if any(isinstance(p, _Codebook) for p in plist) and id(plist.original) not in seen:
+            # exact type: a re-clustering codebook's original is its latent weight, not tables
+            if any(type(p) is CodebookParametrization for p in plist) and id(plist.original) not in seen:
                 seen.add(id(plist.original))
                 out.append(plist.original)
     return out
@@ -319,7 +334,14 @@ def codebook_(module: nn.Module, name: str = "weight", config: CodebookConfig | 
         _check_weight(fqn or name, weight, config, transposed)
     else:
         unmeta_(module, name)
-    param = _Codebook(weight.shape, config, importance=importance, init=init, transposed=transposed)
+    if config.train == "recluster" and init is None:
+        if importance is not None:
+            raise ValueError(f"{fqn or name}: train='recluster' clusters data-free (re-clustering has no importance)")
+        from weightshare.training.recluster import ReclusterParametrization  # imports this file: not at the top
+
+        param = ReclusterParametrization(weight.shape, config, transposed=transposed)
+    else:
+        param = CodebookParametrization(weight.shape, config, importance=importance, init=init, transposed=transposed)
     if type(module) is nn.Embedding and name == "weight":  # exact class: subclasses may have their own forward
         module.__class__ = RowLookupEmbedding
     parametrize.register_parametrization(module, name, param, unsafe=True)
@@ -512,7 +534,7 @@ def _outlier_bytes(outliers: Outliers | None, numel: int, config: CodebookConfig
 class CodebookMap(SharingMap):
     name = "codebook"
     config = CodebookConfig
-    parametrizations = (_Codebook,)
+    parametrizations = (CodebookParametrization,)
     modules = (CodebookLinear, CodebookEmbedding)
 
     def build_module(self, owner, attr, name, entry, fetch):
