@@ -230,7 +230,7 @@ def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | No
     ``max_shard_size`` is written as shards ``weightshare-0000K-of-0000N.safetensors`` and
     ``weightshare.safetensors.index.json`` (the spec in the index's metadata), as ``save_pretrained`` shards.
     """
-    from weightshare.training.recluster import training_sharing
+    from weightshare.training import training_sharing
 
     path = Path(path)
     if training_sharing(model):

@@ -122,7 +122,7 @@ def _training_loop(model: nn.Module, params, rows: torch.Tensor, config: TrainCo
     order = torch.Generator().manual_seed(config.seed)
     result = TrainResult()
     model.train()
-    from weightshare.training.recluster import step_, training_sharing
+    from weightshare.training import step_, training_sharing
 
     recluster = bool(training_sharing(model))  # codebooks that re-cluster as the weights move (train='recluster')
     for epoch in progress(range(config.epochs), desc=desc, unit="epoch", leave=False):

@@ -52,7 +52,7 @@ __all__ = ["CodebookConfig", "codebook_", "codebook_model_", "table_storage_dtyp
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-TRAIN_MODES = (None, "recluster")
+TRAIN_MODES = (None, "recluster", "dkm")  # weightshare/training/, one file each
 TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUPPORTED_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECODE_CHUNK = 1 << 18  # weights decoded per step at inference: bounds the int64 index temporary to 8 MB
@@ -80,6 +80,9 @@ class CodebookConfig:
     train: str | None = field(default=None, metadata={"training": True})  # None | "recluster"
     recluster_every: int = field(default=100, metadata={"training": True})  # optimizer steps between re-clusterings
     recluster_until: int | None = field(default=None, metadata={"training": True})  # last step that re-clusters
+    dkm_temperature: float = field(default=0.05, metadata={"training": True})  # DKM: of distances / group variance
+    dkm_anneal: float = field(default=1.0, metadata={"training": True})  # DKM: temperature factor per step
+    dkm_iters: int = field(default=3, metadata={"training": True})  # DKM: soft k-means iterations per forward
 
     def __post_init__(self):
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -103,11 +106,20 @@ class CodebookConfig:
         if self.version != 1 or not _is_int(self.version):
             raise ValueError(f"CodebookConfig.version\n  expected: 1 (this release)\n  got: {self.version!r}")
         if self.train not in TRAIN_MODES:
-            later = " (dkm and soft weight-sharing are not in this release)" if self.train in ("dkm", "soft") else ""
+            later = " (soft weight-sharing is not in this release)" if self.train == "soft" else ""
             raise ValueError(f"CodebookConfig.train\n  expected one of: {TRAIN_MODES}{later}\n  got: {self.train!r}")
         if not _is_int(self.recluster_every) or self.recluster_every < 1:
             raise ValueError("CodebookConfig.recluster_every\n  expected: a positive number of optimizer steps\n"
                              f"  got: {self.recluster_every!r}")
+        if not (isinstance(self.dkm_temperature, (int, float)) and not isinstance(self.dkm_temperature, bool)
+                and 0 < self.dkm_temperature < math.inf):
+            raise ValueError("CodebookConfig.dkm_temperature\n  expected: a number > 0\n"
+                             f"  got: {self.dkm_temperature!r}")
+        if not (isinstance(self.dkm_anneal, (int, float)) and not isinstance(self.dkm_anneal, bool)
+                and 0 < self.dkm_anneal <= 1):
+            raise ValueError(f"CodebookConfig.dkm_anneal\n  expected: a factor in (0, 1]\n  got: {self.dkm_anneal!r}")
+        if not _is_int(self.dkm_iters) or not 1 <= self.dkm_iters <= 100:
+            raise ValueError(f"CodebookConfig.dkm_iters\n  expected: an integer in 1..100\n  got: {self.dkm_iters!r}")
         if self.recluster_until is not None and (not _is_int(self.recluster_until) or self.recluster_until < 0):
             raise ValueError("CodebookConfig.recluster_until\n  expected: a step number >= 0, or None (re-cluster "
                              f"for the whole run)\n  got: {self.recluster_until!r}")
@@ -334,12 +346,12 @@ def codebook_(module: nn.Module, name: str = "weight", config: CodebookConfig | 
         _check_weight(fqn or name, weight, config, transposed)
     else:
         unmeta_(module, name)
-    if config.train == "recluster" and init is None:
+    if config.train is not None and init is None:
         if importance is not None:
-            raise ValueError(f"{fqn or name}: train='recluster' clusters data-free (re-clustering has no importance)")
-        from weightshare.training.recluster import ReclusterParametrization  # imports this file: not at the top
+            raise ValueError(f"{fqn or name}: train={config.train!r} clusters data-free (it takes no importance)")
+        from weightshare.training.base import parametrization_for  # it imports this file: not at the top
 
-        param = ReclusterParametrization(weight.shape, config, transposed=transposed)
+        param = parametrization_for(config)(weight.shape, config, transposed=transposed)
     else:
         param = CodebookParametrization(weight.shape, config, importance=importance, init=init, transposed=transposed)
     if type(module) is nn.Embedding and name == "weight":  # exact class: subclasses may have their own forward

@@ -1,0 +1,116 @@
+"""What every way of training-time sharing has in common: the parametrization they build on, the one hook a
+training loop calls after each optimizer step (``step_``), and ``freeze_``, which turns them into the ordinary
+codebooks ``ws.save`` packs.  Each way is one file in this package and registers its parametrization under
+its ``CodebookConfig.train`` name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from weightshare.sharing.codebook import CodebookParametrization, codebook_
+from weightshare.space import share_parametrization_
+
+__all__ = ["TrainingCodebook", "register_mode", "parametrization_for", "training_sharing", "step_", "freeze_"]
+
+_MODES: dict[str, type] = {}
+
+
+class TrainingCodebook(CodebookParametrization):
+    """A codebook whose original is the latent dense weight while the model trains.  A subclass defines
+    ``on_step(w)`` (after each optimizer step; returns whether its sharing changed) and ``frozen(w)`` (the
+    ``(tables, labels)`` of the ordinary codebook it becomes)."""
+
+    def __init__(self, shape, config, transposed: bool = False):
+        super().__init__(shape, config, transposed=transposed)
+        self.steps = 0
+
+    def grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` as (groups, weights per group), over the channel layout."""
+        return (w.t() if self.transposed else w).reshape(self.n_groups, self.group_len)
+
+    def ungrouped(self, g: torch.Tensor) -> torch.Tensor:
+        w = g.reshape(self.layout)
+        return w.t() if self.transposed else w
+
+    def rows(self, w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """An embedding's rows: from the whole training-time weight (a packed lookup needs frozen tables)."""
+        return self.forward(w)[index]
+
+    def on_step(self, w: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def frozen(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def register_mode(name: str, cls: type) -> type:
+    """Make ``CodebookConfig(train=name)`` build ``cls`` (done once, at import of its file)."""
+    _MODES[name] = cls
+    return cls
+
+
+def parametrization_for(config) -> type:
+    import weightshare.training  # noqa: F401 - importing the package registers every mode
+
+    return _MODES[config.train]
+
+
+def training_sharing(model: nn.Module) -> list[tuple[str, nn.Module, parametrize.ParametrizationList]]:
+    """(name, owner module, parametrization list) of every training-time codebook in ``model``, each once
+    (a tied weight's list is listed with its first owner)."""
+    out, seen = [], set()
+    for fqn, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            if id(plist) not in seen and any(isinstance(p, TrainingCodebook) for p in plist):
+                seen.add(id(plist))
+                out.append((f"{fqn}.{attr}" if fqn else attr, module, plist))
+    return out
+
+
+def step_(model: nn.Module) -> int:
+    """Count one optimizer step for every training-time codebook of ``model`` and let each act on it (re-cluster
+    when due, anneal a temperature).  Returns how many changed their sharing.  Call it after each optimizer step
+    of your own loop; the one training loop (``multitask.train`` / ``fit``) calls it itself.  A latent weight
+    that is no longer finite stops training with the step and the tensor named."""
+    done = 0
+    for name, _, plist in training_sharing(model):
+        p, w = plist[0], plist.original
+        p.steps += 1
+        if not torch.isfinite(w).all():
+            raise FloatingPointError(f"step {p.steps}: {name} holds NaN or inf values\n  lower the learning rate, or "
+                                     "clip gradients; the model is left as it was at this step")
+        done += bool(p.on_step(w))
+    return done
+
+
+def freeze_(model: nn.Module) -> nn.Module:
+    """End training-time sharing: every training-time codebook becomes the ordinary codebook of its current
+    state (``frozen``: re-clustering, its clusters and their means; DKM, the hard assignment to its centroids).
+    ``ws.save`` packs it; its tables can still be fine-tuned."""
+    found = training_sharing(model)
+    if not found:
+        raise ValueError("freeze_: this model has no training-time sharing to freeze\n  expected: a model shared "
+                         "with ws.CodebookConfig(train='recluster' or 'dkm') (ws.share_)")
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            owners.setdefault(id(module.parametrizations.weight), []).append(module)
+    for name, module, plist in found:
+        p = plist[0]
+        if len(plist) != 1 or not name.endswith("weight"):
+            raise ValueError(f"freeze_: {name}: a training-time codebook stacked on another map cannot be frozen yet")
+        tables, labels = p.frozen(plist.original)
+        config = dataclasses.replace(p.config, train=None)
+        shared = owners.get(id(plist), [module])
+        for owner in shared:  # each owner gets the latent tensor back as its plain weight (tied: the one tensor)
+            parametrize.remove_parametrizations(owner, "weight", leave_parametrized=False)
+        codebook_(shared[0], "weight", config, init=(tables, labels))
+        for other in shared[1:]:
+            share_parametrization_(shared[0], other)
+    return model
