@@ -84,7 +84,8 @@ def _size(n: int) -> str:
 def report(model: nn.Module) -> Report:
     """Count a model as it computes (virtual) and as it is stored, with a per-tensor table."""
     from weightshare.hub import inner_model
-    from weightshare.space import map_of, map_state, module_map
+    from weightshare.space import get_map, map_of, map_state, module_map
+    from weightshare.training.base import TrainingCodebook
 
     model = inner_model(model)
     uses: dict[int, int] = {}
@@ -112,9 +113,12 @@ def report(model: nn.Module) -> Report:
         if parametrize.is_parametrized(module):
             for tname, plist in module.parametrizations.items():
                 m = map_of(plist)
-                if m is None:
+                if m is None and isinstance(plist[0], TrainingCodebook):  # a codebook until ws.freeze_
+                    m, d = get_map("codebook"), plist[0].describe(plist.original)
+                elif m is None:
                     continue
-                d = m.describe(plist, seen)
+                else:
+                    d = m.describe(plist, seen)
                 state = map_state(prefix + tname, plist)
                 if state is not None and state.stacked is not None:  # another map stores this one's state
                     inner = state.stacked

@@ -187,3 +187,14 @@ def test_under_ddp_every_rank_holds_the_same_latent_weights_and_clusters():
     for name, (w, labels, steps) in results[0].items():
         w1, labels1, steps1 = results[1][name]
         assert steps == steps1 == 8 and np.array_equal(w, w1) and np.array_equal(labels, labels1), name
+
+
+@pytest.mark.parametrize("mode", ["recluster", "dkm"])
+def test_the_report_counts_training_time_codebooks_as_what_they_will_pack_to(mode):
+    model = shared(mlp(), train=mode, granularity="per_channel")
+    r = ws.report(model)
+    rows = {row.name: row for row in r.layers}
+    assert rows["0.weight"].map == "codebook" and f"(training: {mode})" in rows["0.weight"].detail
+    assert rows["0.weight"].params_stored == 24 * 12  # the latent weights, while training
+    ws.freeze_(model)
+    assert ws.report(model).bytes_packed == r.bytes_packed

@@ -6,12 +6,14 @@ its ``CodebookConfig.train`` name."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from weightshare.sharing.codebook import CodebookParametrization, codebook_
+from weightshare.bitpack import packed_size
+from weightshare.sharing.codebook import TABLE_DTYPES, CodebookParametrization, codebook_
 from weightshare.space import share_parametrization_
 
 __all__ = ["TrainingCodebook", "register_mode", "parametrization_for", "training_sharing", "step_", "freeze_"]
@@ -39,6 +41,15 @@ class TrainingCodebook(CodebookParametrization):
     def rows(self, w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """An embedding's rows: from the whole training-time weight (a packed lookup needs frozen tables)."""
         return self.forward(w)[index]
+
+    def describe(self, w: torch.Tensor) -> dict:
+        """What ``ws.report`` counts: the latent weights stored while training, and what the frozen codebook will
+        pack to (indices at ``bits`` bits, one table per group in the table dtype)."""
+        numel, k = math.prod(self.shape), 1 << self.config.bits
+        return {"shape": self.shape, "params_stored": numel, "bytes_dense": numel * w.element_size(),
+                "detail": f"{self.config.bits}-bit {self.config.granularity} (training: {self.config.train})",
+                "bytes_packed": packed_size(numel, self.config.bits)
+                + self.n_groups * k * TABLE_DTYPES[self.config.table_dtype].itemsize}
 
     def on_step(self, w: torch.Tensor) -> bool:
         raise NotImplementedError
