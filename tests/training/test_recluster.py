@@ -142,7 +142,7 @@ def test_a_transposed_weight_clusters_its_output_channels():
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"train": "soft"}, "CodebookConfig.train\n  expected one of: (None, 'recluster', 'dkm') (soft weight-sharing"),
+    ({"train": "hard"}, "CodebookConfig.train\n  expected one of: (None, 'recluster', 'dkm', 'soft')\n  got: 'hard'"),
     ({"train": "fast"}, "got: 'fast'"),
     ({"train": "recluster", "recluster_every": 0}, "recluster_every\n  expected: a positive number"),
     ({"train": "recluster", "recluster_until": -1}, "recluster_until\n  expected: a step number >= 0"),

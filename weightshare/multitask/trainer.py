@@ -169,9 +169,12 @@ def train(model: nn.Module, x, y: torch.Tensor, config: TrainConfig | None = Non
         raise ValueError("train: inputs and targets\n  expected: the same, non-zero number of rows\n"
                          f"  got: {rows} and {len(y)}")
 
+    from weightshare.training import penalty
+
     def step(idx: torch.Tensor) -> float:
         loss = loss_fn(model(select_rows(x, idx)), y[idx])
-        loss.backward()
+        extra = penalty(model)  # soft weight-sharing's prior, when the model has it
+        (loss if extra is None else loss + extra).backward()
         return float(loss.detach())
 
     return _training_loop(model, model.parameters() if params is None else params, torch.arange(rows), config, step,

@@ -52,7 +52,7 @@ __all__ = ["CodebookConfig", "codebook_", "codebook_model_", "table_storage_dtyp
 log = logging.getLogger(__name__)
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-TRAIN_MODES = (None, "recluster", "dkm")  # weightshare/training/, one file each
+TRAIN_MODES = (None, "recluster", "dkm", "soft")  # weightshare/training/, one file each
 TABLE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SUPPORTED_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DECODE_CHUNK = 1 << 18  # weights decoded per step at inference: bounds the int64 index temporary to 8 MB
@@ -83,6 +83,7 @@ class CodebookConfig:
     dkm_temperature: float = field(default=0.05, metadata={"training": True})  # DKM: of distances / group variance
     dkm_anneal: float = field(default=1.0, metadata={"training": True})  # DKM: temperature factor per step
     dkm_iters: int = field(default=3, metadata={"training": True})  # DKM: soft k-means iterations per forward
+    soft_weight: float = field(default=1e-3, metadata={"training": True})  # soft sharing: its prior's loss weight
 
     def __post_init__(self):
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -106,8 +107,7 @@ class CodebookConfig:
         if self.version != 1 or not _is_int(self.version):
             raise ValueError(f"CodebookConfig.version\n  expected: 1 (this release)\n  got: {self.version!r}")
         if self.train not in TRAIN_MODES:
-            later = " (soft weight-sharing is not in this release)" if self.train == "soft" else ""
-            raise ValueError(f"CodebookConfig.train\n  expected one of: {TRAIN_MODES}{later}\n  got: {self.train!r}")
+            raise ValueError(f"CodebookConfig.train\n  expected one of: {TRAIN_MODES}\n  got: {self.train!r}")
         if not _is_int(self.recluster_every) or self.recluster_every < 1:
             raise ValueError("CodebookConfig.recluster_every\n  expected: a positive number of optimizer steps\n"
                              f"  got: {self.recluster_every!r}")
@@ -118,6 +118,9 @@ class CodebookConfig:
         if not (isinstance(self.dkm_anneal, (int, float)) and not isinstance(self.dkm_anneal, bool)
                 and 0 < self.dkm_anneal <= 1):
             raise ValueError(f"CodebookConfig.dkm_anneal\n  expected: a factor in (0, 1]\n  got: {self.dkm_anneal!r}")
+        if not (isinstance(self.soft_weight, (int, float)) and not isinstance(self.soft_weight, bool)
+                and 0 < self.soft_weight < math.inf):
+            raise ValueError(f"CodebookConfig.soft_weight\n  expected: a number > 0\n  got: {self.soft_weight!r}")
         if not _is_int(self.dkm_iters) or not 1 <= self.dkm_iters <= 100:
             raise ValueError(f"CodebookConfig.dkm_iters\n  expected: an integer in 1..100\n  got: {self.dkm_iters!r}")
         if self.recluster_until is not None and (not _is_int(self.recluster_until) or self.recluster_until < 0):

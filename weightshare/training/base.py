@@ -16,7 +16,8 @@ from weightshare.bitpack import packed_size
 from weightshare.sharing.codebook import TABLE_DTYPES, CodebookParametrization, codebook_
 from weightshare.space import share_parametrization_
 
-__all__ = ["TrainingCodebook", "register_mode", "parametrization_for", "training_sharing", "step_", "freeze_"]
+__all__ = ["TrainingCodebook", "register_mode", "parametrization_for", "training_sharing", "penalty", "step_",
+           "freeze_"]
 
 _MODES: dict[str, type] = {}
 
@@ -51,6 +52,10 @@ class TrainingCodebook(CodebookParametrization):
                 "bytes_packed": packed_size(numel, self.config.bits)
                 + self.n_groups * k * TABLE_DTYPES[self.config.table_dtype].itemsize}
 
+    def penalty(self, w: torch.Tensor) -> torch.Tensor | None:
+        """A term the training loss gains (soft weight-sharing's prior), or None."""
+        return None
+
     def on_step(self, w: torch.Tensor) -> bool:
         raise NotImplementedError
 
@@ -84,6 +89,13 @@ def training_sharing(model: nn.Module) -> list[tuple[str, nn.Module, parametrize
     return out
 
 
+def penalty(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the terms ``model``'s training-time sharing adds to the loss (None when none does): the one
+    training loop adds it to every batch's loss; add it to yours in a loop of your own."""
+    terms = [t for _, _, plist in training_sharing(model) if (t := plist[0].penalty(plist.original)) is not None]
+    return torch.stack(terms).sum() if terms else None
+
+
 def step_(model: nn.Module) -> int:
     """Count one optimizer step for every training-time codebook of ``model`` and let each act on it (re-cluster
     when due, anneal a temperature).  Returns how many changed their sharing.  Call it after each optimizer step
@@ -107,7 +119,7 @@ def freeze_(model: nn.Module) -> nn.Module:
     found = training_sharing(model)
     if not found:
         raise ValueError("freeze_: this model has no training-time sharing to freeze\n  expected: a model shared "
-                         "with ws.CodebookConfig(train='recluster' or 'dkm') (ws.share_)")
+                         "with ws.CodebookConfig(train='recluster', 'dkm' or 'soft') (ws.share_)")
     owners: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
