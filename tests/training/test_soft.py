@@ -74,3 +74,26 @@ def test_training_with_the_prior_pulls_the_weights_onto_the_components_and_freez
 def test_a_bad_prior_weight_is_refused_by_name():
     with pytest.raises(ValueError, match="CodebookConfig.soft_weight\n  expected: a number > 0"):
         ws.CodebookConfig(train="soft", soft_weight=0)
+
+
+@pytest.mark.parametrize("method", ["ew", "pcgrad"])
+def test_multi_task_fit_adds_the_prior_too(method, monkeypatch):
+    """fit (loss weighting and gradient aggregation alike) backpropagates the prior after the tasks' gradients:
+    with the prior's weight raised, the trunk's weights end far closer to their components."""
+    from weightshare.multitask import MultiTaskModel, fit
+    from weightshare.training import penalty as prior
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 12, generator=g)
+    targets = {"a": x[:, :3].argmax(1), "b": (x[:, 3] > 0).long()}
+    ends = {}
+    for weight in (1e-6, 1.0):
+        def build(weight=weight):
+            torch.manual_seed(0)
+            trunk = shared(nn.Sequential(nn.Linear(12, 16), nn.ReLU()), soft_weight=weight)
+            return MultiTaskModel(trunk, {"a": nn.Linear(16, 3), "b": nn.Linear(16, 2)})
+
+        r = fit(build, x, targets, method, TrainConfig(epochs=20, batch_size=16, lr=0.01), keep_models=True)
+        trunk = r.models[0].trunk
+        ends[weight] = float(prior(trunk)) / trunk[0].parametrizations.weight[0].config.soft_weight
+    assert ends[1.0] < ends[1e-6] - 0.5  # mean negative log prior, per weight

@@ -383,6 +383,8 @@ def _fit_fold(model: nn.Module, x, targets: dict[str, torch.Tensor], rows: torch
     A method with a ``LossWeighting`` trains on the total loss it gives; any other aggregates
     the per-task gradients of the shared parameters.  Each step returns the batch's per-task
     mean losses over all processes (what ``on_epoch_end`` is told, averaged per epoch)."""
+    from weightshare.training import penalty
+
     world, rank = _world()
     shared = list(model.shared_parameters())
     # the weighting's own random draws (RLW): seeded from the config, the same on every process
@@ -406,6 +408,9 @@ def _fit_fold(model: nn.Module, x, targets: dict[str, torch.Tensor], rows: torch
             for p in list(model.parameters()) + extra:
                 if p.grad is not None and not any(p is q for q in aggregated):
                     p.grad = _all_reduce_mean(p.grad)
+        prior = penalty(model)  # soft weight-sharing's prior: the same weights on every process, so not averaged
+        if prior is not None:
+            prior.backward()
         return mean_losses
 
     on_epoch = None if weighting is None else lambda e, mean_losses: weighting.on_epoch_end(mean_losses)
