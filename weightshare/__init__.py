@@ -46,7 +46,7 @@ def __getattr__(name: str):
         if value is not None:
             globals()[name] = value
             return value
-    if name in ("compress", "multitask", "merge"):  # not bench: the library never imports a benchmark
+    if name in ("compress", "multitask", "merge", "training"):  # not bench: the library never imports a benchmark
         return import_module(f"weightshare.{name}")
     raise AttributeError(f"module 'weightshare' has no attribute {name!r}")
 
