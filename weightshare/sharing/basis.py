@@ -44,7 +44,7 @@ from weightshare.space import (
     unmeta_,
 )
 
-__all__ = ["BasisConfig", "basis_model_", "basis_params"]
+__all__ = ["BasisConfig", "basis_model_", "basis_params", "mix_groups"]
 
 FORMS = ("lowrank", "mix")
 
@@ -118,6 +118,20 @@ class _Mix(Parametrization):
 
     def forward(self, coef: torch.Tensor) -> torch.Tensor:
         return torch.tensordot(coef, self.bank, dims=1)
+
+
+def mix_groups(model: nn.Module) -> list[tuple[nn.Parameter, list[tuple[str, parametrize.ParametrizationList]]]]:
+    """Every mix-form group of ``model``: its bank of templates and its layers (weight name, parametrization
+    list, whose ``original`` is the layer's coefficients), in model order."""
+    groups: dict[int, tuple[nn.Parameter, list]] = {}
+    for fqn, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for attr, plist in module.parametrizations.items():
+            if isinstance(plist[0], _Mix):
+                bank = plist[0].bank
+                groups.setdefault(id(bank), (bank, []))[1].append((f"{fqn}.{attr}" if fqn else attr, plist))
+    return list(groups.values())
 
 
 def _group(model: nn.Module, config: BasisConfig) -> list[str]:
