@@ -11,8 +11,9 @@ codebooks of 1, 2 and 3 bits five ways, each given the same further epochs:
 * soft: ``train="soft"`` (soft weight-sharing, prior weight 0.1), then ``ws.freeze_``.
 
 Test error (mean over seeds) and seconds per epoch of the further training against the same epochs of
-plain dense training, run in turn.  Targets (issue 22): the best 2-bit model within 0.5 points of the
-dense network, the best 1-bit within 2 points.
+plain dense training, run in turn.  ``dense`` is the network the codebooks start from; ``dense_longer``
+is it trained the same further epochs, the fair reference of the targets (issue 22): the best 2-bit
+model within 0.5 points of it, the best 1-bit within 2 points.
 
 ``--quick``: 1 seed, 10 + 3 epochs, bits 1 and 2 (full: 3 seeds, 30 + 15 epochs, bits 1-3); it says so.
 """
@@ -54,7 +55,7 @@ def main(quick: bool = False) -> dict:
               "bits 1-3)", flush=True)
     ws.set_progress(False)
     errors = {(b, w): [] for b in bit_list for w in WAYS}
-    dense_err, seconds = [], {w: [] for w in ("dense", *WAYS)}
+    dense_err, longer_err, seconds = [], [], {w: [] for w in ("dense", *WAYS)}
     for seed in seeds:
         xtr, ytr, xte, yte = data(seed)
         torch.manual_seed(seed)
@@ -67,6 +68,7 @@ def main(quick: bool = False) -> dict:
             t0 = time.perf_counter()
             train(plain, xtr, ytr, cfg)
             seconds["dense"].append((time.perf_counter() - t0) / more)
+            longer_err.append(error_rate(plain, xte, yte))
             for way in WAYS:
                 model = _compressed(dense, way, bits)
                 t0 = time.perf_counter()
@@ -80,20 +82,23 @@ def main(quick: bool = False) -> dict:
                 errors[bits, way].append(error_rate(model, xte, yte))
             print(f"  seed {seed}, {bits} bit(s): " + ", ".join(f"{w} {100 * errors[bits, w][-1]:.2f} %" for w in WAYS),
                   flush=True)
-    base = float(np.mean(dense_err))
+    # the targets' reference: the dense network given the same further epochs (the fair one; "dense" stopped first)
+    base, longer = float(np.mean(dense_err)), float(np.mean(longer_err))
     rows = [{"bits": b, **{w: 100 * float(np.mean(errors[b, w])) for w in WAYS}, "dense": 100 * base,
-             "best": min(WAYS, key=lambda w: np.mean(errors[b, w]))} for b in bit_list]
+             "dense_longer": 100 * longer, "best": min(WAYS, key=lambda w: np.mean(errors[b, w]))} for b in bit_list]
     per_epoch = {w: statistics.median(v) for w, v in seconds.items() if v}
     print(table(rows, f"digits CNN, per-channel codebooks: test error in %, mean over {len(seeds)} seed(s); "
                       f"{first} dense epochs, then {more} more for each way"))
     print("seconds per epoch of the further training, against plain dense training: "
           + ", ".join(f"{w} {per_epoch[w] / per_epoch['dense']:.2f}x" for w in WAYS if w in per_epoch), flush=True)
-    out = {"dense_error": base, "rows": rows, "seconds_per_epoch": per_epoch, "seeds": len(seeds), "quick": quick}
+    out = {"dense_error": base, "dense_longer_error": longer, "rows": rows, "seconds_per_epoch": per_epoch,
+           "seeds": len(seeds), "quick": quick}
     for bits, allowed in ((2, 0.5), (1, 2.0)):
         if bits in bit_list:
             row = next(r for r in rows if r["bits"] == bits)
-            gap = row[row["best"]] - 100 * base
+            gap = row[row["best"]] - 100 * longer
             out[f"target_{bits}bit"] = gap <= allowed
-            print(f"{bits} bit(s): best {row['best']} at {row[row['best']]:.2f} % against dense {100 * base:.2f} %: "
+            print(f"{bits} bit(s): best {row['best']} at {row[row['best']]:.2f} % against dense {100 * longer:.2f} % "
+                  f"(trained as long): "
                   f"{gap:+.2f} points (target <= {allowed}): {'met' if gap <= allowed else 'not met'}", flush=True)
     return out
