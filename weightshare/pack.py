@@ -233,8 +233,9 @@ def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | No
     from weightshare.training import training_sharing
 
     path = Path(path)
-    if training_sharing(model):
-        raise ValueError(f"save: {training_sharing(model)[0][0]} still re-clusters while training (train='recluster')"
+    training = training_sharing(model)
+    if training:
+        raise ValueError(f"save: {training[0][0]} still re-clusters while training (train='recluster')"
                          "\n  call ws.freeze_(model) first: it fixes the clusters and their means as the tables")
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
     inner = hub.inner_model(model)

@@ -124,7 +124,7 @@ def _training_loop(model: nn.Module, params, rows: torch.Tensor, config: TrainCo
     model.train()
     from weightshare.training import step_, training_sharing
 
-    recluster = bool(training_sharing(model))  # codebooks that re-cluster as the weights move (train='recluster')
+    sharing = training_sharing(model)  # training-time codebooks (train='recluster' / 'dkm' / 'soft'): looked up once
     for epoch in progress(range(config.epochs), desc=desc, unit="epoch", leave=False):
         t_epoch = time.perf_counter()
         perm = rows[torch.randperm(n, generator=order)] if batch < n else rows
@@ -137,8 +137,8 @@ def _training_loop(model: nn.Module, params, rows: torch.Tensor, config: TrainCo
             opt.step()
             if sched is not None:
                 sched.step()
-            if recluster:
-                step_(model)
+            if sharing:
+                step_(model, sharing)
             result.step_seconds.append(time.perf_counter() - t0)
             total += loss * len(idx)
             if on_step is not None:
@@ -169,11 +169,13 @@ def train(model: nn.Module, x, y: torch.Tensor, config: TrainConfig | None = Non
         raise ValueError("train: inputs and targets\n  expected: the same, non-zero number of rows\n"
                          f"  got: {rows} and {len(y)}")
 
-    from weightshare.training import penalty
+    from weightshare.training import penalty, training_sharing
+
+    sharing = training_sharing(model)
 
     def step(idx: torch.Tensor) -> float:
         loss = loss_fn(model(select_rows(x, idx)), y[idx])
-        extra = penalty(model)  # soft weight-sharing's prior, when the model has it
+        extra = penalty(model, sharing) if sharing else None  # soft weight-sharing's prior, when the model has it
         (loss if extra is None else loss + extra).backward()
         return float(loss.detach())
 
@@ -383,8 +385,9 @@ def _fit_fold(model: nn.Module, x, targets: dict[str, torch.Tensor], rows: torch
     A method with a ``LossWeighting`` trains on the total loss it gives; any other aggregates
     the per-task gradients of the shared parameters.  Each step returns the batch's per-task
     mean losses over all processes (what ``on_epoch_end`` is told, averaged per epoch)."""
-    from weightshare.training import penalty
+    from weightshare.training import penalty, training_sharing
 
+    sharing = training_sharing(model)
     world, rank = _world()
     shared = list(model.shared_parameters())
     # the weighting's own random draws (RLW): seeded from the config, the same on every process
@@ -408,7 +411,7 @@ def _fit_fold(model: nn.Module, x, targets: dict[str, torch.Tensor], rows: torch
             for p in list(model.parameters()) + extra:
                 if p.grad is not None and not any(p is q for q in aggregated):
                     p.grad = _all_reduce_mean(p.grad)
-        prior = penalty(model)  # soft weight-sharing's prior: the same weights on every process, so not averaged
+        prior = penalty(model, sharing) if sharing else None  # the same on every process: not averaged
         if prior is not None:
             prior.backward()
         return mean_losses

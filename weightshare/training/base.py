@@ -89,20 +89,22 @@ def training_sharing(model: nn.Module) -> list[tuple[str, nn.Module, parametrize
     return out
 
 
-def penalty(model: nn.Module) -> torch.Tensor | None:
+def penalty(model: nn.Module, found: list | None = None) -> torch.Tensor | None:
     """The sum of the terms ``model``'s training-time sharing adds to the loss (None when none does): the one
-    training loop adds it to every batch's loss; add it to yours in a loop of your own."""
-    terms = [t for _, _, plist in training_sharing(model) if (t := plist[0].penalty(plist.original)) is not None]
+    training loop adds it to every batch's loss; add it to yours in a loop of your own.  ``found``: the model's
+    ``training_sharing`` list, when the caller holds it (a loop looks once, not at every step)."""
+    found = training_sharing(model) if found is None else found
+    terms = [t for _, _, plist in found if (t := plist[0].penalty(plist.original)) is not None]
     return torch.stack(terms).sum() if terms else None
 
 
-def step_(model: nn.Module) -> int:
+def step_(model: nn.Module, found: list | None = None) -> int:
     """Count one optimizer step for every training-time codebook of ``model`` and let each act on it (re-cluster
     when due, anneal a temperature).  Returns how many changed their sharing.  Call it after each optimizer step
     of your own loop; the one training loop (``multitask.train`` / ``fit``) calls it itself.  A latent weight
-    that is no longer finite stops training with the step and the tensor named."""
+    that is no longer finite stops training with the step and the tensor named.  ``found`` as in ``penalty``."""
     done = 0
-    for name, _, plist in training_sharing(model):
+    for name, _, plist in training_sharing(model) if found is None else found:
         p, w = plist[0], plist.original
         p.steps += 1
         if not torch.isfinite(w).all():
