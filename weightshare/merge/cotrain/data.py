@@ -154,11 +154,10 @@ def _read_text(path: Path, spec: DataSpec, at: str) -> tuple[list[str], list]:
                         f"name it with {at}.label")
     if len(labels) > MAX_ROWS:
         raise DataError(f"{at} {spec.path!r}: {len(labels):,} rows; at most {MAX_ROWS:,}")
-    where = "row {}" if spec.kind == ".csv" else "record {}"
     for i, v in enumerate(labels):
         if isinstance(v, bool) or not isinstance(v, (str, int)):
-            n = i + 2 if spec.kind == ".csv" else i + 1
-            raise DataError(f"{at} {spec.path!r}: {where.format(n)}: a label must be a string or an integer, got {v!r}")
+            where = f"row {i + 2}" if spec.kind == ".csv" else f"record {i + 1}"  # read_data's words for a row
+            raise DataError(f"{at} {spec.path!r}: {where}: a label must be a string or an integer, got {v!r}")
     if spec.labels is not None and spec.kind == ".csv":
         as_text = {str(v): v for v in spec.labels}
         labels = [as_text.get(v, v) for v in labels]
