@@ -569,6 +569,214 @@ int ws_assign_batch(const double *x, int64_t n, const double *centroids,
     return 0;
 }
 
+/*
+ * Soft k-means passes for differentiable k-means (training/dkm.py).  For groups of n float32 weights x with
+ * centroids c (k per group) and scale s (one per group), the attention of weight i is
+ * a_ij = softmax_j(-(x_i - c_j)^2 / s), computed as softmax_j(x_i * 2 c_j / s - c_j^2 / s) (the -x_i^2 / s
+ * term is the same for every j).  One pass over groups [g0, g1) does one of:
+ *   DKM_STEP  acc1_j += sum_i a_ij, acc2_j += sum_i a_ij x_i       (a soft k-means step's sums)
+ *   DKM_OUT   out_i = sum_j a_ij cn_j                               (the forward's output)
+ *   DKM_DLAST acc1_j += sum_i g_i a_ij                              (the gradient of the last centroids)
+ *   DKM_BACK  one step of the backward pass (training/dkm.py's SoftKMeans.backward writes it out):
+ *             out_i += sum_j a_ij u_j - 2/s sum_j dl_ij (x_i - c_j), and when acc1 is given
+ *             acc1_j += 2/s sum_i dl_ij (x_i - c_j), with dl the softmax's gradient of
+ *             da_ij = u_j (x_i - cn_j) (+ g_i cn_j when g is given).
+ * The attention is recomputed in every pass and never stored.  Weights go in blocks of DKM_B so that the
+ * loops over a block vectorize (the same code, compiled for AVX2 + FMA and for the baseline).
+ */
+#define DKM_STEP 0
+#define DKM_OUT 1
+#define DKM_DLAST 2
+#define DKM_BACK 3
+#define DKM_KMAX 256
+
+/* e^t for t <= 0 (softmax logits less their maximum): Cephes' polynomial on the reduced argument, 2^n from the
+   exponent bits; relative error about 1e-7.  Below -87 it is 0 (float32 has no normal number there).  The scalar
+   code and the AVX2 code compute the same polynomial. */
+#define DKM_EXP_POLY(P, R) \
+    P = 1.9875691500e-4f; P = P * R + 1.3981999507e-3f; P = P * R + 8.3334519073e-3f; \
+    P = P * R + 4.1665795894e-2f; P = P * R + 1.6666665459e-1f; P = P * R + 5.0000001201e-1f
+
+static inline float dkm_exp(float t) {
+    float z = t < -87.0f ? -87.0f : t;
+    float nf = floorf(z * 1.44269504088896341f + 0.5f);
+    float r = z - nf * 0.693359375f + nf * 2.12194440e-4f, p;
+    DKM_EXP_POLY(p, r);
+    union { int32_t i; float f; } two = {((int32_t)nf + 127) << 23};
+    return t < -87.0f ? 0.0f : (p * r * r + r + 1.0f) * two.f;
+}
+
+/* One weight (value v, output gradient gv) of a pass: the scalar code, and the reference the AVX2 code follows. */
+static inline void dkm_one(int mode, float v, float gv, int64_t k, const float *cg, const float *cj, const float *uj,
+                           float inv, float *a, float *o, float *S1, float *S2) {
+    float m = -INFINITY, z = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+        a[j] = v * (2.0f * cg[j] * inv) - cg[j] * cg[j] * inv;
+        m = a[j] > m ? a[j] : m;
+    }
+    for (int64_t j = 0; j < k; j++) {
+        a[j] = dkm_exp(a[j] - m);
+        z += a[j];
+    }
+    z = 1.0f / z;
+    for (int64_t j = 0; j < k; j++) a[j] *= z;
+    if (mode == DKM_STEP) {
+        for (int64_t j = 0; j < k; j++) {
+            S1[j] += a[j];
+            S2[j] += a[j] * v;
+        }
+    } else if (mode == DKM_DLAST) {
+        for (int64_t j = 0; j < k; j++) S1[j] += a[j] * gv;
+    } else if (mode == DKM_OUT) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < k; j++) acc += a[j] * cj[j];
+        *o = acc;
+    } else {
+        float acc = 0.0f, dot = 0.0f;
+        for (int64_t j = 0; j < k; j++) {
+            acc += a[j] * uj[j];
+            dot += a[j] * (uj[j] * (v - cj[j]) + gv * cj[j]); /* gv is 0 unless g is given */
+        }
+        for (int64_t j = 0; j < k; j++) {
+            float diff = a[j] * (uj[j] * (v - cj[j]) + gv * cj[j] - dot) * (v - cg[j]);
+            acc -= 2.0f * inv * diff;
+            S1[j] += diff;
+        }
+        *o += acc;
+    }
+}
+
+static void dkm_portable(int mode, const float *x, const float *g, int64_t n, int64_t k, const float *c,
+                         const float *cn, const float *u, const float *s, float *out, float *acc1, float *acc2,
+                         int64_t g0, int64_t g1) {
+    float a[DKM_KMAX], S1[DKM_KMAX], S2[DKM_KMAX];
+    for (int64_t grp = g0; grp < g1; grp++) {
+        const float *cg = c + grp * k, inv = 1.0f / s[grp];
+        const float *cj = cn ? cn + grp * k : NULL, *uj = u ? u + grp * k : NULL;
+        for (int64_t j = 0; j < k; j++) S1[j] = S2[j] = 0.0f;
+        for (int64_t i = 0; i < n; i++)
+            dkm_one(mode, x[grp * n + i], g ? g[grp * n + i] : 0.0f, k, cg, cj, uj, inv, a,
+                    out ? out + grp * n + i : NULL, S1, S2);
+        if (mode == DKM_OUT || (mode == DKM_BACK && !acc1)) continue;
+        for (int64_t j = 0; j < k; j++) {
+            acc1[grp * k + j] += mode == DKM_BACK ? 2.0f * inv * S1[j] : S1[j];
+            if (mode == DKM_STEP) acc2[grp * k + j] += S2[j];
+        }
+    }
+}
+
+#if HAVE_AVX2_PATH
+__attribute__((target("avx2,fma"))) static inline __m256 dkm_exp8(__m256 t) {
+    __m256 z = _mm256_max_ps(t, _mm256_set1_ps(-87.0f));
+    __m256 nf = _mm256_round_ps(_mm256_fmadd_ps(z, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)),
+                                _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(nf, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), z));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i two = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two)), _mm256_cmp_ps(t, z, _CMP_EQ_OQ));
+}
+
+/* dkm_portable's work, eight weights at a time; a group's last n % 8 weights take the scalar code. */
+__attribute__((target("avx2,fma"))) static void dkm_avx2(int mode, const float *x, const float *g, int64_t n,
+        int64_t k, const float *c, const float *cn, const float *u, const float *s, float *out, float *acc1,
+        float *acc2, int64_t g0, int64_t g1) {
+    __m256 A[DKM_KMAX], V1[DKM_KMAX], V2[DKM_KMAX];
+    float P[DKM_KMAX], Q[DKM_KMAX], a[DKM_KMAX], S1[DKM_KMAX], S2[DKM_KMAX];
+    for (int64_t grp = g0; grp < g1; grp++) {
+        const float *cg = c + grp * k, inv = 1.0f / s[grp];
+        const float *cj = cn ? cn + grp * k : NULL, *uj = u ? u + grp * k : NULL;
+        for (int64_t j = 0; j < k; j++) {
+            P[j] = 2.0f * cg[j] * inv;
+            Q[j] = cg[j] * cg[j] * inv;
+            V1[j] = V2[j] = _mm256_setzero_ps();
+            S1[j] = S2[j] = 0.0f;
+        }
+        const float *xg = x + grp * n, *gg = g ? g + grp * n : NULL;
+        float *og = out ? out + grp * n : NULL;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xg + i), gv = gg ? _mm256_loadu_ps(gg + i) : _mm256_setzero_ps();
+            __m256 m = _mm256_set1_ps(-INFINITY), z = _mm256_setzero_ps();
+            for (int64_t j = 0; j < k; j++) {
+                A[j] = _mm256_fmsub_ps(v, _mm256_set1_ps(P[j]), _mm256_set1_ps(Q[j]));
+                m = _mm256_max_ps(m, A[j]);
+            }
+            for (int64_t j = 0; j < k; j++) {
+                A[j] = dkm_exp8(_mm256_sub_ps(A[j], m));
+                z = _mm256_add_ps(z, A[j]);
+            }
+            z = _mm256_div_ps(_mm256_set1_ps(1.0f), z);
+            for (int64_t j = 0; j < k; j++) A[j] = _mm256_mul_ps(A[j], z);
+            if (mode == DKM_STEP) {
+                for (int64_t j = 0; j < k; j++) {
+                    V1[j] = _mm256_add_ps(V1[j], A[j]);
+                    V2[j] = _mm256_fmadd_ps(A[j], v, V2[j]);
+                }
+            } else if (mode == DKM_DLAST) {
+                for (int64_t j = 0; j < k; j++) V1[j] = _mm256_fmadd_ps(A[j], gv, V1[j]);
+            } else if (mode == DKM_OUT) {
+                __m256 o = _mm256_setzero_ps();
+                for (int64_t j = 0; j < k; j++) o = _mm256_fmadd_ps(A[j], _mm256_set1_ps(cj[j]), o);
+                _mm256_storeu_ps(og + i, o);
+            } else {
+                __m256 o = _mm256_setzero_ps(), dot = _mm256_setzero_ps();
+                for (int64_t j = 0; j < k; j++) {
+                    const __m256 cv = _mm256_set1_ps(cj[j]), uv = _mm256_set1_ps(uj[j]);
+                    const __m256 da = _mm256_fmadd_ps(gv, cv, _mm256_mul_ps(uv, _mm256_sub_ps(v, cv)));
+                    o = _mm256_fmadd_ps(A[j], uv, o);
+                    dot = _mm256_fmadd_ps(A[j], da, dot);
+                }
+                for (int64_t j = 0; j < k; j++) {
+                    const __m256 cv = _mm256_set1_ps(cj[j]), uv = _mm256_set1_ps(uj[j]);
+                    const __m256 da = _mm256_fmadd_ps(gv, cv, _mm256_mul_ps(uv, _mm256_sub_ps(v, cv)));
+                    const __m256 diff = _mm256_mul_ps(_mm256_mul_ps(A[j], _mm256_sub_ps(da, dot)),
+                                                      _mm256_sub_ps(v, _mm256_set1_ps(cg[j])));
+                    o = _mm256_fnmadd_ps(_mm256_set1_ps(2.0f * inv), diff, o);
+                    V1[j] = _mm256_add_ps(V1[j], diff);
+                }
+                _mm256_storeu_ps(og + i, _mm256_add_ps(_mm256_loadu_ps(og + i), o));
+            }
+        }
+        for (; i < n; i++)
+            dkm_one(mode, xg[i], gg ? gg[i] : 0.0f, k, cg, cj, uj, inv, a, og ? og + i : NULL, S1, S2);
+        if (mode == DKM_OUT || (mode == DKM_BACK && !acc1)) continue;
+        for (int64_t j = 0; j < k; j++) {
+            float t1[8], t2[8];
+            _mm256_storeu_ps(t1, V1[j]);
+            _mm256_storeu_ps(t2, V2[j]);
+            for (int b = 0; b < 8; b++) {
+                S1[j] += t1[b];
+                S2[j] += t2[b];
+            }
+            acc1[grp * k + j] += mode == DKM_BACK ? 2.0f * inv * S1[j] : S1[j];
+            if (mode == DKM_STEP) acc2[grp * k + j] += S2[j];
+        }
+    }
+}
+#endif
+
+/* One pass (see above) over groups [g0, g1) of (groups x n) weights; path 2 runs the AVX2 + FMA build of the
+   loops.  Returns -1 for a mode or k it does not take. */
+int ws_dkm_pass(int mode, const float *x, const float *g, int64_t n, int64_t k, const float *c, const float *cn,
+                const float *u, const float *s, float *out, float *acc1, float *acc2, int64_t g0, int64_t g1,
+                int path) {
+    if (mode < DKM_STEP || mode > DKM_BACK || k < 1 || k > DKM_KMAX) return -1;
+#if HAVE_AVX2_PATH
+    if (path == 2) {
+        dkm_avx2(mode, x, g, n, k, c, cn, u, s, out, acc1, acc2, g0, g1);
+        return 0;
+    }
+#endif
+    dkm_portable(mode, x, g, n, k, c, cn, u, s, out, acc1, acc2, g0, g1);
+    return 0;
+}
+
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_kmeans_core",
                                        "exact 1-D k-means core (used through ctypes)", -1, NULL};
 PyMODINIT_FUNC PyInit__kmeans_core(void) { return PyModule_Create(&moduledef); }

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["kmeans1d", "kmeans1d_rows"]
+__all__ = ["kmeans1d", "kmeans1d_rows", "soft_kmeans_pass"]
 
 _MAX_TABLE_BYTES = 4 << 30  # dynamic-programming memory a single call may use
 _CHUNK = 1 << 22  # elements per pass in histogram/gather loops: bounds temporaries to ~32 MB
@@ -42,6 +42,10 @@ def _load_core() -> ctypes.CDLL:
     lib.ws_kmeans1d_paths.argtypes = []
     lib.ws_assign_batch.restype = ctypes.c_int
     lib.ws_assign_batch.argtypes = [f64, c64, f64, i64, c64, c64, c64, i32]
+    ptr = ctypes.c_void_p
+    lib.ws_dkm_pass.restype = ctypes.c_int
+    lib.ws_dkm_pass.argtypes = [ctypes.c_int, ptr, ptr, c64, c64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c64, c64,
+                                ctypes.c_int]
     return lib
 
 
@@ -352,3 +356,30 @@ def kmeans1d_rows(x, k: int, weights=None, *, label_dtype=np.int32) -> tuple[np.
     with ThreadPoolExecutor(_n_threads()) as pool:
         list(pool.map(work, spans))
     return centroids, labels
+
+
+SOFT_PASSES = {"step": 0, "out": 1, "dlast": 2, "back": 3}  # the C core's soft k-means passes (_kmeans.c)
+SOFT_MAX_K = 256
+
+
+def soft_kmeans_pass(mode: str, x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, *, g=None, cn=None, u=None,
+                     out=None, acc1=None, acc2=None) -> None:
+    """One pass of the C core over groups ``x`` (G, n) with centroids ``c`` (G, k) and scales ``s`` (G, 1), all
+    contiguous float32 on the CPU, writing into ``out`` / ``acc1`` / ``acc2`` (``training/dkm.py``'s
+    ``SoftKMeans`` says what each ``mode`` computes; ``_kmeans.c`` writes it out).  The attention is recomputed,
+    never stored; the groups are shared among threads, and ``WEIGHTSHARE_KMEANS`` picks the vector path."""
+    G, n = x.shape
+    k = c.shape[1]
+    tensors = [t for t in (x, c, s, g, cn, u, out, acc1, acc2) if t is not None]
+    if not 1 <= k <= SOFT_MAX_K or any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"
+                                       for t in tensors):
+        raise ValueError(f"soft_kmeans_pass: expected contiguous float32 CPU tensors and 1..{SOFT_MAX_K} centroids")
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    args = (SOFT_PASSES[mode], ptr(x), ptr(g), n, k, ptr(c), ptr(cn), ptr(u), ptr(s), ptr(out), ptr(acc1), ptr(acc2))
+    path = PATHS[simd_path()]
+    parts = _split(G, min(_n_threads(), G) if G * n * k >= 1 << 16 else 1)
+    if len(parts) == 1:
+        _core.ws_dkm_pass(*args, 0, G, path)
+        return
+    with ThreadPoolExecutor(len(parts)) as pool:  # ctypes lets go of the GIL: the threads run at once
+        list(pool.map(lambda p: _core.ws_dkm_pass(*args, p[0], p[1], path), parts))

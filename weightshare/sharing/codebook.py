@@ -304,10 +304,17 @@ class RowLookupEmbedding(nn.Embedding):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if parametrize.is_parametrized(self, "weight") and self.max_norm is None and not torch.is_grad_enabled():
+        if parametrize.is_parametrized(self, "weight") and self.max_norm is None:
             plist = self.parametrizations.weight
-            if len(plist) == 1 and isinstance(plist[0], CodebookParametrization) and not plist[0].transposed:
-                return plist[0].rows(plist.original, input)
+            p = plist[0]
+            if len(plist) == 1 and isinstance(p, CodebookParametrization) and not p.transposed:
+                if not torch.is_grad_enabled():
+                    return p.rows(plist.original, input)
+                if getattr(p, "trains_rows", False):  # training-time sharing that can compute rows alone (DKM)
+                    out = p.rows(plist.original, input)
+                    if self.padding_idx is None:
+                        return out
+                    return torch.where((input == self.padding_idx)[..., None], out.detach(), out)  # nn.Embedding's
         return super().forward(input)
 
 

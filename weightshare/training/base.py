@@ -5,6 +5,7 @@ its ``CodebookConfig.train`` name."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -17,7 +18,7 @@ from weightshare.sharing.codebook import TABLE_DTYPES, CodebookParametrization, 
 from weightshare.space import share_parametrization_
 
 __all__ = ["TrainingCodebook", "register_mode", "parametrization_for", "training_sharing", "penalty", "step_",
-           "freeze_"]
+           "freeze_", "frozen_view"]
 
 _MODES: dict[str, type] = {}
 
@@ -30,6 +31,10 @@ class TrainingCodebook(CodebookParametrization):
     def __init__(self, shape, config, transposed: bool = False):
         super().__init__(shape, config, transposed=transposed)
         self.steps = 0
+        self.view = None  # the frozen weights while inside ``frozen_view``
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        return super().__call__(w) if self.view is None else self.view
 
     def grouped(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` as (groups, weights per group), over the channel layout."""
@@ -41,7 +46,7 @@ class TrainingCodebook(CodebookParametrization):
 
     def rows(self, w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """An embedding's rows: from the whole training-time weight (a packed lookup needs frozen tables)."""
-        return self.forward(w)[index]
+        return self(w)[index]
 
     def describe(self, w: torch.Tensor) -> dict:
         """What ``ws.report`` counts: the latent weights stored while training, and what the frozen codebook will
@@ -112,6 +117,26 @@ def step_(model: nn.Module, found: list | None = None) -> int:
                                      "clip gradients; the model is left as it was at this step")
         done += bool(p.on_step(w))
     return done
+
+
+@contextlib.contextmanager
+def frozen_view(model: nn.Module):
+    """Inside, every training-time codebook of ``model`` computes the weights ``freeze_`` would give it now (hard
+    assignments), without changing the model: to measure what freezing would keep.  (``freeze_`` on a deep copy
+    is no way to do this: torch's parametrized classes are shared by a module and its copies, and removing the
+    copy's parametrization takes the property off the original too.)"""
+    found = [plist for _, _, plist in training_sharing(model)]
+    try:
+        with torch.no_grad():
+            for plist in found:
+                p = plist[0]
+                tables, labels = p.frozen(plist.original)
+                index = labels.reshape(p.n_groups, p.group_len).long()
+                p.view = p.ungrouped(torch.gather(tables, 1, index)).to(plist.original.dtype)
+        yield model
+    finally:
+        for plist in found:
+            plist[0].view = None
 
 
 def freeze_(model: nn.Module) -> nn.Module:
