@@ -47,6 +47,12 @@ def _check_compress_flags(args) -> None:
     if args.nproc > 1 and (args.calibration or args.target_size is not None or args.avg_bits is not None or args.eval):
         raise ValueError("--nproc shares data-free work only (no --calibration, --target-size, --avg-bits or --eval):"
                          " add --data-free, or use one process")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: expected 1 or more passes over the calibration texts")
+    if args.train and args.data_free:
+        raise ValueError(f"--train {args.train} learns from calibration texts: drop --data-free (or --train)")
+    if args.train and args.nproc > 1:
+        raise ValueError(f"--train {args.train} runs in one process: drop --nproc")
     if not 0 <= args.outliers < 1:
         raise ValueError(f"--outliers {args.outliers}: expected a fraction of the weights, 0 <= f < 1 (0.005: 0.5 %)")
 
@@ -80,7 +86,8 @@ def _compress(args) -> None:
         from weightshare.evaluate import read_data
 
         texts, labels = read_data(args.eval, args.text_field, args.label_field, flag="--eval")
-    config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size)
+    config = CodebookConfig(bits=args.bits, granularity=args.granularity, group_size=args.group_size,
+                            train=args.train)
     calibration = None if args.data_free else args.calibration or BUILTIN
     ranks = distributed.in_torchrun()
     try:
@@ -90,7 +97,7 @@ def _compress(args) -> None:
                                        finetune_norms=args.finetune_norms,
                                        evaluate_on=None if texts is None else (texts, labels),
                                        distributed=ranks, timeout=args.timeout,
-                                       max_shard_size=_shard_size(args.max_shard_size))
+                                       max_shard_size=_shard_size(args.max_shard_size), epochs=args.epochs)
     except distributed.RankError as exc:
         raise ValueError(str(exc)) from None
     except ValueError as exc:
@@ -107,6 +114,11 @@ def _compress(args) -> None:
         print("bits per tensor: " + ", ".join(f"{n} x {b}-bit" for b, n in sorted(widths.items()))
               + " (--verbose lists them)")
     print(rep if getattr(args, "verbose", False) else _summary(rep))
+    trained = getattr(model, "_weightshare_training", None)
+    if trained is not None:
+        print(f"trained with sharing ({args.train}): {trained['steps']} steps over {trained['epochs']} epochs, "
+              f"held-out distillation loss {trained['holdout_loss_before']:.4f} -> {trained['holdout_loss_after']:.4f}"
+              " (frozen)")
     print(f"clustered in {seconds:.2f} s; packed model written to {args.out}")
     evaluation = getattr(model, "_weightshare_evaluation", None)
     if evaluation is not None:
@@ -291,6 +303,13 @@ def _add_compress(sub, common: list) -> None:
                         "0 skips it (default 150)")
     c.add_argument("--finetune-norms", action="store_true",
                    help="while fine-tuning the tables, train the LayerNorm weights and biases too (stored dense)")
+    c.add_argument("--train", default=None, choices=["recluster", "dkm", "soft"],
+                   help="training-time sharing: start from k-means, then train the whole model on the calibration "
+                        "texts to reproduce the original (distillation) while its clusters move, and freeze it: "
+                        "dkm (differentiable k-means), recluster (re-clustered as the weights move) or soft (a "
+                        "learned Gaussian-mixture prior); then --finetune-steps fine-tunes the frozen tables")
+    c.add_argument("--epochs", type=int, default=3, metavar="N",
+                   help="with --train: passes over the calibration texts (default 3)")
     c.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
                    help="with calibration (gptq): keep this fraction of each tensor's weights, the most sensitive, "
                         "exact in a sparse side tensor (0.005: +0.24 bits per weight; default 0)")

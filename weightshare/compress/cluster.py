@@ -17,7 +17,7 @@ from torch import nn
 from weightshare import hub, pack
 from weightshare.compress.budget import parse_size, plan_model
 from weightshare.compress.calibrate import importance_from_texts, read_texts, sequential_codebooks_, text_batches
-from weightshare.compress.finetune import FinetuneConfig, finetune_tables_
+from weightshare.compress.finetune import DistillConfig, FinetuneConfig, distill_, finetune_tables_
 from weightshare.compress.recipe import apply_settings, read_recipe, resolve
 from weightshare.corpus import calibration_sentences
 from weightshare.hub import is_transposed_linear
@@ -41,7 +41,8 @@ METHODS = ("gptq", "wkmeans")
 def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list | None = None,
                     method: str = "gptq", finetune_steps: int = 0, target_bytes: int | None = None,
                     avg_bits: float | None = None, outliers: float = 0.0, configs: dict | None = None,
-                    dense: set[str] | frozenset = frozenset(), finetune_norms: bool = False) -> nn.Module:
+                    dense: set[str] | frozenset = frozenset(), finetune_norms: bool = False,
+                    epochs: int = 3) -> nn.Module:
     """Cluster a loaded transformers model, SentenceTransformer or any ``nn.Module`` in place.
 
     ``calibration``: texts (a transformers model with its tokenizer) or, for any module,
@@ -60,6 +61,11 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
     the plan is kept as ``model._weightshare_bit_plan``.
     ``outliers`` (gptq with calibration only): the fraction of each tensor's weights kept
     exact in a sparse side tensor (dense-and-sparse); the budget counts their bytes.
+    ``config.train`` ("recluster", "dkm" or "soft"; ``--train``): training-time sharing instead of a
+    one-shot fit.  The codebooks start from exact k-means of the weights, then the whole model trains for
+    ``epochs`` on the calibration data by the same distillation as table fine-tuning, its sharing moving
+    as it trains, and is frozen (``finetune.distill_``); ``finetune_steps`` then fine-tunes the frozen
+    tables.  Its statistics are kept as ``model._weightshare_training``.
     ``configs`` maps module names to their own config (a recipe's ``layers``); modules in
     ``dense`` stay uncompressed.  Linear, Embedding and Conv2d weights are compressed
     (GPTQ treats a Conv2d as the Linear it is over its unfolded patches).
@@ -90,6 +96,9 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
         limit = getattr(getattr(inner, "config", None), "max_position_embeddings", None)
         batches = text_batches(tokenizer, calibration, max_length=min(limit, 512) if isinstance(limit, int) else None)
     chosen = (lambda m, n: n not in dense and is_compressible(m, n)) if dense else is_compressible
+    if config.train is not None:
+        return _train_sharing(model, inner, config, batches, texts, chosen, epochs, finetune_steps, finetune_norms,
+                              target_bytes is not None or avg_bits is not None or bool(configs) or bool(outliers))
     configs, bits = dict(configs or {}), config.bits
     if (target_bytes is not None or avg_bits is not None) and configs:
         raise ValueError("a size budget and per-layer bits\n  expected: one of them (the budget chooses every width)")
@@ -111,6 +120,26 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
         codebook_model_(inner, config, filter_fn=chosen, importance=importance, configs=configs)
     if finetune_steps:
         finetune_tables_(inner, original, batches, bits, FinetuneConfig(steps=finetune_steps, norms=finetune_norms),
+                         table_dtype=TABLE_DTYPES[config.table_dtype], texts=texts)
+    return model
+
+
+def _train_sharing(model, inner, config, batches, texts, chosen, epochs, finetune_steps, finetune_norms,
+                   per_layer: bool) -> nn.Module:
+    """compress_model_ with ``config.train``: share with training-time codebooks, train the whole model by
+    distillation against itself as it was, freeze, then (``finetune_steps``) fine-tune the frozen tables."""
+    if batches is None:
+        raise ValueError(f"--train {config.train}: training-time sharing learns from calibration data\n"
+                         "  expected: --calibration FILE (or the built-in corpus), not --data-free")
+    if per_layer:
+        raise ValueError(f"--train {config.train}: one width for every layer only\n"
+                         "  expected: no --target-size, --avg-bits, --outliers or recipe layers with --train")
+    original = copy.deepcopy(inner)  # the teacher: the model as it was
+    share_(inner, config, filter_fn=chosen)
+    model._weightshare_training = distill_(inner, original, batches, DistillConfig(epochs=epochs), texts=texts)
+    if finetune_steps:
+        finetune_tables_(inner, original, batches, config.bits,
+                         FinetuneConfig(steps=finetune_steps, norms=finetune_norms),
                          table_dtype=TABLE_DTYPES[config.table_dtype], texts=texts)
     return model
 
@@ -173,16 +202,17 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
              recipe: str | os.PathLike | None = None, finetune_norms: bool = False,
              evaluate_on: tuple[list[str], list | None] | None = None,
              stream: bool | None = None, distributed: bool = False, timeout: float | None = None,
-             max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE) -> tuple[nn.Module | None, Report | None, float]:
+             max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE,
+             epochs: int = 3) -> tuple[nn.Module | None, Report | None, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of
     texts, or ``"builtin"``: the built-in deterministic corpus (256 sentences of the
     Python standard library's documentation) for a model with a tokenizer, data-free
-    otherwise.  ``method``, ``finetune_steps``: see ``compress_model_`` (table fine-tuning
-    is skipped, with a note, where there is no calibration).  ``target_size`` (``8MB``,
-    bytes) or ``avg_bits``: mixed widths under that budget; ``outliers``: see ``compress_model_``;
-    ``recipe``: a YAML file (``recipe.py``) whose keys replace these arguments and which
+    otherwise.  ``method``, ``finetune_steps``, ``epochs`` (with ``config.train``): see
+    ``compress_model_`` (table fine-tuning is skipped, with a note, where there is no calibration).
+    ``target_size`` (``8MB``, bytes) or ``avg_bits``: mixed widths under that budget; ``outliers``: see
+    ``compress_model_``; ``recipe``: a YAML file (``recipe.py``) whose keys replace these arguments and which
     sets bits and granularity per layer and keeps layers dense; the written
     ``weightshare.safetensors`` is never larger than ``target_size``.  ``evaluate_on``: ``(texts, labels or
     None)`` to measure the compressed model against ``src`` (``weightshare.evaluate``) before it is written; the
@@ -209,8 +239,9 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         config = plan.base_config(config)
         given = apply_settings(plan, calibration=calibration, method=method, finetune_steps=finetune_steps,
                                target_size=target_size, avg_bits=avg_bits, outliers=outliers,
-                               finetune_norms=finetune_norms)
+                               finetune_norms=finetune_norms, epochs=epochs)
         calibration, method, finetune_steps = given["calibration"], given["method"], given["finetune_steps"]
+        epochs = given["epochs"]
         finetune_norms = given["finetune_norms"]
         target_size, avg_bits, outliers = given["target_size"], given["avg_bits"], given["outliers"]
     if method not in METHODS:
@@ -228,7 +259,13 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
     if data_free and finetune_steps:
         log.info("no calibration texts: table fine-tuning skipped")
         finetune_steps = 0
+    if config.train is not None and data_free:
+        raise ValueError(f"--train {config.train}: training-time sharing learns from calibration data\n"
+                         "  expected: --calibration FILE (or the built-in corpus for a model with a tokenizer), "
+                         "not --data-free")
     why = _why_not_streamed(data_free, target_bytes, avg_bits, outliers, evaluate_on, method, finetune_steps)
+    if config.train is not None:
+        why = why or "training-time sharing trains the whole model"
     if distributed and not data_free:
         why = why or "calibration runs through the model block after block"
     if distributed and (why or stream is False):
@@ -303,7 +340,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
         finetune_steps = 0
     t0 = time.perf_counter()
     compress_model_(model, config, texts, method=method, finetune_steps=finetune_steps, target_bytes=target_bytes,
-                    avg_bits=avg_bits, outliers=outliers, configs=configs, dense=dense, finetune_norms=finetune_norms)
+                    avg_bits=avg_bits, outliers=outliers, configs=configs, dense=dense, finetune_norms=finetune_norms,
+                    epochs=epochs)
     seconds = time.perf_counter() - t0
     if target_bytes is not None and (size := pack.file_size(model)) > target_bytes:  # checked before writing
         raise ValueError(f"--target-size: the packed file would be {size:,} bytes, above {target_bytes:,}\n"
@@ -315,6 +353,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
                 "calibration": _calibration_name(calibration, builtin, texts), "method": method if texts else None,
                 "finetune_steps": finetune_steps, "finetune_norms": finetune_norms, "outliers": outliers,
                 "target_size": target_size, "avg_bits": avg_bits}
+    if config.train is not None:  # the training that shaped the codebooks (CodebookConfig never stores it)
+        settings.update(train=config.train, epochs=epochs)
     evaluation = None
     if evaluate_on is not None:
         from weightshare.evaluate import evaluate

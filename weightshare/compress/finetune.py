@@ -22,7 +22,7 @@ from torch import nn
 
 from weightshare.compress.calibrate import call
 
-__all__ = ["FinetuneConfig", "finetune_tables_", "learning_rate"]
+__all__ = ["DistillConfig", "FinetuneConfig", "distill_", "finetune_tables_", "learning_rate"]
 
 log = logging.getLogger(__name__)
 
@@ -229,3 +229,80 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits:
     log.info("table fine-tuning: %d steps, held-out loss %.5f -> %.5f", len(result.step_seconds), before, after)
     return {"steps": len(result.step_seconds), "epochs": state["epochs"], "holdout_loss_before": before,
             "holdout_loss_after": after, "lr": lr}
+
+
+@dataclass
+class DistillConfig:
+    """Training a model with training-time sharing (``CodebookConfig(train=...)``) by distillation: every
+    parameter trains (the latent weights, biases, norms, soft sharing's mixture), then ``ws.freeze_``."""
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 5e-5
+    warmup_steps: int = 20
+    holdout: float = 0.125  # fraction of the calibration texts kept out of training, to report the result on
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"DistillConfig.{key}\n  expected: a positive integer\n  got: {v!r}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"DistillConfig.holdout\n  expected: a fraction in (0, 1)\n  got: {self.holdout!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ValueError(f"DistillConfig.lr\n  expected: a learning rate > 0\n  got: {self.lr!r}")
+
+
+def distill_(model: nn.Module, original: nn.Module, batches: list, config: DistillConfig | None = None,
+             texts: bool = True) -> dict:
+    """Train ``model``, shared with training-time codebooks (``ws.share_`` with ``CodebookConfig(train="recluster",
+    "dkm" or "soft")``), to reproduce ``original`` on ``batches`` (the objective of ``finetune_tables_``), then
+    ``ws.freeze_`` it into ordinary codebooks; in place.  The sharing moves while it trains: the one training
+    loop calls ``ws.step_`` after each optimizer step and adds soft sharing's prior to the loss.
+
+    Returns ``{"steps", "epochs", "holdout_loss_before", "holdout_loss_after", "seconds_per_step"}``: the loss on
+    the held-out share of ``batches`` (never trained on) of the sharing frozen as it started (one-shot k-means)
+    and as it ended."""
+    from weightshare.multitask.trainer import TrainConfig, train
+    from weightshare.training import freeze_, training_sharing
+    from weightshare.training.base import frozen_view
+
+    config = config or DistillConfig()
+    if not training_sharing(model):
+        raise ValueError("distillation with training-time sharing: the model has none\n  expected: a model shared "
+                         "with ws.CodebookConfig(train='recluster', 'dkm' or 'soft') (ws.share_)")
+    x, y, student, loss_fn, unit, chunk = _objective(model, original, batches, texts)
+    n = x.shape[0]
+    n_val = max(1, int(round(n * config.holdout)))
+    if n - n_val < 1:
+        raise ValueError(f"distillation: {n} {unit}\n  expected: at least 2 (one is held out)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    val, tr = perm[:n_val], perm[n_val:]
+
+    def holdout_loss(net: nn.Module) -> float:
+        with torch.no_grad():
+            return float(sum(loss_fn(net(x[val[i:i + chunk]]), y[val[i:i + chunk]]) * len(val[i:i + chunk])
+                             for i in range(0, n_val, chunk)) / n_val)
+
+    with frozen_view(model):  # "before": the sharing frozen as it starts (one-shot k-means), what training must beat
+        before = holdout_loss(student)
+    batch = min(config.batch_size if texts else 1, len(tr))
+    steps = config.epochs * -(-len(tr) // batch)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    requires = {id(p): p.requires_grad for p in params}
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        result = train(student, x[tr], y[tr],
+                       TrainConfig(epochs=config.epochs, batch_size=batch, optimizer="adam", lr=config.lr,
+                                   schedule="cosine", warmup_steps=min(config.warmup_steps, steps), seed=config.seed),
+                       loss_fn=loss_fn, desc=f"training with sharing ({unit})", params=params)
+    finally:
+        for p in params:
+            p.requires_grad_(requires[id(p)])
+    freeze_(model)
+    after = holdout_loss(student)
+    log.info("distillation: %d steps, held-out loss %.5f -> %.5f (frozen)", len(result.step_seconds), before, after)
+    return {"steps": len(result.step_seconds), "epochs": config.epochs, "holdout_loss_before": before,
+            "holdout_loss_after": after,
+            "seconds_per_step": result.median_step_seconds}

@@ -8,6 +8,8 @@
     method: gptq
     finetune_steps: 150
     finetune_norms: false        # also train the LayerNorms while fine-tuning the tables
+    train: dkm                   # or recluster, soft: training-time sharing (no layers then) ...
+    epochs: 3                    # ... for this many epochs of the calibration texts
     outliers: 0.005
     layers:                      # the first entry whose glob matches a module's name applies
       - match: "encoder.layer.*.attention.*"
@@ -40,8 +42,9 @@ from weightshare.sharing.codebook import CodebookConfig
 __all__ = ["Recipe", "apply_settings", "read_recipe", "resolve"]
 
 _CONFIG_KEYS = {"bits", "granularity", "group_size", "table_dtype"}
-_RUN_KEYS = {"calibration", "method", "finetune_steps", "finetune_norms", "outliers", "target_size", "avg_bits"}
-_TOP = _CONFIG_KEYS | _RUN_KEYS | {"layers", "dense"}
+_RUN_KEYS = {"calibration", "method", "finetune_steps", "finetune_norms", "outliers", "target_size", "avg_bits",
+             "epochs"}
+_TOP = _CONFIG_KEYS | _RUN_KEYS | {"layers", "dense", "train"}  # train: the whole model's (not per layer)
 _LAYER_KEYS = {"match"} | _CONFIG_KEYS
 
 
@@ -82,7 +85,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
                          f"  got: {type(raw).__name__}")
     problems = [f"unknown key {k!r} (known: {', '.join(sorted(_TOP))})" for k in raw if k not in _TOP]
     recipe = Recipe(path=str(path))
-    recipe.config = {k: raw[k] for k in _CONFIG_KEYS if k in raw}
+    recipe.config = {k: raw[k] for k in _CONFIG_KEYS | {"train"} if k in raw}
     recipe.settings = {k: raw[k] for k in _RUN_KEYS if k in raw}
     try:
         base = _config(CodebookConfig(), recipe.config, "")
@@ -100,6 +103,8 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
         problems.append(f"outliers: {s['outliers']!r}, expected a fraction in [0, 0.5), e.g. 0.005")
     if "finetune_norms" in s and not isinstance(s["finetune_norms"], bool):
         problems.append(f"finetune_norms: {s['finetune_norms']!r}, expected true or false")
+    if "epochs" in s and (isinstance(s["epochs"], bool) or not isinstance(s["epochs"], int) or s["epochs"] < 1):
+        problems.append(f"epochs: {s['epochs']!r}, expected a positive integer (with train)")
     if "calibration" in s and not isinstance(s["calibration"], str):
         problems.append(f"calibration: {s['calibration']!r}, expected a text file, builtin or none")
     if "avg_bits" in s and (isinstance(s["avg_bits"], bool) or not isinstance(s["avg_bits"], (int, float))):
