@@ -235,8 +235,12 @@ def save(model: nn.Module, path: str | os.PathLike, records: dict[str, str] | No
     path = Path(path)
     training = training_sharing(model)
     if training:
-        raise ValueError(f"save: {training[0][0]} still re-clusters while training (train='recluster')"
-                         "\n  call ws.freeze_(model) first: it fixes the clusters and their means as the tables")
+        name, _, plist = training[0]
+        mode = plist[0].config.train
+        doing = {"recluster": "still re-clusters", "dkm": "still assigns softly (DKM)",
+                 "soft": "still has soft shared weights"}.get(mode, "still shares while training")
+        raise ValueError(f"save: {name} {doing} while training (train={mode!r})\n  call ws.freeze_(model) "
+                         "first: it fixes each weight's cluster and makes the tables")
     source: hub.Source | None = getattr(model, "_weightshare_source", None)
     inner = hub.inner_model(model)
     check_dest(path, source.path if source else None)
