@@ -11,7 +11,7 @@ import torch
 import weightshare as ws
 from weightshare.bench._references import QUANTIZERS, ReferenceMissing, quantize_weights
 from weightshare.bench.kmeans import same_case
-from weightshare.bench.minilm import _palettized_bytes, weight_error
+from weightshare.bench.minilm import palettized_bytes, weight_error
 from weightshare.compress import is_compressible
 
 
@@ -42,7 +42,7 @@ def test_palettized_size_formula_equals_report(granularity):
     model = ws.share_(copy.deepcopy(dense), ws.CodebookConfig(bits=3, granularity=granularity),
                       filter_fn=is_compressible)
     # fp16 tables: the formula used for coremltools' rows must agree with ws.report
-    assert _palettized_bytes(dense, 3, granularity, lut_itemsize=2) == ws.report(model).bytes_packed
+    assert palettized_bytes(dense, 3, granularity, lut_itemsize=2) == ws.report(model).bytes_packed
 
 
 def test_weight_error_is_relative_sse_of_clustered_weights():
@@ -83,7 +83,7 @@ def test_the_benchmarks_are_the_benchmark_files_in_the_readme_order():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     table = readme.split("| `weightshare bench ...` |")[1].split("\n\n")[0]
     assert tuple(re.findall(r"^\| `([a-z-]+)` \|", table, re.M)) == NAMES
-    assert PLOTS == ("minilm",)
+    assert PLOTS == ("minilm", "train-sharing")  # the benchmarks whose main takes plot (--plot FILE)
 
 
 TOY = """
@@ -119,7 +119,7 @@ def test_a_benchmark_file_added_to_the_package_path_is_listed_and_runs(tmp_path,
         out = capsys.readouterr().out.splitlines()
         assert "toy benchmark table" in out and json.loads(out[-1]) == {"quick": True, "rows": 1}
         assert bench.run("toy-chart", plot="c.png") == {"plot": "c.png"}
-        with pytest.raises(ValueError, match=r"draws a chart \(minilm, toy-chart\)"):
+        with pytest.raises(ValueError, match=r"draws a chart \(minilm, train-sharing, toy-chart\)"):
             bench.run("toy-bench", plot="c.png")
         assert found["toy-sized"].takes_size and not found["toy-chart"].takes_size
         assert bench.run("toy-sized", size="xl") == {"size": "xl"}

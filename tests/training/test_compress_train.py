@@ -1,6 +1,8 @@
 """``weightshare compress --train``: training-time sharing by distillation on the calibration texts, frozen and
 packed; the recipe it writes makes it again; bad combinations refused in the flags' words."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,21 @@ def test_the_frozen_view_computes_what_freeze_keeps_and_leaves_the_model_as_it_w
         freeze_(model)
         assert torch.equal(model(input_ids=ids).last_hidden_state, viewed)
     assert torch.equal(viewed, training) == (mode == "recluster")  # re-clustering trains the merged weights as such
+
+
+def test_distillation_anneals_an_unannealed_dkm_to_the_share_it_is_given_over_its_steps(tiny_bert):
+    from weightshare.compress.calibrate import text_batches
+    from weightshare.compress.finetune import DistillConfig, distill_
+    from weightshare.training import training_sharing
+
+    source = ws.hub.load_pretrained(tiny_bert)
+    model, original = ws.hub.inner_model(source), copy.deepcopy(ws.hub.inner_model(source))
+    ws.share_(model, CodebookConfig(bits=2, train="dkm", dkm_temperature=0.2), filter_fn=is_compressible)
+    parts = [plist[0] for _, _, plist in training_sharing(model)]
+    seen = []
+    batches = text_batches(ws.hub.tokenizer_of(source), (tiny_bert / "calibration.txt").read_text().split("\n")[:-1])
+    stats = distill_(model, original, batches, DistillConfig(epochs=2, dkm_final=0.25),
+                     on_step=lambda k: seen.append([p.temperature for p in parts]))
+    assert len(seen) == stats["steps"] == 12
+    assert all(t == pytest.approx(0.2 * 0.25) for t in seen[-1])  # the run's last step ends at the given share
+    assert all(t == pytest.approx(0.2 * 0.25 ** (1 / 12)) for t in seen[0])

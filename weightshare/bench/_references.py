@@ -144,6 +144,15 @@ def _palettization_api() -> Any:
     return palettization
 
 
+def coremltools_missing() -> str | None:
+    """Why coremltools' palettizers cannot run here (None when they can): a benchmark leaves their rows out."""
+    try:
+        _palettization_api()
+    except ReferenceMissing as exc:
+        return str(exc)
+    return None
+
+
 def _target_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` / ``nn.Embedding`` (subclasses included) by qualified name.
 
@@ -372,6 +381,35 @@ def coremltools_skm_palettize(model, bits: int, granularity: str, texts: list[st
     _check_palettized(palettized, bits, ct_group_size, set())
     out[0].auto_model = palettized
     return out, seconds
+
+
+def coremltools_dkm_palettize(model: nn.Module, bits: int, granularity: str, fit) -> tuple[nn.Module, float]:
+    """Train a copy of ``model`` with coremltools' DKMPalettizer (differentiable k-means during training, Cho et
+    al. 2022): ``prepare`` on every ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` (what ``ws.share_``
+    compresses; LUT in the weight's dtype), then ``fit(prepared, on_step)``, the caller's training loop, which
+    calls ``on_step(k)`` after each optimizer step (coremltools' ``palettizer.step()``), then ``finalize``.
+
+    Returns ``(palettized_copy, seconds)`` (prepare, training and finalize); raises :class:`ReferenceMissing`
+    without coremltools."""
+    import copy
+
+    ct_granularity, ct_group_size = _resolve_granularity(granularity, None)
+    api = _palettization_api()
+    out = copy.deepcopy(model)
+    targets = {**_target_modules(out), **{n: m for n, m in out.named_modules() if isinstance(m, nn.Conv2d)}}
+    module_config = api.ModuleDKMPalettizerConfig(n_bits=bits, granularity=ct_granularity, group_size=ct_group_size)
+    config = api.DKMPalettizerConfig(module_name_configs={re.escape(name): module_config for name in targets})
+    with _quiet_coremltools(capture_stderr=True):
+        start = time.perf_counter()
+        palettizer = api.DKMPalettizer(out, config)
+        prepared = palettizer.prepare(inplace=True)
+        fit(prepared, lambda k: palettizer.step())
+        palettized = palettizer.finalize(inplace=True)
+        seconds = time.perf_counter() - start
+    palettized.eval()
+    _strip_coreml_metadata(palettized)
+    _check_palettized(palettized, bits, ct_group_size, set())
+    return palettized, seconds
 
 
 def _strip_coreml_metadata(model: nn.Module) -> None:

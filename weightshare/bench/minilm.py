@@ -87,7 +87,7 @@ def _rtn_bytes(model, bits: int) -> int:
     return total
 
 
-def _palettized_bytes(model, bits: int, granularity: str, lut_itemsize: int) -> int:
+def palettized_bytes(model, bits: int, granularity: str, lut_itemsize: int) -> int:
     """Packed size of a palettized model: ``bits`` per clustered weight plus one LUT per table.
 
     coremltools keeps its LUTs in the weight's dtype (``lut_dtype=None``: fp32 here),
@@ -228,7 +228,7 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
                 try:
                     cm, cm_sec = coremltools_skm_palettize(original, bits, gran, calibration)
                     rows.append({"method": "coremltools SKM", "bits": bits, "granularity": gran,
-                                 "size_mb": _palettized_bytes(original, bits, gran, lut_itemsize=4) / 1e6,
+                                 "size_mb": palettized_bytes(original, bits, gran, lut_itemsize=4) / 1e6,
                                  "seconds": cm_sec, **fidelity(reference, encode(cm)),
                                  "weight_rel_err": weight_error(original, cm)})
                     log.info("%s", rows[-1])
@@ -237,7 +237,7 @@ def main(quick: bool = False, plot: str | None = None) -> dict:
             try:
                 cm, cm_sec = coremltools_palettize(original, bits, gran)
                 rows.append({"method": "coremltools", "bits": bits, "granularity": gran,
-                             "size_mb": _palettized_bytes(original, bits, gran, lut_itemsize=4) / 1e6,
+                             "size_mb": palettized_bytes(original, bits, gran, lut_itemsize=4) / 1e6,
                              "seconds": cm_sec, **fidelity(reference, encode(cm)),
                              "weight_rel_err": weight_error(original, cm)})
                 ours["speedup_vs_coremltools"] = cm_sec / sec

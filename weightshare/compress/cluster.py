@@ -42,7 +42,7 @@ def compress_model_(model: nn.Module, config: CodebookConfig, calibration: list 
                     method: str = "gptq", finetune_steps: int = 0, target_bytes: int | None = None,
                     avg_bits: float | None = None, outliers: float = 0.0, configs: dict | None = None,
                     dense: set[str] | frozenset = frozenset(), finetune_norms: bool = False,
-                    epochs: int = 3) -> nn.Module:
+                    epochs: int = 10) -> nn.Module:
     """Cluster a loaded transformers model, SentenceTransformer or any ``nn.Module`` in place.
 
     ``calibration``: texts (a transformers model with its tokenizer) or, for any module,
@@ -203,7 +203,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, config: CodebookCon
              evaluate_on: tuple[list[str], list | None] | None = None,
              stream: bool | None = None, distributed: bool = False, timeout: float | None = None,
              max_shard_size: int | str = pack.DEFAULT_MAX_SHARD_SIZE,
-             epochs: int = 3) -> tuple[nn.Module | None, Report | None, float]:
+             epochs: int = 10) -> tuple[nn.Module | None, Report | None, float]:
     """Load ``src``, cluster its weights with ``config``, write the packed directory ``out``.
 
     ``calibration``: None (data-free), a text file (one text per line), a list of

@@ -13,6 +13,7 @@ dtype the packed file stores, so that what was validated is what is written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from torch import nn
 
 from weightshare.compress.calibrate import call
 
-__all__ = ["DistillConfig", "FinetuneConfig", "distill_", "finetune_tables_", "learning_rate"]
+__all__ = ["DistillConfig", "FinetuneConfig", "distill_", "finetune_tables_", "learning_rate", "objective"]
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def _relative_error(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (h - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
 
 
-def _objective(model: nn.Module, original: nn.Module, batches: list, texts: bool) -> tuple:
+def objective(model: nn.Module, original: nn.Module, batches: list, texts: bool = True) -> tuple:
     """What table fine-tuning fits: ``(x, y, student, loss_fn, unit, chunk)``, the inputs (or batch ids), the
     original's outputs, the model as a function of x, the loss, the word for one input and the holdout's chunk."""
     original.eval()
@@ -177,7 +178,7 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits:
     norms = [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)] \
         if config.norms else []
     params = tables + norms
-    x, y, student, loss_fn, unit, chunk = _objective(model, original, batches, texts)
+    x, y, student, loss_fn, unit, chunk = objective(model, original, batches, texts)
     n = x.shape[0]
     n_val = max(1, int(round(n * config.holdout)))
     if n - n_val < 1:
@@ -235,12 +236,13 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits:
 class DistillConfig:
     """Training a model with training-time sharing (``CodebookConfig(train=...)``) by distillation: every
     parameter trains (the latent weights, biases, norms, soft sharing's mixture), then ``ws.freeze_``."""
-    epochs: int = 3
+    epochs: int = 10
     batch_size: int = 16
-    lr: float = 5e-5
+    lr: float = 5e-4  # MiniLM, 2-bit DKM: cosine 0.882 at 1e-4 for 3 epochs, 0.919 at 3e-4 for 6, 0.927 at 5e-4 for 12
     warmup_steps: int = 20
     holdout: float = 0.125  # fraction of the calibration texts kept out of training, to report the result on
     seed: int = 0
+    dkm_final: float | None = 0.1  # DKM left at dkm_anneal=1: its temperature ends at this share of its start
 
     def __post_init__(self):
         for key in ("epochs", "batch_size"):
@@ -251,10 +253,13 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.holdout\n  expected: a fraction in (0, 1)\n  got: {self.holdout!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise ValueError(f"DistillConfig.lr\n  expected: a learning rate > 0\n  got: {self.lr!r}")
+        if self.dkm_final is not None and not 0 < self.dkm_final <= 1:
+            raise ValueError(f"DistillConfig.dkm_final\n  expected: a share of the start temperature in (0, 1], "
+                             f"or None\n  got: {self.dkm_final!r}")
 
 
 def distill_(model: nn.Module, original: nn.Module, batches: list, config: DistillConfig | None = None,
-             texts: bool = True) -> dict:
+             texts: bool = True, on_step=None) -> dict:
     """Train ``model``, shared with training-time codebooks (``ws.share_`` with ``CodebookConfig(train="recluster",
     "dkm" or "soft")``), to reproduce ``original`` on ``batches`` (the objective of ``finetune_tables_``), then
     ``ws.freeze_`` it into ordinary codebooks; in place.  The sharing moves while it trains: the one training
@@ -262,16 +267,18 @@ def distill_(model: nn.Module, original: nn.Module, batches: list, config: Disti
 
     Returns ``{"steps", "epochs", "holdout_loss_before", "holdout_loss_after", "seconds_per_step"}``: the loss on
     the held-out share of ``batches`` (never trained on) of the sharing frozen as it started (one-shot k-means)
-    and as it ended."""
+    and as it ended.  ``on_step(k)``: called after optimizer step k; with it, a model whose sharing is not
+    weightshare's (another library's palettizer, which it steps) trains by the same loop and is left unfrozen."""
     from weightshare.multitask.trainer import TrainConfig, train
     from weightshare.training import freeze_, training_sharing
     from weightshare.training.base import frozen_view
 
     config = config or DistillConfig()
-    if not training_sharing(model):
+    ours = bool(training_sharing(model))
+    if not ours and on_step is None:
         raise ValueError("distillation with training-time sharing: the model has none\n  expected: a model shared "
                          "with ws.CodebookConfig(train='recluster', 'dkm' or 'soft') (ws.share_)")
-    x, y, student, loss_fn, unit, chunk = _objective(model, original, batches, texts)
+    x, y, student, loss_fn, unit, chunk = objective(model, original, batches, texts)
     n = x.shape[0]
     n_val = max(1, int(round(n * config.holdout)))
     if n - n_val < 1:
@@ -284,10 +291,14 @@ def distill_(model: nn.Module, original: nn.Module, batches: list, config: Disti
             return float(sum(loss_fn(net(x[val[i:i + chunk]]), y[val[i:i + chunk]]) * len(val[i:i + chunk])
                              for i in range(0, n_val, chunk)) / n_val)
 
-    with frozen_view(model):  # "before": the sharing frozen as it starts (one-shot k-means), what training must beat
-        before = holdout_loss(student)
+    with frozen_view(model) if ours else contextlib.nullcontext():  # "before": the sharing frozen as it starts
+        before = holdout_loss(student)                                 # (one-shot k-means), what training must beat
     batch = min(config.batch_size if texts else 1, len(tr))
     steps = config.epochs * -(-len(tr) // batch)
+    for _, _, plist in training_sharing(model) if config.dkm_final is not None else ():
+        p = plist[0]
+        if getattr(p, "anneal", None) == 1.0:  # DKM left unannealed: harden towards what freezing keeps
+            p.anneal = config.dkm_final ** (1 / steps)
     params = [p for p in model.parameters() if p.is_floating_point()]
     requires = {id(p): p.requires_grad for p in params}
     for p in params:
@@ -296,11 +307,12 @@ def distill_(model: nn.Module, original: nn.Module, batches: list, config: Disti
         result = train(student, x[tr], y[tr],
                        TrainConfig(epochs=config.epochs, batch_size=batch, optimizer="adam", lr=config.lr,
                                    schedule="cosine", warmup_steps=min(config.warmup_steps, steps), seed=config.seed),
-                       loss_fn=loss_fn, desc=f"training with sharing ({unit})", params=params)
+                       loss_fn=loss_fn, desc=f"training with sharing ({unit})", params=params, on_step=on_step)
     finally:
         for p in params:
             p.requires_grad_(requires[id(p)])
-    freeze_(model)
+    if ours:
+        freeze_(model)
     after = holdout_loss(student)
     log.info("distillation: %d steps, held-out loss %.5f -> %.5f (frozen)", len(result.step_seconds), before, after)
     return {"steps": len(result.step_seconds), "epochs": config.epochs, "holdout_loss_before": before,

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from weightshare.bitpack import packed_size
+from weightshare.kmeans import all_finite
 from weightshare.sharing.codebook import TABLE_DTYPES, CodebookParametrization, codebook_
 from weightshare.space import share_parametrization_
 
@@ -112,7 +113,7 @@ def step_(model: nn.Module, found: list | None = None) -> int:
     for name, _, plist in training_sharing(model) if found is None else found:
         p, w = plist[0], plist.original
         p.steps += 1
-        if not torch.isfinite(w).all():
+        if not all_finite(w):  # its min and max in one pass: this runs on every weight at every step
             raise FloatingPointError(f"step {p.steps}: {name} holds NaN or inf values\n  lower the learning rate, or "
                                      "clip gradients; the model is left as it was at this step")
         done += bool(p.on_step(w))

@@ -168,6 +168,7 @@ class DKMParametrization(TrainingCodebook):
         tables = super().initial(weight)  # exact k-means: the first centroids (and labels)
         self.register_buffer("centroids", tables.detach().to(torch.float32).clone())
         self.temperature = float(self.config.dkm_temperature)
+        self.anneal = float(self.config.dkm_anneal)  # per step; distillation may set it from the run's length
         return weight.detach().clone()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,7 @@ class DKMParametrization(TrainingCodebook):
         return out.reshape(len(used), -1)[where]
 
     def on_step(self, w: torch.Tensor) -> bool:
-        self.temperature *= self.config.dkm_anneal
+        self.temperature *= self.anneal
         return False
 
     @torch.no_grad()
