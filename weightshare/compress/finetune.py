@@ -156,6 +156,24 @@ def objective(model: nn.Module, original: nn.Module, batches: list, texts: bool 
     return x, y, student, loss_fn, unit, chunk
 
 
+def _holdout(x, y, loss_fn, chunk: int, config, what: str):
+    """``(held-out rows, training rows, the held-out loss of a student)``: ``config.holdout`` of the rows, drawn
+    by ``config.seed``, never trained on."""
+    n = x.shape[0]
+    n_val = max(1, int(round(n * config.holdout)))
+    if n - n_val < 1:
+        raise ValueError(f"{what}\n  expected: at least 2 (one is held out)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    val, tr = perm[:n_val], perm[n_val:]
+
+    def loss(student: nn.Module) -> float:
+        with torch.no_grad():
+            return float(sum(loss_fn(student(x[val[i:i + chunk]]), y[val[i:i + chunk]]) * len(val[i:i + chunk])
+                             for i in range(0, n_val, chunk)) / n_val)
+
+    return val, tr, loss
+
+
 def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits: int,
                      config: FinetuneConfig | None = None, table_dtype: torch.dtype = torch.float16,
                      texts: bool = True) -> dict:
@@ -179,12 +197,7 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits:
         if config.norms else []
     params = tables + norms
     x, y, student, loss_fn, unit, chunk = objective(model, original, batches, texts)
-    n = x.shape[0]
-    n_val = max(1, int(round(n * config.holdout)))
-    if n - n_val < 1:
-        raise ValueError(f"table fine-tuning: {n} {unit}\n  expected: at least 2 (one is held out)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
-    val, tr = perm[:n_val], perm[n_val:]
+    val, tr, held_out = _holdout(x, y, loss_fn, chunk, config, f"table fine-tuning: {x.shape[0]} {unit}")
     requires = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -192,9 +205,7 @@ def finetune_tables_(model: nn.Module, original: nn.Module, batches: list, bits:
         p.requires_grad_(True)
 
     def holdout_loss() -> float:
-        with torch.no_grad():
-            return float(sum(loss_fn(student(x[val[i:i + chunk]]), y[val[i:i + chunk]]) * len(val[i:i + chunk])
-                             for i in range(0, n_val, chunk)) / n_val)
+        return held_out(student)
 
     batch = min(config.batch_size if texts else 1, len(tr))  # a calibration batch is already a batch
     steps_per_epoch = -(-len(tr) // batch)
@@ -279,18 +290,7 @@ def distill_(model: nn.Module, original: nn.Module, batches: list, config: Disti
         raise ValueError("distillation with training-time sharing: the model has none\n  expected: a model shared "
                          "with ws.CodebookConfig(train='recluster', 'dkm' or 'soft') (ws.share_)")
     x, y, student, loss_fn, unit, chunk = objective(model, original, batches, texts)
-    n = x.shape[0]
-    n_val = max(1, int(round(n * config.holdout)))
-    if n - n_val < 1:
-        raise ValueError(f"distillation: {n} {unit}\n  expected: at least 2 (one is held out)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
-    val, tr = perm[:n_val], perm[n_val:]
-
-    def holdout_loss(net: nn.Module) -> float:
-        with torch.no_grad():
-            return float(sum(loss_fn(net(x[val[i:i + chunk]]), y[val[i:i + chunk]]) * len(val[i:i + chunk])
-                             for i in range(0, n_val, chunk)) / n_val)
-
+    val, tr, holdout_loss = _holdout(x, y, loss_fn, chunk, config, f"distillation: {x.shape[0]} {unit}")
     with frozen_view(model) if ours else contextlib.nullcontext():  # "before": the sharing frozen as it starts
         before = holdout_loss(student)                                 # (one-shot k-means), what training must beat
     batch = min(config.batch_size if texts else 1, len(tr))
