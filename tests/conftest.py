@@ -36,3 +36,18 @@ class TinyNet(torch.nn.Module):
 def tiny():
     torch.manual_seed(0)
     return TinyNet()
+
+
+def write_tiny_bert(path, words: int, hidden: int = 16, seed: int = 0):
+    """A 2-layer BERT with seeded random weights and a word-level tokenizer (``w0 .. w{words-1}``), saved as
+    transformers saves it: calibrated compression and co-training of a transformers directory, with no hub."""
+    from transformers import BertConfig, BertModel
+
+    from weightshare.hub import write_word_tokenizer
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=words + 3, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=32, pad_token_id=1)
+    BertModel(config).save_pretrained(path)
+    write_word_tokenizer(path, words)
+    return path

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import write_tiny_bert
 from weightshare.merge.cotrain import check, launch, read_config
 from weightshare.merge.cotrain.config import worker_rows, worker_split
 from weightshare.merge.cotrain.data import DataError, DataSpec, parse_data, read_rows
@@ -37,17 +38,7 @@ def write_jsonl(path, texts, labels, text="text", label="label"):
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A 2-layer BERT with seeded random weights and a word-level tokenizer, saved as transformers saves it."""
-    from transformers import BertConfig, BertModel
-
-    from weightshare.hub import write_word_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=WORDS + 3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, pad_token_id=1)
-    BertModel(config).save_pretrained(path)
-    write_word_tokenizer(path, WORDS)
-    return str(path)
+    return str(write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS))
 
 
 # ------------------------------------------------------------------------------------ data files

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import weightshare as ws
+from tests.conftest import write_tiny_bert
 from weightshare.cli import main
 from weightshare.compress import compress, is_compressible
 from weightshare.compress.recipe import read_recipe
@@ -19,16 +20,7 @@ WORDS = 60
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A 2-layer BERT with seeded random weights, a word-level tokenizer and calibration texts of its words."""
-    from transformers import BertConfig, BertModel
-
-    from weightshare.hub import write_word_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=WORDS + 3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, pad_token_id=1)
-    BertModel(config).save_pretrained(path)
-    write_word_tokenizer(path, WORDS)
+    path = write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), WORDS, hidden=32)
     rng = np.random.default_rng(0)
     texts = [" ".join(f"w{i}" for i in rng.integers(0, WORDS, size=rng.integers(4, 12))) for _ in range(96)]
     (path / "calibration.txt").write_text("\n".join(texts) + "\n")
