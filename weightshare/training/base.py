@@ -143,7 +143,9 @@ def frozen_view(model: nn.Module):
 def freeze_(model: nn.Module) -> nn.Module:
     """End training-time sharing: every training-time codebook becomes the ordinary codebook of its current
     state (``frozen``: re-clustering, its clusters and their means; DKM, the hard assignment to its centroids).
-    ``ws.save`` packs it; its tables can still be fine-tuned."""
+    ``ws.save`` packs it; its tables can still be fine-tuned.  Freeze the model itself, not a deep copy of it:
+    torch's parametrized class is shared by a module and its copies, and freezing a copy removes the original's
+    ``weight`` (``frozen_view`` measures what freezing would keep without changing anything)."""
     found = training_sharing(model)
     if not found:
         raise ValueError("freeze_: this model has no training-time sharing to freeze\n  expected: a model shared "
