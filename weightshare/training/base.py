@@ -45,6 +45,11 @@ class TrainingCodebook(CodebookParametrization):
         w = g.reshape(self.layout)
         return w.t() if self.transposed else w
 
+    def decoded(self, tables: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The weight of ``tables`` (groups, 2**bits) and ``labels`` (the weight's layout): each its entry."""
+        index = labels.reshape(self.n_groups, self.group_len).long()
+        return self.ungrouped(torch.gather(tables, 1, index))
+
     def rows(self, w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """An embedding's rows: from the whole training-time weight (a packed lookup needs frozen tables)."""
         return self(w)[index]
@@ -131,9 +136,7 @@ def frozen_view(model: nn.Module):
         with torch.no_grad():
             for plist in found:
                 p = plist[0]
-                tables, labels = p.frozen(plist.original)
-                index = labels.reshape(p.n_groups, p.group_len).long()
-                p.view = p.ungrouped(torch.gather(tables, 1, index)).to(plist.original.dtype)
+                p.view = p.decoded(*p.frozen(plist.original)).to(plist.original.dtype)
         yield model
     finally:
         for plist in found:

@@ -52,8 +52,7 @@ class ReclusterParametrization(TrainingCodebook):
         return means.to(TABLE_DTYPES[self.config.table_dtype]).to(w.dtype)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        index = self.labels.view(self.n_groups, self.group_len).long()
-        merged = self.ungrouped(torch.gather(self.tables(w), 1, index))
+        merged = self.decoded(self.tables(w), self.labels)
         if torch.is_grad_enabled() and w.requires_grad:
             return merged + (w - w.detach())  # the value is the merged weight exactly; the gradient is W's
         return merged
